@@ -1,0 +1,35 @@
+# Configuration of the p2p layer: one plain dataclass, built by node.py or by an embedding app.
+# Must not live here: parsing of command lines or files (node.py and testnets do that).
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_NETWORK = "tasknet-local"
+
+
+@dataclass
+class NetworkConfig:
+    data_dir: Path
+    network_id: str = DEFAULT_NETWORK
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
+    bootstrap: list[str] = field(default_factory=list)
+    enable_mdns: bool = False
+    # membership and failure detection
+    heartbeat_interval: float = 1.0
+    suspect_after: float = 3.0
+    dead_after: float = 8.0
+    # discovery: how many direct connections a node keeps beyond the bootstrap peers
+    target_connections: int = 6
+    max_redial_backoff: float = 30.0
+    # limits
+    max_gossip_size: int = 1024 * 1024
+    max_frame_size: int = 4 * 1024 * 1024
+    request_timeout: float = 10.0
+    max_concurrent_requests_per_peer: int = 16
+    subscriber_queue: int = 4096
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if not self.network_id or "/" in self.network_id:
+            raise ValueError(f"network id must be a non-empty name without '/': {self.network_id!r}")

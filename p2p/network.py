@@ -1,0 +1,494 @@
+# The embeddable p2p node: a libp2p host (TCP + Noise + Yamux) with signed GossipSub topics,
+# a live membership view, discovery with redial backoff, and request/response protocols.
+# Lives here: wiring py-libp2p together and the trio tasks that drive the sans-IO cores
+# (membership, envelopes, scores). Must not live here: the data store or task logic.
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.tools.anyio_service import background_trio_service
+
+from .config import NetworkConfig
+from .envelope import Envelope, EnvelopeError, ReplayGuard, open_envelope, seal
+from .identity import Identity, load_or_create_identity, peer_id_from_public_key
+from .membership import Member, MemberEvent, MembershipConfig, MemberState, MemberView
+from .rpc import Handler, RpcLimits, RpcService
+from .scoring import PeerScores
+
+log = logging.getLogger(__name__)
+
+MEMBERSHIP_TOPIC = "members"
+INCARNATION_FILE = "incarnation"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used (bad address, port in use, unreadable data dir)."""
+
+
+@dataclass(frozen=True)
+class GossipMessage:
+    topic: str
+    author: str  # peer id of the signer
+    seq: int
+    payload: Any
+
+
+class Subscription:
+    """Messages of one topic, in arrival order. Iterate it with `async for`."""
+
+    def __init__(self, topic: str, receive: trio.MemoryReceiveChannel[GossipMessage]) -> None:
+        self.topic = topic
+        self._receive = receive
+
+    def __aiter__(self) -> AsyncIterator[GossipMessage]:
+        return self._receive.__aiter__()
+
+    async def next(self) -> GossipMessage:
+        return await self._receive.receive()
+
+
+def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
+    try:
+        return multiaddr.Multiaddr(text)
+    except Exception as exc:
+        raise ConfigError(f"not a multiaddr: {text!r} ({exc})") from None
+
+
+def _next_incarnation(config: NetworkConfig) -> int:
+    path = config.data_dir / INCARNATION_FILE
+    try:
+        previous = int(path.read_text().strip()) if path.exists() else 0
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from None
+    current = previous + 1
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{current}\n")
+    tmp.replace(path)
+    return current
+
+
+class Network:
+    """A running tasknet p2p node. Build it with `async with Network.start(config) as net`."""
+
+    def __init__(self, config: NetworkConfig, identity: Identity, incarnation: int) -> None:
+        self.config = config
+        self.identity = identity
+        self.incarnation = incarnation
+        self.peer_id = str(identity.peer_id)
+        self.view = MemberView(
+            self.peer_id,
+            MembershipConfig(suspect_after=config.suspect_after, dead_after=config.dead_after),
+        )
+        self.scores = PeerScores()
+        self.replay_guard = ReplayGuard()
+        self.metrics: dict[str, int] = {
+            "gossip_published": 0,
+            "gossip_delivered": 0,
+            "gossip_rejected": 0,
+            "gossip_dropped_slow_subscriber": 0,
+            "dials": 0,
+            "dial_failures": 0,
+        }
+        self._seq = time.time_ns() // 1000  # grows across restarts: replay guards stay valid
+        self._started = time.monotonic()
+        self._host: IHost | None = None
+        self._pubsub: Pubsub | None = None
+        self._rpc: RpcService | None = None
+        self._nursery: trio.Nursery | None = None
+        self._subscribers: dict[str, list[trio.MemorySendChannel[GossipMessage]]] = {}
+        self._joined_topics: set[str] = set()
+        self._verified: OrderedDict[bytes, Envelope] = OrderedDict()
+        self._event_listeners: list[trio.MemorySendChannel[MemberEvent]] = []
+        self._redial_at: dict[str, tuple[float, float]] = {}  # peer -> (next try, backoff)
+        self._rng = random.Random(self.peer_id)
+        self._bootstrap = [info_from_p2p_addr(parse_multiaddr(a)) for a in config.bootstrap]
+        self._seen_bootstrap_ids = {str(info.peer_id) for info in self._bootstrap}
+
+    # -- lifecycle -----------------------------------------------------------------------
+    @classmethod
+    @asynccontextmanager
+    async def start(cls, config: NetworkConfig) -> AsyncIterator[Network]:
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot use data dir {config.data_dir}: {exc}") from None
+        listen = [parse_multiaddr(a) for a in config.listen]
+        for bootstrap_addr in config.bootstrap:
+            if "/p2p/" not in bootstrap_addr:
+                raise ConfigError(f"bootstrap address needs /p2p/<peer-id>: {bootstrap_addr}")
+        identity = load_or_create_identity(config.data_dir)
+        net = cls(config, identity, _next_incarnation(config))
+        async with net._run(listen):
+            yield net
+
+    @asynccontextmanager
+    async def _run(self, listen: list[multiaddr.Multiaddr]) -> AsyncIterator[None]:
+        key_pair = self.identity.key_pair()
+        noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+        host = new_host(
+            key_pair=key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: noise},
+            muxer_preference="YAMUX",
+            listen_addrs=listen,
+            enable_mDNS=self.config.enable_mdns,
+        )
+        gossipsub = GossipSub(
+            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_interval=1,
+            heartbeat_initial_delay=0.1,
+            # py-libp2p's defaults drop publishers above 10 msg/s and want 3 distinct IPs in a
+            # mesh; both break real traffic and loopback clusters. Our envelopes and peer
+            # scores do the spam control instead.
+            spam_protection_enabled=False,
+            eclipse_protection_enabled=False,
+        )
+        pubsub = Pubsub(
+            host,
+            gossipsub,
+            strict_signing=False,  # every payload is inside our own signed envelope
+            max_inbound_rpc_size=self.config.max_gossip_size * 2,
+        )
+        self._host, self._pubsub = host, pubsub
+        self._rpc = RpcService(
+            host,
+            self.config.network_id,
+            RpcLimits(
+                max_frame=self.config.max_frame_size,
+                request_timeout=self.config.request_timeout,
+                max_concurrent_per_peer=self.config.max_concurrent_requests_per_peer,
+            ),
+            self._offence,
+        )
+        started = False
+        try:
+            async with (
+                host.run(listen_addrs=listen),
+                background_trio_service(pubsub),
+                background_trio_service(gossipsub),
+                trio.open_nursery() as nursery,
+            ):
+                started = True
+                await pubsub.wait_until_ready()
+                self._nursery = nursery
+                membership = await self.subscribe_raw(MEMBERSHIP_TOPIC)
+                nursery.start_soon(self._membership_loop, membership)
+                nursery.start_soon(self._heartbeat_loop)
+                nursery.start_soon(self._failure_detector_loop)
+                nursery.start_soon(self._discovery_loop)
+                try:
+                    yield
+                finally:
+                    with trio.move_on_after(0.5) as cleanup:
+                        cleanup.shield = True
+                        await self._announce_leave()
+                    nursery.cancel_scope.cancel()
+        except Exception as exc:
+            if started:
+                raise
+            addrs = [str(a) for a in listen]
+            raise ConfigError(f"cannot listen on {addrs}: {exc}") from None
+
+    # -- identity and status -------------------------------------------------------------
+    @property
+    def host(self) -> IHost:
+        assert self._host is not None, "network is not running"
+        return self._host
+
+    @property
+    def addrs(self) -> list[str]:
+        """Dialable addresses, each ending in /p2p/<peer-id>."""
+        return [str(a) for a in self.host.get_addrs()]
+
+    def connected_peers(self) -> list[str]:
+        return sorted(str(p) for p in self.host.get_connected_peers())
+
+    def members(self) -> list[Member]:
+        """Every known member, this node included (always alive to itself)."""
+        me = Member(self.peer_id, tuple(self.addrs), self.incarnation, time.monotonic(),
+                    MemberState.ALIVE)
+        return sorted([me, *self.view.members()], key=lambda m: m.peer_id)
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {
+            "peer_id": self.peer_id,
+            "network": self.config.network_id,
+            "addrs": self.addrs,
+            "incarnation": self.incarnation,
+            "uptime_s": round(now - self._started, 1),
+            "connected_peers": self.connected_peers(),
+            "members": [m.to_dict(now) for m in self.members()],
+            "metrics": {**self.metrics, **self._rpc_metrics()},
+            "offences": dict(self.scores.offences),
+            "peer_scores": self.scores.snapshot(now),
+        }
+
+    def _rpc_metrics(self) -> dict[str, int]:
+        rpc = self._rpc
+        return {"rpc_served": rpc.served, "rpc_refused": rpc.refused} if rpc else {}
+
+    @asynccontextmanager
+    async def member_events(self) -> AsyncIterator[trio.MemoryReceiveChannel[MemberEvent]]:
+        """Membership changes as they happen (joined, suspect, dead, alive again, forgotten)."""
+        send, receive = trio.open_memory_channel[MemberEvent](1024)
+        self._event_listeners.append(send)
+        try:
+            yield receive
+        finally:
+            self._event_listeners.remove(send)
+            await send.aclose()
+
+    # -- gossip --------------------------------------------------------------------------
+    def _topic(self, name: str) -> str:
+        return f"/tasknet/{self.config.network_id}/{name}"
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    async def publish(self, topic: str, payload: Any) -> None:
+        """Sign `payload` and publish it to `topic` of this node's network."""
+        data = seal(self.identity, self.config.network_id, topic, self._next_seq(), payload)
+        if len(data) > self.config.max_gossip_size:
+            raise ValueError(f"message of {len(data)} bytes exceeds max_gossip_size")
+        assert self._pubsub is not None
+        await self._pubsub.publish(self._topic(topic), data)
+        self.metrics["gossip_published"] += 1
+
+    @asynccontextmanager
+    async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
+        """Receive verified messages of `topic` while the context is open."""
+        receive = await self.subscribe_raw(topic)
+        try:
+            yield Subscription(topic, receive)
+        finally:
+            await receive.aclose()
+
+    async def subscribe_raw(self, topic: str) -> trio.MemoryReceiveChannel[GossipMessage]:
+        send, receive = trio.open_memory_channel[GossipMessage](self.config.subscriber_queue)
+        self._subscribers.setdefault(topic, []).append(send)
+        if topic not in self._joined_topics:
+            self._joined_topics.add(topic)
+            await self._join(topic)
+        return receive
+
+    async def _join(self, topic: str) -> None:
+        assert self._pubsub is not None and self._nursery is not None
+        full = self._topic(topic)
+
+        def validate(forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            return self._validate(topic, forwarder, msg)
+
+        self._pubsub.set_topic_validator(full, validate, is_async_validator=False)
+        subscription = await self._pubsub.subscribe(full)
+        self._nursery.start_soon(self._deliver_loop, topic, subscription)
+
+    def _validate(self, topic: str, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        try:
+            envelope = open_envelope(
+                msg.data,
+                network=self.config.network_id,
+                channel=topic,
+                max_size=self.config.max_gossip_size,
+            )
+            if msg.from_id and peer_id_from_public_key(envelope.author).to_bytes() != msg.from_id:
+                raise EnvelopeError("author", "envelope author differs from message origin")
+            self.replay_guard.check_and_record(envelope.author, envelope.seq)
+        except EnvelopeError as exc:
+            self.metrics["gossip_rejected"] += 1
+            log.warning("refused gossip on %s forwarded by %s: %s", topic, forwarder, exc)
+            if forwarder != self.host.get_id():
+                self._offence(str(forwarder), exc.reason)
+            return False
+        self._verified[msg.from_id + msg.seqno] = envelope
+        while len(self._verified) > 8192:
+            self._verified.popitem(last=False)
+        return True
+
+    async def _deliver_loop(self, topic: str, subscription: Any) -> None:
+        while True:
+            msg = await subscription.get()
+            envelope = self._verified.pop(msg.from_id + msg.seqno, None)
+            if envelope is None:
+                continue  # evicted before delivery; validation already counted it
+            message = GossipMessage(
+                topic, str(peer_id_from_public_key(envelope.author)), envelope.seq,
+                envelope.payload,
+            )
+            for send in list(self._subscribers.get(topic, ())):
+                try:
+                    send.send_nowait(message)
+                    self.metrics["gossip_delivered"] += 1
+                except trio.WouldBlock:
+                    self.metrics["gossip_dropped_slow_subscriber"] += 1
+                except (trio.ClosedResourceError, trio.BrokenResourceError):
+                    self._subscribers[topic].remove(send)
+
+    # -- request / response --------------------------------------------------------------
+    def handle(self, protocol: str, handler: Handler, *, version: int = 1) -> TProtocol:
+        """Serve `protocol` (`/tasknet/<network>/<protocol>/<version>`) with `handler`,
+        an async function (peer_id, message) -> reply."""
+        assert self._rpc is not None
+        return self._rpc.handle(protocol, handler, version)
+
+    async def request(
+        self, peer_id: str, protocol: str, message: Any, *, version: int = 1,
+        timeout: float | None = None,
+    ) -> Any:
+        assert self._rpc is not None
+        member = self.view.get(peer_id)
+        if member is not None and peer_id not in self.connected_peers():
+            self._remember_addrs(peer_id, member.addrs)
+        return await self._rpc.request(
+            peer_id, protocol, message, version=version, timeout=timeout
+        )
+
+    # -- membership ----------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            try:
+                await self.publish(
+                    MEMBERSHIP_TOPIC,
+                    {"kind": "alive", "inc": self.incarnation, "addrs": self.addrs},
+                )
+            except Exception:
+                log.exception("heartbeat publish failed")
+            await trio.sleep(self.config.heartbeat_interval)
+
+    async def _announce_leave(self) -> None:
+        try:
+            await self.publish(MEMBERSHIP_TOPIC, {"kind": "leave", "inc": self.incarnation})
+        except Exception:
+            log.debug("leave announcement failed", exc_info=True)
+
+    async def _membership_loop(self, receive: trio.MemoryReceiveChannel[GossipMessage]) -> None:
+        async for message in receive:
+            if message.author == self.peer_id:
+                continue
+            payload = message.payload
+            if not isinstance(payload, dict) or not isinstance(payload.get("inc"), int):
+                self._offence(message.author, "malformed")
+                continue
+            now = time.monotonic()
+            if payload.get("kind") == "leave":
+                events = self.view.observe_leave(message.author, payload["inc"], now)
+            else:
+                addrs = payload.get("addrs")
+                if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
+                    self._offence(message.author, "malformed")
+                    continue
+                events = self.view.observe_heartbeat(
+                    message.author, tuple(addrs[:16]), payload["inc"], now
+                )
+            self._emit(events)
+
+    async def _failure_detector_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.heartbeat_interval / 2)
+            self._emit(self.view.tick(time.monotonic()))
+
+    def _emit(self, events: list[MemberEvent]) -> None:
+        for event in events:
+            log.info("member %s: %s -> %s", event.peer_id,
+                     event.previous and event.previous.value,
+                     event.current and event.current.value)
+            if event.current is MemberState.ALIVE:
+                self._remember_addrs(event.peer_id, event.member.addrs)
+                if event.restarted or event.previous is MemberState.DEAD:
+                    self._redial_at.pop(event.peer_id, None)
+            if event.current is MemberState.DEAD and self._rpc is not None:
+                self._rpc.forget_peer(event.peer_id)
+            for send in self._event_listeners:
+                try:
+                    send.send_nowait(event)
+                except trio.WouldBlock:
+                    log.warning("a member-event listener is too slow; event dropped")
+
+    def _remember_addrs(self, peer_id: str, addrs: tuple[str, ...]) -> None:
+        parsed = []
+        for text in addrs:
+            try:
+                parsed.append(multiaddr.Multiaddr(text.split("/p2p/")[0]))
+            except Exception:
+                continue
+        if parsed:
+            self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), parsed, 600)
+
+    # -- discovery -----------------------------------------------------------------------
+    async def _discovery_loop(self) -> None:
+        while True:
+            async with trio.open_nursery() as dials:
+                for peer in self._dial_candidates(time.monotonic()):
+                    dials.start_soon(self._dial, peer)
+            await trio.sleep(min(1.0, self.config.heartbeat_interval))
+
+    def _dial_candidates(self, now: float) -> list[PeerInfo]:
+        connected = set(self.connected_peers())
+        candidates = [info for info in self._bootstrap
+                      if str(info.peer_id) not in connected and str(info.peer_id) != self.peer_id]
+        wanted = self.config.target_connections - len(connected)
+        if wanted > 0:
+            alive = [m for m in self.view.members()
+                     if m.state is MemberState.ALIVE and m.peer_id not in connected
+                     and m.peer_id not in self._seen_bootstrap_ids]
+            self._rng.shuffle(alive)
+            for member in alive[:wanted]:
+                addrs = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in member.addrs]
+                candidates.append(PeerInfo(ID.from_base58(member.peer_id), addrs))
+        return [c for c in candidates if self._redial_at.get(str(c.peer_id), (0.0, 0.0))[0] <= now]
+
+    async def _dial(self, info: PeerInfo) -> None:
+        peer = str(info.peer_id)
+        self.metrics["dials"] += 1
+        negative_cache = getattr(self.host.get_network(), "_negative_peer_cache", None)
+        if negative_cache is not None:
+            negative_cache.evict(peer)  # we keep our own backoff per peer
+        try:
+            with trio.fail_after(5):
+                await self.host.connect(info)
+            self._redial_at.pop(peer, None)
+        except Exception as exc:
+            self.metrics["dial_failures"] += 1
+            _, backoff = self._redial_at.get(peer, (0.0, 0.5))
+            backoff = min(self.config.max_redial_backoff, backoff * 2)
+            jitter = self._rng.uniform(0.8, 1.2)
+            self._redial_at[peer] = (time.monotonic() + backoff * jitter, backoff)
+            log.debug("dial %s failed (%s); retry in %.1fs", peer, exc, backoff * jitter)
+
+    # -- misbehaviour --------------------------------------------------------------------
+    def _offence(self, peer: str, reason: str) -> None:
+        if self.scores.penalize(peer, reason, time.monotonic()):
+            log.warning("peer %s banned after repeated offences (last: %s)", peer, reason)
+            if self._pubsub is not None:
+                self._pubsub.add_to_blacklist(ID.from_base58(peer))
+            if self._nursery is not None:
+                self._nursery.start_soon(self._disconnect, peer)
+
+    async def _disconnect(self, peer: str) -> None:
+        try:
+            await self.host.disconnect(ID.from_base58(peer))
+        except Exception:
+            log.debug("disconnect of %s failed", peer, exc_info=True)

@@ -1,0 +1,57 @@
+# Peer scores: how much we trust each peer, lowered by what it sent us that was bad.
+# Lives here (sans-IO): penalties per offence, decay over time, the ban decision.
+# Must not live here: the enforcement (disconnecting, blacklisting), which the network does.
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PENALTIES = {
+    "malformed": 10.0,
+    "oversized": 10.0,
+    "forged": 50.0,
+    "replayed": 2.0,
+    "version": 5.0,
+    "network": 5.0,
+    "channel": 10.0,
+    "unsigned": 20.0,
+    "author": 50.0,
+    "frame": 10.0,
+    "stalled": 5.0,
+}
+
+
+@dataclass
+class PeerScores:
+    ban_below: float = -100.0
+    half_life_s: float = 60.0
+    ban_seconds: float = 120.0
+    _scores: dict[str, tuple[float, float]] = field(default_factory=dict)  # peer -> (score, t)
+    _banned_until: dict[str, float] = field(default_factory=dict)
+    offences: dict[str, int] = field(default_factory=dict)
+
+    def score(self, peer: str, now: float) -> float:
+        value, at = self._scores.get(peer, (0.0, now))
+        return value * 0.5 ** (max(0.0, now - at) / self.half_life_s)
+
+    def penalize(self, peer: str, reason: str, now: float) -> bool:
+        """Record an offence; returns True when the peer has just fallen below the ban line."""
+        self.offences[reason] = self.offences.get(reason, 0) + 1
+        value = self.score(peer, now) - PENALTIES.get(reason, 10.0)
+        self._scores[peer] = (value, now)
+        if value < self.ban_below and not self.is_banned(peer, now):
+            self._banned_until[peer] = now + self.ban_seconds
+            return True
+        return False
+
+    def is_banned(self, peer: str, now: float) -> bool:
+        until = self._banned_until.get(peer)
+        if until is None:
+            return False
+        if now >= until:
+            del self._banned_until[peer]
+            self._scores.pop(peer, None)
+            return False
+        return True
+
+    def snapshot(self, now: float) -> dict[str, float]:
+        return {peer: round(self.score(peer, now), 2) for peer in self._scores}
