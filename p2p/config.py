@@ -32,4 +32,6 @@ class NetworkConfig:
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
         if not self.network_id or "/" in self.network_id:
-            raise ValueError(f"network id must be a non-empty name without '/': {self.network_id!r}")
+            raise ValueError(
+                f"network id must be a non-empty name without '/': {self.network_id!r}"
+            )

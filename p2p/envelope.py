@@ -49,7 +49,9 @@ def open_envelope(
     try:
         outer = msgpack.unpackb(data, raw=False, max_bin_len=max_size, max_str_len=1024)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
-        raise EnvelopeError("malformed", f"not a msgpack envelope ({exc.__class__.__name__})")
+        raise EnvelopeError(
+            "malformed", f"not a msgpack envelope ({exc.__class__.__name__})"
+        ) from None
     if not isinstance(outer, list) or len(outer) != 3:
         raise EnvelopeError("malformed", "envelope is not [version, body, signature]")
     version, body, signature = outer
@@ -62,7 +64,9 @@ def open_envelope(
     try:
         fields = msgpack.unpackb(body, raw=False, max_bin_len=max_size, max_str_len=max_size)
     except Exception as exc:
-        raise EnvelopeError("malformed", f"body is not msgpack ({exc.__class__.__name__})")
+        raise EnvelopeError(
+            "malformed", f"body is not msgpack ({exc.__class__.__name__})"
+        ) from None
     if not isinstance(fields, list) or len(fields) != 5:
         raise EnvelopeError("malformed", "body is not [network, channel, author, seq, payload]")
     env_network, env_channel, author, seq, payload = fields
@@ -101,7 +105,10 @@ class ReplayGuard:
             state = self._authors[author] = _AuthorWindow()
         if seq > state.highest:
             shift = seq - state.highest
-            state.seen_bits = ((state.seen_bits << shift) | 1) & ((1 << self.window) - 1)
+            if shift >= self.window:
+                state.seen_bits = 1
+            else:
+                state.seen_bits = ((state.seen_bits << shift) | 1) & ((1 << self.window) - 1)
             state.highest = seq
             return
         age = state.highest - seq

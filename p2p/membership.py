@@ -5,10 +5,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from enum import Enum
+from enum import StrEnum
 
 
-class MemberState(str, Enum):
+class MemberState(StrEnum):
     ALIVE = "alive"
     SUSPECT = "suspect"
     DEAD = "dead"

@@ -8,7 +8,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +19,7 @@ from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, PROTOCOL_ID_V12, GossipSub
@@ -151,6 +152,9 @@ class Network:
             muxer_preference="YAMUX",
             listen_addrs=listen,
             enable_mDNS=self.config.enable_mdns,
+            # our discovery loop chooses whom to dial, with its own backoff; py-libp2p's
+            # auto-connector would otherwise dial every address it has ever heard of
+            connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
         )
         gossipsub = GossipSub(
             protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11],
@@ -183,6 +187,7 @@ class Network:
             self._offence,
         )
         started = False
+        body_failed = False
         try:
             async with (
                 host.run(listen_addrs=listen),
@@ -200,12 +205,20 @@ class Network:
                 nursery.start_soon(self._discovery_loop)
                 try:
                     yield
+                except BaseException:
+                    body_failed = True
+                    raise
                 finally:
                     with trio.move_on_after(0.5) as cleanup:
                         cleanup.shield = True
                         await self._announce_leave()
                     nursery.cancel_scope.cancel()
         except Exception as exc:
+            if started and not body_failed:
+                # py-libp2p can raise from its own tasks while it tears down (a peer dialing
+                # in as the swarm's nursery closes). The node has stopped either way.
+                log.warning("libp2p reported an error while stopping: %r", exc)
+                return
             if started:
                 raise
             addrs = [str(a) for a in listen]

@@ -1,0 +1,122 @@
+# A misbehaving peer sends forged, oversized, truncated and random data, over gossip, over
+# request streams and as raw bytes on the TCP port. The victim refuses it, scores the sender
+# down, stays up and keeps serving honest peers.
+import os
+import socket
+import time
+
+import msgpack
+import trio
+from libp2p.peer.id import ID
+from p2p_helpers import alive_ids, cluster, wait_for
+
+from p2p.envelope import seal
+from p2p.identity import Identity
+from p2p.rpc import protocol_id
+
+
+async def test_bad_gossip_is_refused_and_penalised(tmp_path):
+    async with cluster(tmp_path, 3, max_gossip_size=4096) as (victim, honest, attacker):
+        everyone = {victim.peer_id, honest.peer_id, attacker.peer_id}
+        await wait_for(lambda: alive_ids(victim) == everyone, 15, "all three members")
+        topic = "/tasknet/test-net/news"
+        good = seal(attacker.identity, "test-net", "news", 10**18, {"ok": 1})
+        version, body, sig = msgpack.unpackb(good)
+        stranger = Identity.generate()
+        bad_messages = [
+            os.urandom(64),  # random bytes
+            good[: len(good) // 2],  # truncated
+            msgpack.packb([version, body.replace(b"ok", b"no"), sig]),  # forged body
+            seal(stranger, "test-net", "news", 1, "claims another author"),  # author mismatch
+            seal(attacker.identity, "test-net", "news", 2, "x" * 8000),  # oversized
+            msgpack.packb([99, body, sig]),  # unknown protocol version
+            seal(attacker.identity, "other-net", "news", 3, "wrong network"),
+        ]
+        async with victim.subscribe("news") as sub:
+            await trio.sleep(1.2)  # let the topic mesh form (one gossipsub heartbeat)
+            for data in bad_messages:
+                await attacker._pubsub.publish(topic, data)
+            # each offence lowers the attacker's score; before the list is through it is
+            # banned: blacklisted in pubsub and disconnected
+            await wait_for(lambda: victim.scores.is_banned(attacker.peer_id, time.monotonic()),
+                           10, "the attacker to be banned")
+            await wait_for(lambda: attacker.peer_id not in victim.connected_peers(), 10,
+                           "the victim to drop the attacker")
+            assert victim.metrics["gossip_rejected"] >= 3
+            assert set(victim.status()["offences"]) >= {"malformed", "forged"}
+            # the victim still delivers honest traffic
+            with trio.fail_after(10):
+                while True:
+                    await honest.publish("news", "honest")
+                    with trio.move_on_after(0.5):
+                        msg = await sub.next()
+                        if msg.payload == "honest":
+                            assert msg.author == honest.peer_id
+                            break
+        assert alive_ids(honest) >= {victim.peer_id}
+
+
+async def test_replayed_gossip_is_refused(tmp_path):
+    async with cluster(tmp_path, 2) as (victim, attacker):
+        await wait_for(lambda: attacker.peer_id in alive_ids(victim), 15, "attacker to join")
+        topic = "/tasknet/test-net/news"
+        async with victim.subscribe("news") as sub:
+            await trio.sleep(1.2)
+            data = seal(attacker.identity, "test-net", "news", 10**18, "once")
+            await attacker._pubsub.publish(topic, data)
+            with trio.fail_after(5):
+                first = await sub.next()
+            assert first.payload == "once"
+            before = victim.metrics["gossip_rejected"]
+            await attacker._pubsub.publish(topic, data)  # same envelope, new pubsub seqno
+            await wait_for(lambda: victim.metrics["gossip_rejected"] > before, 5,
+                           "the replay to be refused")
+            with trio.move_on_after(0.5):
+                await sub.next()
+                raise AssertionError("a replayed envelope was delivered twice")
+
+
+async def _raw_stream(attacker, victim, name):
+    return await attacker.host.new_stream(ID.from_base58(victim.peer_id),
+                                          [protocol_id("test-net", name, 1)])
+
+
+async def test_bad_frames_are_refused_and_honest_requests_still_served(tmp_path):
+    async with cluster(tmp_path, 3, max_frame_size=1024) as (victim, honest, attacker):
+        async def echo(peer, msg):
+            return msg
+
+        victim.handle("echo", echo)
+        everyone = {victim.peer_id, honest.peer_id, attacker.peer_id}
+        await wait_for(lambda: alive_ids(victim) == everyone, 15, "all three members")
+
+        sends = [
+            (10_000_000).to_bytes(4, "big"),  # announces an oversized frame
+            (5).to_bytes(4, "big") + b"\xc1\xc1\xc1\xc1\xc1",  # not msgpack
+            os.urandom(300),  # random bytes
+        ]
+        for data in sends:
+            stream = await _raw_stream(attacker, victim, "echo")
+            await stream.write(data)
+            with trio.move_on_after(5):
+                try:
+                    reply = await stream.read(100)
+                    assert reply == b"", "a bad frame must not get a reply"
+                except Exception:
+                    pass  # the victim reset the stream: expected
+        # truncated frame, then the attacker goes away
+        stream = await _raw_stream(attacker, victim, "echo")
+        await stream.write((50).to_bytes(4, "big") + b"\x92\x01")
+        await stream.close()
+
+        await wait_for(lambda: victim.status()["offences"].get("frame", 0) >= 3, 10,
+                       "frame offences recorded")
+        assert await honest.request(victim.peer_id, "echo", {"n": 1}) == {"n": 1}
+
+        # garbage straight on the TCP port
+        port = int(victim.addrs[0].split("/tcp/")[1].split("/")[0])
+        for _ in range(3):
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                sock.sendall(os.urandom(2048))
+        assert await honest.request(victim.peer_id, "echo", [1, 2, 3]) == [1, 2, 3]
+        assert alive_ids(honest) >= {victim.peer_id}

@@ -1,0 +1,115 @@
+# System tests of the p2p layer: real libp2p hosts (TCP + Noise + Yamux) on 127.0.0.1.
+from contextlib import AsyncExitStack
+
+import trio
+from p2p_helpers import alive_ids, cluster, node_config, wait_for
+
+from p2p import MemberState, Network, RemoteError
+from p2p.rpc import HandlerError
+
+
+async def test_six_nodes_find_each_other_gossip_and_talk(tmp_path):
+    async with cluster(tmp_path, 6) as nodes:
+        everyone = {n.peer_id for n in nodes}
+        await wait_for(lambda: all(alive_ids(n) == everyone for n in nodes), 20,
+                       "every node to list all 6 members alive")
+        # nodes 1..5 were given only the bootstrap; discovery must connect them directly
+        bootstrap = nodes[0].peer_id
+
+        def direct_peers(n):
+            return set(n.connected_peers()) - {bootstrap}
+
+        await wait_for(lambda: all(len(direct_peers(n)) >= 2 for n in nodes[1:]), 20,
+                       "direct connections beyond the bootstrap")
+
+        # a gossip message reaches all six
+        async with trio.open_nursery() as nursery:
+            received: dict[str, object] = {}
+            ready = trio.Event()
+            subscribed = 0
+
+            async def listen(net):
+                nonlocal subscribed
+                async with net.subscribe("news") as sub:
+                    subscribed += 1
+                    if subscribed == len(nodes):
+                        ready.set()
+                    msg = await sub.next()
+                    received[net.peer_id] = (msg.author, msg.payload)
+
+            for n in nodes:
+                nursery.start_soon(listen, n)
+            await ready.wait()
+            publisher = nodes[3]
+            payload = {"round": 7, "blob": b"\x00" * 100}
+            with trio.fail_after(15):
+                while len(received) < len(nodes):
+                    # gossip meshes for a new topic form at the next heartbeat: republish
+                    # until every node has one copy (each copy has a fresh sequence)
+                    await publisher.publish("news", payload)
+                    with trio.move_on_after(0.5):
+                        while len(received) < len(nodes):
+                            await trio.sleep(0.02)
+            assert received == {n.peer_id: (publisher.peer_id, payload) for n in nodes}
+
+
+async def test_request_response_and_error_replies(tmp_path):
+    async with cluster(tmp_path, 2) as (a, b):
+        async def add(peer, msg):
+            if msg.get("fail"):
+                raise HandlerError("bad_request", "asked to fail")
+            return {"sum": msg["x"] + msg["y"], "caller": peer}
+
+        b.handle("add", add)
+        await wait_for(lambda: b.peer_id in alive_ids(a), 10, "a to see b")
+        for i in range(20):
+            reply = await a.request(b.peer_id, "add", {"x": i, "y": 1})
+            assert reply == {"sum": i + 1, "caller": a.peer_id}
+        try:
+            await a.request(b.peer_id, "add", {"fail": True})
+            raise AssertionError("an error reply must raise")
+        except RemoteError as exc:
+            assert exc.code == "bad_request"
+        try:
+            await a.request(b.peer_id, "add", {"x": "a", "y": 1})
+            raise AssertionError("a failing handler must give an error reply")
+        except RemoteError as exc:
+            assert exc.code == "internal"
+        assert (await a.request(b.peer_id, "add", {"x": 2, "y": 2}))["sum"] == 4
+
+
+async def test_two_networks_do_not_mix(tmp_path):
+    async with cluster(tmp_path, 2, network="red") as red, \
+            cluster(tmp_path, 2, network="blue") as blue:
+        # a blue node is pointed at the red bootstrap: it may connect, but never joins
+        async with AsyncExitStack() as stack:
+            stray = await stack.enter_async_context(Network.start(node_config(
+                tmp_path / "stray", "blue", bootstrap=[red[0].addrs[0], blue[0].addrs[0]])))
+            await wait_for(lambda: red[0].peer_id in stray.connected_peers(), 10,
+                           "the stray blue node to connect to the red bootstrap")
+            await wait_for(lambda: len(alive_ids(blue[0])) == 3, 10, "blue to see 3 members")
+            red_ids = {n.peer_id for n in red}
+            await wait_for(lambda: alive_ids(red[1]) == red_ids, 10, "red to see 2 members")
+            async with red[1].subscribe("chat") as red_sub:
+                for _ in range(5):
+                    await stray.publish("chat", "blue says hi")
+                    await trio.sleep(0.1)
+                with trio.move_on_after(1):
+                    await red_sub.next()
+                    raise AssertionError("a blue message reached a red node")
+            for net in red:
+                assert alive_ids(net) == red_ids
+                assert stray.peer_id not in {m.peer_id for m in net.members()}
+
+
+async def test_graceful_leave_is_seen_as_dead(tmp_path):
+    async with cluster(tmp_path, 2) as (boot, other):
+        async with Network.start(node_config(tmp_path / "leaver",
+                                             bootstrap=[boot.addrs[0]])) as leaver:
+            await wait_for(lambda: leaver.peer_id in alive_ids(other), 10, "leaver to join")
+            leaver_id = leaver.peer_id
+
+        def state_of(net):
+            return next((m.state for m in net.members() if m.peer_id == leaver_id), None)
+
+        await wait_for(lambda: state_of(other) is MemberState.DEAD, 10, "leaver marked dead")
