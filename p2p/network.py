@@ -453,6 +453,7 @@ class Network:
     # -- discovery -----------------------------------------------------------------------
     async def _discovery_loop(self) -> None:
         while True:
+            self._lift_expired_bans(time.monotonic())
             async with trio.open_nursery() as dials:
                 for peer in self._dial_candidates(time.monotonic()):
                     dials.start_soon(self._dial, peer)
@@ -499,6 +500,13 @@ class Network:
                 self._pubsub.add_to_blacklist(ID.from_base58(peer))
             if self._nursery is not None:
                 self._nursery.start_soon(self._disconnect, peer)
+
+    def _lift_expired_bans(self, now: float) -> None:
+        if self._pubsub is None:
+            return
+        for peer_id in self._pubsub.get_blacklisted_peers():
+            if not self.scores.is_banned(str(peer_id), now):
+                self._pubsub.remove_from_blacklist(peer_id)
 
     async def _disconnect(self, peer: str) -> None:
         try:

@@ -1,4 +1,5 @@
 # System tests of the p2p layer: real libp2p hosts (TCP + Noise + Yamux) on 127.0.0.1.
+import socket
 from contextlib import AsyncExitStack
 
 import trio
@@ -113,3 +114,43 @@ async def test_graceful_leave_is_seen_as_dead(tmp_path):
             return next((m.state for m in net.members() if m.peer_id == leaver_id), None)
 
         await wait_for(lambda: state_of(other) is MemberState.DEAD, 10, "leaver marked dead")
+
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def _run_until(cfg, stop: trio.Event, box: list, *, task_status=trio.TASK_STATUS_IGNORED):
+    async with Network.start(cfg) as net:
+        box.append(net)
+        task_status.started()
+        await stop.wait()
+
+
+async def test_nodes_reconnect_after_the_bootstrap_restarts(tmp_path):
+    boot_cfg = node_config(tmp_path / "boot", listen=[f"/ip4/127.0.0.1/tcp/{_free_port()}"])
+    async with trio.open_nursery() as nursery:
+        first_stop, box = trio.Event(), []
+        await nursery.start(_run_until, boot_cfg, first_stop, box)
+        boot_id, boot_addr = box[0].peer_id, box[0].addrs[0]
+        async with AsyncExitStack() as stack:
+            others = [await stack.enter_async_context(Network.start(
+                node_config(tmp_path / f"n{i}", bootstrap=[boot_addr]))) for i in range(2)]
+            await wait_for(lambda: all(boot_id in alive_ids(n) for n in others), 10,
+                           "nodes to see the bootstrap")
+            first_stop.set()
+            await wait_for(lambda: all(boot_id not in n.connected_peers() for n in others), 10,
+                           "the bootstrap to be gone")
+            second_stop, box = trio.Event(), []
+            await nursery.start(_run_until, boot_cfg, second_stop, box)
+            restarted = box[0]
+            assert restarted.peer_id == boot_id and restarted.incarnation == 2
+            await wait_for(lambda: all(boot_id in n.connected_peers() for n in others), 20,
+                           "the nodes to redial the restarted bootstrap")
+            everyone = {boot_id, *(n.peer_id for n in others)}
+            await wait_for(lambda: alive_ids(restarted) == everyone, 10,
+                           "the restarted bootstrap to see everyone alive")
+            second_stop.set()
