@@ -21,6 +21,7 @@ class Member:
     incarnation: int
     last_seen: float
     state: MemberState
+    left: bool = False  # announced a graceful leave (dead by choice, not by failure)
 
     def to_dict(self, now: float) -> dict[str, object]:
         return {
@@ -29,6 +30,7 @@ class Member:
             "incarnation": self.incarnation,
             "state": self.state.value,
             "last_seen_s_ago": round(max(0.0, now - self.last_seen), 3),
+            "left": self.left,
         }
 
 
@@ -85,7 +87,9 @@ class MemberView:
         known = self._members.get(peer_id)
         if known is None or incarnation < known.incarnation or known.state is MemberState.DEAD:
             return []
-        member = replace(known, state=MemberState.DEAD, last_seen=now, incarnation=incarnation)
+        member = replace(
+            known, state=MemberState.DEAD, last_seen=now, incarnation=incarnation, left=True
+        )
         self._members[peer_id] = member
         return [MemberEvent(peer_id, known.state, MemberState.DEAD, member)]
 

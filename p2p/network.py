@@ -124,6 +124,7 @@ class Network:
         self._rng = random.Random(self.peer_id)
         self._bootstrap = [info_from_p2p_addr(parse_multiaddr(a)) for a in config.bootstrap]
         self._seen_bootstrap_ids = {str(info.peer_id) for info in self._bootstrap}
+        self._blocked: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------
     @classmethod
@@ -185,6 +186,7 @@ class Network:
                 max_concurrent_per_peer=self.config.max_concurrent_requests_per_peer,
             ),
             self._offence,
+            is_blocked=self._blocked.__contains__,
         )
         started = False
         body_failed = False
@@ -320,6 +322,10 @@ class Network:
         self._nursery.start_soon(self._deliver_loop, topic, subscription)
 
     def _validate(self, topic: str, forwarder: ID, msg: rpc_pb2.Message) -> bool:
+        if self._blocked and (
+            str(forwarder) in self._blocked or ID(msg.from_id).to_base58() in self._blocked
+        ):
+            return False  # fault injection: this peer is on the other side of a partition
         try:
             envelope = open_envelope(
                 msg.data,
@@ -460,7 +466,7 @@ class Network:
             await trio.sleep(min(1.0, self.config.heartbeat_interval))
 
     def _dial_candidates(self, now: float) -> list[PeerInfo]:
-        connected = set(self.connected_peers())
+        connected = set(self.connected_peers()) | self._blocked
         candidates = [info for info in self._bootstrap
                       if str(info.peer_id) not in connected and str(info.peer_id) != self.peer_id]
         wanted = self.config.target_connections - len(connected)
@@ -472,7 +478,9 @@ class Network:
             for member in alive[:wanted]:
                 addrs = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in member.addrs]
                 candidates.append(PeerInfo(ID.from_base58(member.peer_id), addrs))
-        return [c for c in candidates if self._redial_at.get(str(c.peer_id), (0.0, 0.0))[0] <= now]
+        return [c for c in candidates
+                if self._redial_at.get(str(c.peer_id), (0.0, 0.0))[0] <= now
+                and str(c.peer_id) not in self._blocked]
 
     async def _dial(self, info: PeerInfo) -> None:
         peer = str(info.peer_id)
@@ -491,6 +499,19 @@ class Network:
             jitter = self._rng.uniform(0.8, 1.2)
             self._redial_at[peer] = (time.monotonic() + backoff * jitter, backoff)
             log.debug("dial %s failed (%s); retry in %.1fs", peer, exc, backoff * jitter)
+
+    # -- fault injection -----------------------------------------------------------------
+    async def isolate_from(self, peer_ids: set[str]) -> None:
+        """Simulate a network partition: drop and refuse all traffic with `peer_ids` (gossip,
+        streams, dials) until `heal()`. Both sides of a split should call it."""
+        self._blocked |= set(peer_ids)
+        for peer in peer_ids:
+            if self._rpc is not None:
+                self._rpc.forget_peer(peer)
+            await self._disconnect(peer)
+
+    def heal(self) -> None:
+        self._blocked.clear()
 
     # -- misbehaviour --------------------------------------------------------------------
     def _offence(self, peer: str, reason: str) -> None:

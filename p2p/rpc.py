@@ -111,11 +111,13 @@ class RpcService:
         network: str,
         limits: RpcLimits,
         on_offence: Callable[[str, str], None],
+        is_blocked: Callable[[str], bool] = lambda peer: False,
     ) -> None:
         self.host = host
         self.network = network
         self.limits = limits
         self._on_offence = on_offence
+        self._is_blocked = is_blocked
         self._peer_slots: dict[str, trio.Semaphore] = {}
         self._idle: dict[tuple[str, TProtocol], list[FramedStream]] = {}
         self.served = 0
@@ -140,6 +142,9 @@ class RpcService:
     async def _serve_stream(self, stream: INetStream, handler: Handler) -> None:
         peer = str(stream.muxed_conn.peer_id)
         framed = FramedStream(stream, self.limits.max_frame)
+        if self._is_blocked(peer):
+            await framed.reset()
+            return
         try:
             while True:
                 with trio.move_on_after(self.limits.idle_timeout) as idle:
@@ -190,6 +195,8 @@ class RpcService:
         timeout: float | None = None,
     ) -> Any:
         pid = protocol_id(self.network, name, version)
+        if self._is_blocked(peer_id):
+            raise PeerUnreachable(f"{peer_id} is isolated from this node")
         limit = timeout if timeout is not None else self.limits.request_timeout
         key = (peer_id, pid)
         try:

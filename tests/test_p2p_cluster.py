@@ -154,3 +154,21 @@ async def test_nodes_reconnect_after_the_bootstrap_restarts(tmp_path):
             await wait_for(lambda: alive_ids(restarted) == everyone, 10,
                            "the restarted bootstrap to see everyone alive")
             second_stop.set()
+
+
+async def test_isolation_splits_membership_and_heal_rejoins(tmp_path):
+    async with cluster(tmp_path, 4) as nodes:
+        everyone = {n.peer_id for n in nodes}
+        await wait_for(lambda: all(alive_ids(n) == everyone for n in nodes), 15, "4 alive")
+        left, right = nodes[:2], nodes[2:]
+        for side, other in ((left, right), (right, left)):
+            for n in side:
+                await n.isolate_from({o.peer_id for o in other})
+        left_ids, right_ids = {n.peer_id for n in left}, {n.peer_id for n in right}
+        await wait_for(lambda: all(alive_ids(n) == left_ids for n in left)
+                       and all(alive_ids(n) == right_ids for n in right), 15,
+                       "each side to see only itself alive")
+        for n in nodes:
+            n.heal()
+        await wait_for(lambda: all(alive_ids(n) == everyone for n in nodes), 20,
+                       "all 4 alive again after heal")
