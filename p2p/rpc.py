@@ -1,8 +1,9 @@
 # Request/response over direct libp2p streams.
 # Lives here: protocol ids `/tasknet/<network>/<name>/<version>`, framed streams with a size
 # limit and timeouts, the server loop (per-peer concurrency limit, error replies, penalties)
-# and the client (a small pool of idle streams per peer and protocol, reused for many calls).
-# Must not live here: what the messages mean; that belongs to the services built on top.
+# and the client. Requests are multiplexed: frames are [request id, message] and one stream
+# per (peer, protocol) carries many requests at once, since opening a stream costs several
+# round trips in py-libp2p. Must not live here: what the messages mean (the services do).
 from __future__ import annotations
 
 import logging
@@ -98,8 +99,37 @@ class RpcLimits:
     max_frame: int = 4 * 1024 * 1024
     request_timeout: float = 10.0
     idle_timeout: float = 120.0
-    max_concurrent_per_peer: int = 16
-    idle_streams_per_peer: int = 4
+    max_concurrent_per_peer: int = 64
+
+
+class _Channel:
+    """The client end of one multiplexed stream: a reader task matches replies to callers."""
+
+    def __init__(self, framed: FramedStream) -> None:
+        self.framed = framed
+        self.pending: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self.next_id = 0
+        self.write_lock = trio.Lock()
+        self.broken: BaseException | None = None
+
+    async def read_replies(self) -> None:
+        try:
+            while True:
+                frame = await self.framed.read_frame()
+                if not (isinstance(frame, list) and len(frame) == 2 and isinstance(frame[0], int)):
+                    raise FrameError("reply is not [request id, reply]")
+                waiter = self.pending.pop(frame[0], None)
+                if waiter is not None:  # None: the caller gave up (timeout) already
+                    waiter[1].append(frame[1])
+                    waiter[0].set()
+        except (EOFError, FrameError, StreamError) as exc:
+            self.broken = exc
+        finally:
+            if self.broken is None:
+                self.broken = RequestError("stream closed")
+            for event, _ in self.pending.values():
+                event.set()
+            self.pending.clear()
 
 
 class RpcService:
@@ -119,9 +149,15 @@ class RpcService:
         self._on_offence = on_offence
         self._is_blocked = is_blocked
         self._peer_slots: dict[str, trio.Semaphore] = {}
-        self._idle: dict[tuple[str, TProtocol], list[FramedStream]] = {}
+        self._channels: dict[tuple[str, TProtocol], _Channel] = {}
+        self._opening: dict[tuple[str, TProtocol], trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
         self.served = 0
         self.refused = 0
+
+    def attach(self, nursery: trio.Nursery) -> None:
+        """The nursery that owns the stream tasks (the Network's)."""
+        self._nursery = nursery
 
     # -- server side ---------------------------------------------------------------------
     def handle(self, name: str, handler: Handler, version: int = 1) -> TProtocol:
@@ -145,44 +181,66 @@ class RpcService:
         if self._is_blocked(peer):
             await framed.reset()
             return
-        try:
-            while True:
-                with trio.move_on_after(self.limits.idle_timeout) as idle:
-                    try:
-                        request = await framed.read_frame()
-                    except EOFError:
-                        return
-                if idle.cancelled_caught:
-                    return
+        write_lock = trio.Lock()
+        slots = self._slots(peer)
+
+        async def answer(request_id: int, request: Any) -> None:
+            try:
                 reply = await self._answer(peer, handler, request)
-                await framed.write_frame(reply)
-        except FrameError as exc:
-            self.refused += 1
-            log.warning("refused a frame from %s: %s", peer, exc)
-            self._on_offence(peer, "frame")
-            await framed.reset()
-        except StreamError:
-            log.debug("stream from %s ended abruptly", peer)
+                async with write_lock:
+                    await framed.write_frame([request_id, reply])
+            except (StreamError, FrameError) as exc:
+                log.debug("reply to %s failed: %s", peer, exc)
+            finally:
+                slots.release()
+
+        try:
+            async with trio.open_nursery() as requests:
+                await self._read_requests(peer, framed, slots, requests, answer)
         finally:
             try:
                 await stream.close()
             except Exception:
                 log.debug("closing stream from %s failed", peer, exc_info=True)
 
+    async def _read_requests(self, peer: str, framed: FramedStream, slots: trio.Semaphore,
+                             requests: trio.Nursery, answer: Callable[[int, Any], Any]) -> None:
+        try:
+            while True:
+                with trio.move_on_after(self.limits.idle_timeout) as idle:
+                    try:
+                        frame = await framed.read_frame()
+                    except EOFError:
+                        return
+                if idle.cancelled_caught:
+                    return
+                if not (isinstance(frame, list) and len(frame) == 2
+                        and isinstance(frame[0], int)):
+                    raise FrameError("request is not [request id, message]")
+                await slots.acquire()  # stop reading while the peer has too many in flight
+                requests.start_soon(answer, frame[0], frame[1])
+        except FrameError as exc:
+            self.refused += 1
+            log.warning("refused a frame from %s: %s", peer, exc)
+            self._on_offence(peer, "frame")
+            await framed.reset()
+            requests.cancel_scope.cancel()
+        except StreamError:
+            log.debug("stream from %s ended abruptly", peer)
+
     async def _answer(self, peer: str, handler: Handler, request: Any) -> Any:
-        async with self._slots(peer):
-            try:
-                with trio.fail_after(self.limits.request_timeout):
-                    result = await handler(peer, request)
-                self.served += 1
-                return {"ok": result}
-            except HandlerError as exc:
-                return {"error": {"code": exc.code, "message": str(exc)}}
-            except trio.TooSlowError:
-                return {"error": {"code": "timeout", "message": "handler timed out"}}
-            except Exception as exc:
-                log.exception("handler failed for a request from %s", peer)
-                return {"error": {"code": "internal", "message": exc.__class__.__name__}}
+        try:
+            with trio.fail_after(self.limits.request_timeout):
+                result = await handler(peer, request)
+            self.served += 1
+            return {"ok": result}
+        except HandlerError as exc:
+            return {"error": {"code": exc.code, "message": str(exc)}}
+        except trio.TooSlowError:
+            return {"error": {"code": "timeout", "message": "handler timed out"}}
+        except Exception as exc:
+            log.exception("handler failed for a request from %s", peer)
+            return {"error": {"code": "internal", "message": exc.__class__.__name__}}
 
     # -- client side ---------------------------------------------------------------------
     async def request(
@@ -199,20 +257,32 @@ class RpcService:
             raise PeerUnreachable(f"{peer_id} is isolated from this node")
         limit = timeout if timeout is not None else self.limits.request_timeout
         key = (peer_id, pid)
-        try:
-            with trio.fail_after(limit):
-                framed = await self._checkout(key)
-                try:
-                    await framed.write_frame(message)
-                    reply = await framed.read_frame()
-                except BaseException:
-                    await framed.reset()
-                    raise
-        except trio.TooSlowError:
-            raise RequestTimeout(f"{name} to {peer_id} timed out after {limit}s") from None
-        except (EOFError, StreamError, FrameError) as exc:
-            raise RequestError(f"{name} to {peer_id} failed: {exc}") from exc
-        await self._checkin(key, framed)
+        channel: _Channel | None = None
+        request_id = 0
+        box: list[Any] = []
+        with trio.move_on_after(limit) as deadline:
+            channel = await self._channel(key)
+            channel.next_id += 1
+            request_id = channel.next_id
+            event = trio.Event()
+            channel.pending[request_id] = (event, box)
+            try:
+                async with channel.write_lock:
+                    await channel.framed.write_frame([request_id, message])
+            except (StreamError, FrameError) as exc:
+                channel.pending.pop(request_id, None)
+                self._drop(key, channel)
+                raise RequestError(f"{name} to {peer_id} failed: {exc}") from exc
+            await event.wait()
+        if deadline.cancelled_caught:
+            if channel is not None:
+                channel.pending.pop(request_id, None)
+            raise RequestTimeout(f"{name} to {peer_id} timed out after {limit}s")
+        assert channel is not None
+        if not box:
+            self._drop(key, channel)
+            raise RequestError(f"{name} to {peer_id} failed: {channel.broken}")
+        reply = box[0]
         if not isinstance(reply, dict):
             raise RequestError(f"{name} to {peer_id}: malformed reply")
         if "error" in reply:
@@ -222,29 +292,39 @@ class RpcService:
             raise RequestError(f"{name} to {peer_id}: malformed reply")
         return reply["ok"]
 
-    async def _checkout(self, key: tuple[str, TProtocol]) -> FramedStream:
-        idle = self._idle.get(key)
-        if idle:
-            return idle.pop()
-        peer_id, pid = key
+    async def _channel(self, key: tuple[str, TProtocol]) -> _Channel:
+        while True:
+            channel = self._channels.get(key)
+            if channel is not None and channel.broken is None:
+                return channel
+            opening = self._opening.get(key)
+            if opening is None:
+                break
+            await opening.wait()  # someone else is opening it: share theirs
+        self._opening[key] = opening = trio.Event()
         try:
-            stream = await self.host.new_stream(ID.from_base58(peer_id), [pid])
-        except trio.Cancelled:
-            raise
-        except Exception as exc:
-            raise PeerUnreachable(f"cannot open {pid} to {peer_id}: {exc}") from exc
-        return FramedStream(stream, self.limits.max_frame)
+            peer_id, pid = key
+            try:
+                stream = await self.host.new_stream(ID.from_base58(peer_id), [pid])
+            except trio.Cancelled:
+                raise
+            except Exception as exc:
+                raise PeerUnreachable(f"cannot open {pid} to {peer_id}: {exc}") from exc
+            channel = _Channel(FramedStream(stream, self.limits.max_frame))
+            assert self._nursery is not None, "RpcService.attach() was not called"
+            self._nursery.start_soon(channel.read_replies)
+            self._channels[key] = channel
+            return channel
+        finally:
+            del self._opening[key]
+            opening.set()
 
-    async def _checkin(self, key: tuple[str, TProtocol], framed: FramedStream) -> None:
-        idle = self._idle.setdefault(key, [])
-        if len(idle) < self.limits.idle_streams_per_peer:
-            idle.append(framed)
-            return
-        try:
-            await framed.stream.close()
-        except StreamError:
-            log.debug("closing a surplus stream failed", exc_info=True)
+    def _drop(self, key: tuple[str, TProtocol], channel: _Channel) -> None:
+        if self._channels.get(key) is channel:
+            del self._channels[key]
+        if self._nursery is not None:
+            self._nursery.start_soon(channel.framed.reset)
 
     def forget_peer(self, peer_id: str) -> None:
-        for key in [k for k in self._idle if k[0] == peer_id]:
-            del self._idle[key]
+        for key in [k for k in self._channels if k[0] == peer_id]:
+            self._drop(key, self._channels[key])
