@@ -21,6 +21,8 @@ class NetworkConfig:
     dead_after: float = 8.0
     # discovery: how many direct connections a node keeps beyond the bootstrap peers
     target_connections: int = 6
+    # on stop, announce a permanent leave (data owners hand off) instead of a restartable stop
+    leave_on_stop: bool = False
     max_redial_backoff: float = 30.0
     # limits
     max_gossip_size: int = 1024 * 1024

@@ -21,7 +21,7 @@ class Member:
     incarnation: int
     last_seen: float
     state: MemberState
-    left: bool = False  # announced a graceful leave (dead by choice, not by failure)
+    left: bool = False  # left the network for good (decommissioned), not just stopped
 
     def to_dict(self, now: float) -> dict[str, object]:
         return {
@@ -83,12 +83,16 @@ class MemberView:
             return [MemberEvent(peer_id, known.state, MemberState.ALIVE, member, restarted)]
         return []
 
-    def observe_leave(self, peer_id: str, incarnation: int, now: float) -> list[MemberEvent]:
+    def observe_leave(self, peer_id: str, incarnation: int, now: float,
+                      permanent: bool = False) -> list[MemberEvent]:
+        """A member said it stops (dead at once, back when it restarts) or, with
+        `permanent`, that it leaves the network for good."""
         known = self._members.get(peer_id)
         if known is None or incarnation < known.incarnation or known.state is MemberState.DEAD:
             return []
         member = replace(
-            known, state=MemberState.DEAD, last_seen=now, incarnation=incarnation, left=True
+            known, state=MemberState.DEAD, last_seen=now, incarnation=incarnation,
+            left=permanent
         )
         self._members[peer_id] = member
         return [MemberEvent(peer_id, known.state, MemberState.DEAD, member)]

@@ -88,6 +88,13 @@ def _next_incarnation(config: NetworkConfig) -> int:
     return current
 
 
+def _innermost(exc: BaseException) -> BaseException:
+    """The error inside the exception groups that nurseries wrap a single error in."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 class Network:
     """A running tasknet p2p node. Build it with `async with Network.start(config) as net`."""
 
@@ -125,6 +132,7 @@ class Network:
         self._bootstrap = [info_from_p2p_addr(parse_multiaddr(a)) for a in config.bootstrap]
         self._seen_bootstrap_ids = {str(info.peer_id) for info in self._bootstrap}
         self._blocked: set[str] = set()
+        self._connected_since: dict[str, tuple[float, int]] = {}  # peer -> (since, strikes)
 
     # -- lifecycle -----------------------------------------------------------------------
     @classmethod
@@ -178,6 +186,9 @@ class Network:
             strict_signing=False,  # every payload is inside our own signed envelope
             max_inbound_rpc_size=self.config.max_gossip_size * 2,
         )
+        # py-libp2p numbers a node's messages from 1 at every start, so after a restart its
+        # messages repeat ids its peers still hold as seen and are dropped: start from the clock
+        pubsub.counter = time.time_ns() // 1000
         self._host, self._pubsub = host, pubsub
         self._rpc = RpcService(
             host,
@@ -199,6 +210,9 @@ class Network:
                 background_trio_service(gossipsub),
                 trio.open_nursery() as nursery,
             ):
+                if any(str(a) not in host.get_network().listeners for a in listen):
+                    # py-libp2p logs a failed listen (say, port in use) and runs on without it
+                    raise OSError("address in use or not available")
                 started = True
                 await pubsub.wait_until_ready()
                 self._nursery = nursery
@@ -227,7 +241,7 @@ class Network:
             if started:
                 raise
             addrs = [str(a) for a in listen]
-            raise ConfigError(f"cannot listen on {addrs}: {exc}") from None
+            raise ConfigError(f"cannot listen on {addrs}: {_innermost(exc)}") from None
 
     # -- identity and status -------------------------------------------------------------
     @property
@@ -402,7 +416,8 @@ class Network:
 
     async def _announce_leave(self) -> None:
         try:
-            await self.publish(MEMBERSHIP_TOPIC, {"kind": "leave", "inc": self.incarnation})
+            kind = "leave" if self.config.leave_on_stop else "stop"
+            await self.publish(MEMBERSHIP_TOPIC, {"kind": kind, "inc": self.incarnation})
         except Exception:
             log.debug("leave announcement failed", exc_info=True)
 
@@ -415,8 +430,9 @@ class Network:
                 self.penalize(message.author, "malformed")
                 continue
             now = time.monotonic()
-            if payload.get("kind") == "leave":
-                events = self.view.observe_leave(message.author, payload["inc"], now)
+            if payload.get("kind") in ("stop", "leave"):
+                events = self.view.observe_leave(message.author, payload["inc"], now,
+                                                 permanent=payload["kind"] == "leave")
             else:
                 addrs = payload.get("addrs")
                 if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
@@ -463,6 +479,7 @@ class Network:
     async def _discovery_loop(self) -> None:
         while True:
             self._lift_expired_bans(time.monotonic())
+            await self._reset_silent_peers(time.monotonic())
             async with trio.open_nursery() as dials:
                 for peer in self._dial_candidates(time.monotonic()):
                     dials.start_soon(self._dial, peer)
@@ -525,6 +542,39 @@ class Network:
                 self._pubsub.add_to_blacklist(ID.from_base58(peer))
             if self._nursery is not None:
                 self._nursery.start_soon(self._disconnect, peer)
+
+    async def _reset_silent_peers(self, now: float) -> None:
+        """Repair gossip with connected peers we do not hear from. py-libp2p can keep a
+        stale pubsub stream for a peer that restarted; then neither side hears the other
+        although both are connected. First the pubsub stream is rebuilt; if that does not
+        help, the connection is dropped so that a redial starts afresh."""
+        assert self._pubsub is not None
+        connected = set(self.connected_peers())
+        for peer in list(self._connected_since):
+            if peer not in connected:
+                del self._connected_since[peer]
+        topic = self._topic(MEMBERSHIP_TOPIC)
+        listeners = {str(p) for p in self._pubsub.peer_topics.get(topic, ())}
+        grace = max(3.0, 4 * self.config.heartbeat_interval)
+        for peer in connected - self._blocked:
+            since, strikes = self._connected_since.setdefault(peer, (now, 0))
+            member = self.view.get(peer)
+            silent = peer not in listeners or (
+                member is not None and member.state is not MemberState.ALIVE)
+            if not silent:
+                self._connected_since[peer] = (now, 0)
+                continue
+            if now - since < grace:
+                continue
+            log.info("not hearing %s for %.0fs while connected; %s", peer, now - since,
+                     "reconnecting" if strikes else "rebuilding its gossip stream")
+            self._connected_since[peer] = (now, strikes + 1)
+            if strikes:
+                await self._disconnect(peer)
+            else:
+                rebuild = getattr(self._pubsub, "_handle_dead_peer", None)
+                if rebuild is not None:
+                    rebuild(ID.from_base58(peer))
 
     def _lift_expired_bans(self, now: float) -> None:
         if self._pubsub is None:

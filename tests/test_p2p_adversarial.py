@@ -8,11 +8,12 @@ import time
 import msgpack
 import trio
 from libp2p.peer.id import ID
-from p2p_helpers import alive_ids, cluster, wait_for
 
 from p2p.envelope import seal
 from p2p.identity import Identity
 from p2p.rpc import protocol_id
+
+from p2p_helpers import alive_ids, cluster, wait_for
 
 
 async def test_bad_gossip_is_refused_and_penalised(tmp_path):

@@ -3,10 +3,11 @@ import socket
 from contextlib import AsyncExitStack
 
 import trio
-from p2p_helpers import alive_ids, cluster, node_config, wait_for
 
 from p2p import MemberState, Network, RemoteError
 from p2p.rpc import HandlerError
+
+from p2p_helpers import alive_ids, cluster, node_config, wait_for
 
 
 async def test_six_nodes_find_each_other_gossip_and_talk(tmp_path):

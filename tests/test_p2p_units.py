@@ -123,7 +123,10 @@ def test_membership_lifecycle():
     assert back[0].current is MemberState.ALIVE and back[0].restarted
     assert view.observe_heartbeat("p", ("a",), 1, now=9) == []  # stale incarnation
     assert view.get("p").incarnation == 2
-    assert view.observe_leave("p", 2, now=10)[0].current is MemberState.DEAD
+    stopped = view.observe_leave("p", 2, now=10)
+    assert stopped[0].current is MemberState.DEAD and not stopped[0].member.left
+    assert view.observe_heartbeat("p", ("a",), 3, now=10.5)[0].current is MemberState.ALIVE
+    assert view.observe_leave("p", 3, now=11, permanent=True)[0].member.left
     assert view.tick(now=40)[0].current is None
     assert view.members() == []
 

@@ -1,0 +1,332 @@
+# The canonical binary form of CRDT states and the base class every CRDT type derives from.
+#
+# Wire format: one msgpack array [type tag, format version, *body]; the body is type
+# specific and written in a canonical order (sorted actors, dots, elements and keys; plain
+# values as their canonical bytes), so equal states always give identical bytes. Decoding
+# treats input as untrusted: size and nesting limits, strict shapes, and every failure is a
+# DecodeError. No CRDT semantics live here, only the framing, the checks and the registry.
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Self
+
+import msgpack
+
+from .causal import CausalContext, Dot
+from .errors import DecodeError
+from .values import check_packed
+
+DEFAULT_MAX_SIZE = 16 * 1024 * 1024
+DEFAULT_MAX_DEPTH = 32
+MAX_DEPTH_LIMIT = 256  # keeps the recursive checks far from Python's recursion limit
+MAX_UINT64 = 2**64 - 1
+
+_BYTES_TYPES = (bytes, bytearray, memoryview)
+_ONLY_STR = {str}
+_ONLY_INT = {int}
+_BY_TAG: dict[int, type[State]] = {}
+_BY_NAME: dict[str, type[State]] = {}
+# One reusable packer (packb builds a new one per call). Sharing it across threads is safe:
+# without a `default` hook, pack() runs to completion without releasing the GIL.
+_packb = msgpack.Packer().pack
+_unpackb = msgpack.unpackb
+
+
+class State(ABC):
+    """A CRDT state: an immutable value in a join semilattice.
+
+    Every type offers value() (plain Python), merge(other) -> new state (the join; inputs are
+    never changed), mutators that take the acting replica's id (a str) and return a delta
+    (a small state of the same type: applying it is `state.merge(delta)`), is_empty(),
+    encode() and decode(). Equality is value equality.
+    """
+
+    __slots__ = ()
+    TYPE_NAME: ClassVar[str]
+    TAG: ClassVar[int]
+    VERSION: ClassVar[int] = 1
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.TAG in _BY_TAG or cls.TYPE_NAME in _BY_NAME:
+            raise RuntimeError(f"duplicate CRDT type registration for {cls.TYPE_NAME}")
+        _BY_TAG[cls.TAG] = cls
+        _BY_NAME[cls.TYPE_NAME] = cls
+
+    @abstractmethod
+    def value(self) -> Any:
+        """The state's value as plain Python."""
+
+    @abstractmethod
+    def merge(self, other: Self) -> Self:
+        """The join (least upper bound) of two states of the same type."""
+
+    @abstractmethod
+    def is_empty(self) -> bool:
+        """True for the bottom state (what new() returns)."""
+
+    @abstractmethod
+    def wire_body(self) -> list[Any]:
+        """The body of the canonical wire form (after tag and version)."""
+
+    @classmethod
+    @abstractmethod
+    def from_wire_body(cls, body: list[Any], reader: Reader, depth: int) -> Self:
+        """Parse and check a body; `depth` is the nesting depth of the list holding it."""
+
+    @classmethod
+    def merge_wire_bodies(cls, a: list[Any], b: list[Any], reader: Reader,
+                          depth: int) -> list[Any]:
+        """Wire body of the merge of two wire bodies (both checked as from_wire_body does).
+        Types override this with a faster path that skips building state objects."""
+        merged = cls.from_wire_body(a, reader, depth).merge(cls.from_wire_body(b, reader, depth))
+        return merged.wire_body()
+
+    def encode(self) -> bytes:
+        """Canonical bytes: equal states give identical bytes."""
+        return encode(self)
+
+    @classmethod
+    def decode(cls, data: bytes, *, max_size: int = DEFAULT_MAX_SIZE,
+               max_depth: int = DEFAULT_MAX_DEPTH) -> Self:
+        """Decode bytes that must hold a state of this type (DecodeError otherwise)."""
+        state = decode(data, max_size=max_size, max_depth=max_depth)
+        if not isinstance(state, cls):
+            raise DecodeError(f"expected a {cls.TYPE_NAME} state, got {state.TYPE_NAME}")
+        return state
+
+    def _check_same_type(self, other: object) -> None:
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(self).__name__} with {type(other).__name__}")
+
+
+TYPE_NAMES: tuple[str, ...] = ("lww", "mvreg", "gcounter", "pncounter", "orset", "ormap")
+
+
+def state_class(type_name: str) -> type[State]:
+    """The class registered for a type name (ValueError for an unknown name)."""
+    try:
+        return _BY_NAME[type_name]
+    except KeyError:
+        raise ValueError(
+            f"unknown CRDT type name {type_name!r}; known: {', '.join(TYPE_NAMES)}") from None
+
+
+def new(type_name: str) -> State:
+    """The empty (bottom) state of the named type: one of TYPE_NAMES."""
+    return state_class(type_name)()
+
+
+def encode(state: State) -> bytes:
+    """Canonical bytes of a state."""
+    return _packb([state.TAG, state.VERSION, *state.wire_body()])  # type: ignore[no-any-return]
+
+
+def decode(data: bytes, *, max_size: int = DEFAULT_MAX_SIZE,
+           max_depth: int = DEFAULT_MAX_DEPTH) -> State:
+    """Decode untrusted bytes into a state of whatever type they declare.
+
+    Refuses, with DecodeError, input longer than `max_size` bytes, nesting deeper than
+    `max_depth` (arrays, maps and containers inside plain values all count), unknown type
+    tags, unsupported format versions, non-canonical plain values and malformed bodies.
+    """
+    reader = _DEFAULT_READER if max_depth == DEFAULT_MAX_DEPTH else Reader(max_depth)
+    return reader.state(_unpack(data, max_size), 1)
+
+
+def merge_encoded(old: bytes | None, delta: bytes) -> bytes:
+    """Canonical bytes of decode(old).merge(decode(delta)); `old` None means no state yet.
+
+    Both inputs are checked as in decode() with the default limits. States of different
+    types cannot be merged: DecodeError.
+    """
+    reader = _DEFAULT_READER
+    incoming = _unpack(delta, DEFAULT_MAX_SIZE)
+    if old is None:
+        return encode(reader.state(incoming, 1))
+    current = _unpack(old, DEFAULT_MAX_SIZE)
+    cls = reader.state_class(current, 1)
+    incoming_cls = reader.state_class(incoming, 1)
+    if incoming_cls is not cls:
+        raise DecodeError(
+            f"cannot merge a {incoming_cls.TYPE_NAME} delta into a {cls.TYPE_NAME} state")
+    body = cls.merge_wire_bodies(current[2:], incoming[2:], reader, 1)
+    return _packb([cls.TAG, cls.VERSION, *body])  # type: ignore[no-any-return]
+
+
+def _unpack(data: bytes, max_size: int) -> Any:
+    if not isinstance(data, _BYTES_TYPES):
+        raise TypeError(f"encoded state must be bytes, got {type(data).__name__}")
+    if len(data) > max_size:
+        raise DecodeError(f"encoded state is {len(data)} bytes, over the limit of {max_size}")
+    try:
+        return _unpackb(data, raw=False, strict_map_key=True)
+    except Exception as exc:
+        raise DecodeError(f"not a valid msgpack document: {exc or type(exc).__name__}") from None
+
+
+class Reader:
+    """Shape checks for untrusted wire data; every failure raises DecodeError."""
+
+    __slots__ = ("max_depth",)
+
+    def __init__(self, max_depth: int) -> None:
+        if type(max_depth) is not int or not 1 <= max_depth <= MAX_DEPTH_LIMIT:
+            raise ValueError(f"max_depth must be an int in 1..{MAX_DEPTH_LIMIT}")
+        self.max_depth = max_depth
+
+    def state_class(self, obj: Any, depth: int) -> type[State]:
+        """The class named by a [tag, version, *body] list, with the version checked."""
+        if type(obj) is list and len(obj) >= 2 and type(obj[0]) is int:  # hot path
+            cls = _BY_TAG.get(obj[0])
+            if cls is not None and type(obj[1]) is int and obj[1] == cls.VERSION:
+                return cls
+        doc = self.array(obj, "state", depth)
+        if len(doc) < 2:
+            raise DecodeError("state must start with a type tag and a format version")
+        tag, version = doc[0], doc[1]
+        if type(tag) is not int:
+            raise DecodeError(f"type tag must be an int, got {type(tag).__name__}")
+        cls = _BY_TAG.get(tag)
+        if cls is None:
+            raise DecodeError(f"unknown CRDT type tag {tag}")
+        if version != cls.VERSION or type(version) is not int:
+            raise DecodeError(f"unsupported {cls.TYPE_NAME} format version {version!r} "
+                              f"(supported: {cls.VERSION})")
+        return cls
+
+    def state(self, obj: Any, depth: int) -> State:
+        cls = self.state_class(obj, depth)
+        return cls.from_wire_body(obj[2:], self, depth)
+
+    def fields(self, body: list[Any], type_name: str, count: int) -> list[Any]:
+        if len(body) != count:
+            raise DecodeError(f"{type_name} body: expected {count} fields, got {len(body)}")
+        return body
+
+    def array(self, obj: Any, what: str, depth: int, length: int | None = None) -> list[Any]:
+        if type(obj) is not list:
+            raise DecodeError(f"{what}: expected an array, got {type(obj).__name__}")
+        if depth > self.max_depth:
+            raise DecodeError(f"{what}: nested deeper than max_depth={self.max_depth}")
+        if length is not None and len(obj) != length:
+            raise DecodeError(f"{what}: expected {length} items, got {len(obj)}")
+        return obj
+
+    def uint(self, obj: Any, what: str, low: int = 0) -> int:
+        if type(obj) is not int or not low <= obj <= MAX_UINT64:
+            raise DecodeError(f"{what}: expected an int in {low}..2**64-1, got {obj!r:.40}")
+        return obj
+
+    def text(self, obj: Any, what: str) -> str:
+        if type(obj) is not str:
+            raise DecodeError(f"{what}: expected a string, got {type(obj).__name__}")
+        return obj
+
+    def actor(self, obj: Any, what: str) -> str:
+        if type(obj) is not str or not obj:
+            raise DecodeError(f"{what}: expected a non-empty actor id string, got {obj!r:.40}")
+        return obj
+
+    def flag(self, obj: Any, what: str) -> bool:
+        if type(obj) is not bool:
+            raise DecodeError(f"{what}: expected a bool, got {type(obj).__name__}")
+        return obj
+
+    def value(self, obj: Any, what: str, depth: int) -> bytes:
+        """A plain value carried as its canonical bytes; `depth` is that of its container."""
+        if type(obj) is not bytes:
+            raise DecodeError(f"{what}: expected a packed value (bin), got {type(obj).__name__}")
+        try:
+            check_packed(obj, self.max_depth - depth)
+        except DecodeError as exc:
+            raise DecodeError(f"{what}: {exc}") from None
+        return obj
+
+    def pairs(self, obj: Any, what: str, depth: int, *, unique_actors: bool) -> list[Dot]:
+        """A flat [actor, n, actor, n, ...] list, n >= 1, in strictly increasing order
+        (of actor alone when unique_actors, else of (actor, n))."""
+        flat = self.array(obj, what, depth)
+        if len(flat) == 2:  # the common case of a single dot
+            actor, n = flat
+            if type(actor) is not str or not actor or type(n) is not int or not 0 < n <= MAX_UINT64:
+                self.dot(actor, n, what)  # raises, naming the bad part
+            return [(actor, n)]
+        if not flat:
+            return []
+        actors, counts = flat[::2], flat[1::2]
+        if len(actors) != len(counts):
+            raise DecodeError(f"{what}: expected actor/counter pairs, got an odd length")
+        # Checks done with builtins over whole lists (hot path); any failure is explained.
+        if (set(map(type, actors)) != _ONLY_STR or set(map(type, counts)) != _ONLY_INT
+                or not all(actors) or min(counts) < 1 or max(counts) > MAX_UINT64):
+            for actor, n in zip(actors, counts, strict=True):
+                self.dot(actor, n, what)
+        pairs: list[Dot] = list(zip(actors, counts, strict=True))
+        if unique_actors:
+            in_order = sorted(set(actors)) == actors
+        else:
+            in_order = sorted(set(pairs)) == pairs
+        if not in_order:
+            raise DecodeError(f"{what}: entries not in strictly increasing order")
+        return pairs
+
+    def counts(self, obj: Any, what: str, depth: int) -> dict[str, int]:
+        """A map actor -> count (count >= 1) with keys in sorted order."""
+        if type(obj) is not dict:
+            raise DecodeError(f"{what}: expected a map, got {type(obj).__name__}")
+        if depth > self.max_depth:
+            raise DecodeError(f"{what}: nested deeper than max_depth={self.max_depth}")
+        if not obj:
+            return obj
+        previous = ""
+        for actor, n in obj.items():
+            if type(actor) is not str or type(n) is not int or not 1 <= n <= MAX_UINT64:
+                self.dot(actor, n, what)  # raises, naming the bad part
+            if actor <= previous:
+                raise DecodeError(f"{what}: actors not in strictly increasing order")
+            previous = actor
+        return obj
+
+    def dot(self, actor: Any, counter: Any, what: str) -> Dot:
+        return (self.actor(actor, what), self.uint(counter, what, 1))
+
+    def context(self, obj: Any, depth: int) -> CausalContext:
+        parts = self.array(obj, "causal context", depth, 2)
+        vv = self.pairs(parts[0], "version vector", depth + 1, unique_actors=True)
+        cloud = self.pairs(parts[1], "dot cloud", depth + 1, unique_actors=False)
+        return CausalContext(dict(vv), cloud)
+
+
+def check_actor(actor: object) -> str:
+    """Actor (replica) ids are non-empty str everywhere in this package."""
+    if type(actor) is not str or not actor:
+        raise ValueError(f"actor must be a non-empty str, got {actor!r}")
+    return check_text(actor, "actor")
+
+
+def check_text(text: str, what: str) -> str:
+    """`text` if msgpack can write it (UTF-8 encodable: no lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} is not valid UTF-8 text: {text!r}") from None
+    return text
+
+
+def context_to_wire(context: CausalContext) -> list[Any]:
+    vv: list[Any] = []
+    for actor, n in sorted(context.version_vector.items()):
+        vv += (actor, n)
+    cloud: list[Any] = []
+    for actor, n in sorted(context.cloud):
+        cloud += (actor, n)
+    return [vv, cloud]
+
+
+def sorted_counts(counts: dict[str, int]) -> dict[str, int]:
+    """The wire form of an actor -> count map: the same map with its keys in sorted order."""
+    return dict(sorted(counts.items()))
+
+
+_DEFAULT_READER = Reader(DEFAULT_MAX_DEPTH)

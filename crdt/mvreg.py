@@ -1,0 +1,118 @@
+# Multi-value register (Shapiro et al. 2011, MV-Register; delta form per Almeida et al. 2018,
+# a dot -> value store with a causal context). Concurrent assignments are all kept until a
+# later assignment that has seen them replaces them. Nothing but this type lives here.
+from __future__ import annotations
+
+from typing import Any
+
+from .causal import CausalContext, Dot, join_dot_funs
+from .codec import Reader, State, check_actor, context_to_wire
+from .errors import DecodeError
+from .values import pack_value, unpack_value
+
+Entries = dict[Dot, bytes]  # dot of the assignment -> canonical bytes of the value
+
+
+def join_entries(a: Entries, ca: CausalContext, b: Entries, cb: CausalContext) -> Entries:
+    # Two copies of one dot always hold the same write; max() keeps the join total anyway.
+    return join_dot_funs(a, ca, b, cb, max)
+
+
+def values_of(entries: Entries) -> list[Any]:
+    return [unpack_value(packed) for packed in sorted(set(entries.values()))]
+
+
+def entries_to_wire(entries: Entries) -> list[Any]:
+    flat: list[Any] = []
+    for dot in sorted(entries):
+        flat += (dot[0], dot[1], entries[dot])
+    return flat
+
+
+def read_entries(obj: Any, reader: Reader, depth: int, context: CausalContext) -> Entries:
+    """Parse entries whose dots must all be in `context`; `depth` is that of the list."""
+    flat = reader.array(obj, "mvreg entries", depth)
+    if len(flat) % 3:
+        raise DecodeError("mvreg entries: expected actor/counter/value triples")
+    entries: Entries = {}
+    previous: Dot | None = None
+    for i in range(0, len(flat), 3):
+        dot = reader.dot(flat[i], flat[i + 1], "mvreg dot")
+        if previous is not None and dot <= previous:
+            raise DecodeError("mvreg entries: dots not in strictly increasing order")
+        if not context.contains(dot):
+            raise DecodeError(f"mvreg entries: dot {dot} missing from the causal context")
+        entries[dot] = reader.value(flat[i + 2], "mvreg value", depth)
+        previous = dot
+    return entries
+
+
+class MVRegister(State):
+    """Multi-value register. value() -> list of the concurrent values, distinct, in canonical
+    order (empty list when unset or cleared).
+
+    Mutators: assign(actor, value) and clear(), each -> delta. clear() removes every value
+    it has seen; an assignment concurrent with it survives.
+    """
+
+    TYPE_NAME = "mvreg"
+    TAG = 2
+    __slots__ = ("_entries", "_context")
+    _entries: Entries
+    _context: CausalContext
+
+    def __init__(self) -> None:
+        self._entries = {}
+        self._context = CausalContext()
+
+    @classmethod
+    def _make(cls, entries: Entries, context: CausalContext) -> MVRegister:
+        state = cls.__new__(cls)
+        state._entries = entries
+        state._context = context
+        return state
+
+    @property
+    def context(self) -> CausalContext:
+        return self._context
+
+    def value(self) -> list[Any]:
+        return values_of(self._entries)
+
+    def is_empty(self) -> bool:
+        return not self._entries and self._context.is_empty()
+
+    def assign(self, actor: str, value: Any) -> MVRegister:
+        """Delta replacing every value this replica has seen with `value`."""
+        packed = pack_value(value)
+        dot = self._context.next_dot(check_actor(actor))
+        return MVRegister._make({dot: packed}, CausalContext.from_dots([dot, *self._entries]))
+
+    def clear(self) -> MVRegister:
+        """Delta removing every value this replica has seen."""
+        return MVRegister._make({}, CausalContext.from_dots(self._entries))
+
+    def merge(self, other: MVRegister) -> MVRegister:
+        self._check_same_type(other)
+        return MVRegister._make(
+            join_entries(self._entries, self._context, other._entries, other._context),
+            self._context.merge(other._context))
+
+    def wire_body(self) -> list[Any]:
+        return [context_to_wire(self._context), entries_to_wire(self._entries)]
+
+    @classmethod
+    def from_wire_body(cls, body: list[Any], reader: Reader, depth: int) -> MVRegister:
+        context_obj, entries_obj = reader.fields(body, cls.TYPE_NAME, 2)
+        context = reader.context(context_obj, depth + 1)
+        return cls._make(read_entries(entries_obj, reader, depth + 1, context), context)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, MVRegister):
+            return NotImplemented
+        return self._entries == other._entries and self._context == other._context
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"MVRegister({self.value()!r}, {self._context!r})"

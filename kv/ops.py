@@ -1,0 +1,148 @@
+# Operations of the replicated KV store and the CRDT type each one implies.
+# Lives here (sans-IO): turning a user operation into a delta against the current state of a
+# key, and rendering a state as the plain value a user reads. Time and actor are arguments.
+# Must not live here: storage, networking, quorum logic.
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import crdt
+
+# The CRDT type a key gets from the first operation that writes it. A key keeps its type:
+# an operation of another type fails with WrongType until the key is deleted.
+TYPE_OF_OP = {
+    "put": "lww",
+    "delete": None,  # deletes whatever type the key has
+    "incr": "pncounter",
+    "sadd": "orset",
+    "srem": "orset",
+    "hset": "ormap",
+    "hdel": "ormap",
+}
+
+
+class OpError(ValueError):
+    """An operation that cannot apply: unknown kind, bad arguments, or the wrong type."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    key: bytes
+    args: tuple[Any, ...] = ()
+
+    def to_wire(self) -> list[Any]:
+        return [self.kind, self.key, list(self.args)]
+
+    @classmethod
+    def from_wire(cls, data: Any) -> Op:
+        if not (isinstance(data, list) and len(data) == 3 and isinstance(data[0], str)
+                and isinstance(data[1], bytes) and isinstance(data[2], list)):
+            raise OpError("bad_request", "operation must be [kind, key, args]")
+        if data[0] not in TYPE_OF_OP:
+            raise OpError("bad_request", f"unknown operation {data[0]!r}")
+        return cls(data[0], data[1], tuple(data[2]))
+
+
+def type_name(state: Any) -> str:
+    return str(state.TYPE_NAME)
+
+
+def make_delta(op: Op, current: Any | None, actor: str, clock: crdt.HLC, now_ms: int) -> Any:
+    """The delta that applies `op` to `current` (a decoded CRDT or None) as `actor`."""
+    wanted = TYPE_OF_OP[op.kind]
+    if op.kind == "delete":
+        return _delete_delta(current, actor, _stamp(current, clock, now_ms))
+    if current is not None and type_name(current) != wanted:
+        if not (type_name(current) == "lww" and _is_deleted(current)):
+            raise OpError("wrong_type", f"key holds a {type_name(current)}, not a {wanted}")
+        current = None  # a deleted register may be reused as any type
+    assert wanted is not None
+    state: Any = current if current is not None else crdt.new(wanted)
+    if op.kind == "put":
+        (value,) = op.args
+        return state.assign(value, _stamp(state, clock, now_ms), actor)
+    if op.kind == "incr":
+        (amount,) = op.args
+        if not isinstance(amount, int) or isinstance(amount, bool):
+            raise OpError("bad_request", "increment must be an integer")
+        return state.increment(actor, amount) if amount >= 0 else state.decrement(actor, -amount)
+    if op.kind == "sadd":
+        return _apply_each(state, op.args, lambda s, m: s.add(actor, m))
+    if op.kind == "srem":
+        return _apply_each(state, op.args, lambda s, m: s.remove(m))
+    if op.kind == "hset":
+        field, value = op.args
+        if not isinstance(field, str):
+            raise OpError("bad_request", "map fields must be strings")
+        return state.update(actor, field, "lww",
+                            lambda reg: reg.assign(value, _stamp(reg, clock, now_ms), actor))
+    if op.kind == "hdel":
+        (field,) = op.args
+        return state.remove(field)
+    raise OpError("bad_request", f"unknown operation {op.kind!r}")
+
+
+def _apply_each(state: Any, members: tuple[Any, ...], mutator: Any) -> Any:
+    """One delta for several members: each mutation sees the ones before it (so two adds by
+    one actor get two distinct dots)."""
+    if not members:
+        raise OpError("bad_request", "no members given")
+    delta = None
+    for member in members:
+        step = mutator(state, member)
+        state = state.merge(step)
+        delta = step if delta is None else delta.merge(step)
+    return delta
+
+
+def _is_deleted(state: Any) -> bool:
+    return type_name(state) == "lww" and state.deleted
+
+
+def _stamp(state: Any | None, clock: crdt.HLC, now_ms: int) -> crdt.Timestamp:
+    """A timestamp newer than the register's winning write and than this node's clock."""
+    seen = getattr(state, "timestamp", None)
+    if seen is None:
+        return clock.now(now_ms)
+    try:
+        return clock.observe(seen, now_ms)
+    except crdt.ClockDriftError as exc:
+        raise OpError("clock_skew", str(exc)) from None
+
+
+def _delete_delta(current: Any | None, actor: str, stamp: crdt.Timestamp) -> Any:
+    """Delete by type, each by observed-remove, so a late replica cannot bring back what was
+    deleted: a register gets a tombstone newer than its value; a set loses every element it
+    holds, a map every field; a counter is decremented by the value it shows. Writes
+    concurrent with the delete survive it (add-wins), as the CRDT semantics require."""
+    if current is None:
+        return _delete_delta(crdt.new("lww"), actor, stamp)
+    kind = type_name(current)
+    if kind == "lww":
+        return current.delete(stamp, actor)
+    if kind == "pncounter":
+        value = current.value()
+        return current.decrement(actor, value) if value >= 0 else current.increment(actor, -value)
+    if kind == "orset":
+        return _apply_each(current, tuple(current.value()), lambda s, m: s.remove(m)) \
+            if current.value() else crdt.new("orset")
+    if kind == "ormap":
+        return _apply_each(current, tuple(current.value()), lambda s, f: s.remove(f)) \
+            if current.value() else crdt.new("ormap")
+    raise OpError("wrong_type", f"cannot delete a {kind}")
+
+
+def render(state: Any | None) -> Any:
+    """The value a reader sees; None for a missing or deleted key."""
+    if state is None or _is_deleted(state):
+        return None
+    value = state.value()
+    if type_name(state) == "orset":
+        return sorted(value, key=lambda v: (type(v).__name__, repr(v)))
+    return value

@@ -1,0 +1,104 @@
+# Outgoing replication: per-peer queues of deltas, sent in signed batches over direct streams.
+# Lives here: batching with backpressure (a bounded queue per peer), one Ed25519 signature
+# per batch, and the outcome callbacks (acked / failed) that quorum counting listens to.
+# Must not live here: choosing targets (the coordinator) or storing anything.
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from p2p import Network, RequestError
+from p2p.envelope import Envelope, EnvelopeError, open_envelope, seal
+from p2p.identity import peer_id_from_public_key
+
+log = logging.getLogger(__name__)
+
+APPLY_PROTOCOL = "kv-apply"
+BATCH_CHANNEL = "kv.batch"
+
+Outcome = Callable[[bool], None]
+
+
+@dataclass
+class Delta:
+    key: bytes
+    delta: bytes
+    hint_for: str | None
+    on_outcome: Outcome | None
+
+
+def seal_batch(net: Network, items: list[list[Any]], seq: int) -> bytes:
+    return seal(net.identity, net.config.network_id, BATCH_CHANNEL, seq, items)
+
+
+def open_batch(net: Network, data: Any, sender: str) -> Envelope:
+    """Verify a batch: signed by `sender` (the Noise-authenticated peer) for this network."""
+    if not isinstance(data, bytes):
+        raise EnvelopeError("malformed", "batch is not bytes")
+    envelope = open_envelope(data, network=net.config.network_id, channel=BATCH_CHANNEL,
+                             max_size=net.config.max_frame_size)
+    if str(peer_id_from_public_key(envelope.author)) != sender:
+        raise EnvelopeError("author", "batch signed by another peer than the sender")
+    if not isinstance(envelope.payload, list):
+        raise EnvelopeError("malformed", "batch payload is not a list")
+    return envelope
+
+
+class PeerLink:
+    """The outgoing queue to one peer and the task that drains it in batches."""
+
+    def __init__(self, net: Network, peer: str, max_batch: int, queue: int,
+                 on_failed: Callable[[str, list[Delta]], None]) -> None:
+        self.net = net
+        self.peer = peer
+        self.max_batch = max_batch
+        self._send, self._receive = trio.open_memory_channel[Delta](queue)
+        self._on_failed = on_failed
+        self._seq = 0
+        self.sent = 0
+        self.failed_batches = 0
+
+    @property
+    def backlog(self) -> int:
+        return int(self._send.statistics().current_buffer_used)
+
+    async def push(self, item: Delta) -> None:
+        """Queue one delta; waits while the queue is full (backpressure)."""
+        await self._send.send(item)
+
+    def push_nowait(self, item: Delta) -> bool:
+        try:
+            self._send.send_nowait(item)
+            return True
+        except trio.WouldBlock:
+            return False
+
+    async def run(self) -> None:
+        while True:
+            batch = [await self._receive.receive()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._receive.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            await self._send_batch(batch)
+
+    async def _send_batch(self, batch: list[Delta]) -> None:
+        self._seq += 1
+        items = [[d.key, d.delta, d.hint_for] for d in batch]
+        try:
+            await self.net.request(self.peer, APPLY_PROTOCOL,
+                                   seal_batch(self.net, items, self._seq))
+        except RequestError as exc:
+            self.failed_batches += 1
+            log.info("replication batch of %d to %s failed: %s", len(batch), self.peer, exc)
+            self._on_failed(self.peer, batch)
+            return
+        self.sent += len(batch)
+        for item in batch:
+            if item.on_outcome is not None:
+                item.on_outcome(True)

@@ -1,0 +1,695 @@
+# The replicated key-value store: any node coordinates, each key lives on the N nodes of its
+# preference list, replicas converge by CRDT merges, and no acknowledged write is lost.
+# Lives here: the ring kept in step with membership, the write path (mutating replica, W
+# acks, hinted handoff), the read path (R replicas, merge, read repair), hint delivery,
+# anti-entropy between replicas, and partition handoff after ring changes.
+# Must not live here: CRDT semantics (crdt/), placement and storage (shard/), transport (p2p/).
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import trio
+
+import crdt
+from p2p import Network, PeerUnreachable, RemoteError, RequestError
+from p2p.envelope import EnvelopeError
+from p2p.rpc import HandlerError
+from shard import Initiator, Keyspace, ProtocolError, Responder, Ring, Store, diff
+
+from .hints import HintStore
+from .ops import Op, OpError, make_delta, render
+from .replication import APPLY_PROTOCOL, Delta, PeerLink, open_batch, seal_batch
+from .writer import GroupCommitWriter
+
+log = logging.getLogger(__name__)
+
+OP_PROTOCOL = "kv-op"
+READ_PROTOCOL = "kv-read"
+AE_PROTOCOL = "kv-ae"
+HANDOFF_CHUNK = 1000
+MAX_AE_SESSIONS_PER_PEER = 4
+
+
+class Consistency(StrEnum):
+    ONE = "one"
+    QUORUM = "quorum"
+    ALL = "all"
+
+    def needed(self, replicas: int) -> int:
+        return {"one": 1, "quorum": replicas // 2 + 1, "all": replicas}[self.value]
+
+
+class QuorumError(Exception):
+    """Fewer replicas than the consistency level asks for answered in time."""
+
+
+@dataclass
+class KVConfig:
+    replicas: int = 3
+    # 4096 partitions keep primary load within ~5% of the mean up to a few tens of nodes
+    # while per-partition work (handoff scans, anti-entropy snapshots) stays cheap
+    partitions: int = 4096
+    write_consistency: Consistency = Consistency.QUORUM
+    read_consistency: Consistency = Consistency.QUORUM
+    request_timeout: float = 5.0
+    hint_interval: float = 1.0
+    anti_entropy_interval: float = 10.0
+    rebalance_interval: float = 2.0
+    max_batch: int = 512
+    queue_per_peer: int = 20_000
+
+
+class _Acks:
+    """Counts replica outcomes of one write until enough succeeded or all are known."""
+
+    def __init__(self, needed: int, total: int) -> None:
+        self.needed, self.total = needed, total
+        self.ok = self.known = 0
+        self.settled = trio.Event()
+        if needed <= 0 or total == 0:
+            self.settled.set()
+
+    def __call__(self, ok: bool) -> None:
+        self.known += 1
+        self.ok += ok
+        if self.ok >= self.needed or self.known >= self.total:
+            self.settled.set()
+
+
+def _key_bytes(key: str | bytes) -> bytes:
+    return key.encode() if isinstance(key, str) else bytes(key)
+
+
+class KV:
+    """`node.kv`: the embedding API of the replicated store. Build with `KV.start(...)`."""
+
+    def __init__(self, net: Network, store: Store, hints: HintStore, config: KVConfig) -> None:
+        self.net = net
+        self.store = store
+        self.hints = hints
+        self.config = config
+        self.me = net.peer_id
+        self.writer = GroupCommitWriter(store)
+        self.clock = crdt.HLC()
+        self.ring = self._build_ring()
+        self._links: dict[str, PeerLink] = {}
+        self._nursery: trio.Nursery | None = None
+        self._ae_sessions: dict[tuple[str, int], tuple[Responder, float]] = {}
+        self._ae_next_sid = 0
+        self._pushes: set[tuple[int, str]] = set()  # (partition, newcomer) still to push
+        self._shared_cache: tuple[Ring | None, dict[str, frozenset[int]]] = (None, {})
+        self.last_anti_entropy: dict[int, float] = {}
+        self.handoff_progress: dict[str, Any] = {}
+        self.metrics = {"writes": 0, "reads": 0, "read_repairs": 0, "hints_delivered": 0,
+                        "handoff_keys_sent": 0, "partitions_dropped": 0, "refused_batches": 0}
+
+    @classmethod
+    @asynccontextmanager
+    async def start(cls, net: Network, data_dir: Path,
+                    config: KVConfig | None = None) -> AsyncIterator[KV]:
+        config = config or KVConfig()
+        store = Store(data_dir / "store", merge=crdt.merge_encoded,
+                      keyspace=Keyspace(config.partitions))
+        hints = HintStore(data_dir / "hints")
+        kv = cls(net, store, hints, config)
+        try:
+            async with trio.open_nursery() as nursery:
+                kv._nursery = nursery
+                net.handle(APPLY_PROTOCOL, kv._on_apply)
+                net.handle(OP_PROTOCOL, kv._on_op)
+                net.handle(READ_PROTOCOL, kv._on_read)
+                net.handle(AE_PROTOCOL, kv._on_anti_entropy)
+                nursery.start_soon(kv.writer.run)
+                nursery.start_soon(kv._ring_loop)
+                nursery.start_soon(kv._hint_loop)
+                nursery.start_soon(kv._anti_entropy_loop)
+                nursery.start_soon(kv._rebalance_loop)
+                try:
+                    yield kv
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            hints.close()
+            store.close()
+
+    # -- public API ----------------------------------------------------------------------
+    async def put(self, key: str | bytes, value: Any, consistency: str | None = None) -> None:
+        await self._execute(Op("put", _key_bytes(key), (value,)), consistency)
+
+    async def delete(self, key: str | bytes, consistency: str | None = None) -> None:
+        await self._execute(Op("delete", _key_bytes(key)), consistency)
+
+    async def incr(self, key: str | bytes, amount: int = 1,
+                   consistency: str | None = None) -> None:
+        await self._execute(Op("incr", _key_bytes(key), (amount,)), consistency)
+
+    async def sadd(self, key: str | bytes, *members: Any, consistency: str | None = None) -> None:
+        await self._execute(Op("sadd", _key_bytes(key), members), consistency)
+
+    async def srem(self, key: str | bytes, *members: Any, consistency: str | None = None) -> None:
+        await self._execute(Op("srem", _key_bytes(key), members), consistency)
+
+    async def hset(self, key: str | bytes, field: str, value: Any,
+                   consistency: str | None = None) -> None:
+        await self._execute(Op("hset", _key_bytes(key), (field, value)), consistency)
+
+    async def hdel(self, key: str | bytes, field: str, consistency: str | None = None) -> None:
+        await self._execute(Op("hdel", _key_bytes(key), (field,)), consistency)
+
+    async def put_many(self, items: dict[str, Any] | list[tuple[str | bytes, Any]],
+                       consistency: str | None = None) -> None:
+        """Many puts in few messages: grouped by replica, one group commit and one signed
+        replication batch per group. Raises QuorumError if any of them fell short."""
+        pairs = items.items() if isinstance(items, dict) else items
+        await self.execute_many([Op("put", _key_bytes(k), (v,)) for k, v in pairs], consistency)
+
+    async def get(self, key: str | bytes, consistency: str | None = None) -> Any:
+        """The merged value of R replicas (None for a missing or deleted key)."""
+        state = await self.get_state(key, consistency)
+        return render(crdt.decode(state) if state is not None else None)
+
+    async def get_state(self, key: str | bytes, consistency: str | None = None) -> bytes | None:
+        """The merged encoded CRDT state of R replicas of `key` (None if no replica has it)."""
+        return (await self.get_states([_key_bytes(key)], consistency))[0]
+
+    async def get_many(self, keys: list[str | bytes], consistency: str | None = None) -> list[Any]:
+        """Values of many keys in one request per replica."""
+        states = await self.get_states([_key_bytes(k) for k in keys], consistency)
+        return [render(crdt.decode(s) if s is not None else None) for s in states]
+
+    async def get_states(self, keys: list[bytes], consistency: str | None = None
+                         ) -> list[bytes | None]:
+        """Ask every live replica of the keys (one request per replica), merge the answers of
+        each key once R replicas gave one, and repair replicas that answered stale."""
+        level = Consistency(consistency or self.config.read_consistency)
+        needed = level.needed(self.config.replicas)
+        wanted: dict[str, list[int]] = {}
+        for index, key in enumerate(keys):
+            for peer in self._alive_replicas(key):
+                wanted.setdefault(peer, []).append(index)
+        answers: list[dict[str, bytes | None]] = [{} for _ in keys]
+        complete = trio.Event()
+        missing = len(keys)
+
+        async def ask(peer: str, indices: list[int]) -> None:
+            nonlocal missing
+            asked = [keys[i] for i in indices]
+            try:
+                if peer == self.me:
+                    states = [self.store.get(k) for k in asked]
+                else:
+                    states = await self.net.request(peer, READ_PROTOCOL, {"keys": asked},
+                                                    timeout=self.config.request_timeout)
+                if not isinstance(states, list) or len(states) != len(asked):
+                    return
+            except RequestError:
+                return
+            for i, state in zip(indices, states, strict=True):
+                answers[i][peer] = state if isinstance(state, bytes) else None
+                if len(answers[i]) == needed:
+                    missing -= 1
+            if missing == 0:
+                complete.set()
+
+        async with trio.open_nursery() as nursery:
+            for peer, indices in wanted.items():
+                for start in range(0, len(indices), 1024):
+                    nursery.start_soon(ask, peer, indices[start:start + 1024])
+            with trio.move_on_after(self.config.request_timeout):
+                await complete.wait()
+            nursery.cancel_scope.cancel()
+        short = [keys[i] for i, a in enumerate(answers) if len(a) < needed]
+        if short:
+            raise QuorumError(f"read of {short[0]!r} (and {len(short) - 1} more): fewer than "
+                              f"{needed} replicas answered")
+        self.metrics["reads"] += len(keys)
+        return [self._merge_and_repair(key, answer) for key, answer in zip(keys, answers,
+                                                                           strict=True)]
+
+    def _merge_and_repair(self, key: bytes, answers: dict[str, bytes | None]) -> bytes | None:
+        merged: bytes | None = None
+        for peer, state in list(answers.items()):
+            if state is None:
+                continue
+            try:
+                merged = crdt.merge_encoded(merged, state)
+            except (crdt.DecodeError, TypeError, ValueError) as exc:
+                log.warning("replica %s answered a bad state for %r: %s", peer, key, exc)
+                self.net.penalize(peer, "malformed")
+                del answers[peer]
+        if merged is not None:
+            for peer, state in answers.items():
+                if state != merged:
+                    self.metrics["read_repairs"] += 1
+                    self._send_nowait(peer, Delta(key, merged, None, None))
+        return merged
+
+    def status(self) -> dict[str, Any]:
+        owned = self._owned_partitions()
+        now = time.monotonic()
+        ages = [now - t for t in self.last_anti_entropy.values()]
+        return {
+            "ring_members": len(self.ring.members),
+            "partitions": self.ring.partitions,
+            "partitions_owned": len(owned),
+            "keys": len(self.store),
+            "replication_backlog": sum(link.backlog for link in self._links.values()),
+            "hints_pending": self.hints.pending(),
+            "anti_entropy": {
+                "partitions_synced": len(self.last_anti_entropy),
+                "oldest_s_ago": round(max(ages), 1) if ages else None,
+                "newest_s_ago": round(min(ages), 1) if ages else None,
+            },
+            "handoff": self.handoff_progress,
+            "metrics": {**self.metrics, "write_batches": self.writer.batches,
+                        "local_writes": self.writer.writes},
+        }
+
+    # -- membership and ring -------------------------------------------------------------
+    def _ring_members(self) -> set[str]:
+        """Members that hold data: everyone known except those who left on purpose. A node
+        that crashed stays in the ring (its writes wait in hints) until it is forgotten."""
+        return {self.me} | {m.peer_id for m in self.net.view.members() if not m.left}
+
+    def _alive(self) -> set[str]:
+        return {self.me} | self.net.view.alive_ids()
+
+    def _build_ring(self) -> Ring:
+        return Ring(sorted(self._ring_members()), partitions=self.config.partitions,
+                    replicas=self.config.replicas)
+
+    def _alive_replicas(self, key: bytes) -> list[str]:
+        alive = self._alive()
+        replicas = [p for p in self.ring.preference_list(key) if p in alive]
+        if self.me in replicas:  # local first: no round trip
+            replicas.remove(self.me)
+            replicas.insert(0, self.me)
+        return replicas
+
+    async def _ring_loop(self) -> None:
+        while True:
+            members = self._ring_members()
+            if members != set(self.ring.members):
+                old, self.ring = self.ring, self._build_ring()
+                log.info("ring rebuilt: %d members (was %d)", len(self.ring.members),
+                         len(old.members))
+                self._plan_pushes(old, self.ring)
+            await trio.sleep(min(0.5, self.config.rebalance_interval))
+
+    # -- write path ----------------------------------------------------------------------
+    async def _execute(self, op: Op, consistency: str | None) -> None:
+        await self.execute_many([op], consistency)
+
+    async def execute_many(self, ops: list[Op], consistency: str | None = None,
+                           *, avoid: frozenset[str] = frozenset()) -> None:
+        """Run operations: each goes to the first reachable replica of its key, which applies
+        it (as the CRDT actor) and replicates it; returns when every op has W acks."""
+        level = Consistency(consistency or self.config.write_consistency)
+        groups: dict[str, list[Op]] = {}
+        for op in ops:
+            candidates = [p for p in self._alive_replicas(op.key) if p not in avoid]
+            if not candidates:
+                raise QuorumError(f"no replica of {op.key!r} is reachable")
+            groups.setdefault(candidates[0], []).append(op)
+        failures: list[Exception] = []
+
+        async def run_group(mutator: str, group: list[Op]) -> None:
+            try:
+                await self._run_at(mutator, group, level, avoid)
+            except (QuorumError, OpError) as exc:
+                failures.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            for mutator, group in groups.items():
+                nursery.start_soon(run_group, mutator, group)
+        if len(ops) == 1 and failures:
+            raise failures[0]
+        if failures:
+            raise QuorumError(f"{len(failures)} of {len(groups)} replica groups failed; "
+                              f"first: {failures[0]}")
+        self.metrics["writes"] += len(ops)
+
+    async def _run_at(self, mutator: str, ops: list[Op], level: Consistency,
+                      avoid: frozenset[str]) -> None:
+        if mutator == self.me:
+            await self._mutate_and_replicate(ops, level)
+            return
+        try:
+            await self.net.request(mutator, OP_PROTOCOL,
+                                   {"ops": [op.to_wire() for op in ops], "c": level.value},
+                                   timeout=self.config.request_timeout * 2)
+        except PeerUnreachable:
+            # nothing was sent, so nothing was applied: the next replicas may apply them
+            await self.execute_many(ops, level.value, avoid=avoid | {mutator})
+        except RemoteError as exc:
+            if exc.code in ("wrong_type", "bad_request", "clock_skew"):
+                raise OpError(exc.code, exc.message) from None
+            raise QuorumError(f"{len(ops)} ops failed at {mutator}: {exc}") from None
+
+    async def _mutate_and_replicate(self, ops: list[Op], level: Consistency) -> None:
+        now_ms = time.time_ns() // 1_000_000
+
+        def mutation(op: Op) -> Any:
+            def apply(current: bytes | None) -> bytes:
+                state = crdt.decode(current) if current is not None else None
+                return crdt.encode(make_delta(op, state, self.me, self.clock, now_ms))
+            return apply
+
+        results = await self.writer.mutate_many([(op.key, mutation(op)) for op in ops])
+        refused = [r for r in results if isinstance(r, BaseException)]
+        if len(ops) == 1 and refused and isinstance(refused[0], OpError):
+            raise refused[0]
+        needed = level.needed(self.config.replicas) - 1
+        waits = []
+        for op, delta in zip(ops, results, strict=True):
+            if isinstance(delta, BaseException):
+                continue
+            others = [p for p in self.ring.preference_list(op.key) if p != self.me]
+            acks = _Acks(needed, len(others))
+            for peer in others:
+                await self._replicate(peer, op.key, delta, acks)
+            waits.append(acks)
+        with trio.move_on_after(self.config.request_timeout):
+            for acks in waits:
+                await acks.settled.wait()
+        short = sum(1 for acks in waits if acks.ok < acks.needed)
+        if short or refused:
+            raise QuorumError(f"{short} of {len(ops)} ops had fewer than {needed + 1} acks; "
+                              f"{len(refused)} refused ({refused[0] if refused else ''})")
+
+    async def _replicate(self, peer: str, key: bytes, delta: bytes, acks: _Acks) -> None:
+        if peer in self._alive():
+            link = self._link(peer)
+            item = Delta(key, delta, None, acks)
+            if not link.push_nowait(item):  # no checkpoint: a batch of ops fills one batch
+                await link.push(item)
+        else:
+            self._hint(peer, [Delta(key, delta, None, acks)])
+
+    def _hint(self, target: str, items: list[Delta]) -> None:
+        """Hand deltas meant for `target` to the next live node after the preference list,
+        or keep them here when there is none."""
+        alive = self._alive()
+        for item in items:
+            fallbacks = self.ring.fallbacks(self.ring.partition_of(item.key), 2)
+            holders = [p for p in fallbacks if p in alive and p not in (target, self.me)]
+            hinted = Delta(item.key, item.delta, target, item.on_outcome)
+            if holders and self._link(holders[0]).push_nowait(hinted):
+                continue
+            self.hints.add(target, [(item.key, item.delta)])
+            if item.on_outcome is not None:
+                item.on_outcome(False)
+
+    def _on_link_failed(self, peer: str, batch: list[Delta]) -> None:
+        direct = [d for d in batch if d.hint_for is None]
+        if direct:
+            self._hint(peer, direct)
+        for item in batch:
+            if item.hint_for is not None:  # the hint holder failed: keep the hint here
+                self.hints.add(item.hint_for, [(item.key, item.delta)])
+                if item.on_outcome is not None:
+                    item.on_outcome(False)
+
+    def _link(self, peer: str) -> PeerLink:
+        link = self._links.get(peer)
+        if link is None:
+            link = PeerLink(self.net, peer, self.config.max_batch, self.config.queue_per_peer,
+                            self._on_link_failed)
+            self._links[peer] = link
+            assert self._nursery is not None
+            self._nursery.start_soon(link.run)
+        return link
+
+    def _send_nowait(self, peer: str, item: Delta) -> None:
+        if peer == self.me:
+            self._nursery_soon(self.writer.merge, [(item.key, item.delta)])
+        elif not self._link(peer).push_nowait(item):
+            log.debug("replication queue to %s is full; anti-entropy will repair", peer)
+
+    def _nursery_soon(self, fn: Any, *args: Any) -> None:
+        assert self._nursery is not None
+        self._nursery.start_soon(fn, *args)
+
+    # -- handlers ------------------------------------------------------------------------
+    async def _on_apply(self, peer: str, data: Any) -> Any:
+        try:
+            envelope = open_batch(self.net, data, peer)
+        except EnvelopeError as exc:
+            self.metrics["refused_batches"] += 1
+            self.net.penalize(peer, exc.reason)
+            raise HandlerError("refused", str(exc)) from None
+        direct: list[tuple[bytes, bytes]] = []
+        hinted: dict[str, list[tuple[bytes, bytes]]] = {}
+        for item in envelope.payload:
+            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], bytes)
+                    and isinstance(item[1], bytes)
+                    and (item[2] is None or isinstance(item[2], str))):
+                self.metrics["refused_batches"] += 1
+                self.net.penalize(peer, "malformed")
+                raise HandlerError("refused", "batch item is not [key, delta, hint_for]")
+            key, delta, hint_for = item
+            if hint_for is None or hint_for == self.me:
+                direct.append((key, delta))
+            else:
+                hinted.setdefault(hint_for, []).append((key, delta))
+        try:
+            await self.writer.merge(direct)
+        except Exception as exc:
+            self.metrics["refused_batches"] += 1
+            self.net.penalize(peer, "malformed")
+            raise HandlerError("refused", f"batch cannot be merged: {exc}") from None
+        for target, items in hinted.items():
+            self.hints.add(target, items)
+        return len(envelope.payload)
+
+    async def _on_op(self, peer: str, message: Any) -> Any:
+        try:
+            wire_ops = message.get("ops") if isinstance(message, dict) else None
+            if not isinstance(wire_ops, list) or not 0 < len(wire_ops) <= 10_000:
+                raise OpError("bad_request", "ops must be a list of 1 to 10000 operations")
+            ops = [Op.from_wire(w) for w in wire_ops]
+            level = Consistency(message.get("c", "quorum"))
+        except (OpError, ValueError) as exc:
+            raise HandlerError("bad_request", str(exc)) from None
+        try:
+            await self._mutate_and_replicate(ops, level)
+        except OpError as exc:
+            raise HandlerError(exc.code, str(exc)) from None
+        except QuorumError as exc:
+            raise HandlerError("quorum", str(exc)) from None
+        return True
+
+    async def _on_read(self, peer: str, message: Any) -> Any:
+        keys = message.get("keys") if isinstance(message, dict) else None
+        if not isinstance(keys, list) or len(keys) > 1024 or \
+                not all(isinstance(k, bytes) for k in keys):
+            raise HandlerError("bad_request", "read needs a list of at most 1024 byte keys")
+        return [self.store.get(k) for k in keys]
+
+    # -- hinted handoff delivery ---------------------------------------------------------
+    async def _hint_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.hint_interval)
+            alive = self._alive()
+            for target in self.hints.targets():
+                if target in alive and target != self.me:
+                    await self._deliver_hints(target)
+
+    async def _deliver_hints(self, target: str) -> None:
+        while True:
+            hints = self.hints.take(target, self.config.max_batch)
+            if not hints:
+                return
+            items = [[key, delta, None] for _, key, delta in hints]
+            try:
+                await self.net.request(target, APPLY_PROTOCOL,
+                                       seal_batch(self.net, items, time.time_ns()),
+                                       timeout=self.config.request_timeout)
+            except RequestError as exc:
+                log.info("hint delivery to %s failed: %s", target, exc)
+                return
+            self.hints.remove(target, [hint_id for hint_id, _, _ in hints])
+            self.metrics["hints_delivered"] += len(hints)
+            log.info("delivered %d hinted writes to %s (%d left)", len(hints), target,
+                     self.hints.pending().get(target, 0))
+
+    # -- anti-entropy --------------------------------------------------------------------
+    async def _anti_entropy_loop(self) -> None:
+        """Each round compares this node's shared partitions with one other replica, taking
+        the peers in turn; a session costs time in the number of partitions, so one per
+        round keeps the load flat."""
+        turn = 0
+        while True:
+            await trio.sleep(self.config.anti_entropy_interval)
+            alive = self._alive()
+            peers = [p for p in sorted(self.ring.members) if p != self.me and p in alive]
+            if not peers:
+                continue
+            turn += 1
+            peer = peers[turn % len(peers)]
+            shared = self._shared_partitions(peer)
+            if shared:
+                await self.anti_entropy_with(peer, shared)
+
+    def _ring_cache(self) -> dict[str, frozenset[int]]:
+        """Partition sets derived from the current ring, computed once per ring."""
+        if self._shared_cache[0] is not self.ring:
+            self._shared_cache = (self.ring, {})
+        return self._shared_cache[1]
+
+    def _owned_partitions(self) -> frozenset[int]:
+        cache = self._ring_cache()
+        if self.me not in cache:
+            cache[self.me] = frozenset(self.ring.partitions_of(self.me))
+        return cache[self.me]
+
+    def _shared_partitions(self, peer: str) -> frozenset[int]:
+        cache = self._ring_cache()
+        if peer not in cache:
+            cache[peer] = self._owned_partitions() & self.ring.partitions_of(peer)
+        return cache[peer]
+
+    async def anti_entropy_with(self, peer: str, partitions: frozenset[int]) -> int:
+        """Compare the given partitions with `peer` and repair both sides; returns the number
+        of states this side received."""
+        self._ae_next_sid += 1
+        sid = self._ae_next_sid
+        session = Initiator(self.store.tree, self.store.read_segment, partitions)
+        message: Any = session.start()
+        try:
+            while message is not None:
+                reply = await self.net.request(peer, AE_PROTOCOL, {"sid": sid, "m": message},
+                                               timeout=self.config.request_timeout * 4)
+                if reply is None:
+                    break
+                message = session.receive(reply)
+        except (RequestError, ProtocolError) as exc:
+            log.info("anti-entropy with %s failed: %s", peer, exc)
+            return 0
+        if session.received:
+            await self.writer.merge(session.received)
+            log.info("anti-entropy with %s repaired %d keys here", peer, len(session.received))
+        now = time.monotonic()
+        for partition in partitions:
+            self.last_anti_entropy[partition] = now
+        return len(session.received)
+
+    async def _on_anti_entropy(self, peer: str, message: Any) -> Any:
+        if not isinstance(message, dict) or not isinstance(message.get("sid"), int):
+            raise HandlerError("bad_request", "anti-entropy message needs sid and m")
+        key = (peer, message["sid"])
+        entry = self._ae_sessions.get(key)
+        now = time.monotonic()
+        if entry is None:
+            mine = [k for k in self._ae_sessions if k[0] == peer]
+            if len(mine) >= MAX_AE_SESSIONS_PER_PEER:
+                del self._ae_sessions[min(mine, key=lambda k: self._ae_sessions[k][1])]
+            entry = (Responder(self.store.tree, self.store.read_segment), now)
+        session = entry[0]
+        self._ae_sessions[key] = (session, now)
+        try:
+            reply = session.receive(message.get("m"))
+        except ProtocolError as exc:
+            self._ae_sessions.pop(key, None)
+            self.net.penalize(peer, "malformed")
+            raise HandlerError("protocol", str(exc)) from None
+        if session.done:
+            self._ae_sessions.pop(key, None)
+            if session.received:
+                await self.writer.merge(session.received)
+        return reply
+
+    # -- partition handoff ---------------------------------------------------------------
+    def _plan_pushes(self, old: Ring, new: Ring) -> None:
+        """After a ring change, the first owner that keeps a partition pushes it to each
+        newcomer, so new owners fill quickly instead of waiting for anti-entropy."""
+        if not len(self.store):
+            return
+        for partition, (before, after) in diff(old, new).items():
+            if not self.store.count(partition):
+                continue
+            staying = [p for p in before if p in after]
+            if staying and staying[0] == self.me:
+                for newcomer in after:
+                    if newcomer not in before:
+                        self._pushes.add((partition, newcomer))
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.rebalance_interval)
+            alive = self._alive()
+            by_newcomer: dict[str, list[int]] = {}
+            for partition, newcomer in sorted(self._pushes):
+                if newcomer in alive:
+                    by_newcomer.setdefault(newcomer, []).append(partition)
+            for newcomer, partitions in by_newcomer.items():
+                still = [p for p in partitions if newcomer in self.ring.owners(p)]
+                if await self._stream_partitions(still, [newcomer]):
+                    self._pushes -= {(p, newcomer) for p in partitions}
+            await self._hand_off_foreign(alive)
+
+    async def _hand_off_foreign(self, alive: set[str]) -> None:
+        """Partitions held here that this node no longer owns go to all their owners, then
+        are dropped, but only once every owner confirmed and no write raced the transfer."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        mine = self._owned_partitions()
+        for partition in range(self.ring.partitions):
+            if partition not in mine and self.store.count(partition):
+                groups.setdefault(tuple(self.ring.owners(partition)), []).append(partition)
+        if not groups:
+            self.handoff_progress = {}
+            return
+        total = sum(len(parts) for parts in groups.values())
+        keys = sum(self.store.count(p) for parts in groups.values() for p in parts)
+        self.handoff_progress = {"partitions_left": total, "keys_left": keys, "keys_sent": 0}
+        log.info("handoff: %d partitions (%d keys) this node no longer owns", total, keys)
+        for owners, partitions in groups.items():
+            if not all(o in alive for o in owners):
+                continue  # every owner must be able to confirm before anything is dropped
+            roots = {p: self.store.tree.partition_root(p) for p in partitions}
+            if not await self._stream_partitions(partitions, list(owners)):
+                continue
+            for partition in partitions:
+                unchanged = self.store.tree.partition_root(partition) == roots[partition]
+                if unchanged and self.me not in self.ring.owners(partition):
+                    self.store.drop_partition(partition)
+                    self.metrics["partitions_dropped"] += 1
+            self.handoff_progress["partitions_left"] -= len(partitions)
+            log.info("handoff: %d partitions confirmed by %s; %d left", len(partitions),
+                     ",".join(o[-6:] for o in owners), self.handoff_progress["partitions_left"])
+
+    async def _stream_partitions(self, partitions: list[int], targets: list[str]) -> bool:
+        """Send every state of `partitions` to each target; True when all confirmed."""
+        chunk: list[list[Any]] = []
+
+        async def flush() -> bool:
+            nonlocal chunk
+            batch = seal_batch(self.net, chunk, time.time_ns())
+            for target in targets:
+                try:
+                    await self.net.request(target, APPLY_PROTOCOL, batch,
+                                           timeout=self.config.request_timeout * 4)
+                except RequestError as exc:
+                    log.info("handoff to %s failed: %s", target, exc)
+                    return False
+            self.metrics["handoff_keys_sent"] += len(chunk)
+            if "keys_sent" in self.handoff_progress:
+                self.handoff_progress["keys_sent"] += len(chunk)
+            chunk = []
+            return True
+
+        for partition in partitions:
+            if not self.store.count(partition):
+                continue
+            for key, state in list(self.store.iterate(partition)):
+                chunk.append([key, state, None])
+                if len(chunk) >= HANDOFF_CHUNK and not await flush():
+                    return False
+        return not chunk or await flush()

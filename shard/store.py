@@ -1,0 +1,270 @@
+# One node's replica store: a LevelDB directory (plyvel) holding CRDT states by key.
+# Lives here: the on-disk layout, the batched merge path with group commit, partition scans,
+# drops and counts, and the per-partition anti-entropy metadata (hash tree and key counts) that is
+# kept in step with every write.
+# Must not live here: CRDT semantics (the merge function is passed in), membership, networking,
+# the exchange protocol.
+#
+# Layout: stored key = 3-byte keyspace prefix (partition bits, then segment bits) + key, so a
+# partition and a segment are each one contiguous range; value = the canonical encoded state,
+# unchanged. Two records sort before every stored key (they are shorter than 3 bytes): b"\x00"
+# pins the key space the directory was created with, b"\x00\x00" holds a hash-tree snapshot.
+# The hash tree (with per-partition key counts) lives in memory. close() saves it as the snapshot;
+# open() loads the snapshot and deletes it (synced) before any write, so it is used only after a
+# clean close. After a crash there is no snapshot and open() rebuilds the tree by one full scan:
+# the data is the only truth on disk, and no crash can leave the tree out of step with it.
+# Not thread-safe: one owner (one trio task or one thread) at a time.
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+
+import plyvel
+
+from .keyspace import PREFIX_BYTES, Keyspace
+from .merkle import HashTree
+
+Merge = Callable[[bytes | None, bytes], bytes]
+
+_META_KEY = b"\x00"
+_TREE_KEY = b"\x00\x00"
+_FORMAT = b"tasknet-store/1:"
+_FIRST_STORED_KEY = bytes(PREFIX_BYTES)
+DEFAULT_CACHE_BYTES = 64 << 20
+DEFAULT_BLOOM_BITS = 10
+DEFAULT_WRITE_BUFFER = 16 << 20
+
+
+class StoreError(Exception):
+    """The store cannot be opened or read or written (the message says which and why)."""
+
+
+class CorruptRecord(StoreError):
+    """The merge (decoder) rejected the stored state or the incoming delta of this key.
+
+    `where` says which: "stored state" or "delta"; `cause` is the merge's exception."""
+
+    def __init__(self, key: bytes, where: str, cause: BaseException) -> None:
+        super().__init__(f"corrupt {where} for key {key!r}: {cause!r}")
+        self.key = key
+        self.where = where
+        self.cause = cause
+
+
+def _describe(exc: BaseException) -> str:
+    """plyvel reports LevelDB's status as bytes; make it a readable message."""
+    if exc.args and isinstance(exc.args[0], bytes):
+        return exc.args[0].decode(errors="replace")
+    return str(exc)
+
+
+class Store:
+    """CRDT states by key in one LevelDB directory, with group-committed batched merges."""
+
+    def __init__(self, path: str | os.PathLike[str], merge: Merge,
+                 keyspace: Keyspace | None = None, *, create: bool = True,
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, bloom_bits: int = DEFAULT_BLOOM_BITS,
+                 write_buffer: int = DEFAULT_WRITE_BUFFER) -> None:
+        self.path = os.fspath(path)
+        self.keyspace = keyspace if keyspace is not None else Keyspace()
+        self._merge = merge
+        try:
+            if create:
+                os.makedirs(self.path, exist_ok=True)
+            self._db = plyvel.DB(self.path, create_if_missing=create, paranoid_checks=True,
+                                 bloom_filter_bits=bloom_bits, lru_cache_size=cache_bytes,
+                                 write_buffer_size=write_buffer, compression=None)
+        except (plyvel.Error, OSError) as exc:
+            raise StoreError(f"cannot open store at {self.path}: {_describe(exc)}") from exc
+        try:
+            self._check_meta()
+            self.tree = self._load_tree()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _error(self, action: str, exc: BaseException) -> StoreError:
+        return StoreError(f"{action} failed in store {self.path}: {_describe(exc)}")
+
+    def _check_meta(self) -> None:
+        meta = _FORMAT + self.keyspace.fingerprint
+        try:
+            found = self._db.get(_META_KEY)
+            if found is None:
+                if next(self._db.iterator(include_value=False), None) is not None:
+                    raise StoreError(f"{self.path} holds data but no tasknet store metadata")
+                self._db.put(_META_KEY, meta, sync=True)
+            elif found != meta:
+                raise StoreError(f"{self.path} was created with another key space or format "
+                                 f"({found!r}, expected {meta!r})")
+        except plyvel.Error as exc:
+            raise self._error("metadata read", exc) from exc
+
+    def _load_tree(self) -> HashTree:
+        try:
+            snapshot = self._db.get(_TREE_KEY)
+            if snapshot is not None:
+                self._db.delete(_TREE_KEY, sync=True)
+        except plyvel.Error as exc:
+            raise self._error("tree snapshot read", exc) from exc
+        if snapshot is not None:
+            try:
+                return HashTree.from_bytes(self.keyspace, snapshot)
+            except ValueError:
+                pass  # unusable snapshot: the scan below is always right
+        return self._scan()
+
+    def rebuild_tree(self) -> None:
+        """Recompute the hash tree and counts by a full scan (what open does after a crash)."""
+        self.tree = self._scan()
+
+    def _scan(self) -> HashTree:
+        try:
+            with self._db.iterator(start=_FIRST_STORED_KEY) as entries:
+                return HashTree.build(self.keyspace, entries)
+        except plyvel.Error as exc:
+            raise self._error("scan", exc) from exc
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Save the hash tree snapshot and close; closing twice is harmless."""
+        if self._db.closed:
+            return
+        try:
+            self._db.put(_TREE_KEY, self.tree.to_bytes(), sync=True)
+        except plyvel.Error as exc:
+            raise self._error("tree snapshot write", exc) from exc
+        finally:
+            self._db.close()
+
+    @property
+    def closed(self) -> bool:
+        return bool(self._db.closed)
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def apply_deltas(self, items: Iterable[tuple[bytes, bytes]], sync: bool = True) -> list[bytes]:
+        """Merge each (key, delta) into the stored state; return the new states, in order.
+
+        The whole batch is one LevelDB write (one fsync when sync is true): when this returns,
+        every state is durable; when it raises, nothing of the batch was written. A key may
+        appear several times in a batch; later deltas merge into the earlier result.
+        Raises CorruptRecord (naming the key) when the merge rejects a stored state or a delta."""
+        new_hasher = self.keyspace.prefix_hasher.copy
+        get = self._db.get
+        merge = self._merge
+        changed: dict[bytes, tuple[bytes | None, bytes]] = {}  # stored key -> (before, after)
+        results: list[bytes] = []
+        try:
+            for key, delta in items:
+                hasher = new_hasher()
+                hasher.update(key)
+                stored = hasher.digest() + key
+                entry = changed.get(stored)
+                old = get(stored) if entry is None else entry[1]
+                try:
+                    new = merge(old, delta)
+                except Exception as exc:
+                    raise CorruptRecord(key, self._blame(old), exc) from exc
+                changed[stored] = (old, new) if entry is None else (entry[0], new)
+                results.append(new)
+        except plyvel.Error as exc:
+            raise self._error("read", exc) from exc
+        self._commit(changed, sync)
+        return results
+
+    def _blame(self, old: bytes | None) -> str:
+        """Which input of a failed merge is corrupt: the stored state if it fails on its own."""
+        if old is not None:
+            try:
+                self._merge(None, old)
+            except Exception:
+                return "stored state"
+        return "delta"
+
+    def put_state(self, key: bytes, state: bytes, sync: bool = True) -> None:
+        """Store a state as it is, replacing (not merging with) what was there."""
+        self.put_states([(key, state)], sync)
+
+    def put_states(self, items: Iterable[tuple[bytes, bytes]], sync: bool = True) -> None:
+        """Store (key, state) pairs as they are, in one write; the last state of a key wins."""
+        prefix = self.keyspace.prefix
+        get = self._db.get
+        changed: dict[bytes, tuple[bytes | None, bytes]] = {}
+        try:
+            for key, state in items:
+                stored = prefix(key) + key
+                entry = changed.get(stored)
+                changed[stored] = (get(stored) if entry is None else entry[0], state)
+        except plyvel.Error as exc:
+            raise self._error("read", exc) from exc
+        self._commit(changed, sync)
+
+    def _commit(self, changed: dict[bytes, tuple[bytes | None, bytes]], sync: bool) -> None:
+        try:
+            with self._db.write_batch(sync=sync) as batch:
+                put = batch.put
+                for stored, (before, after) in changed.items():
+                    if before != after:
+                        put(stored, after)
+        except plyvel.Error as exc:
+            raise self._error("write", exc) from exc
+        self.tree.record(changed.items())
+
+    def drop_partition(self, partition: int, sync: bool = True) -> int:
+        """Delete every key of a partition (one batch); return how many were deleted."""
+        start, stop = self.keyspace.partition_range(partition)
+        try:
+            with (self._db.write_batch(sync=sync) as batch,
+                  self._db.iterator(start=start, stop=stop, include_value=False) as stored_keys):
+                dropped = 0
+                for stored in stored_keys:
+                    batch.delete(stored)
+                    dropped += 1
+        except plyvel.Error as exc:
+            raise self._error(f"drop of partition {partition}", exc) from exc
+        self.tree.clear_partition(partition)
+        return dropped
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def get(self, key: bytes) -> bytes | None:
+        try:
+            state: bytes | None = self._db.get(self.keyspace.prefix(key) + key)
+        except plyvel.Error as exc:
+            raise self._error("read", exc) from exc
+        return state
+
+    def iterate(self, partition: int) -> Iterator[tuple[bytes, bytes]]:
+        """(key, state) of every key in a partition, from one consistent snapshot."""
+        start, stop = self.keyspace.partition_range(partition)
+        yield from self._range(start, stop)
+
+    def read_segment(self, partition: int, segment: int) -> list[tuple[bytes, bytes]]:
+        """(key, state) of every key in one anti-entropy segment."""
+        start, stop = self.keyspace.segment_range(partition, segment)
+        return list(self._range(start, stop))
+
+    def _range(self, start: bytes, stop: bytes | None) -> Iterator[tuple[bytes, bytes]]:
+        try:
+            with self._db.iterator(start=start, stop=stop) as entries:
+                for stored, state in entries:
+                    yield stored[PREFIX_BYTES:], state
+        except plyvel.Error as exc:
+            raise self._error("scan", exc) from exc
+
+    def count(self, partition: int) -> int:
+        self.keyspace.check_partition(partition)
+        return self.tree.count(partition)
+
+    def __len__(self) -> int:
+        return self.tree.total()

@@ -1,0 +1,111 @@
+# Helpers for KV system tests: real nodes (libp2p on 127.0.0.1, LevelDB in tmp dirs).
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
+
+import trio
+
+import crdt
+from kv import KV, KVConfig
+from p2p import Network
+from shard import Keyspace, Store
+
+from p2p_helpers import alive_ids, node_config, wait_for
+
+# py-libp2p's gossip costs CPU per heartbeat; five nodes in one process share one core
+FAST_NET = {"heartbeat_interval": 0.5, "suspect_after": 2.0, "dead_after": 4.0}
+FAST_KV = {"anti_entropy_interval": 1.0, "rebalance_interval": 0.5, "hint_interval": 0.3,
+           "request_timeout": 3.0}
+
+
+async def start_kv_node(stack: AsyncExitStack, data_dir: Path, bootstrap: list[str],
+                        **kv_overrides) -> KV:
+    net = await stack.enter_async_context(
+        Network.start(node_config(data_dir, bootstrap=bootstrap, **FAST_NET)))
+    return await stack.enter_async_context(
+        KV.start(net, data_dir, KVConfig(**{**FAST_KV, **kv_overrides})))
+
+
+async def start_kv_cluster(stack: AsyncExitStack, base: Path, size: int,
+                           **kv_overrides) -> list[KV]:
+    first = await start_kv_node(stack, base / "node0", [], **kv_overrides)
+    nodes = [first]
+    for i in range(1, size):
+        nodes.append(await start_kv_node(stack, base / f"node{i}", [first.net.addrs[0]],
+                                         **kv_overrides))
+    await wait_for_ring(nodes)
+    return nodes
+
+
+async def wait_for_ring(nodes: list[KV], timeout: float = 20) -> None:
+    everyone = {kv.me for kv in nodes}
+    await wait_for(lambda: all(alive_ids(kv.net) >= everyone and set(kv.ring.members) == everyone
+                               for kv in nodes), timeout, "every node alive in every ring")
+
+
+def stored_keys(data_dir: Path) -> dict[bytes, bytes]:
+    """Every key and state in a stopped node's LevelDB."""
+    keyspace = Keyspace(KVConfig().partitions)
+    with Store(data_dir / "store", merge=crdt.merge_encoded, keyspace=keyspace,
+               create=False) as store:
+        return {key: state for p in range(store.keyspace.partitions) if store.count(p)
+                for key, state in store.iterate(p)}
+
+
+class NodeHandle:
+    """One KV node that a test can stop and start again (same data dir, same identity).
+    Each run lives in its own task of the test's nursery, so nodes stop in any order."""
+
+    def __init__(self, nursery: trio.Nursery, data_dir: Path, bootstrap: list[str],
+                 **kv_overrides) -> None:
+        self.nursery = nursery
+        self.data_dir = data_dir
+        self.bootstrap = bootstrap
+        self.kv_overrides = kv_overrides
+        self.kv: KV | None = None
+        self._stop: trio.Event | None = None
+        self._stopped: trio.Event | None = None
+
+    async def start(self) -> KV:
+        self._stop, self._stopped = trio.Event(), trio.Event()
+        await self.nursery.start(self._run, self._stop, self._stopped)
+        assert self.kv is not None
+        return self.kv
+
+    async def _run(self, stop: trio.Event, stopped: trio.Event,
+                   task_status=trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            async with AsyncExitStack() as stack:
+                self.kv = await start_kv_node(stack, self.data_dir, self.bootstrap,
+                                              **self.kv_overrides)
+                task_status.started()
+                await stop.wait()
+        finally:
+            self.kv = None
+            stopped.set()
+
+    async def stop(self) -> None:
+        if self._stop is not None and self._stopped is not None:
+            self._stop.set()
+            await self._stopped.wait()
+            self._stop = self._stopped = None
+
+
+@asynccontextmanager
+async def handles(base: Path, size: int, **kv_overrides) -> AsyncIterator[list[NodeHandle]]:
+    """`size` restartable nodes, all stopped on exit even when the test fails."""
+    async with trio.open_nursery() as nursery:
+        nodes = [NodeHandle(nursery, base / "node0", [], **kv_overrides)]
+        try:
+            first = await nodes[0].start()
+            for i in range(1, size):
+                nodes.append(NodeHandle(nursery, base / f"node{i}", [first.net.addrs[0]],
+                                        **kv_overrides))
+                await nodes[-1].start()
+            await wait_for_ring([n.kv for n in nodes if n.kv is not None])
+            yield nodes
+        finally:
+            for node in reversed(nodes):
+                await node.stop()

@@ -1,0 +1,203 @@
+# System tests of the replicated KV store: real nodes (libp2p on 127.0.0.1, LevelDB dirs).
+import os
+import time
+from collections import Counter
+
+import msgpack
+import pytest
+import trio
+
+from kv import OpError, QuorumError
+from kv.replication import APPLY_PROTOCOL, seal_batch
+from p2p import RequestError
+from p2p.envelope import seal
+from p2p.identity import Identity
+
+from kv_helpers import NodeHandle, handles, stored_keys, wait_for, wait_for_ring
+
+N = 3
+
+
+async def test_writes_from_every_coordinator_land_on_exactly_n_replicas(tmp_path):
+    async with handles(tmp_path, 5) as nodes:
+        kvs = [n.kv for n in nodes]
+        expected = {}
+        for c, kv in enumerate(kvs):  # every node coordinates a share of the writes
+            batch = {f"user:{c}:{i}": {"n": i, "by": c} for i in range(300)}
+            await kv.put_many(batch)
+            expected.update(batch)
+        singles = {f"single:{i}": i for i in range(25)}
+        for i, (key, value) in enumerate(singles.items()):
+            await kvs[i % 5].put(key, value)
+        expected.update(singles)
+        keys = sorted(expected)
+        for kv in kvs:  # every key readable from every node
+            assert await kv.get_many(keys) == [expected[k] for k in keys]
+        dirs = [n.data_dir for n in nodes]
+    holders = Counter()
+    for data_dir in dirs:
+        holders.update(stored_keys(data_dir).keys())
+    assert set(holders) == {k.encode() for k in keys}
+    assert set(holders.values()) == {N}, Counter(holders.values())
+
+
+async def test_typed_operations_and_deletes(tmp_path):
+    async with handles(tmp_path, 3) as nodes:
+        a, b, c = (n.kv for n in nodes)
+        await a.incr("visits", 5)
+        await b.incr("visits", -2)
+        await c.incr("visits")
+        assert await a.get("visits") == 4
+        await a.sadd("tags", "x", "y", "z")
+        await b.srem("tags", "y")
+        assert await c.get("tags") == ["x", "z"]
+        await c.hset("profile", "name", "ada")
+        await a.hset("profile", "lang", "py")
+        await b.hdel("profile", "lang")
+        assert await a.get("profile") == {"name": "ada"}
+        with pytest.raises(OpError):
+            await a.sadd("visits", "not-a-counter")
+        await a.put("doc", "v1")
+        await b.delete("doc")
+        assert await c.get("doc") is None
+        await c.put("doc", "v2")  # a deleted key can be written again
+        assert await a.get("doc") == "v2"
+        await a.delete("tags")
+        assert await b.get("tags") == []
+
+
+async def test_a_stopped_replica_catches_up_through_hints_and_anti_entropy(tmp_path):
+    async with handles(tmp_path, 4) as nodes:
+        victim = nodes[3]
+        victim_id = victim.kv.me
+        await victim.stop()
+        live = [n.kv for n in nodes[:3]]
+        await wait_for(lambda: all(victim_id not in kv.net.view.alive_ids() for kv in live), 15,
+                       "the others to see the replica down")
+        written = {f"k{i}": i for i in range(400)}
+        await live[0].put_many(written)  # quorum writes succeed with one replica down
+        assert sum(sum(kv.hints.pending().values()) for kv in live) > 0
+        restarted = await victim.start()
+        assert restarted.me == victim_id
+        await wait_for_ring([n.kv for n in nodes])
+        owned = [k for k in written
+                 if victim_id in restarted.ring.preference_list(k.encode())]
+        assert owned, "the victim owns some keys"
+
+        def caught_up():
+            return all(restarted.store.get(k.encode()) is not None for k in owned)
+
+        await wait_for(caught_up, 30, "the restarted replica to hold every key it owns")
+        await wait_for(lambda: all(not kv.hints.pending() for kv in live), 20,
+                       "all hints delivered")
+        assert await restarted.get_many(sorted(written)) == [written[k]
+                                                              for k in sorted(written)]
+
+
+async def test_a_joining_node_takes_its_share_and_the_others_drop_it(tmp_path):
+    async with handles(tmp_path, 5) as nodes:
+        written = {f"k{i}": i for i in range(1500)}
+        await nodes[0].kv.put_many(written)
+        joiner = NodeHandle(nodes[0].nursery, tmp_path / "node5", [nodes[0].kv.net.addrs[0]])
+        nodes.append(joiner)
+        newcomer = await joiner.start()
+        kvs = [n.kv for n in nodes]
+        await wait_for_ring(kvs)
+        share = len(newcomer.ring.partitions_of(newcomer.me, primary_only=True))
+        assert 0.7 / 6 < share / newcomer.ring.partitions < 1.3 / 6
+        owned = [k for k in written if newcomer.me in newcomer.ring.preference_list(k.encode())]
+
+        def handed_off():
+            return all(newcomer.store.get(k.encode()) is not None for k in owned) and all(
+                not kv.handoff_progress for kv in kvs)
+
+        await wait_for(handed_off, 60, "handoff to the newcomer and drops at the others")
+        assert await newcomer.get_many(sorted(written)) == [written[k]
+                                                             for k in sorted(written)]
+        dirs = [n.data_dir for n in nodes]
+    holders = Counter()
+    for data_dir in dirs:
+        holders.update(stored_keys(data_dir).keys())
+    assert set(holders) == {k.encode() for k in written}
+    assert set(holders.values()) == {N}
+
+
+async def test_split_brain_counters_and_sets_merge_after_heal(tmp_path):
+    async with handles(tmp_path, 4) as nodes:
+        kvs = [n.kv for n in nodes]
+        await kvs[0].incr("hits", 1)
+        await kvs[0].sadd("seen", "before")
+        await kvs[0].put("owner", "nobody")
+        left, right = kvs[:2], kvs[2:]
+        for side, other in ((left, right), (right, left)):
+            for kv in side:
+                await kv.net.isolate_from({o.me for o in other})
+        await wait_for(lambda: all(set(kv.net.view.alive_ids()) <= {o.me for o in side}
+                                   for side in (left, right) for kv in side), 15,
+                       "both sides to see the split")
+        for i in range(10):
+            await left[i % 2].incr("hits", 1, consistency="one")
+            await right[i % 2].incr("hits", 2, consistency="one")
+        await left[0].sadd("seen", "left", consistency="one")
+        await right[1].sadd("seen", "right", consistency="one")
+        await left[1].put("owner", "left", consistency="one")
+        await right[0].put("owner", "right", consistency="one")
+        for kv in kvs:
+            kv.net.heal()
+        await wait_for_ring(kvs, timeout=30)
+
+        async def replicas_agree(key):
+            states = {kv.store.get(key) for kv in kvs if kv.me in kv.ring.preference_list(key)}
+            return len(states) == 1 and None not in states
+
+        with trio.fail_after(60):
+            while not all([await replicas_agree(k) for k in (b"hits", b"seen", b"owner")]):
+                await trio.sleep(0.2)
+        assert await kvs[3].get("hits") == 1 + 10 * 1 + 10 * 2
+        assert await kvs[1].get("seen") == ["before", "left", "right"]
+        owner = {await kv.get("owner") for kv in kvs}
+        assert len(owner) == 1 and owner <= {"left", "right"}
+
+
+async def test_garbage_and_forged_replication_batches_are_refused(tmp_path):
+    async with handles(tmp_path, 3) as nodes:
+        victim, attacker = nodes[0].kv, nodes[1].kv
+        key = b"precious"
+        await victim.put(key, "safe")
+        # find the stored key on the victim, whichever replica set it has
+        before = {kv.me: kv.store.get(key) for kv in (n.kv for n in nodes)}
+        forger = Identity.generate()
+        net = attacker.net
+        good_item = [[key, os.urandom(20), None]]
+        bad_batches = [
+            os.urandom(200),  # not an envelope
+            seal(forger, net.config.network_id, "kv.batch", 1, good_item),  # not the sender
+            seal_batch(net, "not a list", 2),
+            seal_batch(net, [[key, b"\xc1garbage", None]], 3),  # undecodable delta
+            seal_batch(net, [["str-key", b"x", None]], 4),
+            msgpack.packb([1, b"body", b"sig"]),
+        ]
+        for batch in bad_batches:
+            # refused with an error reply, or, once the attacker is banned, not served at all
+            with pytest.raises(RequestError):
+                await net.request(victim.me, APPLY_PROTOCOL, batch)
+        assert victim.metrics["refused_batches"] >= 3
+        assert victim.net.scores.score(attacker.me, time.monotonic()) < -50
+        after = {kv.me: kv.store.get(key) for kv in (n.kv for n in nodes)}
+        assert after == before
+        honest = nodes[2].kv
+        assert await honest.get(key) == "safe"
+        await honest.put("still-works", 1)
+        assert await victim.get("still-works") == 1
+
+
+async def test_quorum_reads_fail_clearly_when_too_few_replicas(tmp_path):
+    async with handles(tmp_path, 3) as nodes:
+        await nodes[0].kv.put("k", 1, consistency="all")
+        survivor = nodes[0].kv
+        for node in nodes[1:]:
+            await node.stop()
+        await wait_for(lambda: len(survivor.net.view.alive_ids()) == 0, 15, "peers down")
+        assert await survivor.get("k", consistency="one") == 1
+        with pytest.raises(QuorumError):
+            await survivor.get("k", consistency="quorum")
