@@ -1,0 +1,255 @@
+# The node's local control API: HTTP + JSON on loopback (starlette app, served by hypercorn
+# under trio).
+# Lives here: the route and metric registry other packages extend (`ControlApi.add_route`,
+# `ControlApi.add_metrics`), the built-in endpoints (/status, /peers, /metrics, /publish),
+# the Prometheus text rendering, and binding + serving the socket.
+# Must not live here: node lifecycle (runner.py) or argument parsing (cli.py).
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import re
+import socket
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal, cast
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from hypercorn.typing import ASGIFramework
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from p2p import MemberState, Network
+
+from .errors import NodeError
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus  # trio's own name for it is hidden by trio-stubs
+
+log = logging.getLogger(__name__)
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+RESERVED_TOPICS = frozenset({"members"})  # the p2p layer's own membership gossip
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One Prometheus sample. Counters get the conventional `_total` suffix when rendered."""
+
+    name: str
+    value: float
+    kind: Literal["counter", "gauge"] = "gauge"
+    help: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+
+
+MetricSource = Callable[[], Iterable[Metric]]
+
+
+class ControlApi:
+    """The routes and metrics of one node's control API.
+
+    Other packages add endpoints (say a KV store's `/kv/{key:path}` with GET, PUT and DELETE)
+    with `add_route`, and samples for /metrics with `add_metrics`, before the API starts
+    serving; see `runner.NodeExtension` for how they get hold of the `ControlApi`."""
+
+    def __init__(self, net: Network) -> None:
+        self.net = net
+        self._routes: list[Route] = []
+        self._taken: set[tuple[str, str]] = set()
+        self._metric_sources: list[MetricSource] = [lambda: network_metrics(net)]
+        self._frozen = False
+        self.add_route("/status", self._status)
+        self.add_route("/peers", self._peers)
+        self.add_route("/metrics", self._metrics)
+        self.add_route("/publish", self._publish, methods=("POST",))
+
+    def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("GET",)) -> None:
+        """Serve `path` (starlette syntax, e.g. "/kv/{key:path}") for `methods`."""
+        if self._frozen:
+            raise RuntimeError("the control API is already serving; add routes before that")
+        wanted = {(path, m.upper()) for m in methods}
+        clash = wanted & self._taken
+        if clash:
+            raise ValueError(f"route already registered: {sorted(clash)}")
+        self._taken |= wanted
+        self._routes.append(Route(path, endpoint, methods=[m.upper() for m in methods]))
+
+    def add_metrics(self, source: MetricSource) -> None:
+        """Call `source` on every /metrics request and include its samples."""
+        self._metric_sources.append(source)
+
+    def metrics(self) -> list[Metric]:
+        return [metric for source in self._metric_sources for metric in source()]
+
+    def app(self, *, trusted_hosts: Sequence[str] = ("*",)) -> Starlette:
+        """The ASGI app. `trusted_hosts` limits the Host header a request may carry (against
+        DNS rebinding: a web page must not reach a loopback API through its own domain)."""
+        self._frozen = True
+        return Starlette(
+            routes=list(self._routes),
+            middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(trusted_hosts))],
+        )
+
+    # -- built-in endpoints --------------------------------------------------------------
+    async def _status(self, request: Request) -> Response:
+        return JSONResponse(self.net.status())
+
+    async def _peers(self, request: Request) -> Response:
+        now = time.monotonic()
+        others = [m for m in self.net.members() if m.peer_id != self.net.peer_id]
+        return JSONResponse({
+            "connected": self.net.connected_peers(),
+            "members": [m.to_dict(now) for m in others],
+        })
+
+    async def _metrics(self, request: Request) -> Response:
+        return Response(render_prometheus(self.metrics()), media_type=PROMETHEUS_CONTENT_TYPE)
+
+    async def _publish(self, request: Request) -> Response:
+        # A JSON content type cannot be sent cross-origin without a CORS preflight, which this
+        # API never grants: a web page cannot make the node publish.
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return _error(415, "send the message as application/json")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "body is not JSON")
+        if not isinstance(body, dict) or not isinstance(body.get("topic"), str) \
+                or "payload" not in body:
+            return _error(400, 'expected {"topic": "...", "payload": ...}')
+        topic = body["topic"]
+        if not topic or topic in RESERVED_TOPICS:
+            return _error(400, f"cannot publish to topic {topic!r}")
+        try:
+            await self.net.publish(topic, body["payload"])
+        except ValueError as exc:
+            return _error(413, str(exc))
+        return JSONResponse({"published": True, "topic": topic})
+
+
+def _error(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def network_metrics(net: Network) -> list[Metric]:
+    status = net.status()
+    samples = [
+        Metric(name, value, "counter", f"p2p {name.replace('_', ' ')}")
+        for name, value in sorted(status["metrics"].items())
+    ]
+    states = {state.value: 0 for state in MemberState}
+    for member in status["members"]:
+        states[member["state"]] = states.get(member["state"], 0) + 1
+    samples += [
+        Metric("members", count, "gauge", "known members by state, this node included",
+               (("state", state),))
+        for state, count in sorted(states.items())
+    ]
+    samples += [
+        Metric("connected_peers", len(status["connected_peers"]), "gauge",
+               "peers with an open libp2p connection"),
+        Metric("uptime_seconds", status["uptime_s"], "gauge", "seconds since the node started"),
+        Metric("incarnation", status["incarnation"], "gauge",
+               "how many times this data dir has started a node"),
+    ]
+    return samples
+
+
+def render_prometheus(metrics: Iterable[Metric], prefix: str = "tasknet_") -> str:
+    """Prometheus text exposition format 0.0.4: HELP and TYPE once per metric family."""
+    families: dict[str, list[Metric]] = {}
+    for metric in metrics:
+        name = prefix + metric.name + ("_total" if metric.kind == "counter" else "")
+        if not _METRIC_NAME.match(name):
+            raise ValueError(f"not a Prometheus metric name: {name!r}")
+        family = families.setdefault(name, [])
+        if family and family[0].kind != metric.kind:
+            raise ValueError(f"metric {name} is both a {family[0].kind} and a {metric.kind}")
+        family.append(metric)
+    lines: list[str] = []
+    for name, family in families.items():
+        help_text = next((m.help for m in family if m.help), "")
+        if help_text:
+            lines.append(f"# HELP {name} {_escape(help_text, quote=False)}")
+        lines.append(f"# TYPE {name} {family[0].kind}")
+        for metric in family:
+            lines.append(f"{name}{_labels(metric.labels)} {_number(metric.value)}")
+    return "\n".join(lines) + "\n"
+
+
+def _labels(labels: tuple[tuple[str, str], ...]) -> str:
+    if not labels:
+        return ""
+    for key, _ in labels:
+        if not _LABEL_NAME.match(key) or key.startswith("__"):
+            raise ValueError(f"not a Prometheus label name: {key!r}")
+    return "{" + ",".join(f'{k}="{_escape(v, quote=True)}"' for k, v in labels) + "}"
+
+
+def _escape(text: str, *, quote: bool) -> str:
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace('"', '\\"') if quote else text
+
+
+def _number(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+# -- serving ---------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind the API's listening socket now, so a port in use fails before the node starts."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as exc:
+        raise NodeError(f"cannot serve the control API on {host}:{port}: {exc}") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise NodeError(
+            f"cannot serve the control API on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
+
+
+async def serve_api(
+    api: ControlApi, sock: socket.socket,
+    *, task_status: TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve `api` on the bound `sock` (which this takes over) until cancelled."""
+    host = sock.getsockname()[0]
+    trusted = ("127.0.0.1", "localhost", "[::1]") if is_loopback(host) else ("*",)
+    config = HypercornConfig()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.accesslog = None
+    config.errorlog = log
+    config.graceful_timeout = 0.5
+    app = cast(ASGIFramework, api.app(trusted_hosts=trusted))  # starlette's own ASGI types
+    await serve(app, config, task_status=task_status)

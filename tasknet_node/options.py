@@ -1,0 +1,100 @@
+# From parsed command-line arguments to the options a node runs with.
+# Lives here: defaults that depend on the role (bootstrap node or not) and on the testnet,
+# and the checks that turn bad values into one-line errors before anything starts.
+# Must not live here: the argument syntax (cli.py) or running anything (runner.py).
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import multiaddr
+
+from p2p import NetworkConfig
+
+from .errors import UsageError
+from .runner import NodeOptions
+from .testnets import Testnet, load_testnet
+
+DEFAULT_DATA_DIR = Path("data/node")
+BOOTSTRAP_LISTEN = "/ip4/127.0.0.1/tcp/4001"  # a fixed port, so others can be told where
+MEMBER_LISTEN = "/ip4/127.0.0.1/tcp/0"  # any free port; heartbeats tell others which
+DEFAULT_API = "127.0.0.1:0"  # any free port; written to DATA_DIR/api.json
+
+
+def build_options(args: argparse.Namespace) -> NodeOptions:
+    testnet = load_testnet(args.testnet) if args.testnet else None
+    join = [_multiaddr(a, "--join", needs_peer_id=True) for a in args.join or ()]
+    if not (args.bootstrap or join or testnet or args.mdns):
+        raise UsageError("nothing to join: give --bootstrap, --join MULTIADDR, --testnet NAME "
+                         "or --mdns")
+    if testnet is not None:
+        join += testnet.bootstrap_addrs(running_bootstrap_node=args.bootstrap)
+    bootstrap_node = testnet.bootstrap_node if testnet is not None and args.bootstrap else None
+
+    data_dir = Path(args.data_dir) if args.data_dir else (
+        bootstrap_node.data_dir if bootstrap_node else DEFAULT_DATA_DIR)
+    if args.listen:
+        listen = [_multiaddr(a, "--listen", needs_peer_id=False) for a in args.listen]
+    elif bootstrap_node:
+        listen = list(bootstrap_node.listen)
+    else:
+        listen = [BOOTSTRAP_LISTEN if args.bootstrap else MEMBER_LISTEN]
+    api_host, api_port = parse_host_port(args.api or DEFAULT_API)
+
+    heartbeat_interval, suspect_after, dead_after = _timing(args)
+    try:
+        config = NetworkConfig(
+            data_dir=data_dir,
+            network_id=_network_id(args.network, testnet),
+            listen=listen,
+            bootstrap=join,
+            enable_mdns=args.mdns,
+            heartbeat_interval=heartbeat_interval,
+            suspect_after=suspect_after,
+            dead_after=dead_after,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    return NodeOptions(config, api_host, api_port)
+
+
+def _network_id(flag: str | None, testnet: Testnet | None) -> str:
+    if testnet is None:
+        return flag or NetworkConfig.network_id
+    if flag and flag != testnet.network_id:
+        raise UsageError(f"--network {flag} differs from testnet {testnet.name}'s network "
+                         f"{testnet.network_id}")
+    return testnet.network_id
+
+
+def _timing(args: argparse.Namespace) -> tuple[float, float, float]:
+    """(heartbeat_interval, suspect_after, dead_after), each from its flag or the default."""
+    names = ("heartbeat_interval", "suspect_after", "dead_after")
+    heartbeat, suspect, dead = (
+        float(getattr(NetworkConfig, name) if getattr(args, name) is None else getattr(args, name))
+        for name in names
+    )
+    if not heartbeat < suspect < dead:
+        raise UsageError(f"need --heartbeat-interval < --suspect-after < --dead-after, got "
+                         f"{heartbeat:g}, {suspect:g}, {dead:g}")
+    return heartbeat, suspect, dead
+
+
+def _multiaddr(text: str, flag: str, *, needs_peer_id: bool) -> str:
+    try:
+        multiaddr.Multiaddr(text)
+    except Exception as exc:
+        raise UsageError(f"{flag}: not a multiaddr: {text!r} ({exc})") from None
+    if needs_peer_id and "/p2p/" not in text:
+        raise UsageError(f"{flag}: {text} needs /p2p/<peer-id> at its end")
+    return text
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    """"127.0.0.1:8080", "localhost:0" or "[::1]:8080" -> (host, port)."""
+    host, sep, port_text = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise UsageError(f"--api: expected HOST:PORT (port 0-65535), got {text!r}")
+    return host, int(port_text)

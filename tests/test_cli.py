@@ -1,0 +1,349 @@
+# Tests of the node program's parts, in this process: argument checks and defaults,
+# testnet files, data-dir files, Prometheus rendering, member-event lines, and the control
+# API (with a real p2p node behind it, requests through httpx's ASGI transport).
+import json
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from p2p import Member, MemberEvent, MemberState, Network
+from tasknet_node import cli, datadir, testnets
+from tasknet_node.api import ControlApi, Metric, render_prometheus
+from tasknet_node.options import build_options, parse_host_port
+from tasknet_node.runner import describe_member_event
+from tasknet_node.testnets import TESTNETS_DIR, load_testnet
+
+from p2p_helpers import node_config
+
+PEER = "12D3KooWJATHf3siFtiEXFjVaZiiUL9GTFWYiVSPzXwF3bDfoYWf"
+BOOT_ADDR = f"/ip4/127.0.0.1/tcp/4101/p2p/{PEER}"
+
+
+def options_for(*argv: str):
+    return build_options(cli.run_parser().parse_args(list(argv)))
+
+
+def run_main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# -- arguments ---------------------------------------------------------------------------
+def test_defaults_depend_on_the_role():
+    boot = options_for("--bootstrap")
+    assert boot.network.listen == ["/ip4/127.0.0.1/tcp/4001"]
+    assert boot.network.bootstrap == []
+    assert boot.network.data_dir == Path("data/node")
+    assert boot.network.network_id == "tasknet-local"
+    assert (boot.api_host, boot.api_port) == ("127.0.0.1", 0)
+
+    member = options_for("--join", BOOT_ADDR, "--network", "other", "--api", "127.0.0.1:8080",
+                         "--suspect-after", "1", "--dead-after", "2",
+                         "--heartbeat-interval", "0.2")
+    assert member.network.listen == ["/ip4/127.0.0.1/tcp/0"]
+    assert member.network.bootstrap == [BOOT_ADDR]
+    assert member.network.network_id == "other"
+    assert (member.api_host, member.api_port) == ("127.0.0.1", 8080)
+    assert (member.network.heartbeat_interval, member.network.suspect_after,
+            member.network.dead_after) == (0.2, 1.0, 2.0)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("127.0.0.1:0", ("127.0.0.1", 0)),
+    ("localhost:8080", ("localhost", 8080)),
+    ("[::1]:65535", ("::1", 65535)),
+])
+def test_api_address_parses(text, expected):
+    assert parse_host_port(text) == expected
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--join", "/ip4/999.1.1.1/tcp/1/p2p/x"], "not a multiaddr"),
+    (["--join", "/ip4/127.0.0.1/tcp/4001"], "/p2p/<peer-id>"),
+    (["--bootstrap", "--listen", "not-an-addr"], "not a multiaddr"),
+    (["--bootstrap", "--api", "127.0.0.1:70000"], "HOST:PORT"),
+    (["--bootstrap", "--api", "8080"], "HOST:PORT"),
+    (["--bootstrap", "--join", BOOT_ADDR], "not allowed with"),
+    (["--bootstrap", "--suspect-after", "9", "--dead-after", "3"], "--suspect-after <"),
+    (["--bootstrap", "--dead-after", "-1"], "must be > 0"),
+    (["--bootstrap", "--network", "a/b"], "network id"),
+    (["--bootstrap", "--frobnicate"], "unrecognized arguments"),
+    (["--testnet", "no-such-net"], "unknown testnet 'no-such-net'"),
+    (["--testnet", "../etc"], "unknown testnet"),
+    ([], "nothing to join"),
+])
+def test_bad_arguments_give_one_line_and_exit_code_2(capsys, argv, fragment):
+    code, out, err = run_main(capsys, *argv)
+    assert code == 2
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("node.py: error: ")
+    assert fragment in err
+
+
+def test_client_command_without_a_running_node_exits_1(capsys, tmp_path):
+    code, out, err = run_main(capsys, "status", "--data-dir", str(tmp_path))
+    assert code == 1 and out == ""
+    assert err.strip() == (f"node.py: error: no node is running with data dir {tmp_path} "
+                           "(no api.json)")
+
+
+def test_client_command_with_a_stale_api_file_says_the_node_exited(capsys, tmp_path):
+    # a node killed with SIGKILL leaves api.json behind; pid 2**22+1 exceeds Linux's pid_max
+    datadir.write_api_info(tmp_path, datadir.ApiInfo("127.0.0.1", 1, 2**22 + 1))
+    code, _, err = run_main(capsys, "peers", "--data-dir", str(tmp_path))
+    assert code == 1
+    assert "is not running" in err and str(2**22 + 1) in err
+
+
+# -- testnets ----------------------------------------------------------------------------
+def write_testnet(path: Path, boot_dir: Path, network: str = "tn-test") -> Path:
+    path.write_text(f'network_id = "{network}"\nbootstrap = []\n'
+                    f'[bootstrap_node]\ndata_dir = "{boot_dir}"\n'
+                    'listen = "/ip4/127.0.0.1/tcp/0"\n')
+    return path
+
+
+def test_shipped_localnet_file():
+    local = load_testnet("local")
+    assert local.network_id == "tasknet-localnet"
+    assert local.bootstrap_node is not None
+    assert local.bootstrap_node.listen == ("/ip4/127.0.0.1/tcp/4101",)
+    assert local.bootstrap_node.data_dir == Path("data/localnet/bootstrap")
+    assert (TESTNETS_DIR / "local.toml").is_file()
+
+
+def test_testnet_bootstrap_node_and_members(tmp_path):
+    boot_dir = tmp_path / "boot"
+    toml = write_testnet(tmp_path / "net.toml", boot_dir)
+    boot = options_for("--testnet", str(toml), "--bootstrap")
+    assert boot.network.data_dir == boot_dir
+    assert boot.network.listen == ["/ip4/127.0.0.1/tcp/0"]
+    assert boot.network.network_id == "tn-test"
+    assert boot.network.bootstrap == []
+
+    with pytest.raises(testnets.TestnetError, match="has not run yet"):
+        options_for("--testnet", str(toml))
+    boot_dir.mkdir()
+    datadir.write_node_info(boot_dir, PEER, "tn-test", [BOOT_ADDR])
+    member = options_for("--testnet", str(toml), "--data-dir", str(tmp_path / "m"))
+    assert member.network.bootstrap == [BOOT_ADDR]
+    assert member.network.listen == ["/ip4/127.0.0.1/tcp/0"]
+    assert member.network.data_dir == tmp_path / "m"
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ('bootstrap = []\n', "network_id"),
+    ('network_id = "x"\nbootstrap = ["/ip4/127.0.0.1/tcp/1"]\n', "/p2p/<peer-id>"),
+    ('network_id = "x"\nbootstrapp = []\n', "unknown keys"),
+    ('network_id = "x"\n[bootstrap_node]\ndata_dir = "d"\nlisten = "nope"\n', "not a multiaddr"),
+    ('network_id = \n', "cannot read testnet file"),
+])
+def test_invalid_testnet_files_are_refused(tmp_path, content, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    with pytest.raises(testnets.TestnetError, match=re.escape(fragment)):
+        load_testnet(str(path))
+
+
+def test_network_flag_must_match_the_testnet(tmp_path):
+    toml = write_testnet(tmp_path / "net.toml", tmp_path / "boot")
+    with pytest.raises(cli.UsageError, match="differs from testnet"):
+        options_for("--testnet", str(toml), "--bootstrap", "--network", "elsewhere")
+
+
+# -- data dir ----------------------------------------------------------------------------
+def test_data_dir_lock_is_exclusive_and_released(tmp_path):
+    datadir.prepare(tmp_path / "d")
+    with datadir.locked(tmp_path / "d"):
+        with pytest.raises(datadir.DataDirError, match="in use by another node"):
+            with datadir.locked(tmp_path / "d"):
+                pass
+    with datadir.locked(tmp_path / "d"):
+        pass
+
+
+def test_a_file_is_not_a_data_dir(tmp_path):
+    (tmp_path / "f").write_text("")
+    with pytest.raises(datadir.DataDirError, match="not a directory"):
+        datadir.prepare(tmp_path / "f")
+
+
+# -- progress lines ----------------------------------------------------------------------
+def event(previous, current, *, restarted=False, left=False):
+    member = Member(peer_id=PEER, addrs=(), incarnation=1, last_seen=0.0,
+                    state=current or MemberState.DEAD, left=left)
+    return MemberEvent(PEER, previous, current, member, restarted)
+
+
+@pytest.mark.parametrize("ev, text", [
+    (event(None, MemberState.ALIVE), "joined"),
+    (event(MemberState.ALIVE, MemberState.ALIVE, restarted=True), "restarted"),
+    (event(MemberState.SUSPECT, MemberState.ALIVE), "alive again"),
+    (event(MemberState.ALIVE, MemberState.SUSPECT), "suspect"),
+    (event(MemberState.SUSPECT, MemberState.DEAD), "dead"),
+    (event(MemberState.ALIVE, MemberState.DEAD, left=True), "left"),
+    (event(MemberState.DEAD, None), "forgotten"),
+])
+def test_member_event_lines(ev, text):
+    assert describe_member_event(ev) == text
+
+
+# -- Prometheus text format ---------------------------------------------------------------
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(?:,|$)')
+
+
+def _unescape(text: str) -> str:
+    return re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), text)
+
+
+def parse_exposition(text: str):
+    """A strict reader of the format: every sample must follow its family's TYPE line."""
+    types, helps, samples = {}, {}, []
+    assert text.endswith("\n")
+    for line in text[:-1].split("\n"):  # the format's only line separator
+        if line.startswith("# HELP "):
+            name, _, help_text = line[7:].partition(" ")
+            assert name not in helps
+            helps[name] = _unescape(help_text)
+        elif line.startswith("# TYPE "):
+            name, kind = line[7:].split(" ")
+            assert name not in types, f"TYPE of {name} given twice"
+            types[name] = kind
+        else:
+            match = _SAMPLE.match(line)
+            assert match, f"not a sample line: {line!r}"
+            name, labels, value = match.groups()
+            assert name in types, f"sample of {name} before its TYPE"
+            pairs = tuple((k, _unescape(v)) for k, v in _LABEL.findall(labels or ""))
+            samples.append((name, pairs, float(value)))
+    return types, helps, samples
+
+
+metric_names = st.from_regex(r"[a-z][a-z0-9_]{0,8}", fullmatch=True).filter(
+    lambda n: not n.endswith("_total"))
+
+
+@st.composite
+def metric_sets(draw):
+    kinds = draw(st.dictionaries(metric_names, st.sampled_from(["counter", "gauge"]),
+                                 min_size=1, max_size=4))
+    metrics = []
+    for name, kind in kinds.items():
+        help_text = draw(st.text(max_size=20))
+        label_sets = draw(st.lists(
+            st.dictionaries(st.sampled_from(["state", "peer", "topic"]), st.text(max_size=12),
+                            max_size=2),
+            min_size=1, max_size=3, unique_by=lambda d: tuple(sorted(d.items()))))
+        for labels in label_sets:
+            value = draw(st.floats(allow_nan=False) | st.integers(-10**6, 10**6))
+            metrics.append(Metric(name, value, kind, help_text, tuple(sorted(labels.items()))))
+    return metrics
+
+
+@settings(deadline=None, max_examples=150)
+@given(metric_sets())
+def test_prometheus_rendering_reads_back(metrics):
+    types, helps, samples = parse_exposition(render_prometheus(metrics))
+
+    def full(m: Metric) -> str:
+        return "tasknet_" + m.name + ("_total" if m.kind == "counter" else "")
+
+    assert types == {full(m): m.kind for m in metrics}
+    assert helps == {full(m): m.help for m in metrics if m.help}
+    assert samples == [(full(m), m.labels, float(m.value)) for m in metrics]
+
+
+def test_prometheus_refuses_clashing_kinds_and_bad_names():
+    with pytest.raises(ValueError, match="both"):
+        render_prometheus([Metric("x", 1, "counter"), Metric("x_total", 2, "gauge")])
+    with pytest.raises(ValueError, match="metric name"):
+        render_prometheus([Metric("bad-name", 1)])
+    with pytest.raises(ValueError, match="label name"):
+        render_prometheus([Metric("ok", 1, labels=(("__reserved", "v"),))])
+
+
+# -- control API -------------------------------------------------------------------------
+def client_for(app) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                             base_url="http://127.0.0.1:9")
+
+
+async def test_control_api_endpoints_and_extensions(tmp_path):
+    async with Network.start(node_config(tmp_path / "n", "api-test")) as net:
+        api = ControlApi(net)
+        store: dict[str, str] = {}
+
+        async def kv(request: Request) -> Response:
+            key = request.path_params["key"]
+            if request.method == "PUT":
+                store[key] = (await request.body()).decode()
+                return JSONResponse({"stored": key})
+            if key not in store:
+                return JSONResponse({"error": "no such key"}, status_code=404)
+            return JSONResponse({"key": key, "value": store[key]})
+
+        api.add_route("/kv/{key:path}", kv, methods=["GET", "PUT"])
+        api.add_metrics(lambda: [Metric("kv_keys", len(store), "gauge", "keys stored")])
+        with pytest.raises(ValueError, match="already registered"):
+            api.add_route("/kv/{key:path}", kv, methods=["PUT"])
+        app = api.app(trusted_hosts=("127.0.0.1",))
+        with pytest.raises(RuntimeError, match="already serving"):
+            api.add_route("/late", kv)
+
+        async with client_for(app) as client, net.subscribe("news") as news:
+            status = (await client.get("/status")).json()
+            assert status["peer_id"] == net.peer_id
+            assert status["network"] == "api-test"
+            assert status["addrs"] == net.addrs and status["addrs"][0].endswith(net.peer_id)
+            assert [(m["peer_id"], m["state"]) for m in status["members"]] == [
+                (net.peer_id, "alive")]
+
+            peers = (await client.get("/peers")).json()
+            assert peers == {"connected": [], "members": []}
+
+            assert (await client.put("/kv/a/b", content=b"v1")).json() == {"stored": "a/b"}
+            assert (await client.get("/kv/a/b")).json() == {"key": "a/b", "value": "v1"}
+            assert (await client.get("/kv/zzz")).status_code == 404
+
+            metrics = await client.get("/metrics")
+            assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+            types, _, samples = parse_exposition(metrics.text)
+            values = {(name, labels): value for name, labels, value in samples}
+            assert values[("tasknet_kv_keys", ())] == 1
+            assert values[("tasknet_members", (("state", "alive"),))] == 1
+            assert types["tasknet_gossip_published_total"] == "counter"
+
+            # publishing: JSON only (no cross-site form posts), never the membership topic
+            refused = await client.post("/publish", content=b"x",
+                                        headers={"content-type": "text/plain"})
+            assert refused.status_code == 415
+            reserved = await client.post("/publish", json={"topic": "members", "payload": 1})
+            assert reserved.status_code == 400
+            assert (await client.post("/publish", json={"topic": "news"})).status_code == 400
+            sent = await client.post("/publish", json={"topic": "news", "payload": {"n": 7}})
+            assert sent.json() == {"published": True, "topic": "news"}
+            with trio.fail_after(5):
+                message = await news.next()
+            assert (message.author, message.payload) == (net.peer_id, {"n": 7})
+
+            # a page on another domain that resolves to 127.0.0.1 (DNS rebinding) is refused
+            rebound = await client.get("/status", headers={"host": "evil.example:9"})
+            assert rebound.status_code == 400
+
+
+def test_api_info_round_trip(tmp_path):
+    info = datadir.ApiInfo("::1", 8080, 1234)
+    datadir.write_api_info(tmp_path, info)
+    assert datadir.read_api_info(tmp_path) == info
+    assert json.loads((tmp_path / "api.json").read_text())["url"] == "http://[::1]:8080"
+    datadir.remove_api_info(tmp_path)
+    assert not (tmp_path / "api.json").exists()

@@ -1,0 +1,219 @@
+# System tests of `node.py` as real processes on 127.0.0.1: a bootstrap node and two others
+# form a network; a node killed with SIGKILL is marked dead and rejoins with its identity;
+# SIGTERM and SIGINT stop nodes cleanly; bad starts fail with one line and exit code 2.
+# Every process is killed in the fixture's teardown, whatever happens in the test.
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasknet_node import datadir
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE = str(ROOT / "node.py")
+NET = "proc-test"
+FAST = ["--heartbeat-interval", "0.3", "--suspect-after", "1", "--dead-after", "2"]
+ANNOUNCE = re.compile(r"^tasknet node (\S+) listening on (\S+)$", re.M)
+
+
+class Node:
+    def __init__(self, proc: subprocess.Popen, data_dir: Path, out: Path, err: Path) -> None:
+        self.proc, self.data_dir, self.out, self.err = proc, data_dir, out, err
+
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def announced(self) -> tuple[str, str] | None:
+        """(peer id, first dialable address) from the node's start line, once printed."""
+        match = ANNOUNCE.search(self.stdout())
+        return (match.group(1), match.group(2)) if match else None
+
+    def status(self) -> dict[str, Any] | None:
+        """/status through the API address in api.json; None while it is not up."""
+        try:
+            info = datadir.read_api_info(self.data_dir)
+            with urllib.request.urlopen(info.url + "/status", timeout=2) as response:
+                value: dict[str, Any] = json.loads(response.read())
+                return value
+        except (datadir.DataDirError, OSError, ValueError):
+            return None
+
+    def states(self) -> dict[str, str]:
+        status = self.status()
+        return {m["peer_id"]: m["state"] for m in status["members"]} if status else {}
+
+
+class Processes:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.started: list[subprocess.Popen] = []
+
+    def spawn(self, name: str, *args: str) -> tuple[subprocess.Popen, Path, Path]:
+        out, err = self.base / f"{name}.out", self.base / f"{name}.err"
+        with out.open("a") as stdout, err.open("a") as stderr:
+            proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL,
+                                    stdout=stdout, stderr=stderr, cwd=self.base)
+        self.started.append(proc)
+        return proc, out, err
+
+    def node(self, name: str, *args: str, data_dir: Path | None = None) -> Node:
+        data_dir = data_dir or self.base / name
+        proc, out, err = self.spawn(name, NODE, "--data-dir", str(data_dir), *args)
+        return Node(proc, data_dir, out, err)
+
+    def kill_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(tmp_path)
+    try:
+        yield procs
+    finally:
+        procs.kill_all()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"process {proc.args!r} still running after {timeout}s") from None
+
+
+def cli_status(node: Node) -> dict[str, Any]:
+    done = subprocess.run([sys.executable, NODE, "status", "--data-dir", str(node.data_dir)],
+                          capture_output=True, text=True, timeout=20, check=True)
+    value: dict[str, Any] = json.loads(done.stdout)
+    return value
+
+
+def test_network_of_processes_kill_restart_and_stop(processes: Processes, tmp_path: Path):
+    boot = processes.node("boot", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0",
+                          "--network", NET, *FAST)
+    boot_id, boot_addr = wait_for(boot.announced, 20, "the bootstrap's start line")
+    assert boot_addr.startswith("/ip4/127.0.0.1/tcp/") and boot_addr.endswith(f"/p2p/{boot_id}")
+    key_mode = stat.S_IMODE((boot.data_dir / "node.key").stat().st_mode)
+    assert key_mode == 0o600
+
+    # one joins by address; one through a testnet file naming the bootstrap's data dir
+    testnet = tmp_path / "testnet.toml"
+    testnet.write_text(f'network_id = "{NET}"\n[bootstrap_node]\n'
+                       f'data_dir = "{boot.data_dir}"\nlisten = "/ip4/127.0.0.1/tcp/0"\n')
+    first = processes.node("first", "--join", boot_addr, "--network", NET, *FAST)
+    second = processes.node("second", "--testnet", str(testnet), *FAST)
+    first_id, _ = wait_for(first.announced, 20, "the first member's start line")
+    second_id, _ = wait_for(second.announced, 20, "the second member's start line")
+    everyone = {boot_id: "alive", first_id: "alive", second_id: "alive"}
+    nodes = [boot, first, second]
+    wait_for(lambda: all(n.states() == everyone for n in nodes), 20,
+             "all three nodes to list each other alive")
+    for node, peer_id in zip(nodes, everyone, strict=True):
+        status = cli_status(node)
+        assert status["peer_id"] == peer_id and status["network"] == NET
+        assert all(a.endswith(f"/p2p/{peer_id}") for a in status["addrs"])
+        assert {m["peer_id"]: m["state"] for m in status["members"]} == everyone
+    assert f"member {first_id} joined" in boot.stdout()
+
+    # SIGKILL: no goodbye; the others' failure detectors must find out
+    first.proc.send_signal(signal.SIGKILL)
+    wait_exit(first.proc, 5)
+    wait_for(lambda: boot.states().get(first_id) == "dead"
+             and second.states().get(first_id) == "dead", 15, "the killed node marked dead")
+    assert (first.data_dir / "api.json").exists()  # left behind by the kill ...
+
+    # ... and the restarted node rewrites it; same data dir, so same identity
+    again = processes.node("first-again", "--join", boot_addr, "--network", NET, *FAST,
+                           data_dir=first.data_dir)
+    assert wait_for(again.announced, 20, "the restarted node's start line")[0] == first_id
+    wait_for(lambda: all(n.states() == everyone for n in (boot, again, second)), 20,
+             "the restarted node alive again everywhere")
+    assert (again.status() or {}).get("incarnation") == 2
+    assert f"member {first_id} restarted" in boot.stdout()
+
+    # SIGTERM and SIGINT (Ctrl-C) stop a node cleanly within 2 s and remove api.json
+    stopping = [(second, signal.SIGTERM), (again, signal.SIGINT), (boot, signal.SIGTERM)]
+    for node, signum in stopping:
+        sent = time.monotonic()
+        node.proc.send_signal(signum)
+        assert wait_exit(node.proc, 5) == 0
+        assert time.monotonic() - sent < 2.0
+        assert not (node.data_dir / "api.json").exists()
+        assert f"stopping ({signum.name})" in node.stdout()
+        assert "Traceback" not in node.stderr()
+
+
+def test_bad_starts_exit_2_with_one_line(processes: Processes, tmp_path: Path):
+    common = ["--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", "--network", NET]
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    port = busy.getsockname()[1]
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "node.key").write_text("tasknet-ed25519-seed-v1\nnot-hex\n")
+    os.chmod(corrupt / "node.key", 0o600)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    locked = tmp_path / "locked"
+    datadir.prepare(locked)
+    cases = {
+        "listen port in use": (["--bootstrap", "--listen", f"/ip4/127.0.0.1/tcp/{port}",
+                                "--network", NET], tmp_path / "d1", "address in use"),
+        "api port in use": ([*common, "--api", f"127.0.0.1:{port}"], tmp_path / "d2",
+                            "Address already in use"),
+        "corrupt key file": (common, corrupt, "key file"),
+        "data dir is a file": (common, a_file, "not a directory"),
+        "data dir in use": (common, locked, "in use by another node"),
+        "unparsable multiaddr": (["--join", "/ip4/1.2.3.4/tcp/x/p2p/y"], tmp_path / "d3",
+                                 "not a multiaddr"),
+    }
+    with busy, datadir.locked(locked):
+        started = {case: processes.node(f"bad-{i}", *args, data_dir=data_dir)
+                   for i, (case, (args, data_dir, _)) in enumerate(cases.items())}
+        for case, node in started.items():
+            assert wait_exit(node.proc, 30) == 2, f"{case}: {node.stderr()}"
+    for case, node in started.items():
+        err = node.stderr()
+        assert err.startswith("node.py: error: ") and err.count("\n") == 1, f"{case}: {err}"
+        assert cases[case][2] in err, f"{case}: {err}"
+        assert node.stdout() == "", case
+    assert (corrupt / "node.key").read_text() == "tasknet-ed25519-seed-v1\nnot-hex\n"
+    assert not (tmp_path / "d1" / "api.json").exists()
+
+
+def test_embedding_example_runs_and_exits(processes: Processes):
+    proc, out, err = processes.spawn("embed", str(ROOT / "examples" / "embed.py"))
+    assert wait_exit(proc, 30) == 0, err.read_text()
+    text = out.read_text()
+    assert "bob got gossip on 'news' from alice: {'round': 1, 'text': 'hi all'}" in text
+    assert "alice asked bob to greet her: 'hello alice'" in text
+    assert text.rstrip().endswith("both nodes stopped")
