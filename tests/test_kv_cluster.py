@@ -7,6 +7,7 @@ import msgpack
 import pytest
 import trio
 
+import crdt
 from kv import OpError, QuorumError
 from kv.replication import APPLY_PROTOCOL, seal_batch
 from p2p import RequestError
@@ -201,3 +202,27 @@ async def test_quorum_reads_fail_clearly_when_too_few_replicas(tmp_path):
         assert await survivor.get("k", consistency="one") == 1
         with pytest.raises(QuorumError):
             await survivor.get("k", consistency="quorum")
+
+
+async def test_a_deleted_key_does_not_come_back_from_a_late_replica(tmp_path):
+    async with handles(tmp_path, 4) as nodes:
+        coordinator = nodes[0].kv
+        await coordinator.put("ghost", "boo", consistency="all")
+        owners = coordinator.ring.preference_list(b"ghost")
+        late = next(n for n in nodes[1:] if n.kv.me in owners)
+        late_id = late.kv.me
+        await late.stop()  # it keeps the old value on disk
+        await wait_for(lambda: late_id not in coordinator.net.view.alive_ids(), 15, "late down")
+        await coordinator.delete("ghost")
+        assert await coordinator.get("ghost") is None
+        restarted = await late.start()
+        assert restarted.store.get(b"ghost") is not None  # still the stale state
+        await wait_for_ring([n.kv for n in nodes])
+
+        def tombstoned():
+            state = restarted.store.get(b"ghost")
+            return state is not None and crdt.decode(state).deleted
+
+        await wait_for(tombstoned, 30, "the late replica to learn the delete")
+        for node in nodes:
+            assert await node.kv.get("ghost", consistency="all") is None
