@@ -43,11 +43,16 @@ class HintStore:
     def pending(self) -> dict[str, int]:
         return {t: n for t, n in self._counts.items() if n > 0}
 
-    def take(self, target: str, limit: int) -> list[tuple[bytes, bytes, bytes]]:
-        """Up to `limit` hints for `target`, oldest first: (hint id, key, delta)."""
-        out = []
+    def take(self, target: str, limit: int, max_bytes: int) -> list[tuple[bytes, bytes, bytes]]:
+        """Up to `limit` hints (and about `max_bytes`) for `target`, oldest first:
+        (hint id, key, delta). The first hint is always taken, whatever its size."""
+        out: list[tuple[bytes, bytes, bytes]] = []
+        size = 0
         for hint_id, value in self._db.iterator(prefix=target.encode() + b"\x00"):
             key, delta = msgpack.unpackb(value)
+            size += len(key) + len(delta)
+            if out and size > max_bytes:
+                break
             out.append((hint_id, key, delta))
             if len(out) >= limit:
                 break

@@ -51,11 +51,13 @@ def open_batch(net: Network, data: Any, sender: str) -> Envelope:
 class PeerLink:
     """The outgoing queue to one peer and the task that drains it in batches."""
 
-    def __init__(self, net: Network, peer: str, max_batch: int, queue: int,
+    def __init__(self, net: Network, peer: str, max_batch: int, max_bytes: int, queue: int,
                  on_failed: Callable[[str, list[Delta]], None]) -> None:
         self.net = net
         self.peer = peer
         self.max_batch = max_batch
+        self.max_bytes = max_bytes
+        self._carry: Delta | None = None  # taken from the queue but left for the next batch
         self._send, self._receive = trio.open_memory_channel[Delta](queue)
         self._on_failed = on_failed
         self._seq = 0
@@ -79,12 +81,19 @@ class PeerLink:
 
     async def run(self) -> None:
         while True:
-            batch = [await self._receive.receive()]
+            first = self._carry if self._carry is not None else await self._receive.receive()
+            self._carry = None
+            batch, size = [first], len(first.key) + len(first.delta)
             while len(batch) < self.max_batch:
                 try:
-                    batch.append(self._receive.receive_nowait())
+                    item = self._receive.receive_nowait()
                 except trio.WouldBlock:
                     break
+                size += len(item.key) + len(item.delta)
+                if size > self.max_bytes:
+                    self._carry = item
+                    break
+                batch.append(item)
             await self._send_batch(batch)
 
     async def _send_batch(self, batch: list[Delta]) -> None:

@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import trio
 
 import crdt
@@ -63,6 +64,10 @@ class KVConfig:
     anti_entropy_interval: float = 10.0
     rebalance_interval: float = 2.0
     max_batch: int = 512
+    # replication, hint and handoff batches stay below this many bytes (frames are 4 MiB)
+    max_batch_bytes: int = 2 * 1024 * 1024
+    # one operation's arguments (a value, members, a field) may not encode larger than this
+    max_value_bytes: int = 1024 * 1024
     queue_per_peer: int = 20_000
 
 
@@ -197,27 +202,47 @@ class KV:
         answers: list[dict[str, bytes | None]] = [{} for _ in keys]
         complete = trio.Event()
         missing = len(keys)
+        outstanding = sum((len(ix) + 1023) // 1024 for ix in wanted.values())
 
         async def ask(peer: str, indices: list[int]) -> None:
-            nonlocal missing
-            asked = [keys[i] for i in indices]
+            nonlocal missing, outstanding
             try:
-                if peer == self.me:
-                    states = [self.store.get(k) for k in asked]
-                else:
-                    states = await self.net.request(peer, READ_PROTOCOL, {"keys": asked},
-                                                    timeout=self.config.request_timeout)
-                if not isinstance(states, list) or len(states) != len(asked):
-                    return
-            except RequestError:
-                return
-            for i, state in zip(indices, states, strict=True):
-                answers[i][peer] = state if isinstance(state, bytes) else None
-                if len(answers[i]) == needed:
-                    missing -= 1
-            if missing == 0:
-                complete.set()
+                await ask_once(peer, indices)
+            finally:
+                outstanding -= 1
+                if outstanding == 0:  # every replica answered or failed: stop waiting
+                    complete.set()
 
+        async def ask_once(peer: str, indices: list[int]) -> None:
+            nonlocal missing
+            while indices:
+                asked = [keys[i] for i in indices]
+                try:
+                    if peer == self.me:
+                        states = [self.store.get(k) for k in asked]
+                    else:
+                        states = await self.net.request(peer, READ_PROTOCOL, {"keys": asked},
+                                                        timeout=self.config.request_timeout)
+                    if not isinstance(states, list) or len(states) != len(asked):
+                        return
+                except RequestError:
+                    return
+                later: list[int] = []
+                for i, state in zip(indices, states, strict=True):
+                    if state is False:  # did not fit in this reply: ask again
+                        later.append(i)
+                        continue
+                    answers[i][peer] = state if isinstance(state, bytes) else None
+                    if len(answers[i]) == needed:
+                        missing -= 1
+                if missing == 0:
+                    complete.set()
+                if len(later) == len(indices):
+                    return  # no progress: a single state larger than a reply
+                indices = later
+
+        if outstanding == 0:
+            complete.set()
         async with trio.open_nursery() as nursery:
             for peer, indices in wanted.items():
                 for start in range(0, len(indices), 1024):
@@ -314,6 +339,13 @@ class KV:
         level = Consistency(consistency or self.config.write_consistency)
         groups: dict[str, list[Op]] = {}
         for op in ops:
+            try:
+                size = len(msgpack.packb(op.args, use_bin_type=True))
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise OpError("bad_value", f"value of {op.key!r} cannot be stored: {exc}") from None
+            if size > self.config.max_value_bytes:
+                raise OpError("bad_value", f"value of {op.key!r} is {size} bytes, more than "
+                              f"{self.config.max_value_bytes}")
             candidates = [p for p in self._alive_replicas(op.key) if p not in avoid]
             if not candidates:
                 raise QuorumError(f"no replica of {op.key!r} is reachable")
@@ -349,9 +381,14 @@ class KV:
             # nothing was sent, so nothing was applied: the next replicas may apply them
             await self.execute_many(ops, level.value, avoid=avoid | {mutator})
         except RemoteError as exc:
-            if exc.code in ("wrong_type", "bad_request", "clock_skew"):
+            if exc.code in ("wrong_type", "bad_request", "bad_value", "clock_skew"):
                 raise OpError(exc.code, exc.message) from None
             raise QuorumError(f"{len(ops)} ops failed at {mutator}: {exc}") from None
+        except RequestError as exc:
+            # sent but no answer: the ops may or may not have been applied, so they are not
+            # acknowledged (a retry is safe for puts and sets, may double an increment)
+            raise QuorumError(f"{len(ops)} ops at {mutator} have an unknown outcome: "
+                              f"{exc}") from None
 
     async def _mutate_and_replicate(self, ops: list[Op], level: Consistency) -> None:
         now_ms = time.time_ns() // 1_000_000
@@ -359,7 +396,12 @@ class KV:
         def mutation(op: Op) -> Any:
             def apply(current: bytes | None) -> bytes:
                 state = crdt.decode(current) if current is not None else None
-                return crdt.encode(make_delta(op, state, self.me, self.clock, now_ms))
+                try:
+                    return crdt.encode(make_delta(op, state, self.me, self.clock, now_ms))
+                except OpError:
+                    raise
+                except (TypeError, ValueError, OverflowError) as exc:
+                    raise OpError("bad_value", f"{op.kind} of {op.key!r}: {exc}") from None
             return apply
 
         results = await self.writer.mutate_many([(op.key, mutation(op)) for op in ops])
@@ -420,7 +462,8 @@ class KV:
     def _link(self, peer: str) -> PeerLink:
         link = self._links.get(peer)
         if link is None:
-            link = PeerLink(self.net, peer, self.config.max_batch, self.config.queue_per_peer,
+            link = PeerLink(self.net, peer, self.config.max_batch, self.config.max_batch_bytes,
+                            self.config.queue_per_peer,
                             self._on_link_failed)
             self._links[peer] = link
             assert self._nursery is not None
@@ -491,7 +534,19 @@ class KV:
         if not isinstance(keys, list) or len(keys) > 1024 or \
                 not all(isinstance(k, bytes) for k in keys):
             raise HandlerError("bad_request", "read needs a list of at most 1024 byte keys")
-        return [self.store.get(k) for k in keys]
+        # states that would make the reply larger than a batch come back as False: the
+        # reader asks for them again
+        replies: list[bytes | None | bool] = []
+        size, limit = 0, self.config.max_batch_bytes
+        for key in keys:
+            state = self.store.get(key) if size <= limit else None
+            if size > limit or (state is not None and replies and size + len(state) > limit):
+                replies.append(False)
+                size = limit + 1
+                continue
+            size += len(state) if state is not None else 0
+            replies.append(state)
+        return replies
 
     # -- hinted handoff delivery ---------------------------------------------------------
     async def _hint_loop(self) -> None:
@@ -504,7 +559,7 @@ class KV:
 
     async def _deliver_hints(self, target: str) -> None:
         while True:
-            hints = self.hints.take(target, self.config.max_batch)
+            hints = self.hints.take(target, self.config.max_batch, self.config.max_batch_bytes)
             if not hints:
                 return
             items = [[key, delta, None] for _, key, delta in hints]
@@ -668,9 +723,10 @@ class KV:
     async def _stream_partitions(self, partitions: list[int], targets: list[str]) -> bool:
         """Send every state of `partitions` to each target; True when all confirmed."""
         chunk: list[list[Any]] = []
+        chunk_bytes = 0
 
         async def flush() -> bool:
-            nonlocal chunk
+            nonlocal chunk, chunk_bytes
             batch = seal_batch(self.net, chunk, time.time_ns())
             for target in targets:
                 try:
@@ -682,7 +738,7 @@ class KV:
             self.metrics["handoff_keys_sent"] += len(chunk)
             if "keys_sent" in self.handoff_progress:
                 self.handoff_progress["keys_sent"] += len(chunk)
-            chunk = []
+            chunk, chunk_bytes = [], 0
             return True
 
         for partition in partitions:
@@ -690,6 +746,8 @@ class KV:
                 continue
             for key, state in list(self.store.iterate(partition)):
                 chunk.append([key, state, None])
-                if len(chunk) >= HANDOFF_CHUNK and not await flush():
+                chunk_bytes += len(key) + len(state)
+                full = len(chunk) >= HANDOFF_CHUNK or chunk_bytes >= self.config.max_batch_bytes
+                if full and not await flush():
                     return False
         return not chunk or await flush()

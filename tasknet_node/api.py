@@ -1,8 +1,8 @@
 # The node's local control API: HTTP + JSON on loopback (starlette app, served by hypercorn
 # under trio).
 # Lives here: the route and metric registry other packages extend (`ControlApi.add_route`,
-# `ControlApi.add_metrics`), the built-in endpoints (/status, /peers, /metrics, /publish),
-# the Prometheus text rendering, and binding + serving the socket.
+# `ControlApi.add_metrics`, `ControlApi.add_status`), the built-in endpoints (/status,
+# /peers, /metrics, /publish), the Prometheus text rendering, and binding + serving the socket.
 # Must not live here: node lifecycle (runner.py) or argument parsing (cli.py).
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -55,6 +55,7 @@ class Metric:
 
 
 MetricSource = Callable[[], Iterable[Metric]]
+StatusSource = Callable[[], Any]
 
 
 class ControlApi:
@@ -69,6 +70,7 @@ class ControlApi:
         self._routes: list[Route] = []
         self._taken: set[tuple[str, str]] = set()
         self._metric_sources: list[MetricSource] = [lambda: network_metrics(net)]
+        self._status_sections: dict[str, StatusSource] = {}
         self._frozen = False
         self.add_route("/status", self._status)
         self.add_route("/peers", self._peers)
@@ -90,6 +92,19 @@ class ControlApi:
         """Call `source` on every /metrics request and include its samples."""
         self._metric_sources.append(source)
 
+    def add_status(self, name: str, source: StatusSource) -> None:
+        """Add `source()` to every /status answer, under the key `name`."""
+        if name in self._status_sections or name in self.net.status():
+            raise ValueError(f"status section already taken: {name!r}")
+        self._status_sections[name] = source
+
+    def status(self) -> dict[str, Any]:
+        """The network's status with the sections other packages added."""
+        status = self.net.status()
+        for name, source in self._status_sections.items():
+            status[name] = source()
+        return status
+
     def metrics(self) -> list[Metric]:
         return [metric for source in self._metric_sources for metric in source()]
 
@@ -104,7 +119,7 @@ class ControlApi:
 
     # -- built-in endpoints --------------------------------------------------------------
     async def _status(self, request: Request) -> Response:
-        return JSONResponse(self.net.status())
+        return JSONResponse(self.status())
 
     async def _peers(self, request: Request) -> Response:
         now = time.monotonic()

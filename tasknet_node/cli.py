@@ -1,18 +1,22 @@
-# The `node.py` command line: run a node, or ask a running one (status, peers, metrics).
+# The `node.py` command line: run a node, or ask a running one (status, peers, metrics, and
+# the key-value commands put, get, del, incr, sadd, srem).
 # Lives here: argument syntax and help, logging setup, and turning every error a user can
-# fix into one line on stderr with exit code 2 (1 when a queried node does not answer).
+# fix into one line on stderr with exit code 2 (1 when a queried node does not answer, 3 when
+# the KV store had too few replicas).
 # Must not live here: option defaults and checks (options.py) or the node itself (runner.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+from urllib.parse import quote, urlencode
 
-from .client import NodeUnreachable, get, get_json
+from .client import ApiRefused, NodeUnreachable, call_json, get, get_json
 from .errors import NodeError, UsageError
 
 PROG = "node.py"
@@ -21,10 +25,24 @@ CLIENT_COMMANDS = {
     "peers": "print connected peers and known members with their state as JSON",
     "metrics": "print the node's metrics in Prometheus text format",
 }
+KV_COMMANDS = {
+    "put": "store VALUE under KEY",
+    "get": "print KEY's value (null when missing or deleted)",
+    "del": "delete KEY",
+    "incr": "add N (default 1, may be negative) to the counter KEY",
+    "sadd": "add members to the set KEY",
+    "srem": "remove members from the set KEY",
+}
+CONSISTENCY_LEVELS = ["one", "quorum", "all"]  # kv.Consistency; kv is not imported: it loads trio
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
 THIRD_PARTY_LOGGERS = ("libp2p", "multiaddr")
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 1
+EXIT_QUORUM = 3
+KV_EXIT_CODES = ("exit status: 0 done; 1 no node answers for --data-dir; 2 bad arguments, or an "
+                 "operation the store refuses (such as sadd on a counter); 3 too few replicas "
+                 "answered for the consistency level (quorum failure: a write may or may not "
+                 "have been applied, retry it)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -42,11 +60,24 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
+    return value
+
+
 def run_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Run a tasknet node. Other forms: "
-        + "; ".join(f"'{PROG} {c} --data-dir DIR' to {h}" for c, h in CLIENT_COMMANDS.items()),
+        + "; ".join(f"'{PROG} {c} --data-dir DIR' to {h}" for c, h in CLIENT_COMMANDS.items())
+        + "; and the key-value commands "
+        + ", ".join(f"'{PROG} {c} KEY ...'" for c in KV_COMMANDS)
+        + f" ('{PROG} put --help' and so on for theirs).",
     )
     role = parser.add_mutually_exclusive_group()
     role.add_argument("--bootstrap", action="store_true",
@@ -76,6 +107,18 @@ def run_parser() -> argparse.ArgumentParser:
                         help="silence after which a member is suspect (default 3)")
     parser.add_argument("--dead-after", type=_positive, metavar="S",
                         help="silence after which a member is dead (default 8)")
+    store = parser.add_argument_group("key-value store")
+    store.add_argument("--replicas", type=_count, metavar="N",
+                       help="copies of every key, on N different nodes (default 3)")
+    store.add_argument("--write-consistency", choices=CONSISTENCY_LEVELS,
+                       help="replicas that must confirm a write before it succeeds, unless a "
+                       "request says otherwise (default quorum: N/2+1)")
+    store.add_argument("--read-consistency", choices=CONSISTENCY_LEVELS,
+                       help="replicas a read merges, unless a request says otherwise "
+                       "(default quorum)")
+    store.add_argument("--anti-entropy-interval", type=_positive, metavar="S",
+                       help="seconds between anti-entropy rounds with another replica "
+                       "(default 10)")
     parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                         help="level of tasknet's diagnostics on stderr (default warning)")
     parser.add_argument("--libp2p-log-level", default="critical", choices=LOG_LEVELS,
@@ -91,14 +134,50 @@ def client_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
+def kv_parser(command: str) -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"{PROG} {command}", epilog=KV_EXIT_CODES,
+                     description=f"{KV_COMMANDS[command]}, through the node running with "
+                     "--data-dir, and print its JSON answer. Values and members are taken as "
+                     "JSON when they parse as JSON (42, true, null, \"text\", [1, 2], "
+                     "{\"a\": 1}), else as strings.")
+    parser.add_argument("key", metavar="KEY")
+    if command == "put":
+        parser.add_argument("value", metavar="VALUE", type=_json_or_string)
+    elif command == "incr":
+        parser.add_argument("amount", metavar="N", type=int, nargs="?", default=1)
+    elif command in ("sadd", "srem"):
+        parser.add_argument("members", metavar="M", type=_json_or_string, nargs="+")
+    parser.add_argument("--consistency", choices=CONSISTENCY_LEVELS,
+                        help="replicas that must answer (default: the node's "
+                        "--read-consistency or --write-consistency)")
+    parser.add_argument("--data-dir", metavar="DIR", default="data/node",
+                        help="data dir of the running node (default: ./data/node)")
+    return parser
+
+
+def _json_or_string(text: str) -> Any:
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except ValueError:
+        return text
+
+
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         if args and args[0] in CLIENT_COMMANDS:
             return _client(args[0], client_parser(args[0]).parse_args(args[1:]))
+        if args and args[0] in KV_COMMANDS:
+            return _kv(args[0], kv_parser(args[0]).parse_args(args[1:]))
         return _run(run_parser().parse_args(args))
     except NodeUnreachable as exc:
         return _fail(str(exc), EXIT_UNREACHABLE)
+    except ApiRefused as exc:
+        return _fail(str(exc), EXIT_QUORUM if exc.status == 503 else EXIT_USAGE)
     except BaseException as exc:
         message = user_error(exc)
         if message is None:
@@ -115,17 +194,42 @@ def _client(command: str, args: argparse.Namespace) -> int:
     return 0
 
 
+def _kv(command: str, args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir)
+    path = "/kv/" + quote(args.key, safe="")
+    level = {"consistency": args.consistency} if args.consistency else {}
+    if command == "get":
+        answer = call_json(data_dir, "GET", path + _query(level))
+    elif command == "del":
+        answer = call_json(data_dir, "DELETE", path + _query(level))
+    elif command == "put":
+        answer = call_json(data_dir, "PUT", path, {"value": args.value, **level})
+    elif command == "incr":
+        answer = call_json(data_dir, "POST", path + "/incr", {"by": args.amount, **level})
+    else:
+        answer = call_json(data_dir, "POST", f"{path}/{command}",
+                           {"members": args.members, **level})
+    print(json.dumps(answer))
+    return 0
+
+
+def _query(params: dict[str, str]) -> str:
+    return "?" + urlencode(params) if params else ""
+
+
 def _run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: libp2p takes a second to import, and the client
     # commands must not pay for it.
     import trio
 
-    from .options import build_options
+    from .kv_extension import kv_extension
+    from .options import build_kv_config, build_options
     from .runner import run_node
 
     options = build_options(args)
+    store = kv_extension(build_kv_config(args))
     setup_logging(args.log_level, args.libp2p_log_level)
-    trio.run(run_node, options)
+    trio.run(functools.partial(run_node, options, extensions=[store]))
     return 0
 
 

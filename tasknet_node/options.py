@@ -1,4 +1,5 @@
-# From parsed command-line arguments to the options a node runs with.
+# From parsed command-line arguments to the options a node runs with (network, control API,
+# KV store).
 # Lives here: defaults that depend on the role (bootstrap node or not) and on the testnet,
 # and the checks that turn bad values into one-line errors before anything starts.
 # Must not live here: the argument syntax (cli.py) or running anything (runner.py).
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import multiaddr
 
+from kv import Consistency, KVConfig
 from p2p import NetworkConfig
 
 from .errors import UsageError
@@ -56,6 +58,20 @@ def build_options(args: argparse.Namespace) -> NodeOptions:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     return NodeOptions(config, api_host, api_port)
+
+
+def build_kv_config(args: argparse.Namespace) -> KVConfig:
+    """The KV store's settings: each from its flag, else KVConfig's default."""
+    config = KVConfig()
+    if args.replicas is not None:
+        config.replicas = args.replicas
+    if args.write_consistency is not None:
+        config.write_consistency = Consistency(args.write_consistency)
+    if args.read_consistency is not None:
+        config.read_consistency = Consistency(args.read_consistency)
+    if args.anti_entropy_interval is not None:
+        config.anti_entropy_interval = args.anti_entropy_interval
+    return config
 
 
 def _network_id(flag: str | None, testnet: Testnet | None) -> str:

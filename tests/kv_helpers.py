@@ -15,7 +15,7 @@ from shard import Keyspace, Store
 from p2p_helpers import alive_ids, node_config, wait_for
 
 # py-libp2p's gossip costs CPU per heartbeat; five nodes in one process share one core
-FAST_NET = {"heartbeat_interval": 0.5, "suspect_after": 2.0, "dead_after": 4.0}
+FAST_NET = {"heartbeat_interval": 0.5, "suspect_after": 3.0, "dead_after": 6.0}
 FAST_KV = {"anti_entropy_interval": 1.0, "rebalance_interval": 0.5, "hint_interval": 0.3,
            "request_timeout": 3.0}
 
