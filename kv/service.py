@@ -225,7 +225,8 @@ class KV:
                                                         timeout=self.config.request_timeout)
                     if not isinstance(states, list) or len(states) != len(asked):
                         return
-                except RequestError:
+                except RequestError as exc:
+                    log.info("read of %d keys from %s failed: %s", len(asked), peer, exc)
                     return
                 later: list[int] = []
                 for i, state in zip(indices, states, strict=True):
@@ -247,11 +248,13 @@ class KV:
             for peer, indices in wanted.items():
                 for start in range(0, len(indices), 1024):
                     nursery.start_soon(ask, peer, indices[start:start + 1024])
-            with trio.move_on_after(self.config.request_timeout):
-                await complete.wait()
+            # each request is bounded by its own timeout; stop once every key has R answers
+            await complete.wait()
             nursery.cancel_scope.cancel()
         short = [keys[i] for i, a in enumerate(answers) if len(a) < needed]
         if short:
+            log.warning("read: %d of %d keys short of %d answers; asked %s", len(short),
+                        len(keys), needed, {p[-6:]: len(ix) for p, ix in wanted.items()})
             raise QuorumError(f"read of {short[0]!r} (and {len(short) - 1} more): fewer than "
                               f"{needed} replicas answered")
         self.metrics["reads"] += len(keys)
@@ -628,9 +631,10 @@ class KV:
         except (RequestError, ProtocolError) as exc:
             log.info("anti-entropy with %s failed: %s", peer, exc)
             return 0
-        if session.received:
-            await self.writer.merge(session.received)
-            log.info("anti-entropy with %s repaired %d keys here", peer, len(session.received))
+        repaired = self._owned_only(session.received)
+        if repaired:
+            await self.writer.merge(repaired)
+            log.info("anti-entropy with %s repaired %d keys here", peer, len(repaired))
         now = time.monotonic()
         for partition in partitions:
             self.last_anti_entropy[partition] = now
@@ -657,9 +661,16 @@ class KV:
             raise HandlerError("protocol", str(exc)) from None
         if session.done:
             self._ae_sessions.pop(key, None)
-            if session.received:
-                await self.writer.merge(session.received)
+            repaired = self._owned_only(session.received)
+            if repaired:
+                await self.writer.merge(repaired)
         return reply
+
+    def _owned_only(self, states: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+        """States of keys this node replicates now. An exchange that began under an older
+        ring must not bring back a partition this node has since handed off."""
+        mine = self._owned_partitions()
+        return [(k, s) for k, s in states if self.ring.partition_of(k) in mine]
 
     # -- partition handoff ---------------------------------------------------------------
     def _plan_pushes(self, old: Ring, new: Ring) -> None:
@@ -691,34 +702,47 @@ class KV:
             await self._hand_off_foreign(alive)
 
     async def _hand_off_foreign(self, alive: set[str]) -> None:
-        """Partitions held here that this node no longer owns go to all their owners, then
-        are dropped, but only once every owner confirmed and no write raced the transfer."""
-        groups: dict[tuple[str, ...], list[int]] = {}
+        """Partitions held here that this node no longer owns go to all their owners (one
+        stream per owner, all owners at once), then are dropped, but only once every owner
+        confirmed and no write raced the transfer."""
         mine = self._owned_partitions()
-        for partition in range(self.ring.partitions):
-            if partition not in mine and self.store.count(partition):
-                groups.setdefault(tuple(self.ring.owners(partition)), []).append(partition)
-        if not groups:
+        foreign = [p for p in range(self.ring.partitions)
+                   if p not in mine and self.store.count(p)]
+        if not foreign:
             self.handoff_progress = {}
             return
-        total = sum(len(parts) for parts in groups.values())
-        keys = sum(self.store.count(p) for parts in groups.values() for p in parts)
-        self.handoff_progress = {"partitions_left": total, "keys_left": keys, "keys_sent": 0}
-        log.info("handoff: %d partitions (%d keys) this node no longer owns", total, keys)
-        for owners, partitions in groups.items():
-            if not all(o in alive for o in owners):
-                continue  # every owner must be able to confirm before anything is dropped
-            roots = {p: self.store.tree.partition_root(p) for p in partitions}
-            if not await self._stream_partitions(partitions, list(owners)):
-                continue
-            for partition in partitions:
-                unchanged = self.store.tree.partition_root(partition) == roots[partition]
-                if unchanged and self.me not in self.ring.owners(partition):
-                    self.store.drop_partition(partition)
-                    self.metrics["partitions_dropped"] += 1
-            self.handoff_progress["partitions_left"] -= len(partitions)
-            log.info("handoff: %d partitions confirmed by %s; %d left", len(partitions),
-                     ",".join(o[-6:] for o in owners), self.handoff_progress["partitions_left"])
+        keys = sum(self.store.count(p) for p in foreign)
+        self.handoff_progress = {"partitions_left": len(foreign), "keys_left": keys,
+                                 "keys_sent": 0}
+        log.info("handoff: %d partitions (%d keys) this node no longer owns", len(foreign), keys)
+        owners = {p: self.ring.owners(p) for p in foreign}
+        ready = [p for p in foreign if all(o in alive for o in owners[p])]
+        per_target: dict[str, list[int]] = {}
+        for partition in ready:  # every owner must be able to confirm before a drop
+            for owner in owners[partition]:
+                per_target.setdefault(owner, []).append(partition)
+        roots = {p: self.store.tree.partition_root(p) for p in ready}
+        confirmed: dict[int, int] = dict.fromkeys(ready, 0)
+
+        async def send(target: str, partitions: list[int]) -> None:
+            if await self._stream_partitions(partitions, [target]):
+                for partition in partitions:
+                    confirmed[partition] += 1
+
+        async with trio.open_nursery() as nursery:
+            for target, partitions in per_target.items():
+                nursery.start_soon(send, target, partitions)
+        dropped = 0
+        for partition in ready:
+            unchanged = self.store.tree.partition_root(partition) == roots[partition]
+            if (confirmed[partition] == len(owners[partition]) and unchanged
+                    and self.me not in self.ring.owners(partition)):
+                self.store.drop_partition(partition)
+                dropped += 1
+        self.metrics["partitions_dropped"] += dropped
+        self.handoff_progress["partitions_left"] = len(foreign) - dropped
+        log.info("handoff: %d partitions confirmed by their owners and dropped; %d left",
+                 dropped, len(foreign) - dropped)
 
     async def _stream_partitions(self, partitions: list[int], targets: list[str]) -> bool:
         """Send every state of `partitions` to each target; True when all confirmed."""

@@ -17,6 +17,11 @@ class NetworkConfig:
     enable_mdns: bool = False
     # membership and failure detection
     heartbeat_interval: float = 1.0
+    # every node gossips a heartbeat, so the network's total heartbeat traffic grows with its
+    # size; each node waits at least this long per alive member between heartbeats, which
+    # keeps the total near 1 / heartbeat_per_member messages per second (py-libp2p spends
+    # ~10 ms of CPU per node on each gossip message). Failure detection scales with it.
+    heartbeat_per_member: float = 0.25
     suspect_after: float = 3.0
     dead_after: float = 8.0
     # discovery: how many direct connections a node keeps beyond the bootstrap peers

@@ -22,6 +22,7 @@ class Member:
     last_seen: float
     state: MemberState
     left: bool = False  # left the network for good (decommissioned), not just stopped
+    interval: float = 0.0  # how often the member says it sends heartbeats (seconds)
 
     def to_dict(self, now: float) -> dict[str, object]:
         return {
@@ -48,9 +49,15 @@ class MemberEvent:
 
 @dataclass
 class MembershipConfig:
+    """Silences that make a member suspect, then dead: at least these many seconds, and at
+    least these many of the member's own heartbeat intervals (members slow their heartbeat
+    down as the network grows)."""
+
     suspect_after: float = 3.0
     dead_after: float = 8.0
     forget_after: float = 300.0
+    suspect_intervals: float = 3.0
+    dead_intervals: float = 8.0
 
 
 class MemberView:
@@ -69,12 +76,14 @@ class MemberView:
         return {m.peer_id for m in self._members.values() if m.state is MemberState.ALIVE}
 
     def observe_heartbeat(
-        self, peer_id: str, addrs: tuple[str, ...], incarnation: int, now: float
+        self, peer_id: str, addrs: tuple[str, ...], incarnation: int, now: float,
+        interval: float = 0.0,
     ) -> list[MemberEvent]:
         known = self._members.get(peer_id)
         if known is not None and incarnation < known.incarnation:
             return []  # a heartbeat from before the member's latest restart
-        member = Member(peer_id, addrs, incarnation, now, MemberState.ALIVE)
+        member = Member(peer_id, addrs, incarnation, now, MemberState.ALIVE,
+                        interval=interval)
         self._members[peer_id] = member
         if known is None:
             return [MemberEvent(peer_id, None, MemberState.ALIVE, member)]
@@ -102,9 +111,11 @@ class MemberView:
         cfg = self.config
         for peer_id, member in list(self._members.items()):
             silent = now - member.last_seen
-            if member.state is MemberState.ALIVE and silent >= cfg.suspect_after:
+            suspect_after = max(cfg.suspect_after, cfg.suspect_intervals * member.interval)
+            dead_after = max(cfg.dead_after, cfg.dead_intervals * member.interval)
+            if member.state is MemberState.ALIVE and silent >= suspect_after:
                 new = replace(member, state=MemberState.SUSPECT)
-            elif member.state is MemberState.SUSPECT and silent >= cfg.dead_after:
+            elif member.state is MemberState.SUSPECT and silent >= dead_after:
                 new = replace(member, state=MemberState.DEAD)
             elif member.state is MemberState.DEAD and silent >= cfg.forget_after:
                 del self._members[peer_id]

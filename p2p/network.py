@@ -403,16 +403,23 @@ class Network:
         )
 
     # -- membership ----------------------------------------------------------------------
+    def heartbeat_every(self) -> float:
+        """This node's heartbeat interval now: slower as the network grows."""
+        members = 1 + len(self.view.alive_ids())
+        return max(self.config.heartbeat_interval, self.config.heartbeat_per_member * members)
+
     async def _heartbeat_loop(self) -> None:
         while True:
+            every = self.heartbeat_every()
             try:
                 await self.publish(
                     MEMBERSHIP_TOPIC,
-                    {"kind": "alive", "inc": self.incarnation, "addrs": self.addrs},
+                    {"kind": "alive", "inc": self.incarnation, "addrs": self.addrs,
+                     "every": every},
                 )
             except Exception:
                 log.exception("heartbeat publish failed")
-            await trio.sleep(self.config.heartbeat_interval)
+            await trio.sleep(every)
 
     async def _announce_leave(self) -> None:
         try:
@@ -438,8 +445,12 @@ class Network:
                 if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
                     self.penalize(message.author, "malformed")
                     continue
+                every = payload.get("every", 0.0)
+                if not isinstance(every, (int, float)) or not 0 <= every <= 3600:
+                    self.penalize(message.author, "malformed")
+                    continue
                 events = self.view.observe_heartbeat(
-                    message.author, tuple(addrs[:16]), payload["inc"], now
+                    message.author, tuple(addrs[:16]), payload["inc"], now, float(every)
                 )
             self._emit(events)
 
@@ -555,7 +566,7 @@ class Network:
                 del self._connected_since[peer]
         topic = self._topic(MEMBERSHIP_TOPIC)
         listeners = {str(p) for p in self._pubsub.peer_topics.get(topic, ())}
-        grace = max(3.0, 4 * self.config.heartbeat_interval)
+        grace = max(3.0, 4 * self.heartbeat_every())
         for peer in connected - self._blocked:
             since, strikes = self._connected_since.setdefault(peer, (now, 0))
             member = self.view.get(peer)

@@ -15,9 +15,10 @@ from shard import Keyspace, Store
 from p2p_helpers import alive_ids, node_config, wait_for
 
 # py-libp2p's gossip costs CPU per heartbeat; five nodes in one process share one core
-FAST_NET = {"heartbeat_interval": 0.5, "suspect_after": 3.0, "dead_after": 6.0}
+FAST_NET = {"heartbeat_interval": 0.5, "heartbeat_per_member": 0.1, "suspect_after": 3.0,
+            "dead_after": 6.0}
 FAST_KV = {"anti_entropy_interval": 1.0, "rebalance_interval": 0.5, "hint_interval": 0.3,
-           "request_timeout": 3.0}
+           "request_timeout": 10.0}
 
 
 async def start_kv_node(stack: AsyncExitStack, data_dir: Path, bootstrap: list[str],
@@ -43,6 +44,12 @@ async def wait_for_ring(nodes: list[KV], timeout: float = 20) -> None:
     everyone = {kv.me for kv in nodes}
     await wait_for(lambda: all(alive_ids(kv.net) >= everyone and set(kv.ring.members) == everyone
                                for kv in nodes), timeout, "every node alive in every ring")
+
+
+def foreign_keys(kv: KV) -> int:
+    """Keys a running node holds in partitions it does not own (handed off but not dropped)."""
+    owned = kv.ring.partitions_of(kv.me)
+    return sum(kv.store.count(p) for p in range(kv.ring.partitions) if p not in owned)
 
 
 def stored_keys(data_dir: Path) -> dict[bytes, bytes]:

@@ -10,7 +10,8 @@ import trio
 
 from p2p import MemberState, Network, NetworkConfig
 
-FAST = {"heartbeat_interval": 0.3, "suspect_after": 1.5, "dead_after": 3.0}
+FAST = {"heartbeat_interval": 0.3, "heartbeat_per_member": 0.05, "suspect_after": 1.5,
+        "dead_after": 3.0}
 
 
 def node_config(data_dir: Path, network: str = "test-net", **overrides) -> NetworkConfig:

@@ -14,7 +14,7 @@ from p2p import RequestError
 from p2p.envelope import seal
 from p2p.identity import Identity
 
-from kv_helpers import NodeHandle, handles, stored_keys, wait_for, wait_for_ring
+from kv_helpers import NodeHandle, foreign_keys, handles, stored_keys, wait_for, wait_for_ring
 
 N = 3
 
@@ -34,6 +34,8 @@ async def test_writes_from_every_coordinator_land_on_exactly_n_replicas(tmp_path
         keys = sorted(expected)
         for kv in kvs:  # every key readable from every node
             assert await kv.get_many(keys) == [expected[k] for k in keys]
+        await wait_for(lambda: all(foreign_keys(kv) == 0 for kv in kvs), 30,
+                       "no node to hold keys outside its partitions")
         dirs = [n.data_dir for n in nodes]
     holders = Counter()
     for data_dir in dirs:
@@ -115,6 +117,8 @@ async def test_a_joining_node_takes_its_share_and_the_others_drop_it(tmp_path):
         await wait_for(handed_off, 120, "handoff to the newcomer and drops at the others")
         assert await newcomer.get_many(sorted(written)) == [written[k]
                                                              for k in sorted(written)]
+        await wait_for(lambda: all(foreign_keys(kv) == 0 for kv in kvs), 30,
+                       "the old owners to drop what they handed off")
         dirs = [n.data_dir for n in nodes]
     holders = Counter()
     for data_dir in dirs:

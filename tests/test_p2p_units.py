@@ -139,3 +139,14 @@ def test_scores_ban_and_recover():
     assert not scores.is_banned("x", now=31)
     scores.penalize("y", "malformed", now=0)
     assert -10 < scores.score("y", now=10) < -4  # decays with the half-life
+
+
+def test_failure_detection_scales_with_the_members_heartbeat_interval():
+    view = MemberView("me", MembershipConfig(suspect_after=3, dead_after=8))
+    view.observe_heartbeat("fast", ("a",), 1, now=0, interval=1.0)
+    view.observe_heartbeat("slow", ("b",), 1, now=0, interval=5.0)  # a big network's pace
+    suspects = {e.peer_id for e in view.tick(now=4) if e.current is MemberState.SUSPECT}
+    assert suspects == {"fast"}
+    assert {e.peer_id for e in view.tick(now=16)} == {"fast", "slow"}
+    assert view.get("slow").state is MemberState.SUSPECT  # dead only after 8 intervals
+    assert view.tick(now=41)[0].current is MemberState.DEAD
