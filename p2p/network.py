@@ -68,6 +68,15 @@ class Subscription:
         return await self._receive.receive()
 
 
+def _holds(error: BaseException, target: BaseException) -> bool:
+    """Whether `error` is `target` or an exception group that contains it."""
+    if error is target:
+        return True
+    if isinstance(error, BaseExceptionGroup):
+        return any(_holds(inner, target) for inner in error.exceptions)
+    return False
+
+
 def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
     try:
         return multiaddr.Multiaddr(text)
@@ -202,7 +211,7 @@ class Network:
             is_blocked=self._blocked.__contains__,
         )
         started = False
-        body_failed = False
+        body_error: BaseException | None = None
         try:
             async with (
                 host.run(listen_addrs=listen),
@@ -224,8 +233,8 @@ class Network:
                 nursery.start_soon(self._discovery_loop)
                 try:
                     yield
-                except BaseException:
-                    body_failed = True
+                except BaseException as exc:
+                    body_error = exc
                     raise
                 finally:
                     with trio.move_on_after(0.5) as cleanup:
@@ -233,12 +242,15 @@ class Network:
                         await self._announce_leave()
                     nursery.cancel_scope.cancel()
         except Exception as exc:
-            if started and not body_failed:
+            if started and body_error is None:
                 # py-libp2p can raise from its own tasks while it tears down (a peer dialing
                 # in as the swarm's nursery closes). The node has stopped either way.
                 log.warning("libp2p reported an error while stopping: %r", exc)
                 return
             if started:
+                if isinstance(body_error, Exception) and _holds(exc, body_error):
+                    # the caller's own error, not wrapped in the groups of our nurseries
+                    raise body_error.with_traceback(body_error.__traceback__) from None
                 raise
             addrs = [str(a) for a in listen]
             raise ConfigError(f"cannot listen on {addrs}: {_innermost(exc)}") from None

@@ -173,3 +173,16 @@ async def test_isolation_splits_membership_and_heal_rejoins(tmp_path):
             n.heal()
         await wait_for(lambda: all(alive_ids(n) == everyone for n in nodes), 20,
                        "all 4 alive again after heal")
+
+
+async def test_an_error_in_the_body_comes_out_unwrapped(tmp_path):
+    class Mine(Exception):
+        pass
+
+    try:
+        async with Network.start(node_config(tmp_path / "n")):
+            raise Mine("from the caller")
+    except Mine as exc:  # not an ExceptionGroup of the node's nurseries
+        assert str(exc) == "from the caller"
+    else:
+        raise AssertionError("the error was swallowed")
