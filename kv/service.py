@@ -113,7 +113,8 @@ class KV:
         self.last_anti_entropy: dict[int, float] = {}
         self.handoff_progress: dict[str, Any] = {}
         self.metrics = {"writes": 0, "reads": 0, "read_repairs": 0, "hints_delivered": 0,
-                        "handoff_keys_sent": 0, "partitions_dropped": 0, "refused_batches": 0}
+                        "handoff_keys_sent": 0, "partitions_dropped": 0, "refused_batches": 0,
+                        "merge_failures": 0, "type_conflicts": 0}
 
     @classmethod
     @asynccontextmanager
@@ -269,9 +270,17 @@ class KV:
             try:
                 merged = crdt.merge_encoded(merged, state)
             except (crdt.DecodeError, TypeError, ValueError) as exc:
-                log.warning("replica %s answered a bad state for %r: %s", peer, key, exc)
-                self.net.penalize(peer, "malformed")
                 del answers[peer]
+                try:
+                    crdt.decode(state)
+                except crdt.DecodeError:
+                    log.warning("replica %s answered a corrupt state for %r: %s", peer, key, exc)
+                    self.net.penalize(peer, "malformed")
+                    continue
+                # both states are sound but of different types (concurrent first writes of
+                # two types): keep the first, report the conflict
+                self.metrics["type_conflicts"] += 1
+                log.warning("type conflict on %r between replicas: %s", key, exc)
         if merged is not None:
             for peer, state in answers.items():
                 if state != merged:
@@ -475,7 +484,7 @@ class KV:
 
     def _send_nowait(self, peer: str, item: Delta) -> None:
         if peer == self.me:
-            self._nursery_soon(self.writer.merge, [(item.key, item.delta)])
+            self._nursery_soon(self._merge_quietly, [(item.key, item.delta)], "read repair")
         elif not self._link(peer).push_nowait(item):
             log.debug("replication queue to %s is full; anti-entropy will repair", peer)
 
@@ -632,8 +641,7 @@ class KV:
             log.info("anti-entropy with %s failed: %s", peer, exc)
             return 0
         repaired = self._owned_only(session.received)
-        if repaired:
-            await self.writer.merge(repaired)
+        if repaired and await self._merge_quietly(repaired, f"anti-entropy with {peer}"):
             log.info("anti-entropy with %s repaired %d keys here", peer, len(repaired))
         now = time.monotonic()
         for partition in partitions:
@@ -663,8 +671,26 @@ class KV:
             self._ae_sessions.pop(key, None)
             repaired = self._owned_only(session.received)
             if repaired:
-                await self.writer.merge(repaired)
+                await self._merge_quietly(repaired, f"anti-entropy from {peer}")
         return reply
+
+    async def _merge_quietly(self, items: list[tuple[bytes, bytes]], what: str) -> bool:
+        """Merge states that background repair brought; a state that cannot merge (a type
+        conflict between replicas, a corrupt record) is logged and counted, never fatal."""
+        try:
+            await self.writer.merge(items)
+            return True
+        except Exception:
+            pass
+        failed = 0
+        for item in items:  # find the ones that cannot merge; merge the others
+            try:
+                await self.writer.merge([item])
+            except Exception as exc:
+                failed += 1
+                log.warning("%s: state of %r not merged: %s", what, item[0], exc)
+        self.metrics["merge_failures"] += failed
+        return failed < len(items)
 
     def _owned_only(self, states: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
         """States of keys this node replicates now. An exchange that began under an older

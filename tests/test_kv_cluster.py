@@ -244,3 +244,24 @@ async def test_large_values_travel_in_byte_bounded_batches(tmp_path):
         with pytest.raises(OpError) as overflow:
             await nodes[1].kv.put("too-big-int", 2**70)
         assert overflow.value.code == "bad_value"
+
+
+async def test_a_type_conflict_between_split_replicas_is_reported_not_fatal(tmp_path):
+    async with handles(tmp_path, 2, replicas=2) as nodes:
+        a, b = (n.kv for n in nodes)
+        await a.net.isolate_from({b.me})
+        await b.net.isolate_from({a.me})
+        await wait_for(lambda: not a.net.view.alive_ids() and not b.net.view.alive_ids(), 15,
+                       "the split")
+        await a.put("clash", "a register", consistency="one")
+        await b.sadd("clash", "a set member", consistency="one")
+        a.net.heal()
+        b.net.heal()
+        await wait_for_ring([a, b])
+        await wait_for(lambda: a.metrics["merge_failures"] + b.metrics["merge_failures"] > 0,
+                       30, "anti-entropy to meet the conflict")
+        value = await a.get("clash")  # one of the two, and both nodes keep serving
+        assert value in ("a register", ["a set member"])
+        assert a.metrics["type_conflicts"] >= 1
+        await a.put("other", 1)
+        assert await b.get("other") == 1
