@@ -582,9 +582,9 @@ class Network:
         for peer in connected - self._blocked:
             since, strikes = self._connected_since.setdefault(peer, (now, 0))
             member = self.view.get(peer)
-            silent = peer not in listeners or (
-                member is not None and member.state is not MemberState.ALIVE)
-            if not silent:
+            # a member we hold dead although it is connected: its messages do not reach us
+            unheard = member is not None and member.state is MemberState.DEAD
+            if peer in listeners and not unheard:
                 self._connected_since[peer] = (now, 0)
                 continue
             if now - since < grace:
@@ -595,9 +595,12 @@ class Network:
             if strikes:
                 await self._disconnect(peer)
             else:
-                rebuild = getattr(self._pubsub, "_handle_dead_peer", None)
-                if rebuild is not None:
-                    rebuild(ID.from_base58(peer))
+                self._rebuild_pubsub_stream(peer)
+
+    def _rebuild_pubsub_stream(self, peer: str) -> None:
+        rebuild = getattr(self._pubsub, "_handle_dead_peer", None)
+        if rebuild is not None:  # drops the stream; py-libp2p reopens it while connected
+            rebuild(ID.from_base58(peer))
 
     def _lift_expired_bans(self, now: float) -> None:
         if self._pubsub is None:
