@@ -480,6 +480,8 @@ class Network:
                 self._remember_addrs(event.peer_id, event.member.addrs)
                 if event.restarted or event.previous is MemberState.DEAD:
                     self._redial_at.pop(event.peer_id, None)
+                    if self._rpc is not None:  # its old streams died with its old process
+                        self._rpc.forget_peer(event.peer_id)
             if event.current is MemberState.DEAD and self._rpc is not None:
                 self._rpc.forget_peer(event.peer_id)
             for send in self._event_listeners:

@@ -277,6 +277,9 @@ class RpcService:
         if deadline.cancelled_caught:
             if channel is not None:
                 channel.pending.pop(request_id, None)
+                # a stream that does not answer may sit on a dead connection (a peer that
+                # restarted): open a fresh one next time rather than wait on it again
+                self._drop(key, channel)
             raise RequestTimeout(f"{name} to {peer_id} timed out after {limit}s")
         assert channel is not None
         if not box:
