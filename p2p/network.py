@@ -368,7 +368,9 @@ class Network:
         except EnvelopeError as exc:
             self.metrics["gossip_rejected"] += 1
             log.warning("refused gossip on %s forwarded by %s: %s", topic, forwarder, exc)
-            if forwarder != self.host.get_id():
+            # a replayed envelope is refused but not held against the forwarder: gossipsub
+            # re-delivers old messages to peers that restarted, so honest peers forward them
+            if forwarder != self.host.get_id() and exc.reason != "replayed":
                 self.penalize(str(forwarder), exc.reason)
             return False
         self._verified[msg.from_id + msg.seqno] = envelope
