@@ -5,13 +5,14 @@
 # Must not live here: anything the node needs; this script only uses node.py and its HTTP API.
 #
 # Every cluster stores each key on N = 3 replicas and acknowledges a write at W = 2 (quorum).
-# Phases, per cluster size in --nodes-list (a fresh cluster each):
+# Clusters, each fresh: 3 nodes (idle RSS, throughput, lag, catch-up), one of each other size
+# in --nodes-list (throughput), and 3 nodes again (RSS with --keys keys, handoff): the last one
+# is fresh so that what a restart leaves behind cannot blur the memory and handoff figures.
 #   writes_per_s_w2_nX          PUT /kv/{key}, one key per request, --concurrency requests in
 #                               flight, spread round-robin over every node (each coordinates);
 #                               acknowledged writes / wall time.
 #   batched_writes_per_s_w2_nX  POST /kv-batch of --batch-size keys, --batch-concurrency
 #                               batches in flight, round-robin over every node.
-# Then on the 3-node cluster only:
 #   lag_p50_ms, lag_p99_ms      writes paced open-loop at --lag-rate per second (or 80% of the
 #                               single-write rate just measured, if lower: lag_rate_per_s says
 #                               what was achieved). For every LAG_SAMPLE_EVERY-th write, once it
@@ -24,15 +25,18 @@
 #   catchup_s                   SIGTERM one node, write --catchup keys in batches to the other
 #                               two, restart it; time from restart until its key count equals
 #                               the others' (N = nodes: it owns every key) and no node has hints
-#                               pending (catchup_api_s: of that, until its API answered).
-#   rss_mb_per_node             the store topped up to --keys keys, the cluster quiet: the
-#                               largest VmRSS of the node processes (idle_rss_mb: same, before
-#                               the first write, empty stores).
+#                               pending (catchup_api_s: of that, until its API answered);
+#                               catchup_peer_offences: what the nodes held against each other
+#                               afterwards (p2p offence counts by reason, summed).
+#   rss_mb_per_node             --keys keys written in batches, the cluster quiet: the largest
+#                               VmRSS of the node processes (idle_rss_mb: same, before the
+#                               first write, empty stores).
 #   handoff_keys_per_s          a 4th node joins the cluster holding handoff_total_keys keys;
 #                               handoff is done when no node reports handoff work, the nodes
 #                               together hold exactly N copies of every key, and the newcomer's
 #                               count stopped changing; rate = keys the newcomer received / time
-#                               from its start until the first poll that saw that state.
+#                               from its start until the first poll that saw that state (a node
+#                               refreshes its handoff status once per rebalance round, 2 s).
 # Reference, same run, before any node starts: raw_plyvel_sync_batch_per_s, plyvel
 # write_batch(sync=True) of --batch-size puts of keys and states laid out and sized as the
 # store keeps them (same LevelDB options), the median of REFERENCE_ROUNDS rounds;
@@ -40,8 +44,8 @@
 # The load generator runs on the same cores as the nodes; its CPU share of each throughput
 # phase is reported (*_driver_cpu_share), since a busy driver caps what it can measure, and so
 # is the CPU the node processes spent per acknowledged write (*_node_cpu_ms_per_write, user +
-# system, all nodes): unlike a rate, it hardly depends on what else the machine is running
-# (the 1-minute load average at start and end is reported too).
+# system, all nodes): it depends less than a rate on what else the machine is running (the
+# 1-minute load average at start and end is reported too). --quick runs tiny sizes (smoke test).
 from __future__ import annotations
 
 import argparse
@@ -361,8 +365,8 @@ async def worker_clients(cluster: Cluster, workers: int
 
 async def drive(cluster: Cluster, count: int, workers: int, budget: float,
                 request: Request) -> Load:
-    """Send requests 0 .. count - 1 from `workers` concurrent workers, starting none after
-    `budget` seconds."""
+    """Send requests 0 .. count - 1 from `workers` concurrent workers (each with clients of
+    its own), starting none after `budget` seconds."""
     load = Load()
     issued = 0
     async with worker_clients(cluster, workers) as clients:
@@ -420,26 +424,27 @@ def put_batch(prefix: str, value: str, batch_size: int, total: int) -> Request:
     return request
 
 
-async def holds(cluster: Cluster, node: Node, key: str) -> bool:
-    """Whether `node`'s own store has `key` (no quorum, no read repair)."""
-    return bool((await cluster.get(node, f"/kv-local/{key}"))["present"])
+async def holds(client: httpx.AsyncClient, key: str) -> bool:
+    """Whether the client's node holds `key` in its own store (no quorum, no read repair)."""
+    return bool((await _send(client.get(f"/kv-local/{key}"))).json()["present"])
 
 
 async def lag_run(cluster: Cluster, count: int, rate: float, value: str,
                   lags: list[float]) -> Load:
     """Writes paced at `rate` per second (at most LAG_IN_FLIGHT_S seconds' worth in flight,
-    each with a worker's clients of its own); every LAG_SAMPLE_EVERY-th one is followed until
-    all replicas hold it (see the header)."""
-    nodes = cluster.running
+    each with a worker's clients of its own, which also carry its probes); every
+    LAG_SAMPLE_EVERY-th one is followed until all replicas hold it (see the header). A failed
+    probe drops its sample and counts as a failed request."""
     put = put_one("lag:", value)
     load = Load()
 
-    async def replicated_after(key: str, acked_at: float) -> None:
-        missing = list(nodes)
-        while len(nodes) - len(missing) < REPLICAS:
-            answers = await gather([partial(holds, cluster, n, key) for n in missing])
-            missing = [n for n, present in zip(missing, answers, strict=True) if not present]
-            if len(nodes) - len(missing) < REPLICAS:
+    async def replicated_after(clients: list[httpx.AsyncClient], key: str,
+                               acked_at: float) -> None:
+        missing = list(clients)
+        while len(clients) - len(missing) < REPLICAS:
+            answers = await gather([partial(holds, client, key) for client in missing])
+            missing = [c for c, present in zip(missing, answers, strict=True) if not present]
+            if len(clients) - len(missing) < REPLICAS:
                 await trio.sleep(LAG_POLL_S)
         lags.append((time.perf_counter() - acked_at) * 1000)
 
@@ -448,7 +453,7 @@ async def lag_run(cluster: Cluster, count: int, rate: float, value: str,
             await put(clients, i)
             load.acked += 1
             if i % LAG_SAMPLE_EVERY == 0:
-                await replicated_after(f"lag:{i:09d}", time.perf_counter())
+                await replicated_after(clients, f"lag:{i:09d}", time.perf_counter())
         except RequestFailed as exc:
             load.fail(str(exc))
         finally:
@@ -542,6 +547,11 @@ async def catchup(cluster: Cluster, sizes: Sizes, value: str, out: dict[str, Any
     others = [s for node, s in zip(cluster.running, statuses, strict=True) if node is not victim]
     for name, count in _counters(others).items():
         out[f"catchup_{name}"] = count - delivered_before.get(name, 0)
+    offences: dict[str, int] = {}
+    for view in await gather([partial(cluster.get, n, "/status") for n in cluster.running]):
+        for reason, count in view["offences"].items():
+            offences[reason] = offences.get(reason, 0) + count
+    out["catchup_peer_offences"] = offences
 
 
 def _counters(statuses: list[dict[str, Any]]) -> dict[str, int]:
@@ -552,15 +562,11 @@ def _counters(statuses: list[dict[str, Any]]) -> dict[str, int]:
 
 async def rss_and_handoff(cluster: Cluster, sizes: Sizes, value: str,
                           out: dict[str, Any]) -> None:
-    have = max(s["keys"] for s in await cluster.kv_status())
-    if have < sizes.keys:
-        missing = sizes.keys - have
-        with phase(f"load {missing} keys", sizes.load_s + 60):
-            load = await drive(cluster, -(-missing // sizes.batch_size), sizes.batch_concurrency,
-                               sizes.load_s,
-                               put_batch("load:", value, sizes.batch_size, missing))
-        out["load_writes_per_s"] = load.rate
-        failures(out, "load", load)
+    with phase(f"load {sizes.keys} keys", sizes.load_s + 60):
+        load = await drive(cluster, -(-sizes.keys // sizes.batch_size), sizes.batch_concurrency,
+                           sizes.load_s, put_batch("load:", value, sizes.batch_size, sizes.keys))
+    out["load_writes_per_s"] = load.rate
+    failures(out, "load", load)
     statuses = await cluster.wait_converged("loaded keys replicated", 600)
     total = statuses[0]["keys"]
     rss = cluster.rss_mb()
@@ -624,26 +630,34 @@ def raw_reference(path: Path, value: str, batch_size: int, batches: int) -> floa
 
 
 # -- main --------------------------------------------------------------------------------------
+Phase = Callable[[Cluster, Sizes, str, dict[str, Any]], Awaitable[None]]
+
+
+async def idle_rss(cluster: Cluster, sizes: Sizes, value: str, out: dict[str, Any]) -> None:
+    out["idle_rss_mb"] = max(cluster.rss_mb())
+
+
 async def run(sizes: Sizes, out: dict[str, Any]) -> str | None:
     """Fill `out` with the figures; the first error that stopped the run, if any."""
     value = bench_value(sizes.value_bytes)
-    order = [MAIN_NODES] + [n for n in sizes.nodes_list if n != MAIN_NODES]
+    only_throughput: list[Phase] = [throughput]
+    plans: list[tuple[str, int, list[Phase]]] = [
+        ("main", MAIN_NODES, [idle_rss, throughput, lag, catchup]),
+        *[(f"n{size}", size, only_throughput) for size in sizes.nodes_list
+          if size != MAIN_NODES],
+        ("store", MAIN_NODES, [rss_and_handoff]),
+    ]
     with tempfile.TemporaryDirectory(prefix="tasknet-bench-cluster-",
                                      ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
         raw = raw_reference(root / "raw", value, sizes.batch_size, REFERENCE_BATCHES)
         out["raw_plyvel_sync_batch_per_s"] = raw
-        for size in order:
-            cluster = Cluster(root / f"n{size}")
+        for name, size, phases in plans:
+            cluster = Cluster(root / name)
             try:
                 await cluster.start(size)
-                if size == MAIN_NODES:
-                    out["idle_rss_mb"] = max(cluster.rss_mb())
-                await throughput(cluster, sizes, value, out)
-                if size == MAIN_NODES:
-                    await lag(cluster, sizes, value, out)
-                    await catchup(cluster, sizes, value, out)
-                    await rss_and_handoff(cluster, sizes, value, out)
+                for measure in phases:
+                    await measure(cluster, sizes, value, out)
             except Exception as exc:  # any failure still reports what was measured
                 traceback.print_exc()
                 print(cluster.log_tails(), file=sys.stderr)
@@ -671,7 +685,9 @@ PROFILES = {  # --quick, full size
 
 
 def parse_args(argv: list[str]) -> Sizes:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description="Benchmark the replicated KV store on real node processes (127.0.0.1); "
+        "prints one JSON line of figures. See the header of this file for the method.")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (smoke test)")
     parser.add_argument("--nodes-list", default=f"{MAIN_NODES},5",
                         help=f"cluster sizes for the throughput phases; must include "
