@@ -422,13 +422,14 @@ class KV:
             raise refused[0]
         needed = level.needed(self.config.replicas) - 1
         waits = []
+        alive = self._alive()  # once per batch, not per (op, peer)
         for op, delta in zip(ops, results, strict=True):
             if isinstance(delta, BaseException):
                 continue
             others = [p for p in self.ring.preference_list(op.key) if p != self.me]
             acks = _Acks(needed, len(others))
             for peer in others:
-                await self._replicate(peer, op.key, delta, acks)
+                await self._replicate(peer, op.key, delta, acks, alive)
             waits.append(acks)
         with trio.move_on_after(self.config.request_timeout):
             for acks in waits:
@@ -438,8 +439,9 @@ class KV:
             raise QuorumError(f"{short} of {len(ops)} ops had fewer than {needed + 1} acks; "
                               f"{len(refused)} refused ({refused[0] if refused else ''})")
 
-    async def _replicate(self, peer: str, key: bytes, delta: bytes, acks: _Acks) -> None:
-        if peer in self._alive():
+    async def _replicate(self, peer: str, key: bytes, delta: bytes, acks: _Acks,
+                         alive: set[str]) -> None:
+        if peer in alive:
             link = self._link(peer)
             item = Delta(key, delta, None, acks)
             if not link.push_nowait(item):  # no checkpoint: a batch of ops fills one batch
