@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -760,12 +761,19 @@ class KV:
         async with trio.open_nursery() as nursery:
             for target, partitions in per_target.items():
                 nursery.start_soon(send, target, partitions)
+
+        def drop_if_unchanged(partition: int) -> bool:
+            # runs between two write batches: nothing can land between the check and the drop
+            if (self.store.tree.partition_root(partition) != roots[partition]
+                    or self.me in self.ring.owners(partition)):
+                return False
+            self.store.drop_partition(partition)
+            return True
+
         dropped = 0
         for partition in ready:
-            unchanged = self.store.tree.partition_root(partition) == roots[partition]
-            if (confirmed[partition] == len(owners[partition]) and unchanged
-                    and self.me not in self.ring.owners(partition)):
-                self.store.drop_partition(partition)
+            if (confirmed[partition] == len(owners[partition])
+                    and await self.writer.exclusive(partial(drop_if_unchanged, partition))):
                 dropped += 1
         self.metrics["partitions_dropped"] += dropped
         self.handoff_progress["partitions_left"] = len(foreign) - dropped

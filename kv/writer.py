@@ -1,7 +1,8 @@
 # Group commit: every local write of the KV store goes through one task, which gathers what
 # arrived meanwhile into one LevelDB batch with one synced write.
-# Lives here: the job queue, the batching loop, and read-modify-write of local mutations
-# (a mutation reads the state left by earlier mutations of the same batch).
+# Lives here: the job queue, the batching loop, read-modify-write of local mutations (a
+# mutation reads the state left by earlier mutations of the same batch), and running the
+# synced disk write in a worker thread so the event loop keeps serving while the disk syncs.
 # Must not live here: replication, quorum counting, what operations mean (kv/ops.py).
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import trio
 
 import crdt
+from shard.store import CorruptRecord, PlannedWrite
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +25,21 @@ Mutation = Callable[[bytes | None], bytes]  # current state -> delta (encoded)
 class _Job:
     items: list[tuple[bytes, bytes]] = field(default_factory=list)  # merges: (key, delta)
     mutations: list[tuple[bytes, Mutation]] = field(default_factory=list)
+    exclusive: Callable[[], Any] | None = None  # run alone, between batches
     done: trio.Event = field(default_factory=trio.Event)
     results: list[Any] = field(default_factory=list)  # per mutation: delta or exception
     error: BaseException | None = None
 
+    @property
+    def size(self) -> int:
+        return len(self.items) + len(self.mutations) + (self.exclusive is not None)
+
 
 class GroupCommitWriter:
+    """The only writer of a store. Each batch is planned (reads and merges) in the event
+    loop, written with one fsync in a worker thread, then recorded in the hash tree; nothing
+    else writes meanwhile, and readers see a batch only once it is durable."""
+
     def __init__(self, store: Any, max_batch: int = 2048, queue: int = 8192) -> None:
         self.store = store
         self.max_batch = max_batch
@@ -55,6 +66,13 @@ class GroupCommitWriter:
         await self._submit(job)
         return job.results
 
+    async def exclusive(self, action: Callable[[], Any]) -> Any:
+        """Run `action()` (another write to the store, such as a partition drop) between two
+        batches, so it never interleaves with a planned batch; returns what it returned."""
+        job = _Job(exclusive=action)
+        await self._submit(job)
+        return job.results[0]
+
     async def _submit(self, job: _Job) -> None:
         await self._send.send(job)
         await job.done.wait()
@@ -64,49 +82,88 @@ class GroupCommitWriter:
     async def run(self) -> None:
         while True:
             jobs = [await self._receive.receive()]
-            size = len(jobs[0].items) + len(jobs[0].mutations)
-            while size < self.max_batch:
+            size = jobs[0].size
+            while size < self.max_batch and jobs[0].exclusive is None:
                 try:
                     job = self._receive.receive_nowait()
                 except trio.WouldBlock:
                     break
+                if job.exclusive is not None:
+                    await self._commit(jobs)
+                    jobs = [job]
+                    break
                 jobs.append(job)
-                size += len(job.items) + len(job.mutations)
-            self._commit(jobs)
+                size += job.size
+            if jobs[0].exclusive is not None:
+                self._run_exclusive(jobs[0])
+            else:
+                await self._commit(jobs)
             await trio.lowlevel.checkpoint()
 
-    def _commit(self, jobs: list[_Job]) -> None:
-        items: list[tuple[bytes, bytes]] = []
-        overlay: dict[bytes, bytes | None] = {}
-        for job in jobs:
-            items.extend(job.items)
-            for key, mutation in job.mutations:
-                try:
-                    current = overlay[key] if key in overlay else self.store.get(key)
-                    delta = mutation(current)
-                    overlay[key] = crdt.merge_encoded(current, delta)
-                except Exception as exc:  # this op is refused; the rest of the batch goes on
-                    job.results.append(exc)
-                    continue
-                job.results.append(delta)
-                items.append((key, delta))
+    def _run_exclusive(self, job: _Job) -> None:
+        assert job.exclusive is not None
         try:
-            if items:
-                self.store.apply_deltas(items, sync=True)
-                self.batches += 1
-                self.writes += len(items)
-        except Exception:
+            job.results.append(job.exclusive())
+        except Exception as exc:
+            job.error = exc
+        job.done.set()
+
+    async def _commit(self, jobs: list[_Job]) -> None:
+        try:
+            planned = self.store.plan_updates(self._updates(jobs))
+        except CorruptRecord:
             # one bad item (a delta of another type, a corrupt record) must not fail the rest:
             # commit job by job so only the offending jobs see the error
-            log.warning("a write batch of %d items failed; retrying job by job", len(items))
+            log.warning("a write batch of %d jobs failed; retrying job by job", len(jobs))
             for job in jobs:
-                job_items = job.items + [(k, d) for (k, _), d in zip(job.mutations, job.results,
-                                                                     strict=True)
-                                         if isinstance(d, bytes)]
+                job.results.clear()
                 try:
-                    self.store.apply_deltas(job_items, sync=True)
-                    self.writes += len(job_items)
+                    await self._write(self.store.plan_updates(self._updates([job])))
                 except Exception as exc:
+                    job.error = exc
+        else:
+            try:
+                await self._write(planned)
+            except Exception as exc:  # the disk write failed: nothing of the batch is stored
+                for job in jobs:
                     job.error = exc
         for job in jobs:
             job.done.set()
+
+    async def _write(self, planned: PlannedWrite) -> None:
+        if not planned.changed:
+            return
+        # abandon_on_cancel=False (the default): a shutdown waits for the write to finish
+        await trio.to_thread.run_sync(self.store.write_planned, planned, True)
+        self.store.record_planned(planned)
+        self.batches += 1
+        self.writes += len(planned.changed)
+
+    def _updates(self, jobs: list[_Job]) -> list[tuple[bytes, Any]]:
+        merge = self.store.merge_checked
+        updates: list[tuple[bytes, Any]] = []
+        for job in jobs:
+            for key, delta in job.items:
+                updates.append((key, _merge_update(merge, key, delta)))
+            for key, mutation in job.mutations:
+                updates.append((key, _mutation_update(mutation, job.results)))
+        return updates
+
+
+def _merge_update(merge: Callable[[bytes, bytes | None, bytes], bytes], key: bytes,
+                  delta: bytes) -> Callable[[bytes | None], bytes]:
+    return lambda current: merge(key, current, delta)
+
+
+def _mutation_update(mutation: Mutation, results: list[Any]
+                     ) -> Callable[[bytes | None], bytes | None]:
+    def update(current: bytes | None) -> bytes | None:
+        try:
+            delta = mutation(current)
+            new = crdt.merge_encoded(current, delta)
+        except Exception as exc:  # this op is refused; the rest of the batch goes on
+            results.append(exc)
+            return None
+        results.append(delta)
+        return new
+    return update

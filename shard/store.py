@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import plyvel
 
@@ -26,6 +28,7 @@ from .keyspace import PREFIX_BYTES, Keyspace
 from .merkle import HashTree
 
 Merge = Callable[[bytes | None, bytes], bytes]
+Update = Callable[[bytes | None], bytes | None]  # current state -> new state (None: unchanged)
 
 _META_KEY = b"\x00"
 _TREE_KEY = b"\x00\x00"
@@ -57,6 +60,15 @@ def _describe(exc: BaseException) -> str:
     if exc.args and isinstance(exc.args[0], bytes):
         return exc.args[0].decode(errors="replace")
     return str(exc)
+
+
+@dataclass
+class PlannedWrite:
+    """A merged batch not yet written: stored key -> (state before, state after), and the
+    merged state of every input item in order."""
+
+    changed: dict[bytes, tuple[bytes | None, bytes]]
+    states: list[Any]
 
 
 class Store:
@@ -159,6 +171,17 @@ class Store:
         every state is durable; when it raises, nothing of the batch was written. A key may
         appear several times in a batch; later deltas merge into the earlier result.
         Raises CorruptRecord (naming the key) when the merge rejects a stored state or a delta."""
+        planned = self.plan_deltas(items)
+        self.write_planned(planned, sync)
+        self.record_planned(planned)
+        return planned.states
+
+    def plan_deltas(self, items: Iterable[tuple[bytes, bytes]]) -> PlannedWrite:
+        """The first step of `apply_deltas`: read and merge, write nothing. Then call
+        `write_planned` (the disk write: it touches only LevelDB, so it may run in a worker
+        thread while the owner goes on reading) and then `record_planned` (the hash tree, in
+        the owner's thread). Between plan and record the owner must plan and write nothing
+        else, or the plan's "before" states go stale."""
         new_hasher = self.keyspace.prefix_hasher.copy
         get = self._db.get
         merge = self._merge
@@ -179,8 +202,53 @@ class Store:
                 results.append(new)
         except plyvel.Error as exc:
             raise self._error("read", exc) from exc
-        self._commit(changed, sync)
-        return results
+        return PlannedWrite(changed, results)
+
+    def plan_updates(self, items: Iterable[tuple[bytes, Update]]) -> PlannedWrite:
+        """Like `plan_deltas`, but each key's new state comes from its own function of the
+        current state (None: leave the key as it is); `states` holds what each returned.
+        Exceptions from the functions propagate unchanged."""
+        new_hasher = self.keyspace.prefix_hasher.copy
+        get = self._db.get
+        changed: dict[bytes, tuple[bytes | None, bytes]] = {}
+        results: list[bytes | None] = []
+        try:
+            for key, update in items:
+                hasher = new_hasher()
+                hasher.update(key)
+                stored = hasher.digest() + key
+                entry = changed.get(stored)
+                old = get(stored) if entry is None else entry[1]
+                new = update(old)
+                results.append(new)
+                if new is not None:
+                    changed[stored] = (old, new) if entry is None else (entry[0], new)
+        except plyvel.Error as exc:
+            raise self._error("read", exc) from exc
+        return PlannedWrite(changed, results)
+
+    def write_planned(self, planned: PlannedWrite, sync: bool = True) -> None:
+        """Write a planned batch in one LevelDB write (one fsync when `sync`)."""
+        try:
+            with self._db.write_batch(sync=sync) as batch:
+                put = batch.put
+                for stored, (before, after) in planned.changed.items():
+                    if before != after:
+                        put(stored, after)
+        except plyvel.Error as exc:
+            raise self._error("write", exc) from exc
+
+    def record_planned(self, planned: PlannedWrite) -> None:
+        """Account a written batch in the hash tree and key counts."""
+        self.tree.record(planned.changed.items())
+
+    def merge_checked(self, key: bytes, old: bytes | None, delta: bytes) -> bytes:
+        """The store's merge of one delta, raising CorruptRecord (naming the key) as
+        `apply_deltas` does."""
+        try:
+            return self._merge(old, delta)
+        except Exception as exc:
+            raise CorruptRecord(key, self._blame(old), exc) from exc
 
     def _blame(self, old: bytes | None) -> str:
         """Which input of a failed merge is corrupt: the stored state if it fails on its own."""
@@ -210,15 +278,9 @@ class Store:
         self._commit(changed, sync)
 
     def _commit(self, changed: dict[bytes, tuple[bytes | None, bytes]], sync: bool) -> None:
-        try:
-            with self._db.write_batch(sync=sync) as batch:
-                put = batch.put
-                for stored, (before, after) in changed.items():
-                    if before != after:
-                        put(stored, after)
-        except plyvel.Error as exc:
-            raise self._error("write", exc) from exc
-        self.tree.record(changed.items())
+        planned = PlannedWrite(changed, [])
+        self.write_planned(planned, sync)
+        self.record_planned(planned)
 
     def drop_partition(self, partition: int, sync: bool = True) -> int:
         """Delete every key of a partition (one batch); return how many were deleted."""
