@@ -1,5 +1,6 @@
 # Benchmark: the replicated KV store as a user sees it, real `node.py` processes on 127.0.0.1
-# driven over their control API (httpx under trio), with raw plyvel as the reference.
+# driven over their control API (a lean HTTP client under trio for load, httpx for status),
+# with raw plyvel as the reference.
 # Lives here: starting, stopping and restarting node processes in a temp dir, load generation
 # and the measurements below. Prints one JSON line.
 # Must not live here: anything the node needs; this script only uses node.py and its HTTP API.
@@ -73,6 +74,7 @@ import httpx  # noqa: E402
 import plyvel  # noqa: E402
 import trio  # noqa: E402
 from _common import median, percentile, phase, ratio, report  # noqa: E402
+from _rawhttp import RawHttpClient, RawHttpError, RawResponse  # noqa: E402
 
 import crdt  # noqa: E402
 from kv import KVConfig  # noqa: E402
@@ -340,7 +342,7 @@ class RequestFailed(Exception):
     """A write the cluster did not acknowledge (an HTTP error status or a transport error)."""
 
 
-Request = Callable[[list[httpx.AsyncClient], int], Awaitable[int]]
+Request = Callable[[list[RawHttpClient], int], Awaitable[int]]
 """request(clients, i): send request number i with a worker's clients (one per running node,
 in order); returns how many writes were acknowledged, raises RequestFailed."""
 
@@ -354,12 +356,11 @@ def http_client(url: str, connections: int) -> httpx.AsyncClient:
 
 @asynccontextmanager
 async def worker_clients(cluster: Cluster, workers: int
-                         ) -> AsyncIterator[list[list[httpx.AsyncClient]]]:
-    """For each worker, its own client per running node, with one connection each: httpcore's
-    pool spends time in (connections x waiting requests) per request, which at 64 requests in
-    flight through one pool made the load generator, not the nodes, the bottleneck."""
+                         ) -> AsyncIterator[list[list[RawHttpClient]]]:
+    """For each worker, its own kept-alive connection to every running node (a lean client:
+    see benchmarks/_rawhttp.py; status and probes of the harness use httpx)."""
     async with AsyncExitStack() as stack:
-        yield [[await stack.enter_async_context(http_client(node.url, 1))
+        yield [[await stack.enter_async_context(RawHttpClient(node.url, HTTP_TIMEOUT_S))
                 for node in cluster.running] for _ in range(workers)]
 
 
@@ -373,7 +374,7 @@ async def drive(cluster: Cluster, count: int, workers: int, budget: float,
         started, cpu_started = time.perf_counter(), time.process_time()
         deadline = started + budget
 
-        async def worker(mine: list[httpx.AsyncClient]) -> None:
+        async def worker(mine: list[RawHttpClient]) -> None:
             nonlocal issued
             while issued < count and time.perf_counter() < deadline:
                 i, issued = issued, issued + 1
@@ -392,11 +393,11 @@ async def drive(cluster: Cluster, count: int, workers: int, budget: float,
     return load
 
 
-async def _send(call: Awaitable[httpx.Response]) -> httpx.Response:
+async def _send(call: Awaitable[RawResponse]) -> RawResponse:
     try:
         response = await call
-    except httpx.HTTPError as exc:
-        raise RequestFailed(repr(exc)) from None
+    except RawHttpError as exc:
+        raise RequestFailed(str(exc)) from None
     if response.status_code != 200:
         raise RequestFailed(f"{response.status_code} {response.text[:200]}")
     return response
@@ -404,7 +405,7 @@ async def _send(call: Awaitable[httpx.Response]) -> httpx.Response:
 
 def put_one(prefix: str, value: str) -> Request:
     """Request i: PUT key prefix{i} at the (i mod nodes)-th node."""
-    async def request(clients: list[httpx.AsyncClient], i: int) -> int:
+    async def request(clients: list[RawHttpClient], i: int) -> int:
         await _send(clients[i % len(clients)].put(f"/kv/{prefix}{i:09d}", json={"value": value}))
         return 1
 
@@ -414,7 +415,7 @@ def put_one(prefix: str, value: str) -> Request:
 def put_batch(prefix: str, value: str, batch_size: int, total: int) -> Request:
     """Request i: POST /kv-batch of keys prefix{i * batch_size} ... (`total` keys in all) at
     the (i mod nodes)-th node."""
-    async def request(clients: list[httpx.AsyncClient], i: int) -> int:
+    async def request(clients: list[RawHttpClient], i: int) -> int:
         first = i * batch_size
         keys = range(first, min(first + batch_size, total))
         body = {"put": {f"{prefix}{k:09d}": value for k in keys}}
@@ -424,7 +425,7 @@ def put_batch(prefix: str, value: str, batch_size: int, total: int) -> Request:
     return request
 
 
-async def holds(client: httpx.AsyncClient, key: str) -> bool:
+async def holds(client: RawHttpClient, key: str) -> bool:
     """Whether the client's node holds `key` in its own store (no quorum, no read repair)."""
     return bool((await _send(client.get(f"/kv-local/{key}"))).json()["present"])
 
@@ -438,7 +439,7 @@ async def lag_run(cluster: Cluster, count: int, rate: float, value: str,
     put = put_one("lag:", value)
     load = Load()
 
-    async def replicated_after(clients: list[httpx.AsyncClient], key: str,
+    async def replicated_after(clients: list[RawHttpClient], key: str,
                                acked_at: float) -> None:
         missing = list(clients)
         while len(clients) - len(missing) < REPLICAS:
@@ -448,7 +449,7 @@ async def lag_run(cluster: Cluster, count: int, rate: float, value: str,
                 await trio.sleep(LAG_POLL_S)
         lags.append((time.perf_counter() - acked_at) * 1000)
 
-    async def write(clients: list[httpx.AsyncClient], i: int) -> None:
+    async def write(clients: list[RawHttpClient], i: int) -> None:
         try:
             await put(clients, i)
             load.acked += 1

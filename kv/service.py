@@ -371,9 +371,12 @@ class KV:
             except (QuorumError, OpError) as exc:
                 failures.append(exc)
 
-        async with trio.open_nursery() as nursery:
-            for mutator, group in groups.items():
-                nursery.start_soon(run_group, mutator, group)
+        if len(groups) == 1:  # the common case: no task of its own
+            await run_group(*next(iter(groups.items())))
+        else:
+            async with trio.open_nursery() as nursery:
+                for mutator, group in groups.items():
+                    nursery.start_soon(run_group, mutator, group)
         if len(ops) == 1 and failures:
             raise failures[0]
         if failures:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from collections import OrderedDict
@@ -162,6 +163,11 @@ class Network:
 
     @asynccontextmanager
     async def _run(self, listen: list[multiaddr.Multiaddr]) -> AsyncIterator[None]:
+        # py-libp2p's Yamux answers every read with a window update by default, a frame
+        # (and a Noise encryption and a send) per frame received; go-yamux's rule, an
+        # update once half the window is consumed, halves the frames of request/response
+        # traffic. It is read from the environment on each read; a user's setting wins.
+        os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
         key_pair = self.identity.key_pair()
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         host = new_host(

@@ -1,5 +1,5 @@
-# The node's local control API: HTTP + JSON on loopback (starlette app, served by hypercorn
-# under trio).
+# The node's local control API: HTTP + JSON on loopback (served by tasknet_node.http under
+# trio).
 # Lives here: the route and metric registry other packages extend (`ControlApi.add_route`,
 # `ControlApi.add_metrics`, `ControlApi.add_status`), the built-in endpoints (/status,
 # /peers, /metrics, /publish), the Prometheus text rendering, and binding + serving the socket.
@@ -14,22 +14,14 @@ import socket
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
-from hypercorn.typing import ASGIFramework
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
 
 from p2p import MemberState, Network
 
 from .errors import NodeError
+from .http import HttpApp, JSONResponse, Request, Response, Route, serve_http
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus  # trio's own name for it is hidden by trio-stubs
@@ -78,7 +70,8 @@ class ControlApi:
         self.add_route("/publish", self._publish, methods=("POST",))
 
     def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("GET",)) -> None:
-        """Serve `path` (starlette syntax, e.g. "/kv/{key:path}") for `methods`."""
+        """Serve `path` (a pattern such as "/kv/{key:path}"; `{name}` matches one path
+        segment, `{name:path}` the rest of the path) for `methods`."""
         if self._frozen:
             raise RuntimeError("the control API is already serving; add routes before that")
         wanted = {(path, m.upper()) for m in methods}
@@ -86,7 +79,7 @@ class ControlApi:
         if clash:
             raise ValueError(f"route already registered: {sorted(clash)}")
         self._taken |= wanted
-        self._routes.append(Route(path, endpoint, methods=[m.upper() for m in methods]))
+        self._routes.append(Route(path, endpoint, frozenset(m.upper() for m in methods)))
 
     def add_metrics(self, source: MetricSource) -> None:
         """Call `source` on every /metrics request and include its samples."""
@@ -108,14 +101,11 @@ class ControlApi:
     def metrics(self) -> list[Metric]:
         return [metric for source in self._metric_sources for metric in source()]
 
-    def app(self, *, trusted_hosts: Sequence[str] = ("*",)) -> Starlette:
-        """The ASGI app. `trusted_hosts` limits the Host header a request may carry (against
+    def app(self, *, trusted_hosts: Sequence[str] = ("*",)) -> HttpApp:
+        """The HTTP app. `trusted_hosts` limits the Host header a request may carry (against
         DNS rebinding: a web page must not reach a loopback API through its own domain)."""
         self._frozen = True
-        return Starlette(
-            routes=list(self._routes),
-            middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(trusted_hosts))],
-        )
+        return HttpApp(self._routes, trusted_hosts)
 
     # -- built-in endpoints --------------------------------------------------------------
     async def _status(self, request: Request) -> Response:
@@ -256,15 +246,11 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 async def serve_api(
     api: ControlApi, sock: socket.socket,
-    *, task_status: TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+    *, task_status: TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `api` on the bound `sock` (which this takes over) until cancelled."""
     host = sock.getsockname()[0]
     trusted = ("127.0.0.1", "localhost", "[::1]") if is_loopback(host) else ("*",)
-    config = HypercornConfig()
-    config.bind = [f"fd://{sock.detach()}"]
-    config.accesslog = None
-    config.errorlog = log
-    config.graceful_timeout = 0.5
-    app = cast(ASGIFramework, api.app(trusted_hosts=trusted))  # starlette's own ASGI types
-    await serve(app, config, task_status=task_status)
+    sock.listen(1024)
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    await serve_http(api.app(trusted_hosts=trusted), listener, task_status=task_status)

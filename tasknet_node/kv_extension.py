@@ -17,8 +17,6 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 import crdt
 from crdt.values import pack_value
@@ -27,6 +25,7 @@ from kv.ops import render
 from p2p import Network, RequestError
 
 from .api import ControlApi, Metric
+from .http import JSONResponse, Request, Response
 from .runner import NodeExtension, Say, print_line
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,9 @@
 # Tests of the node program's parts, in this process: argument checks and defaults,
 # testnet files, data-dir files, Prometheus rendering, member-event lines, and the control
-# API (with a real p2p node behind it, requests through httpx's ASGI transport).
+# API (with a real p2p node behind it, served on 127.0.0.1, requests through httpx).
 import json
 import re
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -10,12 +11,11 @@ import pytest
 import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
 
 from p2p import Member, MemberEvent, MemberState, Network
 from tasknet_node import cli, datadir, testnets
-from tasknet_node.api import ControlApi, Metric, render_prometheus
+from tasknet_node.api import ControlApi, Metric, bind_socket, render_prometheus, serve_api
+from tasknet_node.http import JSONResponse, Request, Response
 from tasknet_node.options import build_options, parse_host_port
 from tasknet_node.runner import describe_member_event
 from tasknet_node.testnets import TESTNETS_DIR, load_testnet
@@ -272,9 +272,18 @@ def test_prometheus_refuses_clashing_kinds_and_bad_names():
 
 
 # -- control API -------------------------------------------------------------------------
-def client_for(app) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                             base_url="http://127.0.0.1:9")
+@asynccontextmanager
+async def served(api: ControlApi):
+    """`api` served on a free loopback port; an httpx client for it."""
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_api, api, sock)
+        try:
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                yield client
+        finally:
+            nursery.cancel_scope.cancel()
 
 
 async def test_control_api_endpoints_and_extensions(tmp_path):
@@ -295,11 +304,9 @@ async def test_control_api_endpoints_and_extensions(tmp_path):
         api.add_metrics(lambda: [Metric("kv_keys", len(store), "gauge", "keys stored")])
         with pytest.raises(ValueError, match="already registered"):
             api.add_route("/kv/{key:path}", kv, methods=["PUT"])
-        app = api.app(trusted_hosts=("127.0.0.1",))
-        with pytest.raises(RuntimeError, match="already serving"):
-            api.add_route("/late", kv)
-
-        async with client_for(app) as client, net.subscribe("news") as news:
+        async with served(api) as client, net.subscribe("news") as news:
+            with pytest.raises(RuntimeError, match="already serving"):
+                api.add_route("/late", kv)
             status = (await client.get("/status")).json()
             assert status["peer_id"] == net.peer_id
             assert status["network"] == "api-test"

@@ -1,0 +1,112 @@
+# A minimal HTTP/1.1 keep-alive client for load generation: one connection, one request at
+# a time, Content-Length bodies only. It costs the load generator a small fraction of the
+# CPU a general client spends per request, so the nodes, not the driver, are what a
+# throughput figure measures (the driver shares the machine's cores with them).
+# Lives here: that client. Must not live here: anything the benchmarks measure.
+from __future__ import annotations
+
+import json
+from types import TracebackType
+from typing import Any
+from urllib.parse import urlsplit
+
+import trio
+
+
+class RawHttpError(Exception):
+    """The request could not be sent or its answer read (the connection is closed)."""
+
+
+class RawResponse:
+    def __init__(self, status_code: int, body: bytes) -> None:
+        self.status_code = status_code
+        self.content = body
+
+    @property
+    def text(self) -> str:
+        return self.content.decode(errors="replace")
+
+    def json(self) -> Any:
+        return json.loads(self.content)
+
+
+class RawHttpClient:
+    """Requests to one base URL ("http://host:port") over one kept-alive connection."""
+
+    def __init__(self, base_url: str, timeout: float) -> None:
+        parts = urlsplit(base_url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.timeout = timeout
+        self._host_header = f"{parts.hostname}:{self.port}".encode()
+        self._stream: trio.SocketStream | None = None
+        self._buffer = bytearray()
+
+    async def __aenter__(self) -> RawHttpClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        if self._stream is not None:
+            stream, self._stream = self._stream, None
+            await trio.aclose_forcefully(stream)
+
+    async def get(self, path: str) -> RawResponse:
+        return await self.request("GET", path)
+
+    async def put(self, path: str, json: Any = None) -> RawResponse:
+        return await self.request("PUT", path, json)
+
+    async def post(self, path: str, json: Any = None) -> RawResponse:
+        return await self.request("POST", path, json)
+
+    async def request(self, method: str, path: str, body: Any = None) -> RawResponse:
+        head = b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (method.encode(), path.encode(),
+                                                      self._host_header)
+        if body is not None:
+            data = json.dumps(body, separators=(",", ":")).encode()
+            head += b"content-type: application/json\r\ncontent-length: %d\r\n" % len(data)
+        else:
+            data = b""
+        try:
+            with trio.fail_after(self.timeout):
+                if self._stream is None:
+                    self._stream = await trio.open_tcp_stream(self.host, self.port)
+                    self._buffer.clear()
+                await self._stream.send_all(head + b"\r\n" + data)
+                return await self._read_response()
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                ValueError) as exc:
+            await self.aclose()
+            raise RawHttpError(f"{method} {path}: {exc!r}") from None
+
+    async def _receive(self) -> None:
+        assert self._stream is not None
+        chunk = await self._stream.receive_some(65536)
+        if not chunk:
+            raise trio.BrokenResourceError("connection closed by the server")
+        self._buffer += chunk
+
+    async def _read_response(self) -> RawResponse:
+        while (end := self._buffer.find(b"\r\n\r\n")) < 0:
+            await self._receive()
+        lines = bytes(self._buffer[:end]).split(b"\r\n")
+        del self._buffer[:end + 4]
+        status = int(lines[0].split(b" ", 2)[1])
+        length, close = 0, False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection" and b"close" in value.lower():
+                close = True
+        while len(self._buffer) < length:
+            await self._receive()
+        body = bytes(self._buffer[:length])
+        del self._buffer[:length]
+        if close:
+            await self.aclose()
+        return RawResponse(status, body)

@@ -1,0 +1,334 @@
+# A small HTTP/1.1 server for the node's local control API, on trio streams.
+# Lives here: request parsing (request line, headers, Content-Length and chunked bodies,
+# Expect: 100-continue, keep-alive and pipelining), limits and timeouts against clients that
+# send garbage or stall, routing by path pattern and method, the Host check against DNS
+# rebinding, and the Request/Response types endpoints use.
+# Must not live here: any endpoint (api.py and the extensions register them) or socket binding.
+#
+# Why not an ASGI stack: a control API request costs well under a tenth of the CPU here that
+# it costs through a general ASGI server and framework, and single-key writes are as cheap
+# as this path is.
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qsl, unquote
+
+import trio
+
+log = logging.getLogger(__name__)
+
+MAX_HEAD_BYTES = 64 * 1024
+MAX_HEADERS = 100
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+HEAD_TIMEOUT_S = 30.0  # a request head (or a keep-alive connection's next one) must arrive
+BODY_TIMEOUT_S = 60.0
+MAX_CONNECTIONS = 512
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::(path|str))?}")
+_REASONS = {s.value: s.phrase for s in HTTPStatus}
+
+
+class HttpError(Exception):
+    """A request the server refuses before any endpoint sees it."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # percent-decoded
+    query_params: dict[str, str]
+    headers: dict[str, str]  # names in lower case; a repeated header keeps its last value
+    _body: bytes = b""
+    path_params: dict[str, str] = field(default_factory=dict)
+
+    async def body(self) -> bytes:
+        return self._body
+
+    async def stream(self) -> AsyncIterator[bytes]:
+        yield self._body
+
+    async def json(self) -> Any:
+        """The body as JSON; ValueError if it is not."""
+        return json.loads(self._body)
+
+
+class Response:
+    media_type = "text/plain; charset=utf-8"
+
+    def __init__(self, content: bytes | str = b"", status_code: int = 200,
+                 media_type: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        self.body = content.encode() if isinstance(content, str) else content
+        self.status_code = status_code
+        if media_type is not None:
+            self.media_type = media_type
+        self.headers = headers or {}
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def __init__(self, content: Any, status_code: int = 200,
+                 headers: dict[str, str] | None = None) -> None:
+        body = json.dumps(content, ensure_ascii=False, allow_nan=False,
+                          separators=(",", ":")).encode()
+        super().__init__(body, status_code, headers=headers)
+
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass
+class Route:
+    pattern: str
+    endpoint: Endpoint
+    methods: frozenset[str]
+    regex: re.Pattern[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        parts, last = [], 0
+        for match in _PARAM.finditer(self.pattern):
+            parts.append(re.escape(self.pattern[last:match.start()]))
+            name, kind = match.group(1), match.group(2) or "str"
+            parts.append(f"(?P<{name}>.*)" if kind == "path" else f"(?P<{name}>[^/]+)")
+            last = match.end()
+        parts.append(re.escape(self.pattern[last:]))
+        self.regex = re.compile("^" + "".join(parts) + "$")
+
+
+class HttpApp:
+    """Routes requests to endpoints: the first route whose pattern matches the path and
+    whose methods include the request's (HEAD is served as GET without the body)."""
+
+    def __init__(self, routes: Sequence[Route], trusted_hosts: Sequence[str] = ("*",),
+                 max_body: int = DEFAULT_MAX_BODY, head_timeout: float = HEAD_TIMEOUT_S,
+                 body_timeout: float = BODY_TIMEOUT_S) -> None:
+        self.routes = list(routes)
+        self.trusted_hosts = None if "*" in trusted_hosts else frozenset(trusted_hosts)
+        self.max_body = max_body
+        self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
+
+    async def handle(self, request: Request) -> Response:
+        if self.trusted_hosts is not None:
+            host = request.headers.get("host", "")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name not in self.trusted_hosts:
+                return Response("Invalid host header", 400)
+        method = "GET" if request.method == "HEAD" else request.method
+        allowed: set[str] = set()
+        for route in self.routes:
+            match = route.regex.match(request.path)
+            if match is None:
+                continue
+            if method not in route.methods:
+                allowed |= route.methods
+                continue
+            request.path_params = match.groupdict()
+            return await route.endpoint(request)
+        if allowed:
+            return Response("Method Not Allowed", 405,
+                            headers={"allow": ", ".join(sorted(allowed))})
+        return Response("Not Found", 404)
+
+
+async def serve_http(app: HttpApp, listener: trio.SocketListener,
+                     *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve `app` on `listener` until cancelled; every connection lives in this call's
+    nursery."""
+    limit = trio.Semaphore(MAX_CONNECTIONS)
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            await limit.acquire()
+            try:
+                stream = await listener.accept()
+            except BaseException:
+                limit.release()
+                raise
+            nursery.start_soon(_serve_connection, app, stream, limit)
+
+
+async def _serve_connection(app: HttpApp, stream: trio.SocketStream,
+                            limit: trio.Semaphore) -> None:
+    connection = _Connection(app, stream)
+    try:
+        await connection.run()
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass  # the client went away
+    finally:
+        limit.release()
+        await trio.aclose_forcefully(stream)
+
+
+class _Connection:
+    def __init__(self, app: HttpApp, stream: trio.SocketStream) -> None:
+        self.app = app
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def _receive(self) -> bool:
+        chunk = await self.stream.receive_some(65536)
+        if not chunk:
+            return False
+        self.buffer += chunk
+        return True
+
+    async def run(self) -> None:
+        while True:
+            try:
+                with trio.fail_after(self.app.head_timeout):
+                    head = await self._read_head()
+                if head is None:
+                    return  # clean close between requests
+                request, keep_alive, body_reader = self._parse_head(head)
+                with trio.fail_after(self.app.body_timeout):
+                    request._body = await body_reader()
+            except HttpError as exc:
+                await self._send(Response(f"{exc}\n", exc.status), keep_alive=False, head=False)
+                return
+            except trio.TooSlowError:
+                if self.buffer:  # an idle kept-alive connection just closes
+                    await self._send(Response("request timed out\n", 408), keep_alive=False,
+                                     head=False)
+                return
+            try:
+                response = await self.app.handle(request)
+            except Exception:
+                log.exception("control API: %s %s failed", request.method, request.path)
+                response = JSONResponse({"error": "internal", "message": "internal error"}, 500)
+            await self._send(response, keep_alive, head=request.method == "HEAD")
+            if not keep_alive:
+                return
+
+    async def _read_head(self) -> bytes | None:
+        start = 0
+        while True:
+            end = self.buffer.find(b"\r\n\r\n", start)
+            if end > MAX_HEAD_BYTES:
+                raise HttpError(431, "request head too large")
+            if end >= 0:
+                head = bytes(self.buffer[:end])
+                del self.buffer[:end + 4]
+                return head
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                raise HttpError(431, "request head too large")
+            start = max(0, len(self.buffer) - 3)
+            if not await self._receive():
+                if self.buffer.strip():
+                    raise HttpError(400, "connection closed inside a request head")
+                return None
+
+    def _parse_head(self, head: bytes) -> tuple[Request, bool, Callable[[], Awaitable[bytes]]]:
+        lines = head.lstrip(b"\r\n").split(b"\r\n")
+        parts = lines[0].split(b" ")
+        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[2].startswith(b"HTTP/"):
+            raise HttpError(400, "malformed request line")
+        if parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are served")
+        if len(lines) - 1 > MAX_HEADERS:
+            raise HttpError(431, "too many headers")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not _TOKEN.match(name):
+                raise HttpError(400, "malformed header line")
+            key = name.decode("ascii").lower()
+            text = value.strip(b" \t").decode("latin-1")
+            if key in headers and key in ("content-length", "host", "transfer-encoding"):
+                raise HttpError(400, f"repeated {key} header")
+            headers[key] = text
+        target = parts[1].decode("latin-1")
+        if not target.startswith("/"):
+            raise HttpError(400, "request target must be a path")
+        raw_path, _, query = target.partition("?")
+        request = Request(parts[0].decode("ascii"), unquote(raw_path),
+                          dict(parse_qsl(query, keep_blank_values=True)), headers)
+        connection = headers.get("connection", "").lower()
+        if parts[2] == b"HTTP/1.1":
+            keep_alive = "close" not in connection
+        else:
+            keep_alive = "keep-alive" in connection
+        return request, keep_alive, self._body_reader(headers)
+
+    def _body_reader(self, headers: dict[str, str]) -> Callable[[], Awaitable[bytes]]:
+        encoding = headers.get("transfer-encoding")
+        expect = headers.get("expect", "").lower() == "100-continue"
+        if encoding is not None:
+            if encoding.lower() != "chunked":
+                raise HttpError(501, f"transfer-encoding {encoding!r} is not supported")
+            return lambda: self._read_chunked(expect)
+        length_text = headers.get("content-length", "0")
+        if not length_text.isdigit() or len(length_text) > 18:
+            raise HttpError(400, "malformed content-length")
+        length = int(length_text)
+        if length > self.app.max_body:
+            raise HttpError(413, f"body larger than {self.app.max_body} bytes")
+        return lambda: self._read_exactly(length, expect)
+
+    async def _continue(self, expect: bool) -> None:
+        if expect and not self.buffer:
+            await self.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    async def _read_exactly(self, length: int, expect: bool) -> bytes:
+        if length == 0:
+            return b""
+        await self._continue(expect)
+        while len(self.buffer) < length:
+            if not await self._receive():
+                raise HttpError(400, "connection closed inside a request body")
+        body = bytes(self.buffer[:length])
+        del self.buffer[:length]
+        return body
+
+    async def _read_line(self) -> bytes:
+        while True:
+            end = self.buffer.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buffer[:end])
+                del self.buffer[:end + 2]
+                return line
+            if len(self.buffer) > MAX_HEAD_BYTES:
+                raise HttpError(400, "malformed chunked body")
+            if not await self._receive():
+                raise HttpError(400, "connection closed inside a request body")
+
+    async def _read_chunked(self, expect: bool) -> bytes:
+        await self._continue(expect)
+        body = bytearray()
+        while True:
+            size_text = (await self._read_line()).split(b";")[0].strip()
+            try:
+                size = int(size_text, 16)
+            except ValueError:
+                raise HttpError(400, "malformed chunk size") from None
+            if size < 0 or len(body) + size > self.app.max_body:
+                raise HttpError(413, f"body larger than {self.app.max_body} bytes")
+            if size == 0:
+                while await self._read_line():  # trailers, up to the empty line
+                    pass
+                return bytes(body)
+            body += await self._read_exactly(size, False)
+            if await self._read_line():
+                raise HttpError(400, "malformed chunk")
+
+    async def _send(self, response: Response, keep_alive: bool, head: bool) -> None:
+        status = response.status_code
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Unknown')}",
+                 f"content-type: {response.media_type}",
+                 f"content-length: {len(response.body)}"]
+        lines += [f"{name}: {value}" for name, value in response.headers.items()]
+        if not keep_alive:
+            lines.append("connection: close")
+        data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        await self.stream.send_all(data if head else data + response.body)

@@ -1,0 +1,170 @@
+# The control API's HTTP/1.1 server (tasknet_node/http.py) on a real loopback socket, spoken
+# to byte by byte: keep-alive and pipelining, bodies (Content-Length, chunked, Expect:
+# 100-continue), routing, the Host check, and what garbage, oversized and stalled clients get.
+import json
+from contextlib import asynccontextmanager
+
+import pytest
+import trio
+
+from tasknet_node.http import HttpApp, JSONResponse, Request, Response, Route, serve_http
+
+DEADLINE_S = 10
+
+
+async def echo(request: Request) -> Response:
+    return JSONResponse({"method": request.method, "path": request.path,
+                         "params": request.path_params, "query": request.query_params,
+                         "body": (await request.body()).decode()})
+
+
+async def broken(request: Request) -> Response:
+    raise RuntimeError("bug in an endpoint")
+
+
+@asynccontextmanager
+async def server(**options):
+    app = HttpApp([Route("/kv/{key:path}/{op}", echo, frozenset({"POST"})),
+                   Route("/kv/{key:path}", echo, frozenset({"GET", "PUT"})),
+                   Route("/broken", broken, frozenset({"GET"}))],
+                  trusted_hosts=("127.0.0.1",), **options)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_http, app, listeners[0])
+        try:
+            yield port
+        finally:
+            nursery.cancel_scope.cancel()
+
+
+async def read_response(stream, buffer: bytearray, head: bool = False
+                        ) -> tuple[int, dict[str, str], bytes]:
+    """One response from `stream` (leftover bytes stay in `buffer`); `head`: an answer to
+    HEAD, which has no body."""
+    with trio.fail_after(DEADLINE_S):
+        while b"\r\n\r\n" not in buffer:
+            chunk = await stream.receive_some(65536)
+            assert chunk, f"connection closed; got {bytes(buffer)!r}"
+            buffer += chunk
+        end = buffer.index(b"\r\n\r\n")
+        lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+        del buffer[:end + 4]
+        status = int(lines[0].split(" ")[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = 0 if head else int(headers.get("content-length", "0"))
+        while len(buffer) < length:
+            buffer += await stream.receive_some(65536)
+        body = bytes(buffer[:length])
+        del buffer[:length]
+        return status, headers, body
+
+
+async def closed_by_server(stream, buffer: bytearray) -> bool:
+    with trio.fail_after(DEADLINE_S):
+        while True:
+            chunk = await stream.receive_some(65536)
+            if not chunk:
+                return True
+            buffer += chunk
+
+
+def request(method: str, path: str, body: bytes = b"", headers: str = "") -> bytes:
+    return (f"{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:1\r\n{headers}"
+            f"content-length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def test_pipelined_requests_on_one_connection_are_answered_in_order():
+    async with server() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(request("PUT", "/kv/a%2Fb?consistency=all", b"one")
+                              + request("GET", "/kv/x/y") + request("POST", "/kv/k/incr", b"2"))
+        buffer = bytearray()
+        answers = [await read_response(stream, buffer) for _ in range(3)]
+        assert [a[0] for a in answers] == [200, 200, 200]
+        first, second, third = (json.loads(a[2]) for a in answers)
+        assert first == {"method": "PUT", "path": "/kv/a/b", "params": {"key": "a/b"},
+                         "query": {"consistency": "all"}, "body": "one"}
+        assert second["params"] == {"key": "x/y"} and second["body"] == ""
+        assert third["params"] == {"key": "k", "op": "incr"} and third["body"] == "2"
+        assert answers[0][1]["content-type"] == "application/json"
+
+
+async def test_chunked_body_and_expect_continue():
+    async with server() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        head = (b"PUT /kv/c HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n"
+                b"expect: 100-continue\r\n\r\n")
+        await stream.send_all(head)
+        buffer = bytearray()
+        status, _, _ = await read_response(stream, buffer)
+        assert status == 100
+        await stream.send_all(b"4\r\nabcd\r\n3;ext=1\r\nefg\r\n0\r\n\r\n")
+        status, _, body = await read_response(stream, buffer)
+        assert status == 200 and b'"body":"abcdefg"' in body
+
+
+async def test_routing_errors_and_host_check():
+    async with server() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        buffer = bytearray()
+        await stream.send_all(request("DELETE", "/kv/a"))
+        status, headers, _ = await read_response(stream, buffer)
+        assert status == 405 and headers["allow"] == "GET, PUT"
+        await stream.send_all(request("GET", "/nothing"))
+        assert (await read_response(stream, buffer))[0] == 404
+        await stream.send_all(b"GET /kv/a HTTP/1.1\r\nhost: evil.example:80\r\n\r\n")
+        assert (await read_response(stream, buffer))[0] == 400
+        await stream.send_all(request("GET", "/broken"))
+        status, _, body = await read_response(stream, buffer)
+        assert status == 500 and b"internal" in body
+        await stream.send_all(b"HEAD /kv/a HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n")
+        status, headers, _ = await read_response(stream, buffer, head=True)
+        assert status == 200 and int(headers["content-length"]) > 0
+        # HEAD has no body: the next answer starts right after the head
+        await stream.send_all(request("GET", "/nothing"))
+        assert (await read_response(stream, buffer))[0] == 404
+
+
+@pytest.mark.parametrize("garbage, status", [
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(50) + b"\r\n\r\n", 400),
+    (b"GET /kv/a HTTP/2.0\r\n\r\n", 505),
+    (b"GET /kv/a HTTP/1.1\r\nno colon here\r\n\r\n", 400),
+    (b"GET kv/a HTTP/1.1\r\n\r\n", 400),
+    (b"PUT /kv/a HTTP/1.1\r\ncontent-length: -1\r\n\r\n", 400),
+    (b"PUT /kv/a HTTP/1.1\r\ncontent-length: 99999999999\r\n\r\n", 413),
+    (b"PUT /kv/a HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n", 501),
+    (b"GET /kv/a HTTP/1.1\r\nx: " + b"y" * 70_000 + b"\r\n\r\n", 431),
+])
+async def test_garbage_gets_an_error_and_the_server_goes_on(garbage, status):
+    async with server() as port:
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(garbage)
+            buffer = bytearray()
+            assert (await read_response(stream, buffer))[0] == status
+            assert await closed_by_server(stream, buffer)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(request("GET", "/kv/still-here"))
+            assert (await read_response(stream, bytearray()))[0] == 200
+
+
+async def test_a_stalled_client_is_answered_408_and_dropped():
+    async with server(head_timeout=0.3, body_timeout=0.3) as port:
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(b"GET /kv/a HTTP/1.1\r\nhost: 127.0")  # and nothing more
+            buffer = bytearray()
+            assert (await read_response(stream, buffer))[0] == 408
+            assert await closed_by_server(stream, buffer)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            # a body shorter than announced, then silence
+            await stream.send_all(b"PUT /kv/a HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                                  b"content-length: 10\r\n\r\nabc")
+            buffer = bytearray()
+            assert (await read_response(stream, buffer))[0] == 408
+            assert await closed_by_server(stream, buffer)
+
+
+async def test_http10_closes_after_the_answer():
+    async with server() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"GET /kv/a HTTP/1.0\r\nhost: 127.0.0.1\r\n\r\n")
+        buffer = bytearray()
+        status, headers, _ = await read_response(stream, buffer)
+        assert status == 200 and headers["connection"] == "close"
+        assert await closed_by_server(stream, buffer)
