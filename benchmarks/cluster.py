@@ -482,16 +482,31 @@ def bench_value(size: int) -> str:
 async def throughput(cluster: Cluster, sizes: Sizes, value: str, out: dict[str, Any]) -> None:
     n = len(cluster.running)
     with phase(f"single writes n{n}", sizes.phase_s + 30):
-        cpu = cluster.cpu_s()
+        cpu, before = cluster.cpu_s(), _counters(await cluster.kv_status())
         load = await drive(cluster, sizes.writes, sizes.concurrency, sizes.phase_s,
                            put_one("single:", value))
     _record(out, f"writes_per_s_w2_n{n}", load, cluster.cpu_s() - cpu)
+    _batching(out, f"writes_per_s_w2_n{n}", before, _counters(await cluster.kv_status()))
     total = sizes.batches * sizes.batch_size
     with phase(f"batched writes n{n}", sizes.phase_s + 60):
-        cpu = cluster.cpu_s()
+        cpu, before = cluster.cpu_s(), _counters(await cluster.kv_status())
         load = await drive(cluster, sizes.batches, sizes.batch_concurrency, sizes.phase_s,
                            put_batch("batched:", value, sizes.batch_size, total))
     _record(out, f"batched_writes_per_s_w2_n{n}", load, cluster.cpu_s() - cpu)
+    _batching(out, f"batched_writes_per_s_w2_n{n}", before, _counters(await cluster.kv_status()))
+
+
+def _batching(out: dict[str, Any], name: str, before: dict[str, int],
+              after: dict[str, int]) -> None:
+    """Mean deltas per replication batch and writes per local group commit in a phase (the
+    nodes' counters summed): how well the nodes amortized per-message costs."""
+    def mean(items: str, groups: str) -> float:
+        count = after.get(groups, 0) - before.get(groups, 0)
+        return round((after.get(items, 0) - before.get(items, 0)) / count, 1) if count else 0.0
+
+    out[f"{name}_deltas_per_replication_batch"] = mean("replication_deltas",
+                                                       "replication_batches")
+    out[f"{name}_writes_per_group_commit"] = mean("local_writes", "write_batches")
 
 
 def failures(out: dict[str, Any], name: str, load: Load) -> None:
@@ -546,8 +561,9 @@ async def catchup(cluster: Cluster, sizes: Sizes, value: str, out: dict[str, Any
     statuses = await cluster.wait_converged("catch-up: restarted node filled", 300)
     out["catchup_s"] = round(time.perf_counter() - restarted, 2)
     others = [s for node, s in zip(cluster.running, statuses, strict=True) if node is not victim]
-    for name, count in _counters(others).items():
-        out[f"catchup_{name}"] = count - delivered_before.get(name, 0)
+    delivered = _counters(others)
+    for name in ("hints_delivered", "handoff_keys_sent"):
+        out[f"catchup_{name}"] = delivered[name] - delivered_before.get(name, 0)
     offences: dict[str, int] = {}
     for view in await gather([partial(cluster.get, n, "/status") for n in cluster.running]):
         for reason, count in view["offences"].items():
@@ -556,8 +572,9 @@ async def catchup(cluster: Cluster, sizes: Sizes, value: str, out: dict[str, Any
 
 
 def _counters(statuses: list[dict[str, Any]]) -> dict[str, int]:
-    """How the cluster delivered writes to a node that missed them, summed over nodes."""
-    names = ("hints_delivered", "handoff_keys_sent")
+    """The nodes' KV counters, summed over nodes."""
+    names = ("hints_delivered", "handoff_keys_sent", "replication_batches",
+             "replication_deltas", "write_batches", "local_writes")
     return {name: sum(int(s["metrics"].get(name, 0)) for s in statuses) for name in names}
 
 

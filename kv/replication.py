@@ -61,7 +61,8 @@ class PeerLink:
         self._send, self._receive = trio.open_memory_channel[Delta](queue)
         self._on_failed = on_failed
         self._seq = 0
-        self.sent = 0
+        self.sent = 0  # deltas acknowledged
+        self.batches = 0  # batches acknowledged
         self.failed_batches = 0
 
     @property
@@ -108,6 +109,7 @@ class PeerLink:
             self._on_failed(self.peer, batch)
             return
         self.sent += len(batch)
+        self.batches += 1
         for item in batch:
             if item.on_outcome is not None:
                 item.on_outcome(True)

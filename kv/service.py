@@ -307,7 +307,9 @@ class KV:
             },
             "handoff": self.handoff_progress,
             "metrics": {**self.metrics, "write_batches": self.writer.batches,
-                        "local_writes": self.writer.writes},
+                        "local_writes": self.writer.writes,
+                        "replication_batches": sum(k.batches for k in self._links.values()),
+                        "replication_deltas": sum(k.sent for k in self._links.values())},
         }
 
     # -- membership and ring -------------------------------------------------------------

@@ -186,14 +186,19 @@ class _Connection:
 
     async def run(self) -> None:
         while True:
+            # one cancel scope per request (they cost more than the parsing): the head's
+            # deadline, then the body's
+            deadline = trio.CancelScope(deadline=trio.current_time() + self.app.head_timeout)
             try:
-                with trio.fail_after(self.app.head_timeout):
+                with deadline:
                     head = await self._read_head()
-                if head is None:
-                    return  # clean close between requests
-                request, keep_alive, body_reader = self._parse_head(head)
-                with trio.fail_after(self.app.body_timeout):
+                    if head is None:
+                        return  # clean close between requests
+                    request, keep_alive, body_reader = self._parse_head(head)
+                    deadline.deadline = trio.current_time() + self.app.body_timeout
                     request._body = await body_reader()
+                if deadline.cancelled_caught:
+                    raise trio.TooSlowError
             except HttpError as exc:
                 await self._send(Response(f"{exc}\n", exc.status), keep_alive=False, head=False)
                 return
