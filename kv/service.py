@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ READ_PROTOCOL = "kv-read"
 AE_PROTOCOL = "kv-ae"
 HANDOFF_CHUNK = 1000
 MAX_AE_SESSIONS_PER_PEER = 4
+ACK_SWEEP_S = 0.05  # how often write waits are checked against their deadline
 
 
 class Consistency(StrEnum):
@@ -72,21 +74,41 @@ class KVConfig:
     queue_per_peer: int = 20_000
 
 
+class _AckGroup:
+    """The ops of one `_mutate_and_replicate` call: `done` is set once every op settled, or
+    when the sweeper expires the group (a replica that never answers)."""
+
+    __slots__ = ("remaining", "done")
+
+    def __init__(self) -> None:
+        self.remaining = 0
+        self.done = trio.Event()
+
+    def one_settled(self) -> None:
+        self.remaining -= 1
+        if self.remaining <= 0:
+            self.done.set()
+
+
 class _Acks:
     """Counts replica outcomes of one write until enough succeeded or all are known."""
 
-    def __init__(self, needed: int, total: int) -> None:
+    __slots__ = ("needed", "total", "ok", "known", "settled", "group")
+
+    def __init__(self, needed: int, total: int, group: _AckGroup) -> None:
         self.needed, self.total = needed, total
         self.ok = self.known = 0
-        self.settled = trio.Event()
-        if needed <= 0 or total == 0:
-            self.settled.set()
+        self.group = group
+        self.settled = needed <= 0 or total == 0
+        if not self.settled:
+            group.remaining += 1
 
     def __call__(self, ok: bool) -> None:
         self.known += 1
         self.ok += ok
-        if self.ok >= self.needed or self.known >= self.total:
-            self.settled.set()
+        if not self.settled and (self.ok >= self.needed or self.known >= self.total):
+            self.settled = True
+            self.group.one_settled()
 
 
 def _key_bytes(key: str | bytes) -> bytes:
@@ -110,6 +132,7 @@ class KV:
         self._ae_sessions: dict[tuple[str, int], tuple[Responder, float]] = {}
         self._ae_next_sid = 0
         self._pushes: set[tuple[int, str]] = set()  # (partition, newcomer) still to push
+        self._ack_deadlines: deque[tuple[float, _AckGroup]] = deque()  # in deadline order
         self._shared_cache: tuple[Ring | None, dict[str, frozenset[int]]] = (None, {})
         self.last_anti_entropy: dict[int, float] = {}
         self.handoff_progress: dict[str, Any] = {}
@@ -138,6 +161,7 @@ class KV:
                 nursery.start_soon(kv._hint_loop)
                 nursery.start_soon(kv._anti_entropy_loop)
                 nursery.start_soon(kv._rebalance_loop)
+                nursery.start_soon(kv._ack_sweeper)
                 try:
                     yield kv
                 finally:
@@ -429,21 +453,34 @@ class KV:
         needed = level.needed(self.config.replicas) - 1
         waits = []
         alive = self._alive()  # once per batch, not per (op, peer)
+        group = _AckGroup()
+        # expired by the sweeper after request_timeout (no cancel scope per call: on the
+        # single-write path a scope costs more than the rest of this function)
+        self._ack_deadlines.append((trio.current_time() + self.config.request_timeout, group))
         for op, delta in zip(ops, results, strict=True):
             if isinstance(delta, BaseException):
                 continue
             others = [p for p in self.ring.preference_list(op.key) if p != self.me]
-            acks = _Acks(needed, len(others))
+            acks = _Acks(needed, len(others), group)
             for peer in others:
                 await self._replicate(peer, op.key, delta, acks, alive)
             waits.append(acks)
-        with trio.move_on_after(self.config.request_timeout):
-            for acks in waits:
-                await acks.settled.wait()
+        if group.remaining > 0:
+            await group.done.wait()
         short = sum(1 for acks in waits if acks.ok < acks.needed)
         if short or refused:
             raise QuorumError(f"{short} of {len(ops)} ops had fewer than {needed + 1} acks; "
                               f"{len(refused)} refused ({refused[0] if refused else ''})")
+
+    async def _ack_sweeper(self) -> None:
+        """Ends the wait of writes whose replicas did not all answer within request_timeout
+        (they then count as short of acks), and forgets finished groups."""
+        deadlines = self._ack_deadlines
+        while True:
+            await trio.sleep(ACK_SWEEP_S)
+            now = trio.current_time()
+            while deadlines and (deadlines[0][0] <= now or deadlines[0][1].done.is_set()):
+                deadlines.popleft()[1].done.set()
 
     async def _replicate(self, peer: str, key: bytes, delta: bytes, acks: _Acks,
                          alive: set[str]) -> None:
