@@ -51,7 +51,7 @@ class TombstoneSweeper:
         write it held has reached the replicas the sweep asks."""
         kv = self.kv
         steady = (kv.ring is self._ring and set(kv.ring.members) <= kv._alive()
-                  and not kv.handoff_progress and not kv._pushes)
+                  and not kv.handoff_progress)
         if not steady:
             self._ring, self._calm_since = kv.ring, None
             return False
