@@ -20,6 +20,7 @@ import msgpack
 import plyvel
 
 _SEQ = struct.Struct(">Q")
+_FIRST_FORMAT = b"\x92"  # msgpack array of 2: [key, delta]
 
 
 def wall_ms() -> int:
@@ -32,21 +33,21 @@ class HintStore:
         path.mkdir(parents=True, exist_ok=True)
         self._db = plyvel.DB(str(path), create_if_missing=True)
         self._clock = clock
-        self._seq = 0
+        self._seq = 0  # the highest sequence of any target (targets sort before sequences)
         self._last_added = 0
-        for key in self._db.iterator(include_value=False, reverse=True):
-            self._seq = _SEQ.unpack(key[-_SEQ.size:])[0]
-            break
         self._counts: dict[str, int] = {}
         legacy: list[tuple[bytes, bytes]] = []
+        last_of: dict[str, bytes] = {}  # the newest record of each target
         for key, value in self._db.iterator():
             target = key[: -_SEQ.size - 1].decode()
             self._counts[target] = self._counts.get(target, 0) + 1
-            record = msgpack.unpackb(value)
-            if len(record) == 2:
+            self._seq = max(self._seq, _SEQ.unpack(key[-_SEQ.size:])[0])
+            if value[:1] == _FIRST_FORMAT:
                 legacy.append((key, value))
             else:
-                self._last_added = max(self._last_added, record[2])
+                last_of[target] = value
+        for value in last_of.values():
+            self._last_added = max(self._last_added, msgpack.unpackb(value)[2])
         if legacy:
             opened = self._stamp()
             with self._db.write_batch(sync=True) as batch:

@@ -145,3 +145,20 @@ def test_config_refuses_hints_outliving_the_grace():
         KVConfig(tombstone_grace_s=10, hint_ttl_s=11)
     with pytest.raises(ValueError):
         KVConfig(hint_ttl_s=0)
+
+
+def test_hint_sequences_continue_after_the_highest_of_any_target(tmp_path):
+    clock = Clock()
+    hints = HintStore(tmp_path / "h", clock=clock)
+    hints.add("a-peer", [(b"k1", b"d1"), (b"k2", b"d2")])
+    hints.add("b-peer", [(b"k3", b"d3")])
+    hints.add("a-peer", [(b"k4", b"d4")])
+    hints.close()
+    hints = HintStore(tmp_path / "h", clock=clock)  # "b-peer" sorts last but has not seq 4
+    try:
+        hints.add("a-peer", [(b"k5", b"d5")])
+        assert [k for _, k, _ in hints.take("a-peer", 10, 1 << 20)] == [b"k1", b"k2", b"k4",
+                                                                          b"k5"]
+        assert hints.pending() == {"a-peer": 4, "b-peer": 1}
+    finally:
+        hints.close()
