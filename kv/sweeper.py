@@ -2,7 +2,7 @@
 # asks every replica of each what it holds, and removes the local record once the policy
 # (kv/tombstones.py) allows it. Every replica runs its own sweep over its own copy.
 # Lives here: the sweep loop and its pacing (a bounded number of keys read per round, a cursor
-# that walks the owned partitions segment by segment), the calm-cluster precondition, the
+# that walks the owned partitions), the calm-cluster precondition, the
 # batched question to the replicas, and the conditional delete through the group-commit writer.
 # Must not live here: the collection rule itself (kv/tombstones.py), storage layout (shard/).
 from __future__ import annotations
@@ -32,7 +32,7 @@ class TombstoneSweeper:
     def __init__(self, kv: KV, read_protocol: str) -> None:
         self.kv = kv
         self.read_protocol = read_protocol
-        self._cursor = 0  # next leaf (partition * segments + segment) to read
+        self._cursor = 0  # the next partition to read
         self._ring: Ring | None = None
         self._calm_since: float | None = None
         self.rounds = 0  # rounds run (calm or not), for status and tests
@@ -64,7 +64,7 @@ class TombstoneSweeper:
         returns how many tombstones were removed here."""
         kv = self.kv
         ring = kv.ring
-        candidates = self._scan(now_ms)
+        candidates = await self._scan(now_ms)
         if not candidates:
             return 0
         answers = await self._ask(ring, [key for key, _ in candidates])
@@ -90,28 +90,26 @@ class TombstoneSweeper:
             log.info("collected %d tombstones confirmed by every replica", collected)
         return collected
 
-    def _scan(self, now_ms: int) -> list[tuple[bytes, bytes]]:
-        """Tombstones older than the grace period, from the next segments of owned partitions
-        (skipped cheaply when not owned or empty), until the key budget is spent or every
-        segment was read once."""
+    async def _scan(self, now_ms: int) -> list[tuple[bytes, bytes]]:
+        """Tombstones older than the grace period, from the next owned partitions (one range
+        read each, skipped cheaply when not owned or empty), until the key budget is spent or
+        every partition was looked at once; yields to other tasks between partitions."""
         kv = self.kv
         store, owned = kv.store, kv._owned_partitions()
-        segments = store.keyspace.segments
-        leaves = store.keyspace.partitions * segments
+        partitions = store.keyspace.partitions
         grace_ms = int(kv.config.tombstone_grace_s * 1000)
-        budget, visited = kv.config.tombstone_scan_keys, 0
+        budget = kv.config.tombstone_scan_keys
         found: list[tuple[bytes, bytes]] = []
-        while budget > 0 and visited < leaves:
-            partition, segment = divmod(self._cursor, segments)
+        for _ in range(partitions):
+            if budget <= 0:
+                break
+            partition, self._cursor = self._cursor, (self._cursor + 1) % partitions
             if partition not in owned or not store.count(partition):
-                step = segments - segment  # the rest of this partition
-            else:
-                entries = store.read_segment(partition, segment)
-                budget -= max(1, len(entries))
-                found.extend((k, s) for k, s in entries if is_candidate(s, now_ms, grace_ms))
-                step = 1
-            visited += step
-            self._cursor = (self._cursor + step) % leaves
+                continue
+            budget -= store.count(partition)
+            found.extend((k, s) for k, s in store.iterate(partition)
+                         if is_candidate(s, now_ms, grace_ms))
+            await trio.lowlevel.checkpoint()
         return found
 
     async def _ask(self, ring: Ring, keys: list[bytes]) -> list[dict[str, bytes | None]]:

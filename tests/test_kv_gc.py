@@ -24,8 +24,8 @@ async def test_a_confirmed_tombstone_is_collected_on_every_replica(tmp_path):
         await wait_for(lambda: all(kv.store.get(b"gone") is None for kv in (a, b, c)), 20,
                        "the tombstone to be collected on every replica")
         assert sum(kv.metrics["tombstones_collected"] for kv in (a, b, c)) >= 3
-        assert await c.get("gone", consistency="all") is None
-        assert await a.get("kept", consistency="all") == 2
+        assert await c.get("gone") is None
+        assert await a.get("kept") == 2
         assert all(crdt.decode(kv.store.get(b"kept")).value() == 2 for kv in (a, b, c))
 
 
@@ -52,7 +52,7 @@ async def test_a_replica_that_missed_the_delete_cannot_bring_the_key_back(tmp_pa
         await late.start()
         kvs = [n.kv for n in nodes]
         await wait_for_ring(kvs)
-        assert [await kv.get("doc", consistency="all") for kv in kvs] == [None] * 3
+        assert [await kv.get("doc") for kv in kvs] == [None] * 3
         await wait_for(lambda: all(kv.store.get(b"doc") is None for kv in kvs), 20,
                        "the tombstone to be collected everywhere once every replica has it")
-        assert [await kv.get("doc", consistency="all") for kv in kvs] == [None] * 3
+        assert [await kv.get("doc") for kv in kvs] == [None] * 3

@@ -30,6 +30,9 @@ def test_candidates_are_tombstones_older_than_the_grace():
     assert is_candidate(TOMB, now_ms=1_000 + 501, grace_ms=500)
     assert not is_candidate(TOMB, now_ms=1_000 + 500, grace_ms=500)
     assert not is_candidate(register(1_000), now_ms=10**9, grace_ms=500)  # a live value
+    assert deleted_at(register(1_000, value=None)) is None  # a written None is no delete
+    assert deleted_at(register(1_000, value=[True, b"\xc0"])) is None
+    assert deleted_at(crdt.encode(crdt.LWWRegister().delete(crdt.Timestamp(7, 3), "z" * 300))) == 7
     empty_set = crdt.encode(crdt.new("orset"))
     assert deleted_at(empty_set) is None
     assert deleted_at(b"\x97\x01garbage") is None
