@@ -1,40 +1,73 @@
 # Hinted handoff storage: deltas held for a replica that was down when they were written.
 # Lives here: a LevelDB of its own (beside the main store) keyed by target peer and arrival
-# sequence, written with sync so an acknowledged hint survives a crash.
-# Must not live here: deciding when to deliver (the KV service does that).
+# sequence, written with sync so an acknowledged hint survives a crash, and the expiry of hints
+# older than a given age.
+# Must not live here: deciding when to deliver or what age is too old (the KV service does).
+#
+# Layout: key = target + b"\x00" + 8-byte sequence; value = msgpack [key, delta, added_ms],
+# added_ms the wall time the hint was stored, never less than the hint stored before it (so
+# hints are in added order within a target and expiry stops at the first young one). Records
+# of the first format, [key, delta], are rewritten on open with the open time as added_ms:
+# their age counts from the upgrade.
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgpack
 import plyvel
 
 _SEQ = struct.Struct(">Q")
+_FIRST_FORMAT = b"\x92"  # msgpack array of 2: [key, delta]
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
 class HintStore:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clock: Callable[[], int] = wall_ms) -> None:
+        """`clock`: wall time in milliseconds (tests pass their own)."""
         path.mkdir(parents=True, exist_ok=True)
         self._db = plyvel.DB(str(path), create_if_missing=True)
-        self._seq = 0
-        for key in self._db.iterator(include_value=False, reverse=True):
-            self._seq = _SEQ.unpack(key[-_SEQ.size:])[0]
-            break
+        self._clock = clock
+        self._seq = 0  # the highest sequence of any target (targets sort before sequences)
+        self._last_added = 0
         self._counts: dict[str, int] = {}
-        for key in self._db.iterator(include_value=False):
+        legacy: list[tuple[bytes, bytes]] = []
+        last_of: dict[str, bytes] = {}  # the newest record of each target
+        for key, value in self._db.iterator():
             target = key[: -_SEQ.size - 1].decode()
             self._counts[target] = self._counts.get(target, 0) + 1
+            self._seq = max(self._seq, _SEQ.unpack(key[-_SEQ.size:])[0])
+            if value[:1] == _FIRST_FORMAT:
+                legacy.append((key, value))
+            else:
+                last_of[target] = value
+        for value in last_of.values():
+            self._last_added = max(self._last_added, msgpack.unpackb(value)[2])
+        if legacy:
+            opened = self._stamp()
+            with self._db.write_batch(sync=True) as batch:
+                for key, value in legacy:
+                    batch.put(key, msgpack.packb([*msgpack.unpackb(value), opened]))
+
+    def _stamp(self) -> int:
+        self._last_added = max(self._last_added, self._clock())
+        return self._last_added
 
     def close(self) -> None:
         self._db.close()
 
     def add(self, target: str, items: list[tuple[bytes, bytes]]) -> None:
         prefix = target.encode() + b"\x00"
+        added = self._stamp()
         with self._db.write_batch(sync=True) as batch:
             for key, delta in items:
                 self._seq += 1
-                batch.put(prefix + _SEQ.pack(self._seq), msgpack.packb([key, delta]))
+                batch.put(prefix + _SEQ.pack(self._seq), msgpack.packb([key, delta, added]))
         self._counts[target] = self._counts.get(target, 0) + len(items)
 
     def targets(self) -> list[str]:
@@ -49,7 +82,7 @@ class HintStore:
         out: list[tuple[bytes, bytes, bytes]] = []
         size = 0
         for hint_id, value in self._db.iterator(prefix=target.encode() + b"\x00"):
-            key, delta = msgpack.unpackb(value)
+            key, delta = msgpack.unpackb(value)[:2]
             size += len(key) + len(delta)
             if out and size > max_bytes:
                 break
@@ -63,3 +96,19 @@ class HintStore:
             for hint_id in hint_ids:
                 batch.delete(hint_id)
         self._counts[target] = max(0, self._counts.get(target, 0) - len(hint_ids))
+
+    def expire(self, target: str, max_age_ms: int, chunk: int = 10_000) -> int:
+        """Delete the hints for `target` stored more than `max_age_ms` ago; return how many."""
+        oldest = self._clock() - max_age_ms
+        expired: list[bytes] = []
+        total = 0
+        for hint_id, value in self._db.iterator(prefix=target.encode() + b"\x00"):
+            if msgpack.unpackb(value)[2] >= oldest:
+                break  # added times never decrease: every later hint is younger
+            expired.append(hint_id)
+            if len(expired) >= chunk:
+                self.remove(target, expired)
+                total, expired = total + len(expired), []
+        if expired:
+            self.remove(target, expired)
+        return total + len(expired)

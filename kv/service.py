@@ -2,7 +2,8 @@
 # preference list, replicas converge by CRDT merges, and no acknowledged write is lost.
 # Lives here: the ring kept in step with membership, the write path (mutating replica, W
 # acks, hinted handoff), the read path (R replicas, merge, read repair), hint delivery,
-# anti-entropy between replicas, and partition handoff after ring changes.
+# anti-entropy between replicas, and partition handoff after ring changes. Tombstone
+# collection is in sweeper.py (its rule in tombstones.py); hint expiry is wired in here.
 # Must not live here: CRDT semantics (crdt/), placement and storage (shard/), transport (p2p/).
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ from shard import Initiator, Keyspace, ProtocolError, Responder, Ring, Store, di
 from .hints import HintStore
 from .ops import Op, OpError, make_delta, render
 from .replication import APPLY_PROTOCOL, Delta, PeerLink, open_batch, seal_batch
+from .sweeper import TombstoneSweeper
 from .writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
@@ -72,6 +74,20 @@ class KVConfig:
     # one operation's arguments (a value, members, a field) may not encode larger than this
     max_value_bytes: int = 1024 * 1024
     queue_per_peer: int = 20_000
+    # a register tombstone is collected once its delete is this old and every replica holds
+    # it or nothing; hints older than hint_ttl_s are dropped (anti-entropy repairs instead)
+    tombstone_grace_s: float = 3600.0
+    hint_ttl_s: float = 1800.0
+    tombstone_sweep_interval: float = 10.0
+    tombstone_scan_keys: int = 5000  # keys read per sweep round
+    # the ring unchanged and every member alive this long before a sweep round may collect
+    tombstone_settle_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        # a hint older than a collected tombstone's grace would bring the deleted key back
+        if not 0 < self.hint_ttl_s <= self.tombstone_grace_s:
+            raise ValueError(f"hint_ttl_s ({self.hint_ttl_s}) must be > 0 and <= "
+                             f"tombstone_grace_s ({self.tombstone_grace_s})")
 
 
 class _AckGroup:
@@ -138,7 +154,9 @@ class KV:
         self.handoff_progress: dict[str, Any] = {}
         self.metrics = {"writes": 0, "reads": 0, "read_repairs": 0, "hints_delivered": 0,
                         "handoff_keys_sent": 0, "partitions_dropped": 0, "refused_batches": 0,
-                        "merge_failures": 0, "type_conflicts": 0}
+                        "merge_failures": 0, "type_conflicts": 0, "tombstones_collected": 0,
+                        "hints_expired": 0}
+        self.sweeper = TombstoneSweeper(self, READ_PROTOCOL)
 
     @classmethod
     @asynccontextmanager
@@ -162,6 +180,7 @@ class KV:
                 nursery.start_soon(kv._anti_entropy_loop)
                 nursery.start_soon(kv._rebalance_loop)
                 nursery.start_soon(kv._ack_sweeper)
+                nursery.start_soon(kv.sweeper.run)
                 try:
                     yield kv
                 finally:
@@ -611,6 +630,11 @@ class KV:
             await trio.sleep(self.config.hint_interval)
             alive = self._alive()
             for target in self.hints.targets():
+                expired = self.hints.expire(target, int(self.config.hint_ttl_s * 1000))
+                if expired:
+                    self.metrics["hints_expired"] += expired
+                    log.warning("dropped %d hints for %s older than %s s; anti-entropy will "
+                                "repair it", expired, target, self.config.hint_ttl_s)
                 if target in alive and target != self.me:
                     await self._deliver_hints(target)
 

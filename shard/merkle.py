@@ -112,6 +112,18 @@ class HashTree:
             leaves[leaf] ^= change
             roots[leaf >> segment_bits] ^= change
 
+    def forget(self, removed: Iterable[tuple[bytes, bytes]]) -> None:
+        """Account for deleted entries: (stored key, state it held) each."""
+        leaves, roots, counts = self._leaves, self._roots, self._counts
+        for stored, state in removed:
+            key = stored[PREFIX_BYTES:]
+            change = entry_hash(key, state)
+            leaf = int.from_bytes(stored[:PREFIX_BYTES], "big") >> self._leaf_shift
+            partition = leaf >> self._segment_bits
+            leaves[leaf] ^= change
+            roots[partition] ^= change
+            counts[partition] -= 1
+
     def leaf(self, leaf: int) -> int:
         return self._leaves[leaf]
 

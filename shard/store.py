@@ -297,6 +297,24 @@ class Store:
         self.tree.clear_partition(partition)
         return dropped
 
+    def delete_if(self, items: Iterable[tuple[bytes, bytes]], sync: bool = True) -> list[bytes]:
+        """Delete each key whose stored state is exactly the expected one (one batch), keeping
+        the hash tree and counts in step; return the keys deleted."""
+        prefix = self.keyspace.prefix
+        removed: dict[bytes, bytes] = {}
+        try:
+            for key, expected in items:
+                stored = prefix(key) + key
+                if stored not in removed and self._db.get(stored) == expected:
+                    removed[stored] = expected
+            with self._db.write_batch(sync=sync) as batch:
+                for stored in removed:
+                    batch.delete(stored)
+        except plyvel.Error as exc:
+            raise self._error("conditional delete", exc) from exc
+        self.tree.forget(removed.items())
+        return [stored[PREFIX_BYTES:] for stored in removed]
+
     # -- reads ---------------------------------------------------------------------------------
 
     def get(self, key: bytes) -> bytes | None:

@@ -203,6 +203,10 @@ class KvApi:
                      "hinted writes delivered to the replica they were meant for")
         yield Metric("kv_handoff_keys_sent", counters["handoff_keys_sent"], "counter",
                      "states streamed to new owners after ring changes")
+        yield Metric("kv_hints_expired", counters["hints_expired"], "counter",
+                     "hints dropped unsent because they outlived hint_ttl_s")
+        yield Metric("kv_tombstones_collected", counters["tombstones_collected"], "counter",
+                     "register tombstones removed here once every replica confirmed them")
         yield Metric("kv_hints_pending", sum(status["hints_pending"].values()), "gauge",
                      "hinted writes held here for replicas that were down")
         yield Metric("kv_replication_backlog", status["replication_backlog"], "gauge",

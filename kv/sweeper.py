@@ -1,0 +1,148 @@
+# The tombstone sweep of one KV node: finds old register tombstones in the partitions it owns,
+# asks every replica of each what it holds, and removes the local record once the policy
+# (kv/tombstones.py) allows it. Every replica runs its own sweep over its own copy.
+# Lives here: the sweep loop and its pacing (a bounded number of keys read per round, a cursor
+# that walks the owned partitions), the calm-cluster precondition, the
+# batched question to the replicas, and the conditional delete through the group-commit writer.
+# Must not live here: the collection rule itself (kv/tombstones.py), storage layout (shard/).
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from p2p import RequestError
+from shard import Ring
+
+from .tombstones import Verdict, decide, is_candidate
+
+if TYPE_CHECKING:
+    from .service import KV
+
+log = logging.getLogger(__name__)
+
+READ_CHUNK = 1024  # keys per read request (the read handler's limit)
+
+
+class TombstoneSweeper:
+    """Collects this node's copies of register tombstones that every replica confirmed."""
+
+    def __init__(self, kv: KV, read_protocol: str) -> None:
+        self.kv = kv
+        self.read_protocol = read_protocol
+        self._cursor = 0  # the next partition to read
+        self._ring: Ring | None = None
+        self._calm_since: float | None = None
+        self.rounds = 0  # rounds run (calm or not), for status and tests
+
+    async def run(self) -> None:
+        while True:
+            await trio.sleep(self.kv.config.tombstone_sweep_interval)
+            self.rounds += 1
+            if self.calm(time.monotonic()):
+                await self.sweep_once(time.time_ns() // 1_000_000)
+
+    def calm(self, now: float) -> bool:
+        """True once the ring has been the same, with every member alive, and this node has
+        had nothing to hand off, for `tombstone_settle_s`: by then a member that came back has
+        received its hints and handed its foreign partitions to their owners, so an older
+        write it held has reached the replicas the sweep asks."""
+        kv = self.kv
+        steady = (kv.ring is self._ring and set(kv.ring.members) <= kv._alive()
+                  and not kv.handoff_progress)
+        if not steady:
+            self._ring, self._calm_since = kv.ring, None
+            return False
+        if self._calm_since is None:
+            self._calm_since = now
+        return now - self._calm_since >= kv.config.tombstone_settle_s
+
+    async def sweep_once(self, now_ms: int) -> int:
+        """One round: read up to `tombstone_scan_keys` keys, settle the candidates found;
+        returns how many tombstones were removed here."""
+        kv = self.kv
+        ring = kv.ring
+        candidates = await self._scan(now_ms)
+        if not candidates:
+            return 0
+        answers = await self._ask(ring, [key for key, _ in candidates])
+        collect: list[tuple[bytes, bytes]] = []
+        for (key, tombstone), answer in zip(candidates, answers, strict=True):
+            verdict = decide(tombstone, ring.preference_list(key), answer)
+            if verdict is Verdict.COLLECT:
+                collect.append((key, tombstone))
+            elif verdict is Verdict.REPAIR:  # send the tombstone to the stale replicas
+                kv._merge_and_repair(key, dict(answer))
+        if not collect:
+            return 0
+
+        def delete_unchanged() -> int:
+            # between two write batches: a write that landed since the question keeps its key
+            if kv.ring is not ring:
+                return 0
+            return len(kv.store.delete_if(collect, sync=False))
+
+        collected: int = await kv.writer.exclusive(delete_unchanged)
+        kv.metrics["tombstones_collected"] += collected
+        if collected:
+            log.info("collected %d tombstones confirmed by every replica", collected)
+        return collected
+
+    async def _scan(self, now_ms: int) -> list[tuple[bytes, bytes]]:
+        """Tombstones older than the grace period, from the next owned partitions (one range
+        read each, skipped cheaply when not owned or empty), until the key budget is spent or
+        every partition was looked at once; yields to other tasks between partitions."""
+        kv = self.kv
+        store, owned = kv.store, kv._owned_partitions()
+        partitions = store.keyspace.partitions
+        grace_ms = int(kv.config.tombstone_grace_s * 1000)
+        budget = kv.config.tombstone_scan_keys
+        found: list[tuple[bytes, bytes]] = []
+        for _ in range(partitions):
+            if budget <= 0:
+                break
+            partition, self._cursor = self._cursor, (self._cursor + 1) % partitions
+            if partition not in owned or not store.count(partition):
+                continue
+            budget -= store.count(partition)
+            found.extend((k, s) for k, s in store.iterate(partition)
+                         if is_candidate(s, now_ms, grace_ms))
+            await trio.lowlevel.checkpoint()
+        return found
+
+    async def _ask(self, ring: Ring, keys: list[bytes]) -> list[dict[str, bytes | None]]:
+        """What every replica of each key holds; a replica that does not answer for a key
+        (failed, timed out, reply too large, malformed) is absent from that key's answers."""
+        kv = self.kv
+        answers: list[dict[str, bytes | None]] = [{} for _ in keys]
+        wanted: dict[str, list[int]] = {}
+        for index, key in enumerate(keys):
+            for peer in ring.preference_list(key):
+                wanted.setdefault(peer, []).append(index)
+
+        async def ask(peer: str, indices: list[int]) -> None:
+            asked = [keys[i] for i in indices]
+            states: Any
+            if peer == kv.me:
+                states = [kv.store.get(k) for k in asked]
+            else:
+                try:
+                    states = await kv.net.request(peer, self.read_protocol, {"keys": asked},
+                                                  timeout=kv.config.request_timeout)
+                except RequestError as exc:
+                    log.info("tombstone sweep: read of %d keys from %s failed: %s",
+                             len(asked), peer, exc)
+                    return
+            if not isinstance(states, list) or len(states) != len(asked):
+                return
+            for i, state in zip(indices, states, strict=True):
+                if state is None or isinstance(state, bytes):  # False: did not fit
+                    answers[i][peer] = state
+
+        async with trio.open_nursery() as nursery:
+            for peer, indices in wanted.items():
+                for start in range(0, len(indices), READ_CHUNK):
+                    nursery.start_soon(ask, peer, indices[start:start + READ_CHUNK])
+        return answers
