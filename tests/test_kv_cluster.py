@@ -208,6 +208,24 @@ async def test_quorum_reads_fail_clearly_when_too_few_replicas(tmp_path):
             await survivor.get("k", consistency="quorum")
 
 
+async def test_a_write_to_a_stalled_replica_fails_at_all_and_succeeds_at_quorum(tmp_path):
+    async with handles(tmp_path, 3, request_timeout=1.0) as nodes:
+        stalled = nodes[2].kv
+
+        async def never_durable(items):  # the replica takes batches and never answers
+            await trio.sleep_forever()
+
+        stalled.writer.merge = never_durable
+        coordinator = nodes[0].kv
+        with trio.fail_after(30):  # the write must end, not hang on the silent replica
+            with pytest.raises(QuorumError):
+                await coordinator.put("k-all", 1, consistency="all")
+            await coordinator.put("k-quorum", 2, consistency="quorum")
+        assert coordinator.store.get(b"k-quorum") is not None
+        assert nodes[1].kv.store.get(b"k-quorum") is not None
+        assert stalled.store.get(b"k-quorum") is None
+
+
 async def test_a_deleted_key_does_not_come_back_from_a_late_replica(tmp_path):
     async with handles(tmp_path, 4) as nodes:
         coordinator = nodes[0].kv
