@@ -355,6 +355,22 @@ class KV:
                         "replication_deltas": sum(k.sent for k in self._links.values())},
         }
 
+    def partition_status(self) -> list[dict[str, Any]]:
+        """Per partition this node replicates: its keys here, its replicas in order (the
+        first is the primary) and how long ago anti-entropy last compared it (None: never,
+        since this node started)."""
+        now = time.monotonic()
+        rows = []
+        for partition in sorted(self._owned_partitions()):
+            synced = self.last_anti_entropy.get(partition)
+            rows.append({
+                "partition": partition,
+                "keys": self.store.count(partition),
+                "replicas": self.ring.owners(partition),
+                "anti_entropy_s_ago": round(now - synced, 1) if synced is not None else None,
+            })
+        return rows
+
     # -- membership and ring -------------------------------------------------------------
     def _ring_members(self) -> set[str]:
         """Members that hold data: everyone known except those who left on purpose. A node

@@ -100,6 +100,7 @@ class KvApi:
         api.add_route("/kv-batch", _guarded(self.batch), methods=("POST",))
         api.add_route("/kv-read", _guarded(self.read), methods=("POST",))
         api.add_route("/kv-status", _guarded(self.status))
+        api.add_route("/kv-partitions", _guarded(self.partitions))
         api.add_route("/kv-local/{key:path}", _guarded(self.local))
         api.add_metrics(self.metrics)
         api.add_status("kv", self.kv.status)
@@ -174,6 +175,9 @@ class KvApi:
 
     async def status(self, request: Request) -> Response:
         return _json(self.kv.status())
+
+    async def partitions(self, request: Request) -> Response:
+        return _json({"partitions": self.kv.partition_status()})
 
     async def local(self, request: Request) -> Response:
         """Debugging: what this node's own store holds for a key, without asking replicas."""

@@ -230,7 +230,12 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
         assert got[0] == code and got[1]["error"] == error, (request[:2], got)
     local = api.call("GET", "/kv-local/b7")[1]
     assert local["present"] and local["value"] == 7 and len(local["replicas"]) == 3
-    assert api.call("GET", "/kv-status")[1]["keys"] >= 50
+    status = api.call("GET", "/kv-status")[1]
+    assert status["keys"] >= 50
+    rows = api.call("GET", "/kv-partitions")[1]["partitions"]
+    assert len(rows) == status["partitions_owned"]
+    assert sum(row["keys"] for row in rows) == status["keys"]  # every key in an owned partition
+    assert all(len(row["replicas"]) == 3 for row in rows)
     metrics = subprocess.run([sys.executable, NODE, "metrics", "--data-dir", str(b.data_dir)],
                              capture_output=True, text=True, check=True).stdout
     for name in ("tasknet_kv_keys ", "tasknet_kv_writes_total ", "tasknet_kv_reads_total ",
