@@ -2,7 +2,7 @@
 # preference list, replicas converge by CRDT merges, and no acknowledged write is lost.
 # Lives here: the ring kept in step with membership, the write path (mutating replica, W
 # acks, hinted handoff), the read path (R replicas, merge, read repair), hint delivery,
-# anti-entropy between replicas, and partition handoff after ring changes.
+# anti-entropy between replicas, and the wiring of partition handoff (kv/handoff.py).
 # Must not live here: CRDT semantics (crdt/), placement and storage (shard/), transport (p2p/).
 from __future__ import annotations
 
