@@ -2,8 +2,8 @@
 # preference list, replicas converge by CRDT merges, and no acknowledged write is lost.
 # Lives here: the ring kept in step with membership, the write path (mutating replica, W
 # acks, hinted handoff), the read path (R replicas, merge, read repair), hint delivery,
-# anti-entropy between replicas, and partition handoff after ring changes. Tombstone
-# collection is in sweeper.py (its rule in tombstones.py); hint expiry is wired in here.
+# anti-entropy between replicas, and the wiring of partition handoff (kv/handoff.py) and of
+# tombstone collection (kv/sweeper.py, its rule in kv/tombstones.py); hint expiry.
 # Must not live here: CRDT semantics (crdt/), placement and storage (shard/), transport (p2p/).
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,9 @@ import crdt
 from p2p import Network, PeerUnreachable, RemoteError, RequestError
 from p2p.envelope import EnvelopeError
 from p2p.rpc import HandlerError
-from shard import Initiator, Keyspace, ProtocolError, Responder, Ring, Store, diff
+from shard import Initiator, Keyspace, ProtocolError, Responder, Ring, Store
 
+from .handoff import ROOTS_PROTOCOL, Handoff
 from .hints import HintStore
 from .ops import Op, OpError, make_delta, render
 from .replication import APPLY_PROTOCOL, Delta, PeerLink, open_batch, seal_batch
@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 OP_PROTOCOL = "kv-op"
 READ_PROTOCOL = "kv-read"
 AE_PROTOCOL = "kv-ae"
-HANDOFF_CHUNK = 1000
 MAX_AE_SESSIONS_PER_PEER = 4
 ACK_SWEEP_S = 0.05  # how often write waits are checked against their deadline
 
@@ -147,11 +146,10 @@ class KV:
         self._nursery: trio.Nursery | None = None
         self._ae_sessions: dict[tuple[str, int], tuple[Responder, float]] = {}
         self._ae_next_sid = 0
-        self._pushes: set[tuple[int, str]] = set()  # (partition, newcomer) still to push
         self._ack_deadlines: deque[tuple[float, _AckGroup]] = deque()  # in deadline order
         self._shared_cache: tuple[Ring | None, dict[str, frozenset[int]]] = (None, {})
         self.last_anti_entropy: dict[int, float] = {}
-        self.handoff_progress: dict[str, Any] = {}
+        self.handoff = Handoff(self)
         self.metrics = {"writes": 0, "reads": 0, "read_repairs": 0, "hints_delivered": 0,
                         "handoff_keys_sent": 0, "partitions_dropped": 0, "refused_batches": 0,
                         "merge_failures": 0, "type_conflicts": 0, "tombstones_collected": 0,
@@ -174,11 +172,12 @@ class KV:
                 net.handle(OP_PROTOCOL, kv._on_op)
                 net.handle(READ_PROTOCOL, kv._on_read)
                 net.handle(AE_PROTOCOL, kv._on_anti_entropy)
+                net.handle(ROOTS_PROTOCOL, kv.handoff.on_roots)
                 nursery.start_soon(kv.writer.run)
                 nursery.start_soon(kv._ring_loop)
                 nursery.start_soon(kv._hint_loop)
                 nursery.start_soon(kv._anti_entropy_loop)
-                nursery.start_soon(kv._rebalance_loop)
+                nursery.start_soon(kv.handoff.run)
                 nursery.start_soon(kv._ack_sweeper)
                 nursery.start_soon(kv.sweeper.run)
                 try:
@@ -332,6 +331,11 @@ class KV:
                     self._send_nowait(peer, Delta(key, merged, None, None))
         return merged
 
+    @property
+    def handoff_progress(self) -> dict[str, Any]:
+        """What is left of handing off partitions this node no longer owns ({}: nothing)."""
+        return self.handoff.progress
+
     def status(self) -> dict[str, Any]:
         owned = self._owned_partitions()
         now = time.monotonic()
@@ -399,7 +403,7 @@ class KV:
                 old, self.ring = self.ring, self._build_ring()
                 log.info("ring rebuilt: %d members (was %d)", len(self.ring.members),
                          len(old.members))
-                self._plan_pushes(old, self.ring)
+                self.handoff.plan(old, self.ring)
             await trio.sleep(min(0.5, self.config.rebalance_interval))
 
     # -- write path ----------------------------------------------------------------------
@@ -782,114 +786,3 @@ class KV:
         ring must not bring back a partition this node has since handed off."""
         mine = self._owned_partitions()
         return [(k, s) for k, s in states if self.ring.partition_of(k) in mine]
-
-    # -- partition handoff ---------------------------------------------------------------
-    def _plan_pushes(self, old: Ring, new: Ring) -> None:
-        """After a ring change, the first owner that keeps a partition pushes it to each
-        newcomer, so new owners fill quickly instead of waiting for anti-entropy."""
-        if not len(self.store):
-            return
-        for partition, (before, after) in diff(old, new).items():
-            if not self.store.count(partition):
-                continue
-            staying = [p for p in before if p in after]
-            if staying and staying[0] == self.me:
-                for newcomer in after:
-                    if newcomer not in before:
-                        self._pushes.add((partition, newcomer))
-
-    async def _rebalance_loop(self) -> None:
-        while True:
-            await trio.sleep(self.config.rebalance_interval)
-            alive = self._alive()
-            by_newcomer: dict[str, list[int]] = {}
-            for partition, newcomer in sorted(self._pushes):
-                if newcomer in alive:
-                    by_newcomer.setdefault(newcomer, []).append(partition)
-            for newcomer, partitions in by_newcomer.items():
-                still = [p for p in partitions if newcomer in self.ring.owners(p)]
-                if await self._stream_partitions(still, [newcomer]):
-                    self._pushes -= {(p, newcomer) for p in partitions}
-            await self._hand_off_foreign(alive)
-
-    async def _hand_off_foreign(self, alive: set[str]) -> None:
-        """Partitions held here that this node no longer owns go to all their owners (one
-        stream per owner, all owners at once), then are dropped, but only once every owner
-        confirmed and no write raced the transfer."""
-        mine = self._owned_partitions()
-        foreign = [p for p in range(self.ring.partitions)
-                   if p not in mine and self.store.count(p)]
-        if not foreign:
-            self.handoff_progress = {}
-            return
-        keys = sum(self.store.count(p) for p in foreign)
-        self.handoff_progress = {"partitions_left": len(foreign), "keys_left": keys,
-                                 "keys_sent": 0}
-        log.info("handoff: %d partitions (%d keys) this node no longer owns", len(foreign), keys)
-        owners = {p: self.ring.owners(p) for p in foreign}
-        ready = [p for p in foreign if all(o in alive for o in owners[p])]
-        per_target: dict[str, list[int]] = {}
-        for partition in ready:  # every owner must be able to confirm before a drop
-            for owner in owners[partition]:
-                per_target.setdefault(owner, []).append(partition)
-        roots = {p: self.store.tree.partition_root(p) for p in ready}
-        confirmed: dict[int, int] = dict.fromkeys(ready, 0)
-
-        async def send(target: str, partitions: list[int]) -> None:
-            if await self._stream_partitions(partitions, [target]):
-                for partition in partitions:
-                    confirmed[partition] += 1
-
-        async with trio.open_nursery() as nursery:
-            for target, partitions in per_target.items():
-                nursery.start_soon(send, target, partitions)
-
-        def drop_if_unchanged(partition: int) -> bool:
-            # runs between two write batches: nothing can land between the check and the drop
-            if (self.store.tree.partition_root(partition) != roots[partition]
-                    or self.me in self.ring.owners(partition)):
-                return False
-            self.store.drop_partition(partition)
-            return True
-
-        dropped = 0
-        for partition in ready:
-            if (confirmed[partition] == len(owners[partition])
-                    and await self.writer.exclusive(partial(drop_if_unchanged, partition))):
-                dropped += 1
-        self.metrics["partitions_dropped"] += dropped
-        self.handoff_progress["partitions_left"] = len(foreign) - dropped
-        log.info("handoff: %d partitions confirmed by their owners and dropped; %d left",
-                 dropped, len(foreign) - dropped)
-
-    async def _stream_partitions(self, partitions: list[int], targets: list[str]) -> bool:
-        """Send every state of `partitions` to each target; True when all confirmed."""
-        chunk: list[list[Any]] = []
-        chunk_bytes = 0
-
-        async def flush() -> bool:
-            nonlocal chunk, chunk_bytes
-            batch = seal_batch(self.net, chunk, time.time_ns())
-            for target in targets:
-                try:
-                    await self.net.request(target, APPLY_PROTOCOL, batch,
-                                           timeout=self.config.request_timeout * 4)
-                except RequestError as exc:
-                    log.info("handoff to %s failed: %s", target, exc)
-                    return False
-            self.metrics["handoff_keys_sent"] += len(chunk)
-            if "keys_sent" in self.handoff_progress:
-                self.handoff_progress["keys_sent"] += len(chunk)
-            chunk, chunk_bytes = [], 0
-            return True
-
-        for partition in partitions:
-            if not self.store.count(partition):
-                continue
-            for key, state in list(self.store.iterate(partition)):
-                chunk.append([key, state, None])
-                chunk_bytes += len(key) + len(state)
-                full = len(chunk) >= HANDOFF_CHUNK or chunk_bytes >= self.config.max_batch_bytes
-                if full and not await flush():
-                    return False
-        return not chunk or await flush()

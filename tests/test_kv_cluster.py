@@ -101,6 +101,10 @@ async def test_a_joining_node_takes_its_share_and_the_others_drop_it(tmp_path):
     async with handles(tmp_path, 5) as nodes:
         written = {f"k{i}": i for i in range(1500)}
         await nodes[0].kv.put_many(written)
+        # every replica holds every key before the join, so the replicas that keep a
+        # partition hold what its leaving owner holds and need nothing from it
+        await wait_for(lambda: sum(len(n.kv.store) for n in nodes) == N * len(written), 30,
+                       "every key on its N replicas before the join")
         joiner = NodeHandle(nodes[0].nursery, tmp_path / "node5", [nodes[0].kv.net.addrs[0]])
         nodes.append(joiner)
         newcomer = await joiner.start()
@@ -115,6 +119,9 @@ async def test_a_joining_node_takes_its_share_and_the_others_drop_it(tmp_path):
                 not kv.handoff_progress for kv in kvs)
 
         await wait_for(handed_off, 120, "handoff to the newcomer and drops at the others")
+        # each moved key travelled once: from the owner that left its preference list to
+        # the newcomer, not also from an owner that stayed, nor to owners that had it
+        assert sum(kv.metrics["handoff_keys_sent"] for kv in kvs) == len(owned)
         assert await newcomer.get_many(sorted(written)) == [written[k]
                                                              for k in sorted(written)]
         await wait_for(lambda: all(foreign_keys(kv) == 0 for kv in kvs), 30,
@@ -125,6 +132,27 @@ async def test_a_joining_node_takes_its_share_and_the_others_drop_it(tmp_path):
         holders.update(stored_keys(data_dir).keys())
     assert set(holders) == {k.encode() for k in written}
     assert set(holders.values()) == {N}
+
+
+async def test_a_node_joining_a_cluster_smaller_than_n_gets_one_push_of_everything(tmp_path):
+    async with handles(tmp_path, 2) as nodes:
+        written = {f"k{i}": i for i in range(300)}
+        await nodes[0].kv.put_many(written)
+        await wait_for(lambda: all(len(n.kv.store) == len(written) for n in nodes), 30,
+                       "both nodes to hold every key")
+        joiner = NodeHandle(nodes[0].nursery, tmp_path / "node2", [nodes[0].kv.net.addrs[0]])
+        nodes.append(joiner)
+        newcomer = await joiner.start()
+        kvs = [n.kv for n in nodes]
+        await wait_for_ring(kvs)
+        # no owner left any preference list (2 nodes, N = 3): the first owner that stayed
+        # pushes each partition, and only it
+        await wait_for(lambda: len(newcomer.store) == len(written), 60,
+                       "the newcomer to receive every key")
+        await wait_for(lambda: not any(kv.handoff.pushes for kv in kvs), 30,
+                       "the pushes to be confirmed")
+        assert sum(kv.metrics["handoff_keys_sent"] for kv in kvs) == len(written)
+        assert all(len(kv.store) == len(written) for kv in kvs)
 
 
 async def test_split_brain_counters_and_sets_merge_after_heal(tmp_path):
