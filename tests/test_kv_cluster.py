@@ -119,9 +119,10 @@ async def test_a_joining_node_takes_its_share_and_the_others_drop_it(tmp_path):
                 not kv.handoff_progress for kv in kvs)
 
         await wait_for(handed_off, 120, "handoff to the newcomer and drops at the others")
-        # each moved key travelled once: from the owner that left its preference list to
-        # the newcomer, not also from an owner that stayed, nor to owners that had it
-        assert sum(kv.metrics["handoff_keys_sent"] for kv in kvs) == len(owned)
+        # each moved key travelled at most once: from the owner that left its preference
+        # list to the newcomer, not also from an owner that stayed, nor to owners that had it
+        # (anti-entropy with the newcomer may deliver a partition first: then none is sent)
+        assert 0 < sum(kv.metrics["handoff_keys_sent"] for kv in kvs) <= len(owned)
         assert await newcomer.get_many(sorted(written)) == [written[k]
                                                              for k in sorted(written)]
         await wait_for(lambda: all(foreign_keys(kv) == 0 for kv in kvs), 30,
@@ -151,7 +152,8 @@ async def test_a_node_joining_a_cluster_smaller_than_n_gets_one_push_of_everythi
                        "the newcomer to receive every key")
         await wait_for(lambda: not any(kv.handoff.pushes for kv in kvs), 30,
                        "the pushes to be confirmed")
-        assert sum(kv.metrics["handoff_keys_sent"] for kv in kvs) == len(written)
+        # one pusher per partition (anti-entropy may have delivered some partitions first)
+        assert 0 < sum(kv.metrics["handoff_keys_sent"] for kv in kvs) <= len(written)
         assert all(len(kv.store) == len(written) for kv in kvs)
 
 
