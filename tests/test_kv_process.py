@@ -345,7 +345,13 @@ def test_no_acknowledged_write_lost_when_a_node_is_killed(processes: Processes):
                          for s in (n.status() for n in everyone)), 30, "hints drained")
     keys = sorted(acked)
     for node in everyone:
-        code, reply = node.api.call("POST", "/kv-read", {"keys": keys, "consistency": "quorum"})
+        # a node that just saw a peer restart may count it suspect for a moment and answer
+        # 503 (too few replicas): like a client, ask again until a deadline
+        def read(node=node):
+            answer = node.api.call("POST", "/kv-read", {"keys": keys, "consistency": "quorum"})
+            return answer if answer[0] != 503 else None
+
+        code, reply = wait_for(read, 30, "a quorum read of every acknowledged key")
         assert code == 200, reply
         lost = {k: v for k, v, got in zip(keys, [acked[k] for k in keys], reply["values"],
                                           strict=True) if got != v}
