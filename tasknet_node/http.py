@@ -28,8 +28,13 @@ MAX_HEADERS = 100
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 HEAD_TIMEOUT_S = 30.0  # a request head (or a keep-alive connection's next one) must arrive
 BODY_TIMEOUT_S = 60.0
+SEND_TIMEOUT_S = 30.0  # a client that stops reading its answer loses the connection
+ACCEPT_RETRY_S = 0.1
 MAX_CONNECTIONS = 512
-_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # used with fullmatch
+_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control bytes but HTAB
+_DIGITS = re.compile(r"[0-9]{1,18}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::(path|str))?}")
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -103,7 +108,7 @@ class Route:
             parts.append(f"(?P<{name}>.*)" if kind == "path" else f"(?P<{name}>[^/]+)")
             last = match.end()
         parts.append(re.escape(self.pattern[last:]))
-        self.regex = re.compile("^" + "".join(parts) + "$")
+        self.regex = re.compile("".join(parts), re.DOTALL)  # used with fullmatch
 
 
 class HttpApp:
@@ -119,7 +124,10 @@ class HttpApp:
         self.head_timeout = head_timeout
         self.body_timeout = body_timeout
 
-    async def handle(self, request: Request) -> Response:
+    def resolve(self, request: Request) -> Endpoint | Response:
+        """The endpoint for a request (its path parameters set), or the error answer: a
+        Host that is not trusted, no such path, or a method the path does not serve. Runs
+        before the body is read, so a refused request costs no body buffering."""
         if self.trusted_hosts is not None:
             host = request.headers.get("host", "")
             name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
@@ -128,18 +136,25 @@ class HttpApp:
         method = "GET" if request.method == "HEAD" else request.method
         allowed: set[str] = set()
         for route in self.routes:
-            match = route.regex.match(request.path)
+            match = route.regex.fullmatch(request.path)
             if match is None:
                 continue
             if method not in route.methods:
                 allowed |= route.methods
                 continue
             request.path_params = match.groupdict()
-            return await route.endpoint(request)
+            return route.endpoint
         if allowed:
             return Response("Method Not Allowed", 405,
                             headers={"allow": ", ".join(sorted(allowed))})
         return Response("Not Found", 404)
+
+    async def handle(self, request: Request) -> Response:
+        """Answer a request whose body is read (see `resolve`)."""
+        endpoint = self.resolve(request)
+        if isinstance(endpoint, Response):
+            return endpoint
+        return await endpoint(request)
 
 
 async def serve_http(app: HttpApp, listener: trio.SocketListener,
@@ -153,6 +168,11 @@ async def serve_http(app: HttpApp, listener: trio.SocketListener,
             await limit.acquire()
             try:
                 stream = await listener.accept()
+            except OSError as exc:  # out of file descriptors or memory: wait, then go on
+                limit.release()
+                log.warning("control API: accept failed: %s", exc)
+                await trio.sleep(ACCEPT_RETRY_S)
+                continue
             except BaseException:
                 limit.release()
                 raise
@@ -164,8 +184,10 @@ async def _serve_connection(app: HttpApp, stream: trio.SocketStream,
     connection = _Connection(app, stream)
     try:
         await connection.run()
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass  # the client went away
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
+        pass  # the client went away, or stopped reading its answer
+    except Exception:  # a bug here must cost one connection, never the node
+        log.exception("control API: connection failed")
     finally:
         limit.release()
         await trio.aclose_forcefully(stream)
@@ -176,6 +198,7 @@ class _Connection:
         self.app = app
         self.stream = stream
         self.buffer = bytearray()
+        self.http10_keep_alive = False
 
     async def _receive(self) -> bool:
         chunk = await self.stream.receive_some(65536)
@@ -189,12 +212,22 @@ class _Connection:
             # one cancel scope per request (they cost more than the parsing): the head's
             # deadline, then the body's
             deadline = trio.CancelScope(deadline=trio.current_time() + self.app.head_timeout)
+            started = False  # a request began: a stall now gets a 408, not a silent close
             try:
                 with deadline:
                     head = await self._read_head()
                     if head is None:
                         return  # clean close between requests
-                    request, keep_alive, body_reader = self._parse_head(head)
+                    started = True
+                    request, keep_alive, has_body, body_reader = self._parse_head(head)
+                    target = self.app.resolve(request)
+                    if isinstance(target, Response):
+                        # refused before its body was read: the connection cannot go on
+                        # unless there is no body
+                        await self._send(target, keep_alive and not has_body, head=False)
+                        if keep_alive and not has_body:
+                            continue
+                        return
                     deadline.deadline = trio.current_time() + self.app.body_timeout
                     request._body = await body_reader()
                 if deadline.cancelled_caught:
@@ -203,12 +236,12 @@ class _Connection:
                 await self._send(Response(f"{exc}\n", exc.status), keep_alive=False, head=False)
                 return
             except trio.TooSlowError:
-                if self.buffer:  # an idle kept-alive connection just closes
+                if started or self.buffer:  # an idle kept-alive connection just closes
                     await self._send(Response("request timed out\n", 408), keep_alive=False,
                                      head=False)
                 return
             try:
-                response = await self.app.handle(request)
+                response = await target(request)
             except Exception:
                 log.exception("control API: %s %s failed", request.method, request.path)
                 response = JSONResponse({"error": "internal", "message": "internal error"}, 500)
@@ -234,52 +267,60 @@ class _Connection:
                     raise HttpError(400, "connection closed inside a request head")
                 return None
 
-    def _parse_head(self, head: bytes) -> tuple[Request, bool, Callable[[], Awaitable[bytes]]]:
+    def _parse_head(self, head: bytes
+                    ) -> tuple[Request, bool, bool, Callable[[], Awaitable[bytes]]]:
+        """(request without its body, keep the connection alive?, a body follows?, the
+        reader of that body)."""
         lines = head.lstrip(b"\r\n").split(b"\r\n")
         parts = lines[0].split(b" ")
-        if len(parts) != 3 or not _TOKEN.match(parts[0]) or not parts[2].startswith(b"HTTP/"):
+        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) \
+                or not parts[2].startswith(b"HTTP/"):
             raise HttpError(400, "malformed request line")
         if parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
             raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are served")
         if len(lines) - 1 > MAX_HEADERS:
             raise HttpError(431, "too many headers")
+        if _CONTROL.search(parts[1]):
+            raise HttpError(400, "control characters in the request target")
         headers: dict[str, str] = {}
         for line in lines[1:]:
             name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.match(name):
+            if not colon or not _TOKEN.fullmatch(name) or _CONTROL.search(value):
                 raise HttpError(400, "malformed header line")
             key = name.decode("ascii").lower()
-            text = value.strip(b" \t").decode("latin-1")
             if key in headers and key in ("content-length", "host", "transfer-encoding"):
                 raise HttpError(400, f"repeated {key} header")
-            headers[key] = text
+            headers[key] = value.strip(b" \t").decode("latin-1")
         target = parts[1].decode("latin-1")
         if not target.startswith("/"):
             raise HttpError(400, "request target must be a path")
         raw_path, _, query = target.partition("?")
         request = Request(parts[0].decode("ascii"), unquote(raw_path),
                           dict(parse_qsl(query, keep_blank_values=True)), headers)
-        connection = headers.get("connection", "").lower()
-        if parts[2] == b"HTTP/1.1":
-            keep_alive = "close" not in connection
-        else:
-            keep_alive = "keep-alive" in connection
-        return request, keep_alive, self._body_reader(headers)
+        tokens = {t.strip() for t in headers.get("connection", "").lower().split(",")}
+        http11 = parts[2] == b"HTTP/1.1"
+        keep_alive = "close" not in tokens if http11 else "keep-alive" in tokens
+        self.http10_keep_alive = keep_alive and not http11  # must be said in the answer
+        has_body, reader = self._body_reader(headers, http11)
+        return request, keep_alive, has_body, reader
 
-    def _body_reader(self, headers: dict[str, str]) -> Callable[[], Awaitable[bytes]]:
+    def _body_reader(self, headers: dict[str, str], http11: bool
+                     ) -> tuple[bool, Callable[[], Awaitable[bytes]]]:
         encoding = headers.get("transfer-encoding")
-        expect = headers.get("expect", "").lower() == "100-continue"
+        expect = http11 and headers.get("expect", "").lower() == "100-continue"
         if encoding is not None:
+            if "content-length" in headers:  # ambiguous framing: the way to smuggle requests
+                raise HttpError(400, "both content-length and transfer-encoding")
             if encoding.lower() != "chunked":
                 raise HttpError(501, f"transfer-encoding {encoding!r} is not supported")
-            return lambda: self._read_chunked(expect)
+            return True, lambda: self._read_chunked(expect)
         length_text = headers.get("content-length", "0")
-        if not length_text.isdigit() or len(length_text) > 18:
+        if not _DIGITS.fullmatch(length_text):
             raise HttpError(400, "malformed content-length")
         length = int(length_text)
         if length > self.app.max_body:
             raise HttpError(413, f"body larger than {self.app.max_body} bytes")
-        return lambda: self._read_exactly(length, expect)
+        return length > 0, lambda: self._read_exactly(length, expect)
 
     async def _continue(self, expect: bool) -> None:
         if expect and not self.buffer:
@@ -313,10 +354,9 @@ class _Connection:
         body = bytearray()
         while True:
             size_text = (await self._read_line()).split(b";")[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise HttpError(400, "malformed chunk size") from None
+            if not _HEX.fullmatch(size_text):
+                raise HttpError(400, "malformed chunk size")
+            size = int(size_text, 16)
             if size < 0 or len(body) + size > self.app.max_body:
                 raise HttpError(413, f"body larger than {self.app.max_body} bytes")
             if size == 0:
@@ -335,5 +375,8 @@ class _Connection:
         lines += [f"{name}: {value}" for name, value in response.headers.items()]
         if not keep_alive:
             lines.append("connection: close")
+        elif self.http10_keep_alive:
+            lines.append("connection: keep-alive")
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        await self.stream.send_all(data if head else data + response.body)
+        with trio.fail_after(SEND_TIMEOUT_S):
+            await self.stream.send_all(data if head else data + response.body)

@@ -132,6 +132,14 @@ async def test_routing_errors_and_host_check():
     (b"PUT /kv/a HTTP/1.1\r\ncontent-length: 99999999999\r\n\r\n", 413),
     (b"PUT /kv/a HTTP/1.1\r\ntransfer-encoding: gzip\r\n\r\n", 501),
     (b"GET /kv/a HTTP/1.1\r\nx: " + b"y" * 70_000 + b"\r\n\r\n", 431),
+    (b"PUT /kv/a HTTP/1.1\r\ncontent-length: \xb2\r\n\r\n", 400),  # a digit to isdigit()
+    (b"PUT /kv/a HTTP/1.1\r\ncontent-length: 1\r\ncontent-length: 1\r\n\r\nx", 400),
+    (b"PUT /kv/a HTTP/1.1\r\ncontent-length: 3\r\ntransfer-encoding: chunked\r\n\r\n"
+     b"0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n", 400),
+    (b"PUT /kv/a HTTP/1.1\r\nhost: 127.0.0.1\r\ntransfer-encoding: chunked\r\n\r\n"
+     b"0x5\r\nhello\r\n0\r\n\r\n", 400),
+    (b"GET /kv/a HTTP/1.1\r\nx: a\x00b\r\n\r\n", 400),
+    (b"GET /kv/a\x01 HTTP/1.1\r\n\r\n", 400),
 ])
 async def test_garbage_gets_an_error_and_the_server_goes_on(garbage, status):
     async with server() as port:
@@ -168,3 +176,41 @@ async def test_http10_closes_after_the_answer():
         status, headers, _ = await read_response(stream, buffer)
         assert status == 200 and headers["connection"] == "close"
         assert await closed_by_server(stream, buffer)
+
+
+async def test_an_encoded_newline_is_part_of_the_key_not_an_alias():
+    async with server() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(request("PUT", "/kv/foo%0A", b"v"))
+        status, _, body = await read_response(stream, bytearray())
+        assert status == 200 and json.loads(body)["params"] == {"key": "foo\n"}
+
+
+async def test_a_refused_request_with_a_body_is_answered_without_reading_it():
+    async with server(max_body=1000) as port, \
+            await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        # 404 and a declared body that never comes: answered at once, then closed
+        await stream.send_all(b"PUT /nothing HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                              b"content-length: 900\r\n\r\n")
+        buffer = bytearray()
+        assert (await read_response(stream, buffer))[0] == 404
+        assert await closed_by_server(stream, buffer)
+
+
+async def test_a_body_that_never_comes_gets_408():
+    async with server(body_timeout=0.3) as port, \
+            await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(b"PUT /kv/a HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                              b"content-length: 5\r\n\r\n")  # and no body at all
+        buffer = bytearray()
+        assert (await read_response(stream, buffer))[0] == 408
+        assert await closed_by_server(stream, buffer)
+
+
+async def test_http10_keep_alive_is_confirmed_and_honoured():
+    async with server() as port, await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        buffer = bytearray()
+        for _ in range(2):
+            await stream.send_all(b"GET /kv/a HTTP/1.0\r\nhost: 127.0.0.1\r\n"
+                                  b"connection: Keep-Alive\r\n\r\n")
+            status, headers, _ = await read_response(stream, buffer)
+            assert status == 200 and headers["connection"] == "keep-alive"
