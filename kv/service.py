@@ -492,10 +492,10 @@ class KV:
         needed = level.needed(self.config.replicas) - 1
         waits = []
         alive = self._alive()  # once per batch, not per (op, peer)
+        # `remaining` starts at 1 for this loop itself: acks that arrive while a later push
+        # waits on a full queue cannot complete the group before every op is in it
         group = _AckGroup()
-        # expired by the sweeper after request_timeout (no cancel scope per call: on the
-        # single-write path a scope costs more than the rest of this function)
-        self._ack_deadlines.append((trio.current_time() + self.config.request_timeout, group))
+        group.remaining = 1
         for op, delta in zip(ops, results, strict=True):
             if isinstance(delta, BaseException):
                 continue
@@ -504,7 +504,12 @@ class KV:
             for peer in others:
                 await self._replicate(peer, op.key, delta, acks, alive)
             waits.append(acks)
+        group.one_settled()
         if group.remaining > 0:
+            # expired by the sweeper after request_timeout (no cancel scope per call: on the
+            # single-write path a scope costs more than the rest of this function)
+            self._ack_deadlines.append((trio.current_time() + self.config.request_timeout,
+                                        group))
             await group.done.wait()
         short = sum(1 for acks in waits if acks.ok < acks.needed)
         if short or refused:

@@ -21,6 +21,10 @@ log = logging.getLogger(__name__)
 Mutation = Callable[[bytes | None], bytes]  # current state -> delta (encoded)
 
 
+class WriterStopped(Exception):
+    """The writer was stopped (the store is closing) before a job was written."""
+
+
 @dataclass
 class _Job:
     items: list[tuple[bytes, bytes]] = field(default_factory=list)  # merges: (key, delta)
@@ -109,26 +113,38 @@ class GroupCommitWriter:
         job.done.set()
 
     async def _commit(self, jobs: list[_Job]) -> None:
+        settled: set[int] = set()  # ids of jobs whose outcome (durable or error) is known
         try:
-            planned = self.store.plan_updates(self._updates(jobs))
-        except CorruptRecord:
-            # one bad item (a delta of another type, a corrupt record) must not fail the rest:
-            # commit job by job so only the offending jobs see the error
-            log.warning("a write batch of %d jobs failed; retrying job by job", len(jobs))
-            for job in jobs:
-                job.results.clear()
-                try:
-                    await self._write(self.store.plan_updates(self._updates([job])))
-                except Exception as exc:
-                    job.error = exc
-        else:
             try:
-                await self._write(planned)
-            except Exception as exc:  # the disk write failed: nothing of the batch is stored
+                planned = self.store.plan_updates(self._updates(jobs))
+            except CorruptRecord:
+                # one bad item (a delta of another type, a corrupt record) must not fail the
+                # rest: commit job by job so only the offending jobs see the error
+                log.warning("a write batch of %d jobs failed; retrying job by job", len(jobs))
+                for job in jobs:
+                    job.results.clear()
+                    try:
+                        await self._write(self.store.plan_updates(self._updates([job])))
+                    except Exception as exc:
+                        job.error = exc
+                    settled.add(id(job))
+            except Exception as exc:  # the store cannot be read: every job sees why
+                log.error("a write batch of %d jobs failed: %s", len(jobs), exc)
                 for job in jobs:
                     job.error = exc
-        for job in jobs:
-            job.done.set()
+                settled.update(id(job) for job in jobs)
+            else:
+                try:
+                    await self._write(planned)
+                except Exception as exc:  # the disk write failed: nothing of it is stored
+                    for job in jobs:
+                        job.error = exc
+                settled.update(id(job) for job in jobs)
+        finally:  # even when cancelled (shutdown): no waiter is left behind
+            for job in jobs:
+                if id(job) not in settled:
+                    job.error = WriterStopped("the store closed before this write was durable")
+                job.done.set()
 
     async def _write(self, planned: PlannedWrite) -> None:
         if not planned.changed:

@@ -256,6 +256,24 @@ async def test_a_write_to_a_stalled_replica_fails_at_all_and_succeeds_at_quorum(
         assert stalled.store.get(b"k-quorum") is None
 
 
+async def test_a_batch_waits_for_every_op_even_when_pushes_block_on_a_full_queue(tmp_path):
+    # a slow replica (each batch takes a second) and queues of one: the coordinator's pushes
+    # to it block (backpressure) while the other replica acks the first ops at once
+    async with handles(tmp_path, 3, queue_per_peer=1, max_batch=1) as nodes:
+        slow = nodes[2].kv
+        merge = slow.writer.merge
+
+        async def slowly_durable(items):
+            await trio.sleep(1)
+            await merge(items)
+
+        slow.writer.merge = slowly_durable
+        written = {f"b{i}": i for i in range(5)}
+        with trio.fail_after(60):
+            await nodes[0].kv.put_many(written, consistency="quorum")
+        assert all(nodes[1].kv.store.get(k.encode()) is not None for k in written)
+
+
 async def test_a_deleted_key_does_not_come_back_from_a_late_replica(tmp_path):
     async with handles(tmp_path, 4) as nodes:
         coordinator = nodes[0].kv
