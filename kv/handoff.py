@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ROOTS_PROTOCOL = "kv-roots"
+FOREIGN_PROTOCOL = "kv-foreign"
 CHUNK_KEYS = 4096  # keys per handoff batch (and at most max_batch_bytes)
 IN_FLIGHT = 3  # handoff batches awaiting their reply, per target
 
@@ -106,8 +107,7 @@ class Handoff:
         that do not hold them already (all owners at once, one pipelined stream each), then
         are dropped, each once every owner confirmed and no write raced the transfer."""
         kv = self.kv
-        mine = kv._owned_partitions()
-        foreign = [p for p in range(kv.ring.partitions) if p not in mine and kv.store.count(p)]
+        foreign = self.foreign_partitions()
         if not foreign:
             self.progress = {}
             return
@@ -198,6 +198,17 @@ class Handoff:
         mine = roots if roots is not None else {
             p: kv.store.tree.partition_root(p) for p in partitions}
         return [p for p, root in zip(partitions, theirs, strict=True) if root != mine[p]]
+
+    def foreign_partitions(self) -> list[int]:
+        """Partitions this node holds data of but no longer owns (still to hand off)."""
+        kv = self.kv
+        mine = kv._owned_partitions()
+        return [p for p in range(kv.ring.partitions) if p not in mine and kv.store.count(p)]
+
+    async def on_foreign(self, peer: str, message: Any) -> Any:
+        """The partitions this node still has to hand off (the tombstone sweep of other
+        nodes asks: an old owner's copy could bring a collected key back)."""
+        return self.foreign_partitions()
 
     async def on_roots(self, peer: str, message: Any) -> Any:
         """A peer asks for our partition roots (to learn whether we hold what it holds)."""

@@ -26,7 +26,7 @@ from p2p.envelope import EnvelopeError
 from p2p.rpc import HandlerError
 from shard import Initiator, Keyspace, ProtocolError, Responder, Ring, Store
 
-from .handoff import ROOTS_PROTOCOL, Handoff
+from .handoff import FOREIGN_PROTOCOL, ROOTS_PROTOCOL, Handoff
 from .hints import HintStore
 from .ops import Op, OpError, make_delta, render
 from .replication import APPLY_PROTOCOL, Delta, PeerLink, open_batch, seal_batch
@@ -173,6 +173,7 @@ class KV:
                 net.handle(READ_PROTOCOL, kv._on_read)
                 net.handle(AE_PROTOCOL, kv._on_anti_entropy)
                 net.handle(ROOTS_PROTOCOL, kv.handoff.on_roots)
+                net.handle(FOREIGN_PROTOCOL, kv.handoff.on_foreign)
                 nursery.start_soon(kv.writer.run)
                 nursery.start_soon(kv._ring_loop)
                 nursery.start_soon(kv._hint_loop)

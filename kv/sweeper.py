@@ -16,6 +16,7 @@ import trio
 from p2p import RequestError
 from shard import Ring
 
+from .handoff import FOREIGN_PROTOCOL
 from .tombstones import Verdict, decide, is_candidate
 
 if TYPE_CHECKING:
@@ -77,6 +78,12 @@ class TombstoneSweeper:
                 kv._merge_and_repair(key, dict(answer))
         if not collect:
             return 0
+        held_elsewhere = await self._foreign_anywhere(ring)
+        if held_elsewhere is None:
+            return 0
+        collect = [(k, t) for k, t in collect if ring.partition_of(k) not in held_elsewhere]
+        if not collect:
+            return 0
 
         def delete_unchanged() -> int:
             # between two write batches: a write that landed since the question keeps its key
@@ -111,6 +118,36 @@ class TombstoneSweeper:
                          if is_candidate(s, now_ms, grace_ms))
             await trio.lowlevel.checkpoint()
         return found
+
+    async def _foreign_anywhere(self, ring: Ring) -> set[int] | None:
+        """Partitions some member still has to hand off (an old owner that missed the delete
+        would bring the old value back after a collection), or None if a member did not say.
+        Asked after the replicas answered: a handoff that ends in between has delivered its
+        states to the replicas, whose answers then already counted them."""
+        kv = self.kv
+        held: set[int] = set(kv.handoff.foreign_partitions())
+        silent = False
+
+        async def ask(member: str) -> None:
+            nonlocal silent
+            try:
+                reply = await kv.net.request(member, FOREIGN_PROTOCOL, {},
+                                             timeout=kv.config.request_timeout)
+            except RequestError as exc:
+                log.info("tombstone sweep: %s did not say what it still hands off: %s",
+                         member, exc)
+                silent = True
+                return
+            if not isinstance(reply, list) or not all(isinstance(p, int) for p in reply):
+                silent = True
+                return
+            held.update(reply)
+
+        async with trio.open_nursery() as nursery:
+            for member in ring.members:
+                if member != kv.me:
+                    nursery.start_soon(ask, member)
+        return None if silent else held
 
     async def _ask(self, ring: Ring, keys: list[bytes]) -> list[dict[str, bytes | None]]:
         """What every replica of each key holds; a replica that does not answer for a key
