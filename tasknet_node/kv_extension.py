@@ -177,7 +177,8 @@ class KvApi:
         return _json(self.kv.status())
 
     async def partitions(self, request: Request) -> Response:
-        return _json({"partitions": self.kv.partition_status()})
+        # one snapshot: the rows and the total are read in the same step of the event loop
+        return _json({"keys": len(self.kv.store), "partitions": self.kv.partition_status()})
 
     async def local(self, request: Request) -> Response:
         """Debugging: what this node's own store holds for a key, without asking replicas."""
