@@ -56,3 +56,35 @@ async def test_a_replica_that_missed_the_delete_cannot_bring_the_key_back(tmp_pa
         await wait_for(lambda: all(kv.store.get(b"doc") is None for kv in kvs), 20,
                        "the tombstone to be collected everywhere once every replica has it")
         assert [await kv.get("doc") for kv in kvs] == [None] * 3
+
+
+async def test_an_old_owner_still_handing_off_blocks_collection(tmp_path):
+    async with handles(tmp_path, 4, **GC) as nodes:
+        kvs = [n.kv for n in nodes]
+        await kvs[0].put("doc", "old", consistency="all")
+        old_state = kvs[0].store.get(b"doc")
+        # the one node that is not a replica of "doc" holds its old value as foreign data
+        # (an old owner whose handoff keeps failing), then the key is deleted
+        replicas = set(kvs[0].ring.preference_list(b"doc"))
+        (old_owner,) = [kv for kv in kvs if kv.me not in replicas]
+        owners = [kv for kv in kvs if kv.me in replicas]
+        hand_off = old_owner.handoff._hand_off_foreign
+
+        async def failing_handoff(alive):
+            return None
+
+        old_owner.handoff._hand_off_foreign = failing_handoff
+        await old_owner.writer.merge([(b"doc", old_state)])
+        await kvs[0].delete("doc", consistency="all")
+        rounds = sum(kv.sweeper.rounds for kv in owners)
+        await wait_for(lambda: sum(kv.sweeper.rounds for kv in owners) >= rounds + 30, 20,
+                       "sweep rounds well past the grace")
+        assert all(is_tombstone(kv.store.get(b"doc")) for kv in owners)
+        assert sum(kv.metrics["tombstones_collected"] for kv in owners) == 0
+        # the handoff goes through: the old value meets the tombstone and loses, then the
+        # tombstone is collected and the key stays deleted
+        old_owner.handoff._hand_off_foreign = hand_off
+        await wait_for(lambda: old_owner.store.get(b"doc") is None
+                       and all(kv.store.get(b"doc") is None for kv in owners), 30,
+                       "the handoff, then the collection")
+        assert [await kv.get("doc") for kv in kvs] == [None] * 4
