@@ -26,7 +26,7 @@ class CausalContext:
 
     def __init__(self, vv: Mapping[str, int] | None = None, cloud: Iterable[Dot] = ()) -> None:
         vector = {actor: n for actor, n in (vv or {}).items() if n > 0}
-        self._vv, self._cloud = _compact(vector, cloud)
+        self._vv, self._cloud = compact(vector, cloud)
 
     @classmethod
     def from_dots(cls, dots: Iterable[Dot]) -> CausalContext:
@@ -67,7 +67,7 @@ class CausalContext:
             if n > vector.get(actor, 0):
                 vector[actor] = n
         merged = CausalContext.__new__(CausalContext)
-        merged._vv, merged._cloud = _compact(vector, self._cloud | other._cloud)
+        merged._vv, merged._cloud = compact(vector, self._cloud | other._cloud)
         return merged
 
     def __eq__(self, other: object) -> bool:
@@ -81,7 +81,7 @@ class CausalContext:
         return f"CausalContext({dict(sorted(self._vv.items()))!r}, {sorted(self._cloud)!r})"
 
 
-def _compact(vector: dict[str, int], cloud: Iterable[Dot]) -> tuple[dict[str, int], frozenset[Dot]]:
+def compact(vector: dict[str, int], cloud: Iterable[Dot]) -> tuple[dict[str, int], frozenset[Dot]]:
     # Sorted by (actor, counter), so each actor's contiguous run folds in one pass.
     rest = []
     for dot in sorted(cloud):

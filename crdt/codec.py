@@ -8,11 +8,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterable
 from typing import Any, ClassVar, Self
 
 import msgpack
 
-from .causal import CausalContext, Dot
+from .causal import CausalContext, Dot, compact
 from .errors import DecodeError
 from .values import check_packed
 
@@ -331,6 +332,74 @@ def counts_ok(obj: Any) -> bool:
             return False
         previous = actor
     return True
+
+
+# A causal context as merge hot paths hold it: version vector, dot cloud (not compacted).
+ContextDoc = tuple[dict[str, int], set[Dot]]
+
+
+def context_doc(obj: Any) -> ContextDoc | None:
+    """The context of a well-formed wire causal context (what Reader.context accepts), else
+    None: the fast check of merge hot paths, which fall back to Reader.context to explain."""
+    if type(obj) is not list or len(obj) != 2:
+        return None
+    flat, cloud_flat = obj
+    if type(flat) is not list or type(cloud_flat) is not list or len(flat) % 2:
+        return None
+    vv: dict[str, int] = {}
+    previous = ""
+    for i in range(0, len(flat), 2):
+        actor, n = flat[i], flat[i + 1]
+        if (type(actor) is not str or actor <= previous or type(n) is not int
+                or not 0 < n <= MAX_UINT64):
+            return None
+        vv[actor] = n
+        previous = actor
+    cloud = dots_doc(cloud_flat)
+    return None if cloud is None else (vv, set(cloud))
+
+
+def dots_doc(flat: Any) -> list[Dot] | None:
+    """The dots of a well-formed flat [actor, n, ...] list in strictly increasing order, else
+    None (what Reader.pairs accepts with unique_actors false)."""
+    if type(flat) is not list or len(flat) % 2:
+        return None
+    dots: list[Dot] = []
+    previous: Dot = ("", 0)
+    for i in range(0, len(flat), 2):
+        dot = (flat[i], flat[i + 1])
+        actor, n = dot
+        if (type(actor) is not str or actor == "" or type(n) is not int
+                or not 0 < n <= MAX_UINT64 or dot <= previous):
+            return None
+        dots.append(dot)
+        previous = dot
+    return dots
+
+
+def unseen(dots: Iterable[Dot], context: ContextDoc) -> list[Dot]:
+    """The dots not in a context."""
+    vv, cloud = context
+    return [dot for dot in dots if dot[1] > vv.get(dot[0], 0) and dot not in cloud]
+
+
+EMPTY_CONTEXT_DOC: ContextDoc = ({}, set())
+
+
+def merge_context_docs(a: ContextDoc, b: ContextDoc) -> list[Any]:
+    """Canonical wire form of the join of two contexts (compacted, sorted)."""
+    vv = a[0].copy()
+    for actor, n in b[0].items():
+        if n > vv.get(actor, 0):
+            vv[actor] = n
+    vv, cloud = compact(vv, a[1] | b[1])
+    flat: list[Any] = []
+    for actor in sorted(vv):
+        flat += (actor, vv[actor])
+    cloud_flat: list[Any] = []
+    for dot in sorted(cloud):
+        cloud_flat += dot
+    return [flat, cloud_flat]
 
 
 def check_actor(actor: object) -> str:
