@@ -46,6 +46,10 @@ class CausalContext:
     def is_empty(self) -> bool:
         return not self._vv and not self._cloud
 
+    def doc(self) -> tuple[dict[str, int], frozenset[Dot]]:
+        """(version vector, cloud) as they are held (read only: for the wire-level merges)."""
+        return self._vv, self._cloud
+
     def contains(self, dot: Dot) -> bool:
         return dot[1] <= self._vv.get(dot[0], 0) or dot in self._cloud
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from collections.abc import Set as AbstractSet
 from typing import Any, ClassVar, Self
 
 import msgpack
@@ -314,6 +315,10 @@ class Reader:
         return (self.actor(actor, what), self.uint(counter, what, 1))
 
     def context(self, obj: Any, depth: int) -> CausalContext:
+        if depth < self.max_depth:  # hot path: well-formed input
+            doc = context_doc(obj)
+            if doc is not None:
+                return CausalContext(doc[0], doc[1])
         parts = self.array(obj, "causal context", depth, 2)
         vv = self.pairs(parts[0], "version vector", depth + 1, unique_actors=True)
         cloud = self.pairs(parts[1], "dot cloud", depth + 1, unique_actors=False)
@@ -335,7 +340,7 @@ def counts_ok(obj: Any) -> bool:
 
 
 # A causal context as merge hot paths hold it: version vector, dot cloud (not compacted).
-ContextDoc = tuple[dict[str, int], set[Dot]]
+ContextDoc = tuple[dict[str, int], AbstractSet[Dot]]
 
 
 def context_doc(obj: Any) -> ContextDoc | None:

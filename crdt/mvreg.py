@@ -41,6 +41,10 @@ def entries_to_wire(entries: Entries) -> list[Any]:
 
 def read_entries(obj: Any, reader: Reader, depth: int, context: CausalContext) -> Entries:
     """Parse entries whose dots must all be in `context`; `depth` is that of the list."""
+    if depth <= reader.max_depth:  # hot path: well-formed input
+        fast = entries_doc(obj, context.doc(), reader.max_depth - depth)
+        if fast is not None:
+            return fast
     flat = reader.array(obj, "mvreg entries", depth)
     if len(flat) % 3:
         raise DecodeError("mvreg entries: expected actor/counter/value triples")
