@@ -155,26 +155,19 @@ def merge_encoded(old: bytes | None, delta: bytes) -> bytes:
     Both inputs are checked as in decode() with the default limits. States of different
     types cannot be merged: DecodeError.
     """
-    # The hot path of every store write: unpack each input once (in C), then let the type
-    # check and merge the plain documents, then pack once; no state objects on the way.
+    # The hot path of every store write: unpack each input once (in C), let the type check
+    # and merge the plain documents, pack once; no state objects on the way.
+    reader = _DEFAULT_READER
     incoming = _unpack(delta, DEFAULT_MAX_SIZE)
-    if type(incoming) is list and len(incoming) >= 2:
-        cls = _BY_TAG.get(incoming[0]) if type(incoming[0]) is int else None
-        if cls is None or type(incoming[1]) is not int or incoming[1] != cls.VERSION:
-            cls = _DEFAULT_READER.state_class(incoming, 1)
-    else:
-        cls = _DEFAULT_READER.state_class(incoming, 1)
+    cls = reader.state_class(incoming, 1)
     if old is None:
-        return _packb(cls.checked_doc(incoming, _DEFAULT_READER))  # type: ignore[no-any-return]
+        return _packb(cls.checked_doc(incoming, reader))  # type: ignore[no-any-return]
     current = _unpack(old, DEFAULT_MAX_SIZE)
-    if (type(current) is not list or len(current) < 2 or current[0] != cls.TAG
-            or type(current[0]) is not int or type(current[1]) is not int
-            or current[1] != cls.VERSION):
-        current_cls = _DEFAULT_READER.state_class(current, 1)
-        if current_cls is not cls:
-            raise DecodeError(
-                f"cannot merge a {cls.TYPE_NAME} delta into a {current_cls.TYPE_NAME} state")
-    return _packb(cls.merge_docs(current, incoming, _DEFAULT_READER))  # type: ignore[no-any-return]
+    current_cls = reader.state_class(current, 1)
+    if current_cls is not cls:
+        raise DecodeError(
+            f"cannot merge a {cls.TYPE_NAME} delta into a {current_cls.TYPE_NAME} state")
+    return _packb(cls.merge_docs(current, incoming, reader))  # type: ignore[no-any-return]
 
 
 def _unpack(data: bytes, max_size: int) -> Any:
