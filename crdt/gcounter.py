@@ -41,7 +41,11 @@ def join_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 
 def merge_wire_counts(mine: dict[str, int], theirs: dict[str, int]) -> dict[str, int]:
     """Wire form of the join of two checked wire count maps (one of them when it wins)."""
-    if len(theirs) == 1 and mine:  # the common delta: one actor's new total
+    if not theirs:
+        return mine
+    if not mine:
+        return theirs
+    if len(theirs) == 1:  # the common delta: one actor's new total
         for actor, n in theirs.items():
             held = mine.get(actor)
             if held is not None and n <= held:
