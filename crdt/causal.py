@@ -1,15 +1,21 @@
 # Dots and causal contexts (Almeida, Shoker, Baquero, "Delta State Replicated Data Types",
 # 2018): the bookkeeping shared by the causal CRDTs (ORSet, MVRegister, ORMap),
-# plus the join of dot sets and dot functions. Pure values; no CRDT types live here.
+# plus the join of dot sets and dot functions, and the join of contexts as plain wire documents
+# (the merge hot path). Pure values; no CRDT types live here.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Set as AbstractSet
+from typing import Any, TypeVar
 
 Dot = tuple[str, int]
 """One event: (actor id, that actor's event counter starting at 1)."""
 
 V = TypeVar("V")
+
+# A causal context as the merges of plain wire documents hold it: version vector and dot
+# cloud, not necessarily compacted.
+ContextDoc = tuple[dict[str, int], AbstractSet[Dot]]
 
 
 class CausalContext:
@@ -126,3 +132,28 @@ def join_dot_funs(a: Mapping[Dot, V], ca: CausalContext, b: Mapping[Dot, V], cb:
         if dot not in a and not ca.contains(dot):
             out[dot] = value
     return out
+
+
+def unseen(dots: Iterable[Dot], context: ContextDoc) -> list[Dot]:
+    """The dots not in a context."""
+    vv, cloud = context
+    return [dot for dot in dots if dot[1] > vv.get(dot[0], 0) and dot not in cloud]
+
+
+EMPTY_CONTEXT_DOC: ContextDoc = ({}, set())
+
+
+def merge_context_docs(a: ContextDoc, b: ContextDoc) -> list[Any]:
+    """Canonical wire form of the join of two contexts (compacted, sorted)."""
+    vv = a[0].copy()
+    for actor, n in b[0].items():
+        if n > vv.get(actor, 0):
+            vv[actor] = n
+    vv, cloud = compact(vv, a[1] | b[1])
+    flat: list[Any] = []
+    for actor in sorted(vv):
+        flat += (actor, vv[actor])
+    cloud_flat: list[Any] = []
+    for dot in sorted(cloud):
+        cloud_flat += dot
+    return [flat, cloud_flat]

@@ -4,17 +4,18 @@
 # specific and written in a canonical order (sorted actors, dots, elements and keys; plain
 # values as their canonical bytes), so equal states always give identical bytes. Decoding
 # treats input as untrusted: size and nesting limits, strict shapes, and every failure is a
-# DecodeError. No CRDT semantics live here, only the framing, the checks and the registry.
+# DecodeError. merge_encoded, a store's per-write hot path, works on the plain unpacked
+# documents: each type's merge_docs/checked_doc checks them with fast tests (counts_ok,
+# context_doc, ...) and falls back to the Reader's checks, which say what is wrong.
+# No CRDT semantics live here, only the framing, the checks and the registry.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
-from collections.abc import Set as AbstractSet
 from typing import Any, ClassVar, Self
 
 import msgpack
 
-from .causal import CausalContext, Dot, compact
+from .causal import CausalContext, ContextDoc, Dot
 from .errors import DecodeError
 from .values import check_packed
 
@@ -332,10 +333,6 @@ def counts_ok(obj: Any) -> bool:
     return True
 
 
-# A causal context as merge hot paths hold it: version vector, dot cloud (not compacted).
-ContextDoc = tuple[dict[str, int], AbstractSet[Dot]]
-
-
 def context_doc(obj: Any) -> ContextDoc | None:
     """The context of a well-formed wire causal context (what Reader.context accepts), else
     None: the fast check of merge hot paths, which fall back to Reader.context to explain."""
@@ -373,31 +370,6 @@ def dots_doc(flat: Any) -> list[Dot] | None:
         dots.append(dot)
         previous = dot
     return dots
-
-
-def unseen(dots: Iterable[Dot], context: ContextDoc) -> list[Dot]:
-    """The dots not in a context."""
-    vv, cloud = context
-    return [dot for dot in dots if dot[1] > vv.get(dot[0], 0) and dot not in cloud]
-
-
-EMPTY_CONTEXT_DOC: ContextDoc = ({}, set())
-
-
-def merge_context_docs(a: ContextDoc, b: ContextDoc) -> list[Any]:
-    """Canonical wire form of the join of two contexts (compacted, sorted)."""
-    vv = a[0].copy()
-    for actor, n in b[0].items():
-        if n > vv.get(actor, 0):
-            vv[actor] = n
-    vv, cloud = compact(vv, a[1] | b[1])
-    flat: list[Any] = []
-    for actor in sorted(vv):
-        flat += (actor, vv[actor])
-    cloud_flat: list[Any] = []
-    for dot in sorted(cloud):
-        cloud_flat += dot
-    return [flat, cloud_flat]
 
 
 def check_actor(actor: object) -> str:

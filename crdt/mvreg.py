@@ -5,17 +5,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from .causal import CausalContext, Dot, join_dot_funs
-from .codec import (
+from .causal import (
     EMPTY_CONTEXT_DOC,
-    MAX_UINT64,
+    CausalContext,
     ContextDoc,
+    Dot,
+    join_dot_funs,
+    merge_context_docs,
+)
+from .codec import (
+    MAX_UINT64,
     Reader,
     State,
     check_actor,
     context_doc,
     context_to_wire,
-    merge_context_docs,
 )
 from .errors import DecodeError
 from .values import pack_value, packed_ok, unpack_value

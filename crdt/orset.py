@@ -9,19 +9,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .causal import CausalContext, Dot, join_dot_sets
-from .codec import (
+from .causal import (
     EMPTY_CONTEXT_DOC,
-    MAX_UINT64,
+    CausalContext,
     ContextDoc,
+    Dot,
+    join_dot_sets,
+    merge_context_docs,
+    unseen,
+)
+from .codec import (
+    MAX_UINT64,
     Reader,
     State,
     check_actor,
     context_doc,
     context_to_wire,
     dots_doc,
-    merge_context_docs,
-    unseen,
 )
 from .errors import DecodeError
 from .values import pack_value, packed_ok, unpack_value
