@@ -1,15 +1,21 @@
 # Dots and causal contexts (Almeida, Shoker, Baquero, "Delta State Replicated Data Types",
 # 2018): the bookkeeping shared by the causal CRDTs (ORSet, MVRegister, ORMap),
-# plus the join of dot sets and dot functions. Pure values; no CRDT types live here.
+# plus the join of dot sets and dot functions, and the join of contexts as plain wire documents
+# (the merge hot path). Pure values; no CRDT types live here.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from typing import TypeVar
+from collections.abc import Set as AbstractSet
+from typing import Any, TypeVar
 
 Dot = tuple[str, int]
 """One event: (actor id, that actor's event counter starting at 1)."""
 
 V = TypeVar("V")
+
+# A causal context as the merges of plain wire documents hold it: version vector and dot
+# cloud, not necessarily compacted.
+ContextDoc = tuple[dict[str, int], AbstractSet[Dot]]
 
 
 class CausalContext:
@@ -26,7 +32,7 @@ class CausalContext:
 
     def __init__(self, vv: Mapping[str, int] | None = None, cloud: Iterable[Dot] = ()) -> None:
         vector = {actor: n for actor, n in (vv or {}).items() if n > 0}
-        self._vv, self._cloud = _compact(vector, cloud)
+        self._vv, self._cloud = compact(vector, cloud)
 
     @classmethod
     def from_dots(cls, dots: Iterable[Dot]) -> CausalContext:
@@ -45,6 +51,10 @@ class CausalContext:
 
     def is_empty(self) -> bool:
         return not self._vv and not self._cloud
+
+    def doc(self) -> tuple[dict[str, int], frozenset[Dot]]:
+        """(version vector, cloud) as they are held (read only: for the wire-level merges)."""
+        return self._vv, self._cloud
 
     def contains(self, dot: Dot) -> bool:
         return dot[1] <= self._vv.get(dot[0], 0) or dot in self._cloud
@@ -67,7 +77,7 @@ class CausalContext:
             if n > vector.get(actor, 0):
                 vector[actor] = n
         merged = CausalContext.__new__(CausalContext)
-        merged._vv, merged._cloud = _compact(vector, self._cloud | other._cloud)
+        merged._vv, merged._cloud = compact(vector, self._cloud | other._cloud)
         return merged
 
     def __eq__(self, other: object) -> bool:
@@ -81,7 +91,7 @@ class CausalContext:
         return f"CausalContext({dict(sorted(self._vv.items()))!r}, {sorted(self._cloud)!r})"
 
 
-def _compact(vector: dict[str, int], cloud: Iterable[Dot]) -> tuple[dict[str, int], frozenset[Dot]]:
+def compact(vector: dict[str, int], cloud: Iterable[Dot]) -> tuple[dict[str, int], frozenset[Dot]]:
     # Sorted by (actor, counter), so each actor's contiguous run folds in one pass.
     rest = []
     for dot in sorted(cloud):
@@ -122,3 +132,28 @@ def join_dot_funs(a: Mapping[Dot, V], ca: CausalContext, b: Mapping[Dot, V], cb:
         if dot not in a and not ca.contains(dot):
             out[dot] = value
     return out
+
+
+def unseen(dots: Iterable[Dot], context: ContextDoc) -> list[Dot]:
+    """The dots not in a context."""
+    vv, cloud = context
+    return [dot for dot in dots if dot[1] > vv.get(dot[0], 0) and dot not in cloud]
+
+
+EMPTY_CONTEXT_DOC: ContextDoc = ({}, set())
+
+
+def merge_context_docs(a: ContextDoc, b: ContextDoc) -> list[Any]:
+    """Canonical wire form of the join of two contexts (compacted, sorted)."""
+    vv = a[0].copy()
+    for actor, n in b[0].items():
+        if n > vv.get(actor, 0):
+            vv[actor] = n
+    vv, cloud = compact(vv, a[1] | b[1])
+    flat: list[Any] = []
+    for actor in sorted(vv):
+        flat += (actor, vv[actor])
+    cloud_flat: list[Any] = []
+    for dot in sorted(cloud):
+        cloud_flat += dot
+    return [flat, cloud_flat]

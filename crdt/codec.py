@@ -4,7 +4,10 @@
 # specific and written in a canonical order (sorted actors, dots, elements and keys; plain
 # values as their canonical bytes), so equal states always give identical bytes. Decoding
 # treats input as untrusted: size and nesting limits, strict shapes, and every failure is a
-# DecodeError. No CRDT semantics live here, only the framing, the checks and the registry.
+# DecodeError. merge_encoded, a store's per-write hot path, works on the plain unpacked
+# documents: each type's merge_docs/checked_doc checks them with fast tests (counts_ok,
+# context_doc, ...) and falls back to the Reader's checks, which say what is wrong.
+# No CRDT semantics live here, only the framing, the checks and the registry.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -12,7 +15,7 @@ from typing import Any, ClassVar, Self
 
 import msgpack
 
-from .causal import CausalContext, Dot
+from .causal import CausalContext, ContextDoc, Dot
 from .errors import DecodeError
 from .values import check_packed
 
@@ -82,6 +85,19 @@ class State(ABC):
         merged = cls.from_wire_body(a, reader, depth).merge(cls.from_wire_body(b, reader, depth))
         return merged.wire_body()
 
+    @classmethod
+    def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
+        """Canonical document [tag, version, *body] of the merge of two documents of this type
+        (tag and version already checked, bodies not). Types override this with a fast path
+        for well-formed input that falls back to this one, whose errors say what is wrong."""
+        return [cls.TAG, cls.VERSION, *cls.merge_wire_bodies(current[2:], incoming[2:], reader, 1)]
+
+    @classmethod
+    def checked_doc(cls, doc: list[Any], reader: Reader) -> list[Any]:
+        """Canonical document of a document of this type (tag and version already checked),
+        after the checks decode() makes. Types may override this with a cheaper check."""
+        return [cls.TAG, cls.VERSION, *cls.from_wire_body(doc[2:], reader, 1).wire_body()]
+
     def encode(self) -> bytes:
         """Canonical bytes: equal states give identical bytes."""
         return encode(self)
@@ -140,18 +156,19 @@ def merge_encoded(old: bytes | None, delta: bytes) -> bytes:
     Both inputs are checked as in decode() with the default limits. States of different
     types cannot be merged: DecodeError.
     """
+    # The hot path of every store write: unpack each input once (in C), let the type check
+    # and merge the plain documents, pack once; no state objects on the way.
     reader = _DEFAULT_READER
     incoming = _unpack(delta, DEFAULT_MAX_SIZE)
+    cls = reader.state_class(incoming, 1)
     if old is None:
-        return encode(reader.state(incoming, 1))
+        return _packb(cls.checked_doc(incoming, reader))  # type: ignore[no-any-return]
     current = _unpack(old, DEFAULT_MAX_SIZE)
-    cls = reader.state_class(current, 1)
-    incoming_cls = reader.state_class(incoming, 1)
-    if incoming_cls is not cls:
+    current_cls = reader.state_class(current, 1)
+    if current_cls is not cls:
         raise DecodeError(
-            f"cannot merge a {incoming_cls.TYPE_NAME} delta into a {cls.TYPE_NAME} state")
-    body = cls.merge_wire_bodies(current[2:], incoming[2:], reader, 1)
-    return _packb([cls.TAG, cls.VERSION, *body])  # type: ignore[no-any-return]
+            f"cannot merge a {cls.TYPE_NAME} delta into a {current_cls.TYPE_NAME} state")
+    return _packb(cls.merge_docs(current, incoming, reader))  # type: ignore[no-any-return]
 
 
 def _unpack(data: bytes, max_size: int) -> Any:
@@ -292,10 +309,67 @@ class Reader:
         return (self.actor(actor, what), self.uint(counter, what, 1))
 
     def context(self, obj: Any, depth: int) -> CausalContext:
+        if depth < self.max_depth:  # hot path: well-formed input
+            doc = context_doc(obj)
+            if doc is not None:
+                return CausalContext(doc[0], doc[1])
         parts = self.array(obj, "causal context", depth, 2)
         vv = self.pairs(parts[0], "version vector", depth + 1, unique_actors=True)
         cloud = self.pairs(parts[1], "dot cloud", depth + 1, unique_actors=False)
         return CausalContext(dict(vv), cloud)
+
+
+def counts_ok(obj: Any) -> bool:
+    """True if `obj` is a well-formed wire count map (what Reader.counts accepts): the fast
+    check of merge hot paths, which fall back to Reader.counts to explain a failure."""
+    if type(obj) is not dict:
+        return False
+    previous = ""
+    for actor, n in obj.items():
+        if (type(actor) is not str or actor <= previous or type(n) is not int
+                or not 0 < n <= MAX_UINT64):
+            return False
+        previous = actor
+    return True
+
+
+def context_doc(obj: Any) -> ContextDoc | None:
+    """The context of a well-formed wire causal context (what Reader.context accepts), else
+    None: the fast check of merge hot paths, which fall back to Reader.context to explain."""
+    if type(obj) is not list or len(obj) != 2:
+        return None
+    flat, cloud_flat = obj
+    if type(flat) is not list or type(cloud_flat) is not list or len(flat) % 2:
+        return None
+    vv: dict[str, int] = {}
+    previous = ""
+    for i in range(0, len(flat), 2):
+        actor, n = flat[i], flat[i + 1]
+        if (type(actor) is not str or actor <= previous or type(n) is not int
+                or not 0 < n <= MAX_UINT64):
+            return None
+        vv[actor] = n
+        previous = actor
+    cloud = dots_doc(cloud_flat)
+    return None if cloud is None else (vv, set(cloud))
+
+
+def dots_doc(flat: Any) -> list[Dot] | None:
+    """The dots of a well-formed flat [actor, n, ...] list in strictly increasing order, else
+    None (what Reader.pairs accepts with unique_actors false)."""
+    if type(flat) is not list or len(flat) % 2:
+        return None
+    dots: list[Dot] = []
+    previous: Dot = ("", 0)
+    for i in range(0, len(flat), 2):
+        dot = (flat[i], flat[i + 1])
+        actor, n = dot
+        if (type(actor) is not str or actor == "" or type(n) is not int
+                or not 0 < n <= MAX_UINT64 or dot <= previous):
+            return None
+        dots.append(dot)
+        previous = dot
+    return dots
 
 
 def check_actor(actor: object) -> str:

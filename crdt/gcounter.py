@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .codec import Reader, State, check_actor, sorted_counts
+from .codec import Reader, State, check_actor, counts_ok, sorted_counts
 
 
 def check_amount(n: object) -> int:
@@ -41,6 +41,20 @@ def join_counts(a: dict[str, int], b: dict[str, int]) -> dict[str, int]:
 
 def merge_wire_counts(mine: dict[str, int], theirs: dict[str, int]) -> dict[str, int]:
     """Wire form of the join of two checked wire count maps (one of them when it wins)."""
+    if not theirs:
+        return mine
+    if not mine:
+        return theirs
+    if len(theirs) == 1:  # the common delta: one actor's new total
+        for actor, n in theirs.items():
+            held = mine.get(actor)
+            if held is not None and n <= held:
+                return mine
+            joined = mine.copy()
+            joined[actor] = n
+            if held is None and actor < next(reversed(mine)):
+                return sorted_counts(joined)
+            return joined
     joined = join_counts(mine, theirs)
     if joined is mine or joined is theirs or len(joined) == len(mine):
         return joined  # either input, or `mine` with some counts raised: still sorted
@@ -106,6 +120,20 @@ class GCounter(State):
         (theirs,) = reader.fields(b, cls.TYPE_NAME, 1)
         return [merge_wire_counts(reader.counts(mine, "gcounter counts", depth + 1),
                                   reader.counts(theirs, "gcounter counts", depth + 1))]
+
+    @classmethod
+    def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
+        if len(current) == 3 and len(incoming) == 3:
+            mine, theirs = current[2], incoming[2]
+            if counts_ok(mine) and counts_ok(theirs):
+                return [cls.TAG, cls.VERSION, merge_wire_counts(mine, theirs)]
+        return super().merge_docs(current, incoming, reader)
+
+    @classmethod
+    def checked_doc(cls, doc: list[Any], reader: Reader) -> list[Any]:
+        if len(doc) == 3 and counts_ok(doc[2]):
+            return doc  # a checked wire body is canonical as it is
+        return super().checked_doc(doc, reader)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GCounter):

@@ -9,7 +9,7 @@ from typing import Any
 from .codec import Reader, State, check_actor
 from .errors import DecodeError
 from .hlc import MAX_UINT64, Timestamp, check_timestamp
-from .values import pack_value, unpack_value
+from .values import pack_value, packed_ok, unpack_value
 
 _NONE = pack_value(None)
 
@@ -36,6 +36,17 @@ def _read_write(body: list[Any], reader: Reader, depth: int) -> _Write | None:
              reader.actor(actor, "lww actor"), reader.flag(deleted, "lww deleted flag"),
              reader.value(packed, "lww value", depth))
     raise DecodeError(f"lww: a deleted register must carry the value None, got {write[4]!r:.40}")
+
+
+def _doc_ok(doc: list[Any], max_depth: int) -> bool:
+    """True if a whole document [tag, version, *body] has a well-formed body."""
+    if len(doc) == 7:
+        _, _, wall, logical, actor, deleted, packed = doc
+        return (type(wall) is int and type(logical) is int and type(actor) is str
+                and actor != "" and type(deleted) is bool and 0 <= wall <= MAX_UINT64
+                and 0 <= logical <= MAX_UINT64 and (not deleted or packed == _NONE)
+                and packed_ok(packed, max_depth - 1))
+    return len(doc) == 2
 
 
 class LWWRegister(State):
@@ -121,6 +132,20 @@ class LWWRegister(State):
         if theirs is None or (mine is not None and mine >= theirs):
             return a
         return b
+
+    @classmethod
+    def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
+        if _doc_ok(current, reader.max_depth) and _doc_ok(incoming, reader.max_depth):
+            # Same tag and version, then the write's fields: list order is the write order
+            # (an empty register, the shorter list, loses).
+            return current if current >= incoming else incoming
+        return super().merge_docs(current, incoming, reader)
+
+    @classmethod
+    def checked_doc(cls, doc: list[Any], reader: Reader) -> list[Any]:
+        if _doc_ok(doc, reader.max_depth):
+            return doc  # a checked wire body is canonical as it is
+        return super().checked_doc(doc, reader)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LWWRegister):

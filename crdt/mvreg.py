@@ -5,10 +5,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from .causal import CausalContext, Dot, join_dot_funs
-from .codec import Reader, State, check_actor, context_to_wire
+from .causal import (
+    EMPTY_CONTEXT_DOC,
+    CausalContext,
+    ContextDoc,
+    Dot,
+    join_dot_funs,
+    merge_context_docs,
+)
+from .codec import (
+    MAX_UINT64,
+    Reader,
+    State,
+    check_actor,
+    context_doc,
+    context_to_wire,
+)
 from .errors import DecodeError
-from .values import pack_value, unpack_value
+from .values import pack_value, packed_ok, unpack_value
 
 Entries = dict[Dot, bytes]  # dot of the assignment -> canonical bytes of the value
 
@@ -31,6 +45,10 @@ def entries_to_wire(entries: Entries) -> list[Any]:
 
 def read_entries(obj: Any, reader: Reader, depth: int, context: CausalContext) -> Entries:
     """Parse entries whose dots must all be in `context`; `depth` is that of the list."""
+    if depth <= reader.max_depth:  # hot path: well-formed input
+        fast = entries_doc(obj, context.doc(), reader.max_depth - depth)
+        if fast is not None:
+            return fast
     flat = reader.array(obj, "mvreg entries", depth)
     if len(flat) % 3:
         raise DecodeError("mvreg entries: expected actor/counter/value triples")
@@ -45,6 +63,47 @@ def read_entries(obj: Any, reader: Reader, depth: int, context: CausalContext) -
         entries[dot] = reader.value(flat[i + 2], "mvreg value", depth)
         previous = dot
     return entries
+
+
+def entries_doc(obj: Any, context: ContextDoc, value_depth: int) -> Entries | None:
+    """The entries of a well-formed wire entries list whose dots are all in `context`, else
+    None (read_entries explains what is wrong); values may nest `value_depth` deep. The merge
+    hot path's reading."""
+    if type(obj) is not list or len(obj) % 3:
+        return None
+    vv, cloud = context
+    entries: Entries = {}
+    previous: Dot = ("", 0)
+    for i in range(0, len(obj), 3):
+        dot = (obj[i], obj[i + 1])
+        actor, n = dot
+        if (type(actor) is not str or actor == "" or type(n) is not int
+                or not 0 < n <= MAX_UINT64 or dot <= previous
+                or (n > vv.get(actor, 0) and dot not in cloud)):
+            return None
+        packed = obj[i + 2]
+        if not packed_ok(packed, value_depth):
+            return None
+        entries[dot] = packed
+        previous = dot
+    return entries
+
+
+def merge_entries_docs(a: Entries, ca: ContextDoc, b: Entries, cb: ContextDoc) -> list[Any]:
+    """Canonical wire entries of the join (join_entries on the wire form)."""
+    out: Entries = {}
+    vv, cloud = cb
+    for dot, packed in a.items():
+        other = b.get(dot)
+        if other is not None:
+            out[dot] = max(packed, other)
+        elif dot[1] > vv.get(dot[0], 0) and dot not in cloud:
+            out[dot] = packed
+    vv, cloud = ca
+    for dot, packed in b.items():
+        if dot not in a and dot[1] > vv.get(dot[0], 0) and dot not in cloud:
+            out[dot] = packed
+    return entries_to_wire(out)
 
 
 class MVRegister(State):
@@ -106,6 +165,29 @@ class MVRegister(State):
         context_obj, entries_obj = reader.fields(body, cls.TYPE_NAME, 2)
         context = reader.context(context_obj, depth + 1)
         return cls._make(read_entries(entries_obj, reader, depth + 1, context), context)
+
+    @classmethod
+    def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
+        if len(current) == 4 and len(incoming) == 4 and reader.max_depth >= 4:
+            ca, cb = context_doc(current[2]), context_doc(incoming[2])
+            if ca is not None and cb is not None:
+                a = entries_doc(current[3], ca, reader.max_depth - 2)
+                b = entries_doc(incoming[3], cb, reader.max_depth - 2)
+                if a is not None and b is not None:
+                    return [cls.TAG, cls.VERSION, merge_context_docs(ca, cb),
+                            merge_entries_docs(a, ca, b, cb)]
+        return super().merge_docs(current, incoming, reader)
+
+    @classmethod
+    def checked_doc(cls, doc: list[Any], reader: Reader) -> list[Any]:
+        if len(doc) == 4 and reader.max_depth >= 4:
+            context = context_doc(doc[2])
+            if context is not None and entries_doc(doc[3], context,
+                                                   reader.max_depth - 2) is not None:
+                # checked entries are canonical as they are; the context gets compacted
+                return [cls.TAG, cls.VERSION, merge_context_docs(context, EMPTY_CONTEXT_DOC),
+                        doc[3]]
+        return super().checked_doc(doc, reader)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MVRegister):

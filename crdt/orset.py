@@ -6,12 +6,29 @@
 # type lives here.
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from .causal import CausalContext, Dot, join_dot_sets
-from .codec import Reader, State, check_actor, context_to_wire
+from .causal import (
+    EMPTY_CONTEXT_DOC,
+    CausalContext,
+    ContextDoc,
+    Dot,
+    join_dot_sets,
+    merge_context_docs,
+    unseen,
+)
+from .codec import (
+    MAX_UINT64,
+    Reader,
+    State,
+    check_actor,
+    context_doc,
+    context_to_wire,
+    dots_doc,
+)
 from .errors import DecodeError
-from .values import pack_value, unpack_value
+from .values import pack_value, packed_ok, unpack_value
 
 Entries = dict[bytes, frozenset[Dot]]  # canonical element bytes -> live add dots (non-empty)
 
@@ -52,6 +69,10 @@ def entries_to_wire(entries: Entries) -> list[Any]:
 
 def read_entries(obj: Any, reader: Reader, depth: int, context: CausalContext) -> Entries:
     """Parse entries whose dots must all be in `context`; `depth` is that of the list."""
+    if depth < reader.max_depth:  # hot path: well-formed input
+        fast = entries_doc(obj, context.doc(), reader.max_depth - depth)
+        if fast is not None:
+            return {element: frozenset(_dots(flat)) for element, flat in fast.items()}
     flat = reader.array(obj, "orset entries", depth)
     if len(flat) % 2:
         raise DecodeError("orset entries: expected element/dots pairs")
@@ -70,6 +91,91 @@ def read_entries(obj: Any, reader: Reader, depth: int, context: CausalContext) -
         entries[element] = frozenset(dots)
         previous = element
     return entries
+
+
+# Merge hot path on plain wire documents: element bytes -> its flat [actor, n, ...] dots.
+DocEntries = dict[bytes, list[Any]]
+
+
+def entries_doc(obj: Any, context: ContextDoc, value_depth: int) -> DocEntries | None:
+    """The entries of a well-formed wire entries list whose dots are all in `context`, else
+    None (read_entries explains what is wrong); values may nest `value_depth` deep."""
+    if type(obj) is not list or len(obj) % 2:
+        return None
+    vv, cloud = context
+    entries: DocEntries = {}
+    previous = b""
+    for i in range(0, len(obj), 2):
+        element, flat = obj[i], obj[i + 1]
+        if type(element) is not bytes or (entries and element <= previous):
+            return None
+        if type(flat) is list and len(flat) == 2:  # the common case of a single dot
+            actor, n = flat
+            if (type(actor) is not str or actor == "" or type(n) is not int
+                    or not 0 < n <= MAX_UINT64
+                    or (n > vv.get(actor, 0) and (actor, n) not in cloud)):
+                return None
+        else:
+            dots = dots_doc(flat)
+            if not dots or unseen(dots, context):
+                return None
+        if not packed_ok(element, value_depth):
+            return None
+        entries[element] = flat
+        previous = element
+    return entries
+
+
+def _dots(flat: list[Any]) -> list[Dot]:
+    return list(zip(flat[::2], flat[1::2], strict=True))
+
+
+def _flat(dots: Iterable[Dot]) -> list[Any]:
+    flat: list[Any] = []
+    for dot in dots:
+        flat += dot
+    return flat
+
+
+def _kept(flat: list[Any], context: ContextDoc) -> list[Any] | None:
+    """The dots of `flat` not in `context` (flat itself when none is), None when none is left."""
+    if len(flat) == 2:
+        actor, n = flat
+        vv, cloud = context
+        return flat if n > vv.get(actor, 0) and (actor, n) not in cloud else None
+    dots = _dots(flat)
+    kept = unseen(dots, context)
+    if len(kept) == len(dots):
+        return flat
+    return _flat(kept) if kept else None
+
+
+def merge_entries_docs(a: DocEntries, ca: ContextDoc, b: DocEntries, cb: ContextDoc
+                       ) -> list[Any]:
+    """Canonical wire entries of the join (join_entries on the wire form)."""
+    out: dict[bytes, list[Any]] = {}
+    for element, flat in a.items():
+        other = b.get(element)
+        if other is None:
+            kept = _kept(flat, cb)  # the common case for a small delta: unchanged
+            if kept is not None:
+                out[element] = kept
+        elif other == flat:
+            out[element] = flat
+        else:
+            mine, theirs = set(_dots(flat)), set(_dots(other))
+            joined = (mine & theirs).union(unseen(mine - theirs, cb), unseen(theirs - mine, ca))
+            if joined:
+                out[element] = _flat(sorted(joined))
+    for element, flat in b.items():
+        if element not in a:
+            kept = _kept(flat, ca)
+            if kept is not None:
+                out[element] = kept
+    wire: list[Any] = []
+    for element in sorted(out):
+        wire += (element, out[element])
+    return wire
 
 
 class ORSet(State):
@@ -141,6 +247,29 @@ class ORSet(State):
         context_obj, entries_obj = reader.fields(body, cls.TYPE_NAME, 2)
         context = reader.context(context_obj, depth + 1)
         return cls._make(read_entries(entries_obj, reader, depth + 1, context), context)
+
+    @classmethod
+    def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
+        if len(current) == 4 and len(incoming) == 4 and reader.max_depth >= 4:
+            ca, cb = context_doc(current[2]), context_doc(incoming[2])
+            if ca is not None and cb is not None:
+                a = entries_doc(current[3], ca, reader.max_depth - 2)
+                b = entries_doc(incoming[3], cb, reader.max_depth - 2)
+                if a is not None and b is not None:
+                    return [cls.TAG, cls.VERSION, merge_context_docs(ca, cb),
+                            merge_entries_docs(a, ca, b, cb)]
+        return super().merge_docs(current, incoming, reader)
+
+    @classmethod
+    def checked_doc(cls, doc: list[Any], reader: Reader) -> list[Any]:
+        if len(doc) == 4 and reader.max_depth >= 4:
+            context = context_doc(doc[2])
+            if context is not None and entries_doc(doc[3], context,
+                                                   reader.max_depth - 2) is not None:
+                # checked entries are canonical as they are; the context gets compacted
+                return [cls.TAG, cls.VERSION, merge_context_docs(context, EMPTY_CONTEXT_DOC),
+                        doc[3]]
+        return super().checked_doc(doc, reader)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, ORSet):

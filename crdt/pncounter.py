@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .codec import Reader, State, check_actor, sorted_counts
+from .codec import Reader, State, check_actor, counts_ok, sorted_counts
 from .gcounter import check_amount, checked_counts, join_counts, merge_wire_counts
 
 
@@ -81,6 +81,23 @@ class PNCounter(State):
                                   reader.counts(theirs_up, up, depth + 1)),
                 merge_wire_counts(reader.counts(mine_down, down, depth + 1),
                                   reader.counts(theirs_down, down, depth + 1))]
+
+    @classmethod
+    def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
+        if len(current) == 4 and len(incoming) == 4:
+            mine_up, mine_down, theirs_up, theirs_down = (
+                current[2], current[3], incoming[2], incoming[3])
+            if (counts_ok(mine_up) and counts_ok(mine_down) and counts_ok(theirs_up)
+                    and counts_ok(theirs_down)):
+                return [cls.TAG, cls.VERSION, merge_wire_counts(mine_up, theirs_up),
+                        merge_wire_counts(mine_down, theirs_down)]
+        return super().merge_docs(current, incoming, reader)
+
+    @classmethod
+    def checked_doc(cls, doc: list[Any], reader: Reader) -> list[Any]:
+        if len(doc) == 4 and counts_ok(doc[2]) and counts_ok(doc[3]):
+            return doc  # checked wire bodies are canonical as they are
+        return super().checked_doc(doc, reader)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PNCounter):

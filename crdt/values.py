@@ -70,6 +70,39 @@ def check_packed(packed: bytes, max_depth: int) -> None:
         raise DecodeError("value is not in canonical msgpack form")
 
 
+# Canonical encodings of scalars seen by packed_ok (valid at any depth). check_packed is a pure
+# function, so remembering its verdict changes nothing but the time: a stored set or register
+# is re-checked on every merge into it, mostly with the same few elements.
+_KNOWN_SCALARS: set[bytes] = set()
+_KNOWN_LIMIT = 16_384
+_KNOWN_MAX_BYTES = 256
+
+
+def packed_ok(packed: object, max_depth: int) -> bool:
+    """check_packed as a test (the fast check of merge hot paths), for any object."""
+    if type(packed) is not bytes:
+        return False
+    if packed in _KNOWN_SCALARS:
+        return True
+    try:
+        value = _unpackb(packed, raw=False, strict_map_key=True)
+    except Exception:
+        return False
+    if type(value) in _SCALARS:
+        if _packb(value) != packed:
+            return False
+        if len(packed) <= _KNOWN_MAX_BYTES:
+            if len(_KNOWN_SCALARS) >= _KNOWN_LIMIT:
+                _KNOWN_SCALARS.clear()
+            _KNOWN_SCALARS.add(packed)
+        return True
+    try:
+        check_packed(packed, max_depth)
+    except DecodeError:
+        return False
+    return True
+
+
 def _check_plain(value: object, depth: int, max_depth: int) -> None:
     kind = type(value)
     if kind in _SCALARS:

@@ -233,3 +233,52 @@ def test_decode_error_is_a_value_error() -> None:
     assert issubclass(DecodeError, ValueError)
     with pytest.raises(TypeError):
         decode("not bytes")  # type: ignore[arg-type]
+
+
+def merge_by_objects(old: bytes | None, delta: bytes) -> bytes | None:
+    """What merge_encoded must return, by way of state objects; None when it must refuse."""
+    try:
+        incoming = decode(delta)
+        if old is None:
+            return encode(incoming)
+        current = decode(old)
+    except DecodeError:
+        return None
+    if type(current) is not type(incoming):
+        return None
+    return encode(current.merge(incoming))
+
+
+def merge_or_none(old: bytes | None, delta: bytes) -> bytes | None:
+    try:
+        return merge_encoded(old, delta)
+    except DecodeError:
+        return None
+
+
+@FUZZ
+@given(st.sampled_from(SAMPLES), st.sampled_from(SAMPLES), st.lists(st.integers(0, 50), max_size=6),
+       TREES, st.booleans())
+def test_merge_encoded_agrees_with_objects_on_mutated_input(
+        blob: bytes, other: bytes, path: list[int], new: Any, mutate_stored: bool) -> None:
+    # merge_encoded works on plain documents with its own fast checks: it must accept and
+    # refuse exactly what decode() does, and give the canonical bytes of the object merge.
+    mutated = msgpack.packb(replace_somewhere(msgpack.unpackb(blob), path, new))
+    old, delta = (mutated, other) if mutate_stored else (other, mutated)
+    assert merge_or_none(old, delta) == merge_by_objects(old, delta)
+    assert merge_or_none(None, mutated) == merge_by_objects(None, mutated)
+
+
+@pytest.mark.parametrize("doc", [
+    [5, 1, [["a", 1], ["a", 2, "a", 4, "b", 1]], [b"\x01", ["a", 4]]],  # cloud dots to fold
+    [2, 1, [[], ["a", 1, "a", 3]], ["a", 3, b"\x01"]],
+    [6, 1, [["a", 2], ["a", 3]], ["k", 3, ["a", 3, [{"a": 1}]]]],
+    [5, 1, [["a", 2], ["a", 1]], []],  # a cloud dot the version vector covers
+])
+def test_merge_encoded_compacts_contexts(doc: list[Any]) -> None:
+    blob = msgpack.packb(doc)
+    expected = encode(decode(blob))
+    assert expected != blob
+    assert merge_encoded(None, blob) == expected
+    assert merge_encoded(blob, blob) == expected
+    assert merge_encoded(encode(type(decode(blob))()), blob) == expected
