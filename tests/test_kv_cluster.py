@@ -198,7 +198,7 @@ async def test_garbage_and_forged_replication_batches_are_refused(tmp_path):
     async with handles(tmp_path, 3) as nodes:
         victim, attacker = nodes[0].kv, nodes[1].kv
         key = b"precious"
-        await victim.put(key, "safe")
+        await victim.put(key, "safe", consistency="all")  # on every replica before the look
         # find the stored key on the victim, whichever replica set it has
         before = {kv.me: kv.store.get(key) for kv in (n.kv for n in nodes)}
         forger = Identity.generate()
