@@ -62,12 +62,13 @@ async def test_an_old_owner_still_handing_off_blocks_collection(tmp_path):
     async with handles(tmp_path, 4, **GC) as nodes:
         kvs = [n.kv for n in nodes]
         await kvs[0].put("doc", "old", consistency="all")
-        old_state = kvs[0].store.get(b"doc")
         # the one node that is not a replica of "doc" holds its old value as foreign data
         # (an old owner whose handoff keeps failing), then the key is deleted
         replicas = set(kvs[0].ring.preference_list(b"doc"))
         (old_owner,) = [kv for kv in kvs if kv.me not in replicas]
         owners = [kv for kv in kvs if kv.me in replicas]
+        old_state = owners[0].store.get(b"doc")
+        assert old_state is not None
         hand_off = old_owner.handoff._hand_off_foreign
 
         async def failing_handoff(alive):
