@@ -21,11 +21,12 @@ import msgpack
 import trio
 
 import crdt
-from p2p import Network, PeerUnreachable, RemoteError, RequestError
+from p2p import Network, RequestError
 from p2p.envelope import EnvelopeError
 from p2p.rpc import HandlerError
 from shard import Initiator, Keyspace, ProtocolError, Responder, Ring, Store
 
+from .forwarding import MAX_OPS_PER_REQUEST, OPS_PROTOCOL, UNREACHABLE, Forwarder
 from .handoff import FOREIGN_PROTOCOL, ROOTS_PROTOCOL, Handoff
 from .hints import HintStore
 from .ops import Op, OpError, make_delta, render
@@ -35,7 +36,6 @@ from .writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
-OP_PROTOCOL = "kv-op"
 READ_PROTOCOL = "kv-read"
 AE_PROTOCOL = "kv-ae"
 MAX_AE_SESSIONS_PER_PEER = 4
@@ -143,6 +143,7 @@ class KV:
         self.clock = crdt.HLC()
         self.ring = self._build_ring()
         self._links: dict[str, PeerLink] = {}
+        self._forwarders: dict[str, Forwarder] = {}
         self._nursery: trio.Nursery | None = None
         self._ae_sessions: dict[tuple[str, int], tuple[Responder, float]] = {}
         self._ae_next_sid = 0
@@ -169,7 +170,7 @@ class KV:
             async with trio.open_nursery() as nursery:
                 kv._nursery = nursery
                 net.handle(APPLY_PROTOCOL, kv._on_apply)
-                net.handle(OP_PROTOCOL, kv._on_op)
+                net.handle(OPS_PROTOCOL, kv._on_ops)
                 net.handle(READ_PROTOCOL, kv._on_read)
                 net.handle(AE_PROTOCOL, kv._on_anti_entropy)
                 net.handle(ROOTS_PROTOCOL, kv.handoff.on_roots)
@@ -455,24 +456,47 @@ class KV:
         if mutator == self.me:
             await self._mutate_and_replicate(ops, level)
             return
-        try:
-            await self.net.request(mutator, OP_PROTOCOL,
-                                   {"ops": [op.to_wire() for op in ops], "c": level.value},
-                                   timeout=self.config.request_timeout * 2)
-        except PeerUnreachable:
-            # nothing was sent, so nothing was applied: the next replicas may apply them
-            await self.execute_many(ops, level.value, avoid=avoid | {mutator})
-        except RemoteError as exc:
-            if exc.code in ("wrong_type", "bad_request", "bad_value", "clock_skew"):
-                raise OpError(exc.code, exc.message) from None
-            raise QuorumError(f"{len(ops)} ops failed at {mutator}: {exc}") from None
-        except RequestError as exc:
-            # sent but no answer: the ops may or may not have been applied, so they are not
-            # acknowledged (a retry is safe for puts and sets, may double an increment)
-            raise QuorumError(f"{len(ops)} ops at {mutator} have an unknown outcome: "
-                              f"{exc}") from None
+        outcomes = await self._forwarder(mutator).submit(ops, level.value)
+        unsent = [op for op, o in zip(ops, outcomes, strict=True)
+                  if o is not None and o[0] == UNREACHABLE]
+        failed = [o for o in outcomes if o is not None and o[0] != UNREACHABLE]
+        if unsent:  # never sent, so never applied: the next replicas may apply them
+            await self.execute_many(unsent, level.value, avoid=avoid | {mutator})
+        if not failed:
+            return
+        code, message = failed[0]
+        if len(ops) == 1 and code in ("wrong_type", "bad_request", "bad_value", "clock_skew"):
+            raise OpError(code, message)
+        raise QuorumError(f"{len(failed)} of {len(ops)} ops failed at {mutator}; first: "
+                          f"{code}: {message}")
+
+    def _forwarder(self, peer: str) -> Forwarder:
+        forwarder = self._forwarders.get(peer)
+        if forwarder is None:
+            forwarder = Forwarder(self.net, peer, self.config.max_batch_bytes,
+                                  self.config.request_timeout * 2)
+            self._forwarders[peer] = forwarder
+            self._nursery_soon(forwarder.run)
+        return forwarder
 
     async def _mutate_and_replicate(self, ops: list[Op], level: Consistency) -> None:
+        """Apply `ops` here and replicate them; raises if any failed (the op's own OpError
+        for a single op, else QuorumError)."""
+        outcomes = await self._apply_and_replicate(ops, level)
+        failed = [o for o in outcomes if o is not None]
+        if not failed:
+            return
+        if len(ops) == 1:
+            raise failed[0]
+        refused = [o for o in failed if isinstance(o, OpError)]
+        raise QuorumError(f"{len(failed) - len(refused)} of {len(ops)} ops had fewer than "
+                          f"{level.needed(self.config.replicas)} acks; {len(refused)} refused "
+                          f"({refused[0] if refused else ''})")
+
+    async def _apply_and_replicate(self, ops: list[Op], level: Consistency
+                                   ) -> list[OpError | QuorumError | None]:
+        """Apply `ops` here (this node is their CRDT actor) and replicate them; per op, None
+        when it has its W acks, else why not."""
         now_ms = time.time_ns() // 1_000_000
 
         def mutation(op: Op) -> Any:
@@ -487,11 +511,8 @@ class KV:
             return apply
 
         results = await self.writer.mutate_many([(op.key, mutation(op)) for op in ops])
-        refused = [r for r in results if isinstance(r, BaseException)]
-        if len(ops) == 1 and refused and isinstance(refused[0], OpError):
-            raise refused[0]
         needed = level.needed(self.config.replicas) - 1
-        waits = []
+        waits: list[_Acks | None] = []
         alive = self._alive()  # once per batch, not per (op, peer)
         # `remaining` starts at 1 for this loop itself: acks that arrive while a later push
         # waits on a full queue cannot complete the group before every op is in it
@@ -499,6 +520,7 @@ class KV:
         group.remaining = 1
         for op, delta in zip(ops, results, strict=True):
             if isinstance(delta, BaseException):
+                waits.append(None)
                 continue
             others = [p for p in self.ring.preference_list(op.key) if p != self.me]
             acks = _Acks(needed, len(others), group)
@@ -512,10 +534,17 @@ class KV:
             self._ack_deadlines.append((trio.current_time() + self.config.request_timeout,
                                         group))
             await group.done.wait()
-        short = sum(1 for acks in waits if acks.ok < acks.needed)
-        if short or refused:
-            raise QuorumError(f"{short} of {len(ops)} ops had fewer than {needed + 1} acks; "
-                              f"{len(refused)} refused ({refused[0] if refused else ''})")
+        outcomes: list[OpError | QuorumError | None] = []
+        for op, result, waited in zip(ops, results, waits, strict=True):
+            if waited is None:
+                outcomes.append(result if isinstance(result, OpError) else QuorumError(
+                    f"{op.kind} of {op.key!r} was not stored here: {result}"))
+            elif waited.ok < waited.needed:
+                outcomes.append(QuorumError(f"{op.kind} of {op.key!r} had fewer than "
+                                            f"{needed + 1} acks"))
+            else:
+                outcomes.append(None)
+        return outcomes
 
     async def _ack_sweeper(self) -> None:
         """Ends the wait of writes whose replicas did not all answer within request_timeout
@@ -614,22 +643,38 @@ class KV:
             self.hints.add(target, items)
         return len(envelope.payload)
 
-    async def _on_op(self, peer: str, message: Any) -> Any:
+    async def _on_ops(self, peer: str, message: Any) -> Any:
+        """Groups of ops another coordinator forwarded (each group with its consistency
+        level); answers, per group and op, None (applied with its quorum) or [code, why]."""
+        groups: list[tuple[list[Op], Consistency]] = []
         try:
-            wire_ops = message.get("ops") if isinstance(message, dict) else None
-            if not isinstance(wire_ops, list) or not 0 < len(wire_ops) <= 10_000:
-                raise OpError("bad_request", "ops must be a list of 1 to 10000 operations")
-            ops = [Op.from_wire(w) for w in wire_ops]
-            level = Consistency(message.get("c", "quorum"))
+            wire_groups = message.get("groups") if isinstance(message, dict) else None
+            if not isinstance(wire_groups, list) or not 0 < len(wire_groups) <= 100:
+                raise OpError("bad_request", "groups must be a list of 1 to 100 groups")
+            total = 0
+            for group in wire_groups:
+                wire_ops = group.get("ops") if isinstance(group, dict) else None
+                if not isinstance(wire_ops, list) or not wire_ops:
+                    raise OpError("bad_request", "a group needs a list of operations")
+                total += len(wire_ops)
+                groups.append(([Op.from_wire(w) for w in wire_ops],
+                               Consistency(group.get("c", "quorum"))))
+            if total > MAX_OPS_PER_REQUEST:
+                raise OpError("bad_request", f"more than {MAX_OPS_PER_REQUEST} operations")
         except (OpError, ValueError) as exc:
             raise HandlerError("bad_request", str(exc)) from None
-        try:
-            await self._mutate_and_replicate(ops, level)
-        except OpError as exc:
-            raise HandlerError(exc.code, str(exc)) from None
-        except QuorumError as exc:
-            raise HandlerError("quorum", str(exc)) from None
-        return True
+        replies: list[list[Any]] = [[] for _ in groups]
+
+        async def run(index: int, ops: list[Op], level: Consistency) -> None:
+            outcomes = await self._apply_and_replicate(ops, level)
+            replies[index] = [None if o is None else
+                              [o.code if isinstance(o, OpError) else "quorum", str(o)]
+                              for o in outcomes]
+
+        async with trio.open_nursery() as nursery:  # one group commit for all groups
+            for index, (ops, level) in enumerate(groups):
+                nursery.start_soon(run, index, ops, level)
+        return replies
 
     async def _on_read(self, peer: str, message: Any) -> Any:
         keys = message.get("keys") if isinstance(message, dict) else None

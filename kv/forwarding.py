@@ -1,0 +1,132 @@
+# Forwarding operations to the replica that applies them, coalesced: a coordinator that is
+# not a replica of a key sends the op to one that is; ops bound for the same replica that
+# wait at the same time travel in one request (one frame, one reply) instead of one each.
+# Lives here: the per-replica queue, cutting requests by op count and bytes, and spreading
+# each request's per-op outcomes back to the calls that made them.
+# Must not live here: what an op does or how quorum is counted (service.py runs them).
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgpack
+import trio
+
+from p2p import Network, PeerUnreachable, RemoteError, RequestError
+
+from .ops import Op
+
+log = logging.getLogger(__name__)
+
+OPS_PROTOCOL = "kv-ops"
+MAX_OPS_PER_REQUEST = 10_000
+
+Outcome = list[Any] | None  # None: applied with its quorum; else [error code, message]
+UNREACHABLE = "unreachable"  # not sent: the op may go to another replica
+
+@dataclass
+class _Call:
+    """One caller's ops and the outcomes gathered for them, chunk by chunk."""
+
+    outcomes: list[Outcome]
+    pending: int = 0
+    done: trio.Event = field(default_factory=trio.Event)
+
+    def chunk_done(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.done.set()
+
+@dataclass
+class _Chunk:
+    call: _Call
+    offset: int
+    level: str
+    wire: list[list[Any]]
+    size: int
+
+class Forwarder:
+    """The queue of ops bound for one replica, drained one request at a time: what arrives
+    while a request is out leaves together in the next."""
+
+    def __init__(self, net: Network, peer: str, max_bytes: int, timeout: float) -> None:
+        self.net = net
+        self.peer = peer
+        self.max_bytes = max_bytes
+        self.timeout = timeout
+        self._queue: deque[_Chunk] = deque()
+        self._wake = trio.Event()
+        self.requests = 0
+        self.ops = 0
+
+    async def submit(self, ops: list[Op], level: str) -> list[Outcome]:
+        """Run `ops` at the replica; one outcome per op (see `Outcome`, `UNREACHABLE`)."""
+        call = _Call([None] * len(ops))
+        chunk: list[list[Any]] = []
+        size = offset = 0
+        for index, op in enumerate(ops):
+            wire = op.to_wire()
+            op_size = len(msgpack.packb(wire, use_bin_type=True))
+            if chunk and (size + op_size > self.max_bytes or len(chunk) >= MAX_OPS_PER_REQUEST):
+                self._queue.append(_Chunk(call, offset, level, chunk, size))
+                call.pending += 1
+                chunk, size, offset = [], 0, index
+            chunk.append(wire)
+            size += op_size
+        self._queue.append(_Chunk(call, offset, level, chunk, size))
+        call.pending += 1
+        self._wake.set()
+        await call.done.wait()
+        return call.outcomes
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._queue:
+                await self._send(self._take())
+
+    def _take(self) -> list[_Chunk]:
+        batch = [self._queue.popleft()]
+        ops, size = len(batch[0].wire), batch[0].size
+        while self._queue:
+            chunk = self._queue[0]
+            if (ops + len(chunk.wire) > MAX_OPS_PER_REQUEST
+                    or size + chunk.size > self.max_bytes):
+                break
+            batch.append(self._queue.popleft())
+            ops += len(chunk.wire)
+            size += chunk.size
+        return batch
+
+    async def _send(self, batch: list[_Chunk]) -> None:
+        groups = [{"c": chunk.level, "ops": chunk.wire} for chunk in batch]
+        failure: Outcome = None
+        replies: Any = None
+        try:
+            replies = await self.net.request(self.peer, OPS_PROTOCOL, {"groups": groups},
+                                             timeout=self.timeout)
+        except PeerUnreachable as exc:  # nothing was sent: another replica may apply them
+            failure = [UNREACHABLE, str(exc)]
+        except RemoteError as exc:
+            failure = [exc.code, exc.message]
+        except RequestError as exc:
+            # sent but no answer: the ops may or may not have been applied, so they are not
+            # acknowledged (a retry is safe for puts and sets, may double an increment)
+            failure = ["quorum", f"unknown outcome at {self.peer}: {exc}"]
+        if failure is None and not _well_formed(replies, batch):
+            failure = ["quorum", f"malformed reply from {self.peer}"]
+        self.requests += 1
+        for position, chunk in enumerate(batch):
+            outcomes = [failure] * len(chunk.wire) if failure is not None else replies[position]
+            chunk.call.outcomes[chunk.offset:chunk.offset + len(chunk.wire)] = outcomes
+            self.ops += len(chunk.wire)
+            chunk.call.chunk_done()
+
+def _well_formed(replies: Any, batch: list[_Chunk]) -> bool:
+    return (isinstance(replies, list) and len(replies) == len(batch)
+            and all(isinstance(r, list) and len(r) == len(c.wire)
+                    and all(o is None or (isinstance(o, list) and len(o) == 2) for o in r)
+                    for r, c in zip(replies, batch, strict=True)))
