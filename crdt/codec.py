@@ -11,11 +11,12 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar, Self
 
 import msgpack
 
-from .causal import CausalContext, ContextDoc, Dot
+from .causal import EMPTY_CONTEXT_DOC, CausalContext, ContextDoc, Dot, merge_context_docs
 from .errors import DecodeError
 from .values import check_packed
 
@@ -352,6 +353,38 @@ def context_doc(obj: Any) -> ContextDoc | None:
         previous = actor
     cloud = dots_doc(cloud_flat)
     return None if cloud is None else (vv, set(cloud))
+
+
+def merge_dot_store_docs(current: list[Any], incoming: list[Any], max_depth: int,
+                         entries_doc: Callable[[Any, ContextDoc, int], Any],
+                         merge_entries: Callable[[Any, ContextDoc, Any, ContextDoc], list[Any]]
+                         ) -> list[Any] | None:
+    """The merged [context, entries] of two [tag, version, context, entries] documents of a
+    dot-store type (mvreg, orset), each type giving its own entries check and join; None when
+    either document fails the fast checks (the type then falls back to the object merge)."""
+    if len(current) != 4 or len(incoming) != 4 or max_depth < 4:
+        return None
+    ca, cb = context_doc(current[2]), context_doc(incoming[2])
+    if ca is None or cb is None:
+        return None
+    a = entries_doc(current[3], ca, max_depth - 2)
+    b = entries_doc(incoming[3], cb, max_depth - 2)
+    if a is None or b is None:
+        return None
+    return [merge_context_docs(ca, cb), merge_entries(a, ca, b, cb)]
+
+
+def checked_dot_store_doc(doc: list[Any], max_depth: int,
+                          entries_doc: Callable[[Any, ContextDoc, int], Any]
+                          ) -> list[Any] | None:
+    """The [context, entries] of a well-formed dot-store document, canonical (checked entries
+    are canonical as they are; the context gets compacted), else None."""
+    if len(doc) != 4 or max_depth < 4:
+        return None
+    context = context_doc(doc[2])
+    if context is None or entries_doc(doc[3], context, max_depth - 2) is None:
+        return None
+    return [merge_context_docs(context, EMPTY_CONTEXT_DOC), doc[3]]
 
 
 def dots_doc(flat: Any) -> list[Dot] | None:

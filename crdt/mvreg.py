@@ -6,20 +6,19 @@ from __future__ import annotations
 from typing import Any
 
 from .causal import (
-    EMPTY_CONTEXT_DOC,
     CausalContext,
     ContextDoc,
     Dot,
     join_dot_funs,
-    merge_context_docs,
 )
 from .codec import (
     MAX_UINT64,
     Reader,
     State,
     check_actor,
-    context_doc,
+    checked_dot_store_doc,
     context_to_wire,
+    merge_dot_store_docs,
 )
 from .errors import DecodeError
 from .values import pack_value, packed_ok, unpack_value
@@ -168,26 +167,18 @@ class MVRegister(State):
 
     @classmethod
     def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
-        if len(current) == 4 and len(incoming) == 4 and reader.max_depth >= 4:
-            ca, cb = context_doc(current[2]), context_doc(incoming[2])
-            if ca is not None and cb is not None:
-                a = entries_doc(current[3], ca, reader.max_depth - 2)
-                b = entries_doc(incoming[3], cb, reader.max_depth - 2)
-                if a is not None and b is not None:
-                    return [cls.TAG, cls.VERSION, merge_context_docs(ca, cb),
-                            merge_entries_docs(a, ca, b, cb)]
-        return super().merge_docs(current, incoming, reader)
+        merged = merge_dot_store_docs(current, incoming, reader.max_depth, entries_doc,
+                                      merge_entries_docs)
+        if merged is None:
+            return super().merge_docs(current, incoming, reader)
+        return [cls.TAG, cls.VERSION, *merged]
 
     @classmethod
     def checked_doc(cls, doc: list[Any], reader: Reader) -> list[Any]:
-        if len(doc) == 4 and reader.max_depth >= 4:
-            context = context_doc(doc[2])
-            if context is not None and entries_doc(doc[3], context,
-                                                   reader.max_depth - 2) is not None:
-                # checked entries are canonical as they are; the context gets compacted
-                return [cls.TAG, cls.VERSION, merge_context_docs(context, EMPTY_CONTEXT_DOC),
-                        doc[3]]
-        return super().checked_doc(doc, reader)
+        checked = checked_dot_store_doc(doc, reader.max_depth, entries_doc)
+        if checked is None:
+            return super().checked_doc(doc, reader)
+        return [cls.TAG, cls.VERSION, *checked]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, MVRegister):
