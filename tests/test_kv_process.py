@@ -10,7 +10,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -23,8 +23,8 @@ from tasknet_node import cli, datadir
 from tasknet_node.kv_extension import report_handoff
 from tasknet_node.options import build_kv_config
 
-ROOT = Path(__file__).resolve().parent.parent
-NODE = str(ROOT / "node.py")
+from process_helpers import NODE, NodeProcess, Processes, wait_for
+
 NET = "kv-proc-test"
 FAST = ["--heartbeat-interval", "0.5", "--suspect-after", "2", "--dead-after", "4",
         "--anti-entropy-interval", "1", "--network", NET]
@@ -60,80 +60,31 @@ class Api:
             self._conn = None
 
 
-class Node:
-    def __init__(self, proc: subprocess.Popen, data_dir: Path, out: Path) -> None:
-        self.proc, self.data_dir, self.out = proc, data_dir, out
+class Node(NodeProcess):
+    def __init__(self, proc: subprocess.Popen, data_dir: Path, out: Path, err: Path) -> None:
+        super().__init__(proc, data_dir, out, err)
         self.api = Api(data_dir)
 
     def peer_id(self) -> str | None:
-        for line in self.out.read_text().splitlines():
-            if line.startswith("tasknet node "):
-                return line.split()[2]
-        return None
+        announced = self.announced()
+        return announced[0] if announced else None
 
     def addr(self) -> str | None:
-        for line in self.out.read_text().splitlines():
-            if line.startswith("tasknet node "):
-                return line.split()[-1]
-        return None
-
-    def status(self) -> dict[str, Any] | None:
-        """/status, or None while the node does not answer."""
-        try:
-            code, answer = Api(self.data_dir, timeout=3).call("GET", "/status")
-        except (OSError, datadir.DataDirError, ValueError):
-            return None
-        return answer if code == 200 else None
-
-    def states(self) -> dict[str, str]:
-        status = self.status()
-        return {m["peer_id"]: m["state"] for m in status["members"]} if status else {}
+        announced = self.announced()
+        return announced[1] if announced else None
 
     def cli(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, NODE, *args, "--data-dir", str(self.data_dir)],
                               capture_output=True, text=True, timeout=60)
 
 
-class Processes:
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.started: list[subprocess.Popen] = []
-
-    def node(self, name: str, *args: str, data_dir: Path | None = None) -> Node:
-        data_dir = data_dir or self.base / name
-        out, err = self.base / f"{name}.out", self.base / f"{name}.err"
-        with out.open("a") as stdout, err.open("a") as stderr:
-            proc = subprocess.Popen([sys.executable, NODE, "--data-dir", str(data_dir), *args],
-                                    stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                                    cwd=self.base)
-        self.started.append(proc)
-        return Node(proc, data_dir, out)
-
-    def kill_all(self) -> None:
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-
-
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
+def processes(tmp_path: Path) -> Iterator[Processes[Node]]:
+    procs = Processes(tmp_path, Node)
     try:
         yield procs
     finally:
         procs.kill_all()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def start_cluster(processes: Processes, size: int) -> list[Node]:

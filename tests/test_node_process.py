@@ -4,15 +4,13 @@
 # Every process is killed in the fixture's teardown, whatever happens in the test.
 import json
 import os
-import re
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,86 +18,23 @@ import pytest
 
 from tasknet_node import datadir
 
-ROOT = Path(__file__).resolve().parent.parent
-NODE = str(ROOT / "node.py")
+from process_helpers import NODE, ROOT, NodeProcess, Processes, wait_for
+
 NET = "proc-test"
 FAST = ["--heartbeat-interval", "0.3", "--suspect-after", "1", "--dead-after", "2"]
-ANNOUNCE = re.compile(r"^tasknet node (\S+) listening on (\S+)$", re.M)
 
 
-class Node:
-    def __init__(self, proc: subprocess.Popen, data_dir: Path, out: Path, err: Path) -> None:
-        self.proc, self.data_dir, self.out, self.err = proc, data_dir, out, err
-
-    def stdout(self) -> str:
-        return self.out.read_text()
-
-    def stderr(self) -> str:
-        return self.err.read_text()
-
-    def announced(self) -> tuple[str, str] | None:
-        """(peer id, first dialable address) from the node's start line, once printed."""
-        match = ANNOUNCE.search(self.stdout())
-        return (match.group(1), match.group(2)) if match else None
-
-    def status(self) -> dict[str, Any] | None:
-        """/status through the API address in api.json; None while it is not up."""
-        try:
-            info = datadir.read_api_info(self.data_dir)
-            with urllib.request.urlopen(info.url + "/status", timeout=2) as response:
-                value: dict[str, Any] = json.loads(response.read())
-                return value
-        except (datadir.DataDirError, OSError, ValueError):
-            return None
-
-    def states(self) -> dict[str, str]:
-        status = self.status()
-        return {m["peer_id"]: m["state"] for m in status["members"]} if status else {}
-
-
-class Processes:
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.started: list[subprocess.Popen] = []
-
-    def spawn(self, name: str, *args: str) -> tuple[subprocess.Popen, Path, Path]:
-        out, err = self.base / f"{name}.out", self.base / f"{name}.err"
-        with out.open("a") as stdout, err.open("a") as stderr:
-            proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL,
-                                    stdout=stdout, stderr=stderr, cwd=self.base)
-        self.started.append(proc)
-        return proc, out, err
-
-    def node(self, name: str, *args: str, data_dir: Path | None = None) -> Node:
-        data_dir = data_dir or self.base / name
-        proc, out, err = self.spawn(name, NODE, "--data-dir", str(data_dir), *args)
-        return Node(proc, data_dir, out, err)
-
-    def kill_all(self) -> None:
-        for proc in self.started:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+class Node(NodeProcess):
+    pass
 
 
 @pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
+def processes(tmp_path: Path) -> Iterator[Processes[Node]]:
+    procs = Processes(tmp_path, Node)
     try:
         yield procs
     finally:
         procs.kill_all()
-
-
-def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float) -> int:

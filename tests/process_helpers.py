@@ -1,0 +1,95 @@
+# Helpers for tests that run `node.py` as real processes on 127.0.0.1: starting them with
+# their output in files, reading their start line and /status, polling with a deadline, and
+# killing every one of them at teardown.
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+from tasknet_node import datadir
+
+ROOT = Path(__file__).resolve().parent.parent
+NODE = str(ROOT / "node.py")
+ANNOUNCE = re.compile(r"^tasknet node (\S+) listening on (\S+)$", re.M)
+
+
+class NodeProcess:
+    """One `node.py` process, its data dir and its output files."""
+
+    def __init__(self, proc: subprocess.Popen, data_dir: Path, out: Path, err: Path) -> None:
+        self.proc, self.data_dir, self.out, self.err = proc, data_dir, out, err
+
+    def stdout(self) -> str:
+        return self.out.read_text()
+
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def announced(self) -> tuple[str, str] | None:
+        """(peer id, first dialable address) from the node's start line, once printed."""
+        match = ANNOUNCE.search(self.stdout())
+        return (match.group(1), match.group(2)) if match else None
+
+    def status(self) -> dict[str, Any] | None:
+        """/status through the API address in api.json; None while it is not up."""
+        try:
+            info = datadir.read_api_info(self.data_dir)
+            with urllib.request.urlopen(info.url + "/status", timeout=3) as response:
+                value: dict[str, Any] = json.loads(response.read())
+                return value
+        except (datadir.DataDirError, OSError, ValueError):
+            return None
+
+    def states(self) -> dict[str, str]:
+        status = self.status()
+        return {m["peer_id"]: m["state"] for m in status["members"]} if status else {}
+
+
+N = TypeVar("N", bound=NodeProcess)
+
+
+class Processes(Generic[N]):
+    """Every process a test started, so that teardown kills them all."""
+
+    def __init__(self, base: Path, node_class: type[N]) -> None:
+        self.base = base
+        self.node_class = node_class
+        self.started: list[subprocess.Popen] = []
+
+    def spawn(self, name: str, *args: str) -> tuple[subprocess.Popen, Path, Path]:
+        out, err = self.base / f"{name}.out", self.base / f"{name}.err"
+        with out.open("a") as stdout, err.open("a") as stderr:
+            proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL,
+                                    stdout=stdout, stderr=stderr, cwd=self.base)
+        self.started.append(proc)
+        return proc, out, err
+
+    def node(self, name: str, *args: str, data_dir: Path | None = None) -> N:
+        data_dir = data_dir or self.base / name
+        proc, out, err = self.spawn(name, NODE, "--data-dir", str(data_dir), *args)
+        return self.node_class(proc, data_dir, out, err)
+
+    def kill_all(self) -> None:
+        for proc in self.started:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
+    """Poll `condition` until it returns something true (returned) or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
