@@ -39,6 +39,17 @@ OPERATIONS = ("incr", "sadd", "srem", "hset", "hdel")
 HANDOFF_REPORT_INTERVAL = 2.0
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+# the store's counters on /metrics (as tasknet_kv_<name>_total), with their help text
+COUNTERS = (
+    ("writes", "operations this node coordinated that reached their write quorum"),
+    ("reads", "keys this node read with their read quorum"),
+    ("read_repairs", "stale replicas sent the merged state by a read"),
+    ("hints_delivered", "hinted writes delivered to the replica they were meant for"),
+    ("handoff_keys_sent", "states streamed to new owners after ring changes"),
+    ("hints_expired", "hints dropped unsent because they outlived hint_ttl_s"),
+    ("tombstones_collected", "register tombstones removed here once every replica confirmed"
+                             " them"),
+)
 
 
 def kv_extension(config: KVConfig, *, say: Say = print_line,
@@ -194,24 +205,11 @@ class KvApi:
 
     def metrics(self) -> Iterator[Metric]:
         status = self.kv.status()
-        counters = status["metrics"]
         yield Metric("kv_keys", status["keys"], "gauge", "keys in this node's store")
         yield Metric("kv_partitions_owned", status["partitions_owned"], "gauge",
                      "partitions this node holds a replica of")
-        yield Metric("kv_writes", counters["writes"], "counter",
-                     "operations this node coordinated that reached their write quorum")
-        yield Metric("kv_reads", counters["reads"], "counter",
-                     "keys this node read with their read quorum")
-        yield Metric("kv_read_repairs", counters["read_repairs"], "counter",
-                     "stale replicas sent the merged state by a read")
-        yield Metric("kv_hints_delivered", counters["hints_delivered"], "counter",
-                     "hinted writes delivered to the replica they were meant for")
-        yield Metric("kv_handoff_keys_sent", counters["handoff_keys_sent"], "counter",
-                     "states streamed to new owners after ring changes")
-        yield Metric("kv_hints_expired", counters["hints_expired"], "counter",
-                     "hints dropped unsent because they outlived hint_ttl_s")
-        yield Metric("kv_tombstones_collected", counters["tombstones_collected"], "counter",
-                     "register tombstones removed here once every replica confirmed them")
+        for name, help_text in COUNTERS:
+            yield Metric(f"kv_{name}", status["metrics"][name], "counter", help_text)
         yield Metric("kv_hints_pending", sum(status["hints_pending"].values()), "gauge",
                      "hinted writes held here for replicas that were down")
         yield Metric("kv_replication_backlog", status["replication_backlog"], "gauge",
