@@ -149,13 +149,6 @@ class HttpApp:
                             headers={"allow": ", ".join(sorted(allowed))})
         return Response("Not Found", 404)
 
-    async def handle(self, request: Request) -> Response:
-        """Answer a request whose body is read (see `resolve`)."""
-        endpoint = self.resolve(request)
-        if isinstance(endpoint, Response):
-            return endpoint
-        return await endpoint(request)
-
 
 async def serve_http(app: HttpApp, listener: trio.SocketListener,
                      *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -249,23 +242,27 @@ class _Connection:
             if not keep_alive:
                 return
 
-    async def _read_head(self) -> bytes | None:
+    async def _read_until(self, separator: bytes, too_long: HttpError) -> bytes | None:
+        """The bytes before `separator` (both taken out of the buffer); `too_long` if more
+        than MAX_HEAD_BYTES come first; None if the client closed before it came."""
         start = 0
         while True:
-            end = self.buffer.find(b"\r\n\r\n", start)
-            if end > MAX_HEAD_BYTES:
-                raise HttpError(431, "request head too large")
+            end = self.buffer.find(separator, start)
+            if end > MAX_HEAD_BYTES or (end < 0 and len(self.buffer) > MAX_HEAD_BYTES):
+                raise too_long
             if end >= 0:
-                head = bytes(self.buffer[:end])
-                del self.buffer[:end + 4]
-                return head
-            if len(self.buffer) > MAX_HEAD_BYTES:
-                raise HttpError(431, "request head too large")
-            start = max(0, len(self.buffer) - 3)
+                found = bytes(self.buffer[:end])
+                del self.buffer[:end + len(separator)]
+                return found
+            start = max(0, len(self.buffer) - len(separator) + 1)
             if not await self._receive():
-                if self.buffer.strip():
-                    raise HttpError(400, "connection closed inside a request head")
                 return None
+
+    async def _read_head(self) -> bytes | None:
+        head = await self._read_until(b"\r\n\r\n", HttpError(431, "request head too large"))
+        if head is None and self.buffer.strip():
+            raise HttpError(400, "connection closed inside a request head")
+        return head
 
     def _parse_head(self, head: bytes
                     ) -> tuple[Request, bool, bool, Callable[[], Awaitable[bytes]]]:
@@ -338,16 +335,10 @@ class _Connection:
         return body
 
     async def _read_line(self) -> bytes:
-        while True:
-            end = self.buffer.find(b"\r\n")
-            if end >= 0:
-                line = bytes(self.buffer[:end])
-                del self.buffer[:end + 2]
-                return line
-            if len(self.buffer) > MAX_HEAD_BYTES:
-                raise HttpError(400, "malformed chunked body")
-            if not await self._receive():
-                raise HttpError(400, "connection closed inside a request body")
+        line = await self._read_until(b"\r\n", HttpError(400, "malformed chunked body"))
+        if line is None:
+            raise HttpError(400, "connection closed inside a request body")
+        return line
 
     async def _read_chunked(self, expect: bool) -> bytes:
         await self._continue(expect)
