@@ -11,7 +11,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
 import trio
 
 from p2p import Network, PeerUnreachable, RemoteError, RequestError
@@ -22,6 +21,7 @@ log = logging.getLogger(__name__)
 
 OPS_PROTOCOL = "kv-ops"
 MAX_OPS_PER_REQUEST = 10_000
+OP_OVERHEAD_BYTES = 16  # an op's encoding beyond its key and arguments (kind, list headers)
 
 Outcome = list[Any] | None  # None: applied with its quorum; else [error code, message]
 UNREACHABLE = "unreachable"  # not sent: the op may go to another replica
@@ -58,17 +58,16 @@ class Forwarder:
         self.timeout = timeout
         self._queue: deque[_Chunk] = deque()
         self._wake = trio.Event()
-        self.requests = 0
-        self.ops = 0
 
-    async def submit(self, ops: list[Op], level: str) -> list[Outcome]:
-        """Run `ops` at the replica; one outcome per op (see `Outcome`, `UNREACHABLE`)."""
+    async def submit(self, ops: list[Op], arg_sizes: list[int], level: str) -> list[Outcome]:
+        """Run `ops` at the replica; one outcome per op (see `Outcome`, `UNREACHABLE`).
+        `arg_sizes`: each op's encoded arguments in bytes (the coordinator measured them)."""
         call = _Call([None] * len(ops))
         chunk: list[list[Any]] = []
         size = offset = 0
-        for index, op in enumerate(ops):
+        for index, (op, arg_size) in enumerate(zip(ops, arg_sizes, strict=True)):
             wire = op.to_wire()
-            op_size = len(msgpack.packb(wire, use_bin_type=True))
+            op_size = len(op.key) + arg_size + OP_OVERHEAD_BYTES
             if chunk and (size + op_size > self.max_bytes or len(chunk) >= MAX_OPS_PER_REQUEST):
                 self._queue.append(_Chunk(call, offset, level, chunk, size))
                 call.pending += 1
@@ -118,11 +117,9 @@ class Forwarder:
             failure = ["quorum", f"unknown outcome at {self.peer}: {exc}"]
         if failure is None and not _well_formed(replies, batch):
             failure = ["quorum", f"malformed reply from {self.peer}"]
-        self.requests += 1
         for position, chunk in enumerate(batch):
             outcomes = [failure] * len(chunk.wire) if failure is not None else replies[position]
             chunk.call.outcomes[chunk.offset:chunk.offset + len(chunk.wire)] = outcomes
-            self.ops += len(chunk.wire)
             chunk.call.chunk_done()
 
 def _well_formed(replies: Any, batch: list[_Chunk]) -> bool:

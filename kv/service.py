@@ -418,6 +418,7 @@ class KV:
         it (as the CRDT actor) and replicates it; returns when every op has W acks."""
         level = Consistency(consistency or self.config.write_consistency)
         groups: dict[str, list[Op]] = {}
+        sizes: dict[str, list[int]] = {}  # per group, each op's encoded arguments in bytes
         for op in ops:
             try:
                 size = len(msgpack.packb(op.args, use_bin_type=True))
@@ -430,11 +431,12 @@ class KV:
             if not candidates:
                 raise QuorumError(f"no replica of {op.key!r} is reachable")
             groups.setdefault(candidates[0], []).append(op)
+            sizes.setdefault(candidates[0], []).append(size)
         failures: list[Exception] = []
 
         async def run_group(mutator: str, group: list[Op]) -> None:
             try:
-                await self._run_at(mutator, group, level, avoid)
+                await self._run_at(mutator, group, sizes[mutator], level, avoid)
             except (QuorumError, OpError) as exc:
                 failures.append(exc)
 
@@ -451,12 +453,12 @@ class KV:
                               f"first: {failures[0]}")
         self.metrics["writes"] += len(ops)
 
-    async def _run_at(self, mutator: str, ops: list[Op], level: Consistency,
+    async def _run_at(self, mutator: str, ops: list[Op], sizes: list[int], level: Consistency,
                       avoid: frozenset[str]) -> None:
         if mutator == self.me:
             await self._mutate_and_replicate(ops, level)
             return
-        outcomes = await self._forwarder(mutator).submit(ops, level.value)
+        outcomes = await self._forwarder(mutator).submit(ops, sizes, level.value)
         unsent = [op for op, o in zip(ops, outcomes, strict=True)
                   if o is not None and o[0] == UNREACHABLE]
         failed = [o for o in outcomes if o is not None and o[0] != UNREACHABLE]
