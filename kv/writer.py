@@ -113,7 +113,8 @@ class GroupCommitWriter:
         job.done.set()
 
     async def _commit(self, jobs: list[_Job]) -> None:
-        settled: set[int] = set()  # ids of jobs whose outcome (durable or error) is known
+        """Write the jobs' batch; each job's `done` is set once its outcome (durable, or
+        `error`) is known."""
         try:
             try:
                 planned = self.store.plan_updates(self._updates(jobs))
@@ -127,24 +128,20 @@ class GroupCommitWriter:
                         await self._write(self.store.plan_updates(self._updates([job])))
                     except Exception as exc:
                         job.error = exc
-                    settled.add(id(job))
+                    job.done.set()
             except Exception as exc:  # the store cannot be read: every job sees why
                 log.error("a write batch of %d jobs failed: %s", len(jobs), exc)
-                for job in jobs:
-                    job.error = exc
-                settled.update(id(job) for job in jobs)
+                _fail(jobs, exc)
             else:
                 try:
                     await self._write(planned)
                 except Exception as exc:  # the disk write failed: nothing of it is stored
-                    for job in jobs:
-                        job.error = exc
-                settled.update(id(job) for job in jobs)
-        finally:  # even when cancelled (shutdown): no waiter is left behind
-            for job in jobs:
-                if id(job) not in settled:
-                    job.error = WriterStopped("the store closed before this write was durable")
-                job.done.set()
+                    _fail(jobs, exc)
+                for job in jobs:
+                    job.done.set()
+        finally:  # cancelled (shutdown) before an outcome was known: no waiter is left
+            _fail([job for job in jobs if not job.done.is_set()],
+                  WriterStopped("the store closed before this write was durable"))
 
     async def _write(self, planned: PlannedWrite) -> None:
         if not planned.changed:
@@ -183,3 +180,9 @@ def _mutation_update(mutation: Mutation, results: list[Any]
         results.append(delta)
         return new
     return update
+
+
+def _fail(jobs: list[_Job], error: BaseException) -> None:
+    for job in jobs:
+        job.error = error
+        job.done.set()
