@@ -162,9 +162,7 @@ class Handoff:
                     senders.start_soon(send, target, partitions)
         log.info("handoff: %d partitions confirmed by their owners and dropped; %d left",
                  dropped, len(foreign) - dropped)
-        if dropped == len(foreign) and not any(
-                kv.store.count(p) for p in range(kv.ring.partitions)
-                if p not in kv._owned_partitions()):
+        if dropped == len(foreign) and not self.foreign_partitions():
             self.progress = {}  # done: say so now, not one round later
 
     def _drop_unchanged(self, partitions: list[int], roots: dict[int, int]) -> int:
