@@ -155,7 +155,7 @@ class KV:
                         "handoff_keys_sent": 0, "partitions_dropped": 0, "refused_batches": 0,
                         "merge_failures": 0, "type_conflicts": 0, "tombstones_collected": 0,
                         "hints_expired": 0}
-        self.sweeper = TombstoneSweeper(self, READ_PROTOCOL)
+        self.sweeper = TombstoneSweeper(self)
 
     @classmethod
     @asynccontextmanager
@@ -262,17 +262,8 @@ class KV:
         async def ask_once(peer: str, indices: list[int]) -> None:
             nonlocal missing
             while indices:
-                asked = [keys[i] for i in indices]
-                try:
-                    if peer == self.me:
-                        states = [self.store.get(k) for k in asked]
-                    else:
-                        states = await self.net.request(peer, READ_PROTOCOL, {"keys": asked},
-                                                        timeout=self.config.request_timeout)
-                    if not isinstance(states, list) or len(states) != len(asked):
-                        return
-                except RequestError as exc:
-                    log.info("read of %d keys from %s failed: %s", len(asked), peer, exc)
+                states = await self.read_states(peer, [keys[i] for i in indices])
+                if states is None:
                     return
                 later: list[int] = []
                 for i, state in zip(indices, states, strict=True):
@@ -306,6 +297,23 @@ class KV:
         self.metrics["reads"] += len(keys)
         return [self._merge_and_repair(key, answer) for key, answer in zip(keys, answers,
                                                                            strict=True)]
+
+    async def read_states(self, peer: str, keys: list[bytes]
+                          ) -> list[bytes | None | bool] | None:
+        """What `peer` (this node included) stores for each of `keys` (at most 1024): a
+        state, None (nothing), or False (did not fit in the reply: ask again); None when the
+        peer did not answer or answered nonsense."""
+        if peer == self.me:
+            return [self.store.get(k) for k in keys]
+        try:
+            states = await self.net.request(peer, READ_PROTOCOL, {"keys": keys},
+                                            timeout=self.config.request_timeout)
+        except RequestError as exc:
+            log.info("read of %d keys from %s failed: %s", len(keys), peer, exc)
+            return None
+        if not isinstance(states, list) or len(states) != len(keys):
+            return None
+        return states
 
     def _merge_and_repair(self, key: bytes, answers: dict[str, bytes | None]) -> bytes | None:
         merged: bytes | None = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -30,9 +30,8 @@ READ_CHUNK = 1024  # keys per read request (the read handler's limit)
 class TombstoneSweeper:
     """Collects this node's copies of register tombstones that every replica confirmed."""
 
-    def __init__(self, kv: KV, read_protocol: str) -> None:
+    def __init__(self, kv: KV) -> None:
         self.kv = kv
-        self.read_protocol = read_protocol
         self._cursor = 0  # the next partition to read
         self._ring: Ring | None = None
         self._calm_since: float | None = None
@@ -160,19 +159,8 @@ class TombstoneSweeper:
                 wanted.setdefault(peer, []).append(index)
 
         async def ask(peer: str, indices: list[int]) -> None:
-            asked = [keys[i] for i in indices]
-            states: Any
-            if peer == kv.me:
-                states = [kv.store.get(k) for k in asked]
-            else:
-                try:
-                    states = await kv.net.request(peer, self.read_protocol, {"keys": asked},
-                                                  timeout=kv.config.request_timeout)
-                except RequestError as exc:
-                    log.info("tombstone sweep: read of %d keys from %s failed: %s",
-                             len(asked), peer, exc)
-                    return
-            if not isinstance(states, list) or len(states) != len(asked):
+            states = await kv.read_states(peer, [keys[i] for i in indices])
+            if states is None:
                 return
             for i, state in zip(indices, states, strict=True):
                 if state is None or isinstance(state, bytes):  # False: did not fit
