@@ -71,7 +71,7 @@ class HintStore:
         self._counts[target] = self._counts.get(target, 0) + len(items)
 
     def targets(self) -> list[str]:
-        return [t for t, n in self._counts.items() if n > 0]
+        return list(self.pending())
 
     def pending(self) -> dict[str, int]:
         return {t: n for t, n in self._counts.items() if n > 0}
