@@ -72,6 +72,16 @@ def report(figures: dict[str, Any]) -> None:
     print(json.dumps(figures, sort_keys=True), flush=True)
 
 
+def finish(name: str, figures: dict[str, Any], error: str | None) -> int:
+    """Report the figures (with `error`, also said on stderr, when the run failed); the exit
+    code."""
+    if error:
+        figures["error"] = error
+        print(f"{name} benchmark: {error}", file=sys.stderr)
+    report(figures)
+    return 1 if error else 0
+
+
 def peer_info(host: IHost) -> PeerInfo:
     return PeerInfo(host.get_id(), list(host.get_addrs()))
 

@@ -73,7 +73,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 import plyvel  # noqa: E402
 import trio  # noqa: E402
-from _common import median, percentile, phase, ratio, report  # noqa: E402
+from _common import finish, median, percentile, phase, ratio  # noqa: E402
 from _rawhttp import RawHttpClient, RawHttpError, RawResponse  # noqa: E402
 
 import crdt  # noqa: E402
@@ -753,11 +753,7 @@ def main(argv: list[str]) -> int:
     out["loadavg_1m_start"] = round(os.getloadavg()[0], 2)
     error = trio.run(run, sizes, out)
     out["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
-    if error:
-        out["error"] = error
-        print(f"cluster benchmark: {error}", file=sys.stderr)
-    report(out)
-    return 1 if error else 0
+    return finish("cluster", out, error)
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ import msgpack
 import trio
 from _common import (
     PhaseTimeout,
+    finish,
     peer_info,
     percentile,
     phase,
     quiet_libraries,
     ratio,
     raw_host,
-    report,
 )
 from libp2p.abc import IHost, ISubscriptionAPI
 from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
@@ -432,11 +432,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     quiet_libraries()
     results, error = trio.run(run, args)
-    if error:
-        results["error"] = error
-        print(f"gossip benchmark: {error}", file=sys.stderr)
-    report(results)
-    return 1 if error else 0
+    return finish("gossip", results, error)
 
 
 if __name__ == "__main__":
