@@ -1,6 +1,7 @@
 # Helpers for KV system tests: real nodes (libp2p on 127.0.0.1, LevelDB in tmp dirs).
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
@@ -59,6 +60,14 @@ def stored_keys(data_dir: Path) -> dict[bytes, bytes]:
                create=False) as store:
         return {key: state for p in range(store.keyspace.partitions) if store.count(p)
                 for key, state in store.iterate(p)}
+
+
+def copies_on_disk(data_dirs: list[Path]) -> Counter[bytes]:
+    """How many of the stopped nodes' data dirs hold each key."""
+    holders: Counter[bytes] = Counter()
+    for data_dir in data_dirs:
+        holders.update(stored_keys(data_dir).keys())
+    return holders
 
 
 class NodeHandle:

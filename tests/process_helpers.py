@@ -9,9 +9,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Generic, TypeVar
+
+import pytest
 
 from tasknet_node import datadir
 
@@ -93,3 +95,16 @@ def wait_for(condition: Callable[[], Any], timeout: float, what: str) -> Any:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.05)
+
+
+def processes_fixture(node_class: type[N]) -> Callable[[Path], Iterator[Processes[N]]]:
+    """A `processes` fixture whose nodes are `node_class`; every process it started is
+    killed at teardown, whatever happened in the test."""
+    @pytest.fixture
+    def processes(tmp_path: Path) -> Iterator[Processes[N]]:
+        procs = Processes(tmp_path, node_class)
+        try:
+            yield procs
+        finally:
+            procs.kill_all()
+    return processes

@@ -14,7 +14,7 @@ from p2p import RequestError
 from p2p.envelope import seal
 from p2p.identity import Identity
 
-from kv_helpers import NodeHandle, foreign_keys, handles, stored_keys, wait_for, wait_for_ring
+from kv_helpers import NodeHandle, copies_on_disk, foreign_keys, handles, wait_for, wait_for_ring
 
 N = 3
 
@@ -37,9 +37,7 @@ async def test_writes_from_every_coordinator_land_on_exactly_n_replicas(tmp_path
         await wait_for(lambda: all(foreign_keys(kv) == 0 for kv in kvs), 30,
                        "no node to hold keys outside its partitions")
         dirs = [n.data_dir for n in nodes]
-    holders = Counter()
-    for data_dir in dirs:
-        holders.update(stored_keys(data_dir).keys())
+    holders = copies_on_disk(dirs)
     assert set(holders) == {k.encode() for k in keys}
     assert set(holders.values()) == {N}, Counter(holders.values())
 
@@ -128,9 +126,7 @@ async def test_a_joining_node_takes_its_share_and_the_others_drop_it(tmp_path):
         await wait_for(lambda: all(foreign_keys(kv) == 0 for kv in kvs), 30,
                        "the old owners to drop what they handed off")
         dirs = [n.data_dir for n in nodes]
-    holders = Counter()
-    for data_dir in dirs:
-        holders.update(stored_keys(data_dir).keys())
+    holders = copies_on_disk(dirs)
     assert set(holders) == {k.encode() for k in written}
     assert set(holders.values()) == {N}
 

@@ -10,12 +10,10 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import pytest
 import trio
 
 from kv import KVConfig
@@ -23,7 +21,7 @@ from tasknet_node import cli, datadir
 from tasknet_node.kv_extension import report_handoff
 from tasknet_node.options import build_kv_config
 
-from process_helpers import NODE, NodeProcess, Processes, wait_for
+from process_helpers import NODE, NodeProcess, Processes, processes_fixture, wait_for
 
 NET = "kv-proc-test"
 FAST = ["--heartbeat-interval", "0.5", "--suspect-after", "2", "--dead-after", "4",
@@ -78,13 +76,7 @@ class Node(NodeProcess):
                               capture_output=True, text=True, timeout=60)
 
 
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes[Node]]:
-    procs = Processes(tmp_path, Node)
-    try:
-        yield procs
-    finally:
-        procs.kill_all()
+processes = processes_fixture(Node)
 
 
 def start_cluster(processes: Processes, size: int) -> list[Node]:

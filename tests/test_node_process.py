@@ -10,15 +10,12 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tasknet_node import datadir
 
-from process_helpers import NODE, ROOT, NodeProcess, Processes, wait_for
+from process_helpers import NODE, ROOT, NodeProcess, Processes, processes_fixture, wait_for
 
 NET = "proc-test"
 FAST = ["--heartbeat-interval", "0.3", "--suspect-after", "1", "--dead-after", "2"]
@@ -28,13 +25,7 @@ class Node(NodeProcess):
     pass
 
 
-@pytest.fixture
-def processes(tmp_path: Path) -> Iterator[Processes[Node]]:
-    procs = Processes(tmp_path, Node)
-    try:
-        yield procs
-    finally:
-        procs.kill_all()
+processes = processes_fixture(Node)
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
