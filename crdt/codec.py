@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import msgpack
 
@@ -52,6 +52,8 @@ class State(ABC):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        if "TAG" not in cls.__dict__:
+            return  # a shared base of several types (CausalState), not a type of its own
         if cls.TAG in _BY_TAG or cls.TYPE_NAME in _BY_NAME:
             raise RuntimeError(f"duplicate CRDT type registration for {cls.TYPE_NAME}")
         _BY_TAG[cls.TAG] = cls
@@ -115,6 +117,51 @@ class State(ABC):
     def _check_same_type(self, other: object) -> None:
         if type(other) is not type(self):
             raise TypeError(f"cannot merge {type(self).__name__} with {type(other).__name__}")
+
+
+E = TypeVar("E")
+
+
+class CausalState(State, Generic[E]):
+    """The skeleton of the causal types (MV register, add-wins set, OR-map): entries and the
+    causal context that says which dots they have seen. Each type keeps its own entries,
+    join and wire form."""
+
+    __slots__ = ("_entries", "_context")
+    _entries: E
+    _context: CausalContext
+
+    def __init__(self) -> None:
+        self._entries = self._no_entries()
+        self._context = CausalContext()
+
+    @staticmethod
+    def _no_entries() -> E:
+        return {}  # type: ignore[return-value]  # every causal type keeps its entries in a dict
+
+    @classmethod
+    def _make(cls, entries: E, context: CausalContext) -> Self:
+        state = cls.__new__(cls)
+        state._entries = entries
+        state._context = context
+        return state
+
+    @property
+    def context(self) -> CausalContext:
+        return self._context
+
+    def is_empty(self) -> bool:
+        return not self._entries and self._context.is_empty()
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, type(self)):
+            return NotImplemented
+        return self._entries == other._entries and self._context == other._context
+
+    __hash__ = None  # type: ignore[assignment]  # mutable
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.value()!r}, {self._context!r})"
 
 
 TYPE_NAMES: tuple[str, ...] = ("lww", "mvreg", "gcounter", "pncounter", "orset", "ormap")

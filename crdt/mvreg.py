@@ -13,8 +13,8 @@ from .causal import (
 )
 from .codec import (
     MAX_UINT64,
+    CausalState,
     Reader,
-    State,
     check_actor,
     checked_dot_store_doc,
     context_to_wire,
@@ -105,7 +105,7 @@ def merge_entries_docs(a: Entries, ca: ContextDoc, b: Entries, cb: ContextDoc) -
     return entries_to_wire(out)
 
 
-class MVRegister(State):
+class MVRegister(CausalState[Entries]):
     """Multi-value register. value() -> list of the concurrent values, distinct, in canonical
     order (empty list when unset or cleared).
 
@@ -115,30 +115,10 @@ class MVRegister(State):
 
     TYPE_NAME = "mvreg"
     TAG = 2
-    __slots__ = ("_entries", "_context")
-    _entries: Entries
-    _context: CausalContext
-
-    def __init__(self) -> None:
-        self._entries = {}
-        self._context = CausalContext()
-
-    @classmethod
-    def _make(cls, entries: Entries, context: CausalContext) -> MVRegister:
-        state = cls.__new__(cls)
-        state._entries = entries
-        state._context = context
-        return state
-
-    @property
-    def context(self) -> CausalContext:
-        return self._context
+    __slots__ = ()
 
     def value(self) -> list[Any]:
         return values_of(self._entries)
-
-    def is_empty(self) -> bool:
-        return not self._entries and self._context.is_empty()
 
     def assign(self, actor: str, value: Any) -> MVRegister:
         """Delta replacing every value this replica has seen with `value`."""
@@ -179,13 +159,3 @@ class MVRegister(State):
         if checked is None:
             return super().checked_doc(doc, reader)
         return [cls.TAG, cls.VERSION, *checked]
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, MVRegister):
-            return NotImplemented
-        return self._entries == other._entries and self._context == other._context
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"MVRegister({self.value()!r}, {self._context!r})"

@@ -31,6 +31,7 @@ from . import mvreg, orset
 from .causal import CausalContext, Dot, join_dot_funs
 from .codec import (
     TYPE_NAMES,
+    CausalState,
     Reader,
     State,
     check_actor,
@@ -208,7 +209,7 @@ def read_fields(obj: Any, reader: Reader, depth: int, context: CausalContext) ->
     return fields
 
 
-class ORMap(State):
+class ORMap(CausalState[Fields]):
     """Map from str keys to nested CRDTs. value() -> {key: nested value()}.
 
     Mutators, each -> delta: update(actor, key, type_name, fn) where fn receives the key's
@@ -219,24 +220,7 @@ class ORMap(State):
 
     TYPE_NAME = "ormap"
     TAG = 6
-    __slots__ = ("_entries", "_context")
-    _entries: Fields
-    _context: CausalContext
-
-    def __init__(self) -> None:
-        self._entries = {}
-        self._context = CausalContext()
-
-    @classmethod
-    def _make(cls, entries: Fields, context: CausalContext) -> ORMap:
-        state = cls.__new__(cls)
-        state._entries = entries
-        state._context = context
-        return state
-
-    @property
-    def context(self) -> CausalContext:
-        return self._context
+    __slots__ = ()
 
     def _sorted_fields(self) -> list[Field]:
         return sorted(self._entries, key=lambda field: (field[0], _TAG_OF[field[1]]))
@@ -258,9 +242,6 @@ class ORMap(State):
                 out[field[0]] = _EMBEDDINGS[field[1]].view(
                     self._entries[field], self._context).value()
         return out
-
-    def is_empty(self) -> bool:
-        return not self._entries and self._context.is_empty()
 
     def update(self, actor: str, key: str, type_name: str, fn: Updater) -> ORMap:
         """Delta applying fn's nested delta to the `type_name` value under `key`."""
@@ -296,16 +277,6 @@ class ORMap(State):
         context_obj, fields_obj = reader.fields(body, cls.TYPE_NAME, 2)
         context = reader.context(context_obj, depth + 1)
         return cls._make(read_fields(fields_obj, reader, depth + 1, context), context)
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ORMap):
-            return NotImplemented
-        return self._entries == other._entries and self._context == other._context
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"ORMap({self.value()!r}, {self._context!r})"
 
 
 _EMBEDDINGS: dict[str, _Embedding] = {

@@ -18,8 +18,8 @@ from .causal import (
 )
 from .codec import (
     MAX_UINT64,
+    CausalState,
     Reader,
-    State,
     check_actor,
     checked_dot_store_doc,
     context_to_wire,
@@ -177,7 +177,7 @@ def merge_entries_docs(a: DocEntries, ca: ContextDoc, b: DocEntries, cb: Context
     return wire
 
 
-class ORSet(State):
+class ORSet(CausalState[Entries]):
     """Add-wins set. value() -> list of the elements in canonical (encoded-bytes) order.
 
     Mutators: add(actor, element) and remove(element), each -> delta. An add concurrent with
@@ -189,24 +189,7 @@ class ORSet(State):
 
     TYPE_NAME = "orset"
     TAG = 5
-    __slots__ = ("_entries", "_context")
-    _entries: Entries
-    _context: CausalContext
-
-    def __init__(self) -> None:
-        self._entries = {}
-        self._context = CausalContext()
-
-    @classmethod
-    def _make(cls, entries: Entries, context: CausalContext) -> ORSet:
-        state = cls.__new__(cls)
-        state._entries = entries
-        state._context = context
-        return state
-
-    @property
-    def context(self) -> CausalContext:
-        return self._context
+    __slots__ = ()
 
     def value(self) -> list[Any]:
         return [unpack_value(element) for element in sorted(self._entries)]
@@ -216,9 +199,6 @@ class ORSet(State):
 
     def __len__(self) -> int:
         return len(self._entries)
-
-    def is_empty(self) -> bool:
-        return not self._entries and self._context.is_empty()
 
     def add(self, actor: str, element: Any) -> ORSet:
         """Delta adding `element` (a new dot; the element's older dots are superseded)."""
@@ -261,13 +241,3 @@ class ORSet(State):
         if checked is None:
             return super().checked_doc(doc, reader)
         return [cls.TAG, cls.VERSION, *checked]
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, ORSet):
-            return NotImplemented
-        return self._entries == other._entries and self._context == other._context
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"ORSet({self.value()!r}, {self._context!r})"
