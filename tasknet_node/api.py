@@ -252,5 +252,4 @@ async def serve_api(
     host = sock.getsockname()[0]
     trusted = ("127.0.0.1", "localhost", "[::1]") if is_loopback(host) else ("*",)
     sock.listen(1024)
-    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    await serve_http(api.app(trusted_hosts=trusted), listener, task_status=task_status)
+    await serve_http(api.app(trusted_hosts=trusted), sock, task_status=task_status)

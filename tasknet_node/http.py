@@ -1,4 +1,4 @@
-# A small HTTP/1.1 server for the node's local control API, on trio streams.
+# A small HTTP/1.1 server for the node's local control API, on non-blocking sockets under trio.
 # Lives here: request parsing (request line, headers, Content-Length and chunked bodies,
 # Expect: 100-continue, keep-alive and pipelining), limits and timeouts against clients that
 # send garbage or stall, routing by path pattern and method, the Host check against DNS
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -30,6 +32,10 @@ HEAD_TIMEOUT_S = 30.0  # a request head (or a keep-alive connection's next one) 
 BODY_TIMEOUT_S = 60.0
 SEND_TIMEOUT_S = 30.0  # a client that stops reading its answer loses the connection
 ACCEPT_RETRY_S = 0.1
+TIMEOUT_CHECK_S = 1.0  # how late past its deadline a stalled connection may be cut
+TIMEOUT_ANSWER_S = 5.0  # for the 408 to a client that stalled inside a request
+RECEIVE_BYTES = 65536
+REQUESTS_BETWEEN_YIELDS = 16
 MAX_CONNECTIONS = 512
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # used with fullmatch
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control bytes but HTAB
@@ -150,97 +156,180 @@ class HttpApp:
         return Response("Not Found", 404)
 
 
-async def serve_http(app: HttpApp, listener: trio.SocketListener,
+async def serve_http(app: HttpApp, sock: socket.socket,
                      *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    """Serve `app` on `listener` until cancelled; every connection lives in this call's
-    nursery."""
+    """Serve `app` on the bound, listening `sock` (which this takes over and closes) until
+    cancelled; every connection lives in this call's nursery."""
+    sock.setblocking(False)
+    server = _Server(app)
     limit = trio.Semaphore(MAX_CONNECTIONS)
-    async with trio.open_nursery() as nursery:
-        task_status.started()
-        while True:
-            await limit.acquire()
-            try:
-                stream = await listener.accept()
-            except OSError as exc:  # out of file descriptors or memory: wait, then go on
-                limit.release()
-                log.warning("control API: accept failed: %s", exc)
-                await trio.sleep(ACCEPT_RETRY_S)
-                continue
-            except BaseException:
-                limit.release()
-                raise
-            nursery.start_soon(_serve_connection, app, stream, limit)
-
-
-async def _serve_connection(app: HttpApp, stream: trio.SocketStream,
-                            limit: trio.Semaphore) -> None:
-    connection = _Connection(app, stream)
     try:
-        await connection.run()
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
-        pass  # the client went away, or stopped reading its answer
-    except Exception:  # a bug here must cost one connection, never the node
-        log.exception("control API: connection failed")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.watch_deadlines)
+            task_status.started()
+            while True:
+                await limit.acquire()
+                try:
+                    await trio.lowlevel.wait_readable(sock.fileno())
+                    conn, _ = sock.accept()
+                except BlockingIOError:  # another accept took it, or a spurious wake
+                    limit.release()
+                    continue
+                except OSError as exc:  # out of file descriptors or memory: wait, then go on
+                    limit.release()
+                    log.warning("control API: accept failed: %s", exc)
+                    await trio.sleep(ACCEPT_RETRY_S)
+                    continue
+                except BaseException:
+                    limit.release()
+                    raise
+                nursery.start_soon(server.serve_connection, conn, limit)
     finally:
-        limit.release()
-        await trio.aclose_forcefully(stream)
+        trio.lowlevel.notify_closing(sock.fileno())
+        sock.close()
+
+
+class _Gone(Exception):
+    """The client reset or shut the connection while we were sending or receiving."""
+
+
+class _Server:
+    """The live connections, and the one task that enforces their deadlines: a connection
+    sets a float per phase (cheaper than a cancel scope with a deadline per request), and
+    a connection past it is cancelled within TIMEOUT_CHECK_S."""
+
+    def __init__(self, app: HttpApp) -> None:
+        self.app = app
+        self.connections: set[_Connection] = set()
+        self.check_every = min(TIMEOUT_CHECK_S, app.head_timeout / 4, app.body_timeout / 4)
+
+    async def watch_deadlines(self) -> None:
+        while True:
+            await trio.sleep(self.check_every)
+            now = trio.current_time()
+            for connection in self.connections:
+                if connection.deadline < now:
+                    connection.timed_out = True
+                    connection.scope.cancel()
+
+    async def serve_connection(self, sock: socket.socket, limit: trio.Semaphore) -> None:
+        connection = _Connection(self.app, sock)
+        self.connections.add(connection)
+        try:
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            await connection.run()
+        except _Gone:
+            pass  # the client went away
+        except Exception:  # a bug here must cost one connection, never the node
+            log.exception("control API: connection failed")
+        finally:
+            self.connections.discard(connection)
+            limit.release()
+            trio.lowlevel.notify_closing(sock.fileno())
+            sock.close()
 
 
 class _Connection:
-    def __init__(self, app: HttpApp, stream: trio.SocketStream) -> None:
+    """One client connection, on a non-blocking socket driven directly (trio's socket
+    streams yield to the scheduler after every send and receive; here a task waits only
+    when the socket has nothing for it)."""
+
+    def __init__(self, app: HttpApp, sock: socket.socket) -> None:
         self.app = app
-        self.stream = stream
+        self.sock = sock
+        self.fd = sock.fileno()
         self.buffer = bytearray()
         self.http10_keep_alive = False
+        self.scope = trio.CancelScope()
+        self.deadline = math.inf  # of the current phase; _Server cancels `scope` past it
+        self.timed_out = False
+        self.request_started = False  # a stall now gets a 408, not a silent close
+        self.answering = False  # a stall now (the client stopped reading) just closes
+        self.served_without_waiting = 0
 
     async def _receive(self) -> bool:
-        chunk = await self.stream.receive_some(65536)
-        if not chunk:
-            return False
-        self.buffer += chunk
-        return True
+        while True:
+            try:
+                chunk = self.sock.recv(RECEIVE_BYTES)
+            except BlockingIOError:
+                self.served_without_waiting = 0
+                await trio.lowlevel.wait_readable(self.fd)
+                continue
+            except OSError:
+                raise _Gone from None
+            if not chunk:
+                return False
+            self.buffer += chunk
+            return True
+
+    async def _send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                sent = self.sock.send(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_writable(self.fd)
+                continue
+            except OSError:
+                raise _Gone from None
+            view = view[sent:]
 
     async def run(self) -> None:
+        with self.scope:
+            await self._serve_requests()
+        if self.timed_out and not self.answering and (self.request_started or self.buffer):
+            self.deadline = math.inf
+            with trio.move_on_after(TIMEOUT_ANSWER_S):
+                await self._send(Response("request timed out\n", 408), keep_alive=False,
+                                 head=False)
+
+    async def _serve_requests(self) -> None:
+        app = self.app
         while True:
-            # one cancel scope per request (they cost more than the parsing): the head's
-            # deadline, then the body's
-            deadline = trio.CancelScope(deadline=trio.current_time() + self.app.head_timeout)
-            started = False  # a request began: a stall now gets a 408, not a silent close
+            self.deadline = trio.current_time() + app.head_timeout
+            self.request_started = False
             try:
-                with deadline:
-                    head = await self._read_head()
-                    if head is None:
-                        return  # clean close between requests
-                    started = True
-                    request, keep_alive, has_body, body_reader = self._parse_head(head)
-                    target = self.app.resolve(request)
-                    if isinstance(target, Response):
-                        # refused before its body was read: the connection cannot go on
-                        # unless there is no body
-                        await self._send(target, keep_alive and not has_body, head=False)
-                        if keep_alive and not has_body:
-                            continue
-                        return
-                    deadline.deadline = trio.current_time() + self.app.body_timeout
+                head = await self._read_head()
+                if head is None:
+                    return  # clean close between requests
+                self.request_started = True
+                request, keep_alive, has_body, body_reader = self._parse_head(head)
+                target = app.resolve(request)
+                if isinstance(target, Response):
+                    # refused before its body was read: the connection cannot go on
+                    # unless there is no body
+                    await self._answer(target, keep_alive and not has_body, head=False)
+                    if keep_alive and not has_body:
+                        continue
+                    return
+                if has_body:
+                    self.deadline = trio.current_time() + app.body_timeout
                     request._body = await body_reader()
-                if deadline.cancelled_caught:
-                    raise trio.TooSlowError
             except HttpError as exc:
-                await self._send(Response(f"{exc}\n", exc.status), keep_alive=False, head=False)
+                await self._answer(Response(f"{exc}\n", exc.status), keep_alive=False,
+                                   head=False)
                 return
-            except trio.TooSlowError:
-                if started or self.buffer:  # an idle kept-alive connection just closes
-                    await self._send(Response("request timed out\n", 408), keep_alive=False,
-                                     head=False)
-                return
+            self.deadline = math.inf
             try:
                 response = await target(request)
             except Exception:
                 log.exception("control API: %s %s failed", request.method, request.path)
                 response = JSONResponse({"error": "internal", "message": "internal error"}, 500)
-            await self._send(response, keep_alive, head=request.method == "HEAD")
+            await self._answer(response, keep_alive, head=request.method == "HEAD")
             if not keep_alive:
                 return
+            self.served_without_waiting += 1
+            if self.served_without_waiting >= REQUESTS_BETWEEN_YIELDS:
+                self.served_without_waiting = 0  # a pipelining client must not starve others
+                await trio.lowlevel.checkpoint()
+
+    async def _answer(self, response: Response, keep_alive: bool, head: bool) -> None:
+        self.answering = True
+        self.deadline = trio.current_time() + SEND_TIMEOUT_S
+        await self._send(response, keep_alive, head)
+        self.answering = False
 
     async def _read_until(self, separator: bytes, too_long: HttpError) -> bytes | None:
         """The bytes before `separator` (both taken out of the buffer); `too_long` if more
@@ -321,7 +410,7 @@ class _Connection:
 
     async def _continue(self, expect: bool) -> None:
         if expect and not self.buffer:
-            await self.stream.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await self._send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     async def _read_exactly(self, length: int, expect: bool) -> bytes:
         if length == 0:
@@ -369,5 +458,4 @@ class _Connection:
         elif self.http10_keep_alive:
             lines.append("connection: keep-alive")
         data = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        with trio.fail_after(SEND_TIMEOUT_S):
-            await self.stream.send_all(data if head else data + response.body)
+        await self._send_all(data if head else data + response.body)

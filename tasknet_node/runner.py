@@ -20,6 +20,7 @@ from p2p import MemberEvent, MemberState, Network, NetworkConfig
 
 from . import datadir
 from .api import ControlApi, bind_socket, is_loopback, serve_api
+from .gcpolicy import GcWatch, freeze_startup_objects
 
 NodeExtension = Callable[[Network, ControlApi], AbstractAsyncContextManager[object]]
 """A package's part of a node: entered once the network runs and before the control API
@@ -79,15 +80,19 @@ async def _run(
     # cancelled: a cancelled p2p network could not send its leave announcement any more.
     config = options.network
     datadir.prepare(config.data_dir)
-    with datadir.locked(config.data_dir), bind_socket(options.api_host, options.api_port) as sock:
+    with datadir.locked(config.data_dir), GcWatch() as gc_watch, \
+            bind_socket(options.api_host, options.api_port) as sock:
         api_host, api_port = sock.getsockname()[:2]
         async with Network.start(config) as net, net.member_events() as events:
             api = ControlApi(net)
+            api.add_status("gc", gc_watch.status)
+            api.add_metrics(gc_watch.metrics)
             async with AsyncExitStack() as stack:
                 for extension in extensions:
                     await stack.enter_async_context(extension(net, api))
                 async with trio.open_nursery() as nursery:
                     await nursery.start(serve_api, api, sock)
+                    freeze_startup_objects()  # see gcpolicy.py: once, all startup is done
                     info = datadir.ApiInfo(api_host, api_port, os.getpid())
                     datadir.write_node_info(config.data_dir, net.peer_id, config.network_id,
                                             net.addrs)

@@ -2,6 +2,7 @@
 # to byte by byte: keep-alive and pipelining, bodies (Content-Length, chunked, Expect:
 # 100-continue), routing, the Host check, and what garbage, oversized and stalled clients get.
 import json
+import socket
 from contextlib import asynccontextmanager
 
 import pytest
@@ -28,10 +29,12 @@ async def server(**options):
                    Route("/kv/{key:path}", echo, frozenset({"GET", "PUT"})),
                    Route("/broken", broken, frozenset({"GET"}))],
                   trusted_hosts=("127.0.0.1",), **options)
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port = listeners[0].socket.getsockname()[1]
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(64)
+    port = sock.getsockname()[1]
     async with trio.open_nursery() as nursery:
-        await nursery.start(serve_http, app, listeners[0])
+        await nursery.start(serve_http, app, sock)
         try:
             yield port
         finally:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from tasknet_node import datadir
+from tasknet_node.gcpolicy import YOUNG_THRESHOLD
 
 from process_helpers import NODE, ROOT, NodeProcess, Processes, processes_fixture, wait_for
 
@@ -67,6 +68,9 @@ def test_network_of_processes_kill_restart_and_stop(processes: Processes, tmp_pa
         assert status["peer_id"] == peer_id and status["network"] == NET
         assert all(a.endswith(f"/p2p/{peer_id}") for a in status["addrs"])
         assert {m["peer_id"]: m["state"] for m in status["members"]} == everyone
+        # what startup built is frozen out of the collector's walks (tasknet_node/gcpolicy.py)
+        assert status["gc"]["frozen_objects"] > 10_000
+        assert status["gc"]["thresholds"][0] == YOUNG_THRESHOLD
     assert f"member {first_id} joined" in boot.stdout()
 
     # SIGKILL: no goodbye; the others' failure detectors must find out
