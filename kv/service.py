@@ -398,8 +398,9 @@ class KV:
         return Ring(sorted(self._ring_members()), partitions=self.config.partitions,
                     replicas=self.config.replicas)
 
-    def _alive_replicas(self, key: bytes) -> list[str]:
-        alive = self._alive()
+    def _alive_replicas(self, key: bytes, alive: set[str] | None = None) -> list[str]:
+        if alive is None:
+            alive = self._alive()
         replicas = [p for p in self.ring.preference_list(key) if p in alive]
         if self.me in replicas:  # local first: no round trip
             replicas.remove(self.me)
@@ -427,6 +428,9 @@ class KV:
         level = Consistency(consistency or self.config.write_consistency)
         groups: dict[str, list[Op]] = {}
         sizes: dict[str, list[int]] = {}  # per group, each op's encoded arguments in bytes
+        alive = self._alive()  # once per call, not per op
+        mutators: dict[int, str | None] = {}  # per partition
+        partition_of = self.ring.partition_of
         for op in ops:
             try:
                 size = len(msgpack.packb(op.args, use_bin_type=True))
@@ -435,11 +439,16 @@ class KV:
             if size > self.config.max_value_bytes:
                 raise OpError("bad_value", f"value of {op.key!r} is {size} bytes, more than "
                               f"{self.config.max_value_bytes}")
-            candidates = [p for p in self._alive_replicas(op.key) if p not in avoid]
-            if not candidates:
+            partition = partition_of(op.key)
+            if partition in mutators:
+                mutator = mutators[partition]
+            else:
+                candidates = [p for p in self._alive_replicas(op.key, alive) if p not in avoid]
+                mutator = mutators[partition] = candidates[0] if candidates else None
+            if mutator is None:
                 raise QuorumError(f"no replica of {op.key!r} is reachable")
-            groups.setdefault(candidates[0], []).append(op)
-            sizes.setdefault(candidates[0], []).append(size)
+            groups.setdefault(mutator, []).append(op)
+            sizes.setdefault(mutator, []).append(size)
         failures: list[Exception] = []
 
         async def run_group(mutator: str, group: list[Op]) -> None:
@@ -528,11 +537,16 @@ class KV:
         # waits on a full queue cannot complete the group before every op is in it
         group = _AckGroup()
         group.remaining = 1
+        partition_of, owners = self.ring.partition_of, self.ring.owners
+        others_of: dict[int, list[str]] = {}  # per partition
         for op, delta in zip(ops, results, strict=True):
             if isinstance(delta, BaseException):
                 waits.append(None)
                 continue
-            others = [p for p in self.ring.preference_list(op.key) if p != self.me]
+            partition = partition_of(op.key)
+            others = others_of.get(partition)
+            if others is None:
+                others = others_of[partition] = [p for p in owners(partition) if p != self.me]
             acks = _Acks(needed, len(others), group)
             for peer in others:
                 await self._replicate(peer, op.key, delta, acks, alive)
