@@ -12,6 +12,9 @@
 #   writes_per_s_w2_nX          PUT /kv/{key}, one key per request, --concurrency requests in
 #                               flight, spread round-robin over every node (each coordinates);
 #                               acknowledged writes / wall time.
+#   writes_per_s_w2_n3_high_concurrency  the same on 3 nodes with --high-concurrency requests
+#                               in flight (the nodes batch replication and fsyncs by what is
+#                               in flight, so the rate depends on it: both are reported).
 #   batched_writes_per_s_w2_nX  POST /kv-batch of --batch-size keys, --batch-concurrency
 #                               batches in flight, round-robin over every node.
 #   lag_p50_ms, lag_p99_ms      writes paced open-loop at --lag-rate per second (or 80% of the
@@ -109,6 +112,7 @@ class Sizes:
     keys: int
     value_bytes: int
     concurrency: int
+    high_concurrency: int
     batch_concurrency: int
     phase_s: float
     load_s: float
@@ -487,6 +491,15 @@ async def throughput(cluster: Cluster, sizes: Sizes, value: str, out: dict[str, 
                            put_one("single:", value))
     _record(out, f"writes_per_s_w2_n{n}", load, cluster.cpu_s() - cpu)
     _batching(out, f"writes_per_s_w2_n{n}", before, _counters(await cluster.kv_status()))
+    if n == MAIN_NODES:
+        name = f"writes_per_s_w2_n{n}_high_concurrency"
+        with phase(f"single writes n{n}, {sizes.high_concurrency} in flight",
+                   sizes.phase_s + 30):
+            cpu, before = cluster.cpu_s(), _counters(await cluster.kv_status())
+            load = await drive(cluster, sizes.writes, sizes.high_concurrency, sizes.phase_s,
+                               put_one("single-hc:", value))
+        _record(out, name, load, cluster.cpu_s() - cpu)
+        _batching(out, name, before, _counters(await cluster.kv_status()))
     total = sizes.batches * sizes.batch_size
     with phase(f"batched writes n{n}", sizes.phase_s + 60):
         cpu, before = cluster.cpu_s(), _counters(await cluster.kv_status())
@@ -697,7 +710,8 @@ def _first_leaf(exc: BaseException) -> str:
 PROFILES = {  # --quick, full size
     "writes": (100, 20_000), "batches": (4, 200), "batch_size": (250, 1000),
     "lag_writes": (100, 10_000), "lag_rate": (200.0, 1000.0), "catchup": (500, 100_000),
-    "keys": (2000, 1_000_000), "concurrency": (16, 64), "batch_concurrency": (2, 4),
+    "keys": (2000, 1_000_000), "concurrency": (16, 64), "high_concurrency": (32, 192),
+    "batch_concurrency": (2, 4),
     "phase_s": (10.0, 60.0), "load_s": (30.0, 600.0),
 }
 
@@ -718,6 +732,9 @@ def parse_args(argv: list[str]) -> Sizes:
     parser.add_argument("--lag-writes", type=int, help="paced writes of the lag phase (10000)")
     parser.add_argument("--lag-rate", type=float, help="writes per second to pace at (1000)")
     parser.add_argument("--concurrency", type=int, help="single writes in flight (64)")
+    parser.add_argument("--high-concurrency", type=int,
+                        help=f"single writes in flight in the second single-write phase on "
+                        f"{MAIN_NODES} nodes (192)")
     parser.add_argument("--batch-concurrency", type=int, help="batches in flight (4)")
     parser.add_argument("--phase-s", type=float,
                         help="seconds a throughput phase may issue requests (60)")
@@ -741,7 +758,7 @@ def parse_args(argv: list[str]) -> Sizes:
         parser.error("--value-bytes must be positive")
     return Sizes(nodes_list, args.writes, args.batches, args.batch_size, args.lag_writes,
                  args.lag_rate, args.catchup, args.keys, args.value_bytes, args.concurrency,
-                 args.batch_concurrency, args.phase_s, args.load_s)
+                 args.high_concurrency, args.batch_concurrency, args.phase_s, args.load_s)
 
 
 def main(argv: list[str]) -> int:
@@ -749,6 +766,8 @@ def main(argv: list[str]) -> int:
     out: dict[str, Any] = {"nodes_list": sizes.nodes_list, "replicas": REPLICAS,
                            "write_quorum": REPLICAS // 2 + 1, "keys": sizes.keys,
                            "catchup_keys": sizes.catchup, "batch_size": sizes.batch_size,
+                           "concurrency": sizes.concurrency,
+                           "high_concurrency": sizes.high_concurrency,
                            "value_bytes": sizes.value_bytes}
     out["loadavg_1m_start"] = round(os.getloadavg()[0], 2)
     error = trio.run(run, sizes, out)
