@@ -216,9 +216,12 @@ class _Server:
         connection = _Connection(self.app, sock)
         self.connections.add(connection)
         try:
-            sock.setblocking(False)
-            if sock.family in (socket.AF_INET, socket.AF_INET6):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            try:
+                sock.setblocking(False)
+                if sock.family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                raise _Gone from None  # reset before we got to it
             await connection.run()
         except _Gone:
             pass  # the client went away
