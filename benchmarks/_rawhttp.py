@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 
 import trio
 
+from tasknet_node.sockio import receive_some, send_all
+
 
 class RawHttpError(Exception):
     """The request could not be sent or its answer read (the connection is closed)."""
@@ -41,7 +43,7 @@ class RawHttpClient:
         parts = urlsplit(base_url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self.timeout = timeout
-        self._host_header = f"{parts.hostname}:{self.port}".encode()
+        self._host_header = f"{self.host}:{self.port}".encode()
         self._sock: socket.socket | None = None
         self._buffer = bytearray()
 
@@ -81,29 +83,15 @@ class RawHttpClient:
                 if self._sock is None:
                     self._sock = await _connect(self.host, self.port)
                     self._buffer.clear()
-                await self._send_all(head + b"\r\n" + data)
+                await send_all(self._sock, head + b"\r\n" + data)
                 return await self._read_response()
-        except (OSError, trio.TooSlowError, ValueError) as exc:
+        except (OSError, trio.TooSlowError, ValueError, IndexError) as exc:
             await self.aclose()
             raise RawHttpError(f"{method} {path}: {exc!r}") from None
 
-    async def _send_all(self, data: bytes) -> None:
-        assert self._sock is not None
-        view = memoryview(data)
-        while view:
-            try:
-                view = view[self._sock.send(view):]
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self._sock.fileno())
-
     async def _receive(self) -> None:
         assert self._sock is not None
-        while True:
-            try:
-                chunk = self._sock.recv(65536)
-                break
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(self._sock.fileno())
+        chunk = await receive_some(self._sock, 65536)
         if not chunk:
             raise ConnectionResetError("connection closed by the server")
         self._buffer += chunk

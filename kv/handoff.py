@@ -219,10 +219,10 @@ class Handoff:
         return [store.tree.partition_root(p) for p in wanted]
 
     async def _stream(self, target: str, partitions: list[int],
-                      on_done: Callable[[str, int], None]) -> bool:
+                      on_done: Callable[[str, int], None]) -> None:
         """Send every state of `partitions` to `target` in signed batches, IN_FLIGHT at a
         time; `on_done(target, partition)` once every batch carrying the partition was
-        merged durably there. True when all were."""
+        merged durably there (a partition not confirmed is sent again next round)."""
         kv = self.kv
         window = trio.Semaphore(IN_FLIGHT)
         failed = False
@@ -280,8 +280,6 @@ class Handoff:
                 finished.append((sent + 1 if chunk else sent, partition))
             if chunk and not failed:
                 await flush()
-        if failed:
-            return False
-        for _, partition in finished:  # partitions that had no state left to send
-            on_done(target, partition)
-        return True
+        if not failed:
+            for _, partition in finished:  # partitions that had no state left to send
+                on_done(target, partition)

@@ -153,19 +153,14 @@ class GroupCommitWriter:
         self.writes += len(planned.changed)
 
     def _updates(self, jobs: list[_Job]) -> list[tuple[bytes, Any]]:
-        merge = self.store.merge_checked
+        merging = self.store.merging
         updates: list[tuple[bytes, Any]] = []
         for job in jobs:
             for key, delta in job.items:
-                updates.append((key, _merge_update(merge, key, delta)))
+                updates.append((key, merging(key, delta)))
             for key, mutation in job.mutations:
                 updates.append((key, _mutation_update(mutation, job.results)))
         return updates
-
-
-def _merge_update(merge: Callable[[bytes, bytes | None, bytes], bytes], key: bytes,
-                  delta: bytes) -> Callable[[bytes | None], bytes]:
-    return lambda current: merge(key, current, delta)
 
 
 def _mutation_update(mutation: Mutation, results: list[Any]

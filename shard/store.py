@@ -180,8 +180,7 @@ class Store:
         appear several times in a batch; later deltas merge into the earlier result.
         Raises CorruptRecord (naming the key) when the merge rejects a stored state or a delta."""
         planned = self.plan_deltas(items)
-        self.write_planned(planned, sync)
-        self.record_planned(planned)
+        self._commit(planned, sync)
         return planned.states
 
     def plan_deltas(self, items: Iterable[tuple[bytes, bytes]]) -> PlannedWrite:
@@ -190,20 +189,12 @@ class Store:
         thread while the owner goes on reading) and then `record_planned` (the hash tree, in
         the owner's thread). Between plan and record the owner must plan and write nothing
         else, or the plan's "before" states go stale."""
-        items = list(items)
-        stored_keys, before = self._read_batch([key for key, _ in items])
-        current = before.copy()
-        merge = self._merge
-        results: list[bytes] = []
-        for (key, delta), stored in zip(items, stored_keys, strict=True):
-            old = current[stored]
-            try:
-                new = merge(old, delta)
-            except Exception as exc:
-                raise CorruptRecord(key, self._blame(old), exc) from exc
-            current[stored] = new
-            results.append(new)
-        return PlannedWrite(_changes(before, current), results)
+        return self.plan_updates([(key, self.merging(key, delta)) for key, delta in items])
+
+    def merging(self, key: bytes, delta: bytes) -> Update:
+        """The update that merges `delta` into the key's state (see `merge_checked`)."""
+        merge = self.merge_checked
+        return lambda current: merge(key, current, delta)
 
     def plan_updates(self, items: Iterable[tuple[bytes, Update]]) -> PlannedWrite:
         """Like `plan_deltas`, but each key's new state comes from its own function of the
@@ -287,10 +278,9 @@ class Store:
                 changed[stored] = (get(stored) if entry is None else entry[0], state)
         except plyvel.Error as exc:
             raise self._error("read", exc) from exc
-        self._commit(changed, sync)
+        self._commit(PlannedWrite(changed, []), sync)
 
-    def _commit(self, changed: dict[bytes, tuple[bytes | None, bytes]], sync: bool) -> None:
-        planned = PlannedWrite(changed, [])
+    def _commit(self, planned: PlannedWrite, sync: bool) -> None:
         self.write_planned(planned, sync)
         self.record_planned(planned)
 

@@ -23,6 +23,8 @@ from urllib.parse import parse_qsl, unquote
 
 import trio
 
+from .sockio import receive_some, send_all
+
 log = logging.getLogger(__name__)
 
 MAX_HEAD_BYTES = 64 * 1024
@@ -209,7 +211,6 @@ class _Server:
             now = trio.current_time()
             for connection in self.connections:
                 if connection.deadline < now:
-                    connection.timed_out = True
                     connection.scope.cancel()
 
     async def serve_connection(self, sock: socket.socket, limit: trio.Semaphore) -> None:
@@ -235,54 +236,37 @@ class _Server:
 
 
 class _Connection:
-    """One client connection, on a non-blocking socket driven directly (trio's socket
-    streams yield to the scheduler after every send and receive; here a task waits only
-    when the socket has nothing for it)."""
+    """One client connection, on a non-blocking socket driven directly (sockio.py)."""
 
     def __init__(self, app: HttpApp, sock: socket.socket) -> None:
         self.app = app
         self.sock = sock
-        self.fd = sock.fileno()
         self.buffer = bytearray()
         self.http10_keep_alive = False
-        self.scope = trio.CancelScope()
-        self.deadline = math.inf  # of the current phase; _Server cancels `scope` past it
-        self.timed_out = False
+        self.scope = trio.CancelScope()  # cancelled only by _Server, past `deadline`
+        self.deadline = math.inf  # of the current phase
         self.request_started = False  # a stall now gets a 408, not a silent close
         self.answering = False  # a stall now (the client stopped reading) just closes
-        self.served_without_waiting = 0
 
     async def _receive(self) -> bool:
-        while True:
-            try:
-                chunk = self.sock.recv(RECEIVE_BYTES)
-            except BlockingIOError:
-                self.served_without_waiting = 0
-                await trio.lowlevel.wait_readable(self.fd)
-                continue
-            except OSError:
-                raise _Gone from None
-            if not chunk:
-                return False
-            self.buffer += chunk
-            return True
+        try:
+            chunk = await receive_some(self.sock, RECEIVE_BYTES)
+        except OSError:
+            raise _Gone from None
+        self.buffer += chunk
+        return bool(chunk)
 
     async def _send_all(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            try:
-                sent = self.sock.send(view)
-            except BlockingIOError:
-                await trio.lowlevel.wait_writable(self.fd)
-                continue
-            except OSError:
-                raise _Gone from None
-            view = view[sent:]
+        try:
+            await send_all(self.sock, data)
+        except OSError:
+            raise _Gone from None
 
     async def run(self) -> None:
         with self.scope:
             await self._serve_requests()
-        if self.timed_out and not self.answering and (self.request_started or self.buffer):
+        timed_out = self.scope.cancel_called
+        if timed_out and not self.answering and (self.request_started or self.buffer):
             self.deadline = math.inf
             with trio.move_on_after(TIMEOUT_ANSWER_S):
                 await self._send(Response("request timed out\n", 408), keep_alive=False,
@@ -290,6 +274,7 @@ class _Connection:
 
     async def _serve_requests(self) -> None:
         app = self.app
+        served = 0
         while True:
             self.deadline = trio.current_time() + app.head_timeout
             self.request_started = False
@@ -323,9 +308,9 @@ class _Connection:
             await self._answer(response, keep_alive, head=request.method == "HEAD")
             if not keep_alive:
                 return
-            self.served_without_waiting += 1
-            if self.served_without_waiting >= REQUESTS_BETWEEN_YIELDS:
-                self.served_without_waiting = 0  # a pipelining client must not starve others
+            served += 1
+            if served % REQUESTS_BETWEEN_YIELDS == 0:
+                # a pipelining client whose requests never make us wait must not starve others
                 await trio.lowlevel.checkpoint()
 
     async def _answer(self, response: Response, keep_alive: bool, head: bool) -> None:

@@ -72,6 +72,17 @@ async def closed_by_server(stream, buffer: bytearray) -> bool:
             buffer += chunk
 
 
+async def answered_then_closed(port: int, data: bytes) -> int:
+    """Send `data` on a new connection; the status of the one answer, after which the server
+    must close the connection."""
+    async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+        await stream.send_all(data)
+        buffer = bytearray()
+        status = (await read_response(stream, buffer))[0]
+        assert await closed_by_server(stream, buffer)
+        return status
+
+
 def request(method: str, path: str, body: bytes = b"", headers: str = "") -> bytes:
     return (f"{method} {path} HTTP/1.1\r\nhost: 127.0.0.1:1\r\n{headers}"
             f"content-length: {len(body)}\r\n\r\n").encode() + body
@@ -146,11 +157,7 @@ async def test_routing_errors_and_host_check():
 ])
 async def test_garbage_gets_an_error_and_the_server_goes_on(garbage, status):
     async with server() as port:
-        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-            await stream.send_all(garbage)
-            buffer = bytearray()
-            assert (await read_response(stream, buffer))[0] == status
-            assert await closed_by_server(stream, buffer)
+        assert await answered_then_closed(port, garbage) == status
         async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
             await stream.send_all(request("GET", "/kv/still-here"))
             assert (await read_response(stream, bytearray()))[0] == 200
@@ -158,18 +165,11 @@ async def test_garbage_gets_an_error_and_the_server_goes_on(garbage, status):
 
 async def test_a_stalled_client_is_answered_408_and_dropped():
     async with server(head_timeout=0.3, body_timeout=0.3) as port:
-        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-            await stream.send_all(b"GET /kv/a HTTP/1.1\r\nhost: 127.0")  # and nothing more
-            buffer = bytearray()
-            assert (await read_response(stream, buffer))[0] == 408
-            assert await closed_by_server(stream, buffer)
-        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
-            # a body shorter than announced, then silence
-            await stream.send_all(b"PUT /kv/a HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-                                  b"content-length: 10\r\n\r\nabc")
-            buffer = bytearray()
-            assert (await read_response(stream, buffer))[0] == 408
-            assert await closed_by_server(stream, buffer)
+        # a head that never ends
+        assert await answered_then_closed(port, b"GET /kv/a HTTP/1.1\r\nhost: 127.0") == 408
+        # a body shorter than announced, then silence
+        assert await answered_then_closed(port, b"PUT /kv/a HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                                                 b"content-length: 10\r\n\r\nabc") == 408
 
 
 async def test_http10_closes_after_the_answer():
@@ -189,24 +189,17 @@ async def test_an_encoded_newline_is_part_of_the_key_not_an_alias():
 
 
 async def test_a_refused_request_with_a_body_is_answered_without_reading_it():
-    async with server(max_body=1000) as port, \
-            await trio.open_tcp_stream("127.0.0.1", port) as stream:
+    async with server(max_body=1000) as port:
         # 404 and a declared body that never comes: answered at once, then closed
-        await stream.send_all(b"PUT /nothing HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-                              b"content-length: 900\r\n\r\n")
-        buffer = bytearray()
-        assert (await read_response(stream, buffer))[0] == 404
-        assert await closed_by_server(stream, buffer)
+        assert await answered_then_closed(port, b"PUT /nothing HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                                                b"content-length: 900\r\n\r\n") == 404
 
 
 async def test_a_body_that_never_comes_gets_408():
-    async with server(body_timeout=0.3) as port, \
-            await trio.open_tcp_stream("127.0.0.1", port) as stream:
-        await stream.send_all(b"PUT /kv/a HTTP/1.1\r\nhost: 127.0.0.1\r\n"
-                              b"content-length: 5\r\n\r\n")  # and no body at all
-        buffer = bytearray()
-        assert (await read_response(stream, buffer))[0] == 408
-        assert await closed_by_server(stream, buffer)
+    async with server(body_timeout=0.3) as port:
+        # and no body at all
+        assert await answered_then_closed(port, b"PUT /kv/a HTTP/1.1\r\nhost: 127.0.0.1\r\n"
+                                                b"content-length: 5\r\n\r\n") == 408
 
 
 async def test_http10_keep_alive_is_confirmed_and_honoured():
