@@ -1,6 +1,7 @@
 # Shared helpers of the benchmark scripts (imported by gossip.py and rpc.py, among others).
 # Lives here: phase deadlines, percentiles, ratios, the one-line JSON report and the raw
-# py-libp2p host (TCP + Noise + Yamux, no tasknet code) that p2p benchmarks use as reference.
+# py-libp2p host (TCP + Noise + Yamux, no tasknet code besides the process-wide Yamux setting
+# tasknet makes) that p2p benchmarks use as reference.
 # Must not live here: any measurement itself, or anything that tasknet's p2p package provides.
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from libp2p.network.config import ConnectionConfig
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
+
+from p2p.network import tune_yamux
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -91,7 +94,11 @@ async def raw_host() -> AsyncIterator[IHost]:
     """A plain py-libp2p host on 127.0.0.1 with an Ed25519 identity, Noise and Yamux.
 
     The automatic connection manager is off, so the host is connected to exactly the peers
-    a benchmark dials: the reference then has the same topology as the tasknet nodes."""
+    a benchmark dials: the reference then has the same topology as the tasknet nodes.
+    Yamux's window-update rule is a process-wide environment setting that py-libp2p reads on
+    every read, so the reference cannot differ from tasknet there: it is set here, as tasknet
+    sets it, whether or not a tasknet node has started in this process yet."""
+    tune_yamux()
     key_pair = create_ed25519_key_pair()
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     listen = [multiaddr.Multiaddr(LOOPBACK)]

@@ -53,7 +53,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
@@ -83,7 +82,8 @@ import crdt  # noqa: E402
 from kv import KVConfig  # noqa: E402
 from kv.ops import Op, make_delta  # noqa: E402
 from shard import Keyspace  # noqa: E402
-from shard.store import DEFAULT_BLOOM_BITS, DEFAULT_CACHE_BYTES, DEFAULT_WRITE_BUFFER  # noqa: E402
+from shard.store import LEVELDB_OPTIONS  # noqa: E402
+from tasknet_node.datadir import DataDirError, read_api_info  # noqa: E402
 
 NODE_SCRIPT = ROOT / "node.py"
 REPLICAS = 3
@@ -93,7 +93,8 @@ LAG_POLL_S = 0.002
 LAG_IN_FLIGHT_S = 0.2  # the pacer waits when more than this many seconds' worth is in flight
 STATUS_POLL_S = 0.25
 HANDOFF_STABLE_S = 1.0  # the finished state must hold this long (several polls)
-READY_S = 60.0  # deadline for a cluster to see every member alive in every ring
+READY_S = 60.0  # deadline for a node's API to answer, and for a cluster to see every member
+# alive in every ring
 STOP_S = 5.0  # a node gets this long to exit after SIGTERM before it is killed
 HTTP_TIMEOUT_S = 60.0
 REFERENCE_BATCHES = 50
@@ -181,20 +182,18 @@ class Cluster:
         node.data_dir.mkdir(parents=True, exist_ok=True)
         log = open(node.data_dir.parent / f"{node.name}.log", "ab")  # noqa: SIM115
         with log:
-            node.process = subprocess.Popen(
+            process = node.process = subprocess.Popen(
                 [sys.executable, str(NODE_SCRIPT), *role, "--data-dir", str(node.data_dir),
                  "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0",
                  "--replicas", str(REPLICAS), "--write-consistency", "quorum"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        while True:
-            if node.process.poll() is not None:
-                raise RuntimeError(f"{node.name} exited with code {node.process.returncode}; "
-                                   f"see {log.name}")
-            info = _read_json(node.data_dir / "api.json")
-            if info and info.get("pid") == node.process.pid:
-                node.url = str(info["url"])
-                break
-            await trio.sleep(0.05)
+        with phase(f"{node.name} API up", READY_S):
+            while (url := _api_url(node.data_dir, process.pid)) is None:
+                if process.poll() is not None:
+                    raise RuntimeError(f"{node.name} exited with code {process.returncode}; "
+                                       f"see {log.name}")
+                await trio.sleep(0.05)
+        node.url = url
         if node.client is not None:
             await node.client.aclose()
         node.client = http_client(node.url, 8)
@@ -216,20 +215,11 @@ class Cluster:
             process.wait()
 
     async def close(self) -> None:
-        """Stop every process still running and close the HTTP clients; runs to its end
-        even when the caller is being cancelled."""
+        """Stop every process still running (all at once) and close the HTTP clients; runs
+        to its end even when the caller is being cancelled."""
         with trio.CancelScope(shield=True):
-            running = [n.process for n in self.nodes if n.process is not None]
-            for process in running:
-                process.send_signal(signal.SIGTERM)
-            for process in running:
-                try:
-                    process.wait(timeout=STOP_S)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait()
+            await gather([partial(self.stop, node) for node in self.running])
             for node in self.nodes:
-                node.process = None
                 if node.client is not None:
                     await node.client.aclose()
                     node.client = None
@@ -300,12 +290,16 @@ class Cluster:
                 return
             await trio.sleep(STATUS_POLL_S)
 
+    def _pids(self) -> list[int]:
+        """The running node processes' ids (in the order of `running`)."""
+        return [n.process.pid for n in self.nodes if n.process is not None]
+
     def cpu_s(self) -> float:
         """CPU time (user + system) the running node processes have used so far."""
-        return sum(_cpu_s(n.process.pid) for n in self.running if n.process is not None)
+        return sum(_cpu_s(pid) for pid in self._pids())
 
     def rss_mb(self) -> list[float]:
-        return [_vm_rss_mb(n.process.pid) for n in self.running if n.process is not None]
+        return [_vm_rss_mb(pid) for pid in self._pids()]
 
 
 async def gather(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
@@ -321,12 +315,14 @@ async def gather(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
     return results
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _api_url(data_dir: Path, pid: int) -> str | None:
+    """Where node process `pid` serves its API, once it has said so in `data_dir`'s api.json
+    (a file left there by an earlier process does not count)."""
     try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError):
+        info = read_api_info(data_dir)
+    except DataDirError:
         return None
-    return value if isinstance(value, dict) else None
+    return info.url if info.pid == pid else None
 
 
 def _cpu_s(pid: int) -> float:
@@ -485,38 +481,45 @@ def bench_value(size: int) -> str:
 
 async def throughput(cluster: Cluster, sizes: Sizes, value: str, out: dict[str, Any]) -> None:
     n = len(cluster.running)
-    with phase(f"single writes n{n}", sizes.phase_s + 30):
-        cpu, before = cluster.cpu_s(), _counters(await cluster.kv_status())
-        load = await drive(cluster, sizes.writes, sizes.concurrency, sizes.phase_s,
-                           put_one("single:", value))
-    _record(out, f"writes_per_s_w2_n{n}", load, cluster.cpu_s() - cpu)
-    _batching(out, f"writes_per_s_w2_n{n}", before, _counters(await cluster.kv_status()))
+    await load_phase(cluster, out, f"writes_per_s_w2_n{n}", f"single writes n{n}",
+                     sizes.phase_s + 30, partial(drive, cluster, sizes.writes, sizes.concurrency,
+                                                 sizes.phase_s, put_one("single:", value)))
     if n == MAIN_NODES:
-        name = f"writes_per_s_w2_n{n}_high_concurrency"
-        with phase(f"single writes n{n}, {sizes.high_concurrency} in flight",
-                   sizes.phase_s + 30):
-            cpu, before = cluster.cpu_s(), _counters(await cluster.kv_status())
-            load = await drive(cluster, sizes.writes, sizes.high_concurrency, sizes.phase_s,
-                               put_one("single-hc:", value))
-        _record(out, name, load, cluster.cpu_s() - cpu)
-        _batching(out, name, before, _counters(await cluster.kv_status()))
+        await load_phase(cluster, out, f"writes_per_s_w2_n{n}_high_concurrency",
+                         f"single writes n{n}, {sizes.high_concurrency} in flight",
+                         sizes.phase_s + 30,
+                         partial(drive, cluster, sizes.writes, sizes.high_concurrency,
+                                 sizes.phase_s, put_one("single-hc:", value)))
     total = sizes.batches * sizes.batch_size
-    with phase(f"batched writes n{n}", sizes.phase_s + 60):
+    await load_phase(cluster, out, f"batched_writes_per_s_w2_n{n}", f"batched writes n{n}",
+                     sizes.phase_s + 60,
+                     partial(drive, cluster, sizes.batches, sizes.batch_concurrency,
+                             sizes.phase_s, put_batch("batched:", value, sizes.batch_size,
+                                                      total)))
+
+
+async def load_phase(cluster: Cluster, out: dict[str, Any], name: str, label: str,
+                     seconds: float, load: Callable[[], Awaitable[Load]]) -> None:
+    """Run `load` as the phase `label` (deadline `seconds`) and record its figures as `name`:
+    the rate, what the driver and the nodes spent on it, and how well the nodes batched."""
+    with phase(label, seconds):
         cpu, before = cluster.cpu_s(), _counters(await cluster.kv_status())
-        load = await drive(cluster, sizes.batches, sizes.batch_concurrency, sizes.phase_s,
-                           put_batch("batched:", value, sizes.batch_size, total))
-    _record(out, f"batched_writes_per_s_w2_n{n}", load, cluster.cpu_s() - cpu)
-    _batching(out, f"batched_writes_per_s_w2_n{n}", before, _counters(await cluster.kv_status()))
+        outcome = await load()
+    node_cpu_s = cluster.cpu_s() - cpu
+    after = _counters(await cluster.kv_status())
 
-
-def _batching(out: dict[str, Any], name: str, before: dict[str, int],
-              after: dict[str, int]) -> None:
-    """Mean deltas per replication batch and writes per local group commit in a phase (the
-    nodes' counters summed): how well the nodes amortized per-message costs."""
     def mean(items: str, groups: str) -> float:
+        """Mean of `items` per one of `groups` in the phase (the nodes' counters summed)."""
         count = after.get(groups, 0) - before.get(groups, 0)
         return round((after.get(items, 0) - before.get(items, 0)) / count, 1) if count else 0.0
 
+    out[name] = outcome.rate
+    out[f"{name}_acked"] = outcome.acked
+    out[f"{name}_driver_cpu_share"] = outcome.cpu_share
+    if outcome.acked:
+        out[f"{name}_node_cpu_ms_per_write"] = round(node_cpu_s * 1000 / outcome.acked, 3)
+    failures(out, name, outcome)
+    # how well the nodes amortized per-message costs
     out[f"{name}_deltas_per_replication_batch"] = mean("replication_deltas",
                                                        "replication_batches")
     out[f"{name}_writes_per_group_commit"] = mean("local_writes", "write_batches")
@@ -527,15 +530,6 @@ def failures(out: dict[str, Any], name: str, load: Load) -> None:
     if load.failed:
         out[f"{name}_failed_requests"] = load.failed
         out[f"{name}_first_failure"] = load.first_error
-
-
-def _record(out: dict[str, Any], name: str, load: Load, node_cpu_s: float) -> None:
-    out[name] = load.rate
-    out[f"{name}_acked"] = load.acked
-    out[f"{name}_driver_cpu_share"] = load.cpu_share
-    if load.acked:
-        out[f"{name}_node_cpu_ms_per_write"] = round(node_cpu_s * 1000 / load.acked, 3)
-    failures(out, name, load)
 
 
 async def lag(cluster: Cluster, sizes: Sizes, value: str, out: dict[str, Any]) -> None:
@@ -643,9 +637,7 @@ def raw_reference(path: Path, value: str, batch_size: int, batches: int) -> floa
     state = crdt.encode(make_delta(Op("put", keys[0], (value,)), None, actor, crdt.HLC(),
                                    time.time_ns() // 1_000_000))
     stored = [keyspace.prefix(key) + key for key in keys]
-    db = plyvel.DB(str(path), create_if_missing=True, compression=None,
-                   bloom_filter_bits=DEFAULT_BLOOM_BITS, lru_cache_size=DEFAULT_CACHE_BYTES,
-                   write_buffer_size=DEFAULT_WRITE_BUFFER)
+    db = plyvel.DB(str(path), create_if_missing=True, **LEVELDB_OPTIONS)
     rates = []
     try:
         for _ in range(REFERENCE_ROUNDS):

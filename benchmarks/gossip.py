@@ -5,14 +5,16 @@
 # Must not live here: anything tasknet itself needs; this script only drives the public API.
 #
 # Latency: `--messages` messages at `--rate` per second, each from the next node in turn; a
-# message's latency runs from the publish call (its timestamp rides in the payload) to its
-# arrival at the last of the other nodes. Throughput: node 1 publishes `--messages` messages
-# keeping at most `--window` in flight; a message counts once ALL other nodes have it; the rate
-# is completed messages over the time from the first publish to the last completion. Messages
-# that make no progress for STALL_SECONDS are counted as lost, never waited for forever.
+# message's latency runs from the publish call (the harness notes the time under the message's
+# key) to its arrival at the last of the other nodes. Throughput: node 1 publishes `--messages`
+# messages keeping at most `--window` in flight; a message counts once ALL other nodes have it;
+# the rate is completed messages over the time from the first publish to the last completion.
+# Messages that make no progress for STALL_SECONDS are counted as lost, never waited for forever.
 # The tasknet cluster carries its own membership heartbeats while it is measured: that load is
-# part of what tasknet costs, so it is not subtracted. The reference keeps py-libp2p's default
-# strict signing, so on both sides every message is signed once and checked at every node.
+# part of what tasknet costs, so it is not subtracted. Their interval grows with the cluster
+# (`--heartbeat` is its floor): heartbeat_s is the one the nodes used once all were alive.
+# The reference keeps py-libp2p's default strict signing, so on both sides every message is
+# signed once and checked at every node.
 from __future__ import annotations
 
 import argparse
@@ -38,11 +40,12 @@ from _common import (
     raw_host,
 )
 from libp2p.abc import IHost, ISubscriptionAPI
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11, GossipSub
+from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from p2p import MemberState, Network, NetworkConfig
+from p2p.network import gossipsub_options
 
 TOPIC = "bench"
 RAW_TOPIC = "/bench/gossip"
@@ -78,7 +81,7 @@ class Deliveries:
         now = time.perf_counter()
         self._flights[key] = _Flight(now, set(range(self.size)) - {publisher})
         self.in_flight += 1
-        return key, {"k": key, "t": now, "pad": padding}
+        return key, {"k": key, "pad": padding}
 
     def arrived(self, node: int, payload: Any) -> None:
         now = time.perf_counter()
@@ -171,6 +174,11 @@ class TasknetCluster:
             for net in self.nets
         )
 
+    def heartbeat_s(self) -> float:
+        """The membership heartbeat interval the nodes use now (the slowest node's; they
+        agree once each lists every member alive)."""
+        return max(net.heartbeat_every() for net in self.nets)
+
     def edges(self) -> set[tuple[int, int]]:
         """Current connections, as pairs of node indices (smaller first)."""
         index = {net.peer_id: i for i, net in enumerate(self.nets)}
@@ -183,16 +191,14 @@ class TasknetCluster:
 
 
 def node_config(base: Path, node: int, heartbeat: float, bootstrap: list[str]) -> NetworkConfig:
-    """Default settings, except that failure detection keeps its default proportion to a
-    non-default heartbeat interval."""
-    scale = heartbeat / NetworkConfig.heartbeat_interval
+    """Default settings but the heartbeat floor. Failure detection needs no scaling here: a
+    node waits at least 3 and 8 of a member's announced heartbeat intervals before it suspects
+    it and declares it dead, and the announced interval is never below the floor."""
     return NetworkConfig(
         data_dir=base / f"node-{node}",
         network_id=NETWORK_ID,
         bootstrap=bootstrap,
         heartbeat_interval=heartbeat,
-        suspect_after=NetworkConfig.suspect_after * scale,
-        dead_after=NetworkConfig.dead_after * scale,
     )
 
 
@@ -240,20 +246,11 @@ class RawCluster:
 
 
 def raw_gossipsub() -> GossipSub:
-    """GossipSub with the router parameters tasknet's Network uses (p2p/network.py), so the
-    ratio measures what tasknet's own layer costs. That includes v1.1 only and spam and
-    eclipse protection off: the reference is neither throttled (10 msg/s per topic) nor kept
-    from meshing on one IP."""
-    return GossipSub(
-        protocols=[PROTOCOL_ID_V11],
-        degree=6,
-        degree_low=4,
-        degree_high=12,
-        heartbeat_interval=1,
-        heartbeat_initial_delay=0.1,
-        spam_protection_enabled=False,
-        eclipse_protection_enabled=False,
-    )
+    """py-libp2p's GossipSub with the very router arguments tasknet's Network passes it
+    (p2p.network.gossipsub_options), so the ratio measures what tasknet's own layer costs.
+    That includes v1.1 only and spam and eclipse protection off: the reference is neither
+    throttled (10 msg/s per topic) nor kept from meshing on one IP."""
+    return GossipSub(**gossipsub_options())
 
 
 @asynccontextmanager
@@ -351,12 +348,14 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
     raw: Figures | None = None
     error: str | None = None
     edges: set[tuple[int, int]] = set()
+    heartbeat: float | None = None
     with tempfile.TemporaryDirectory(prefix="tasknet-bench-gossip-") as tmp:
         async with tasknet_cluster(Path(tmp), args.nodes, args.heartbeat) as cluster:
             try:
                 with phase("tasknet: every node lists all members alive", MEMBERS_SECONDS):
                     while not cluster.all_see_everyone_alive():
                         await trio.sleep(0.05)
+                heartbeat = cluster.heartbeat_s()
                 with phase("tasknet: discovery has dialed its targets", MEMBERS_SECONDS):
                     while not cluster.discovery_settled():
                         await trio.sleep(0.05)
@@ -371,11 +370,12 @@ async def run(args: argparse.Namespace) -> tuple[dict[str, Any], str | None]:
                 raw = await measure(reference, "raw", args)
             except PhaseTimeout as exc:
                 error = error or str(exc)
-    return figures(args, len(edges), ours, raw), error
+    return figures(args, len(edges), heartbeat, ours, raw), error
 
 
 def figures(
-    args: argparse.Namespace, connections: int, ours: Figures | None, raw: Figures | None
+    args: argparse.Namespace, connections: int, heartbeat: float | None, ours: Figures | None,
+    raw: Figures | None,
 ) -> dict[str, Any]:
     def ms(latencies: list[float], q: float) -> float | None:
         return round(percentile(latencies, q) * 1000, 2) if latencies else None
@@ -390,7 +390,7 @@ def figures(
         "rate": args.rate,
         "window": args.window,
         "payload_bytes": args.payload_bytes,
-        "heartbeat_s": args.heartbeat,
+        "heartbeat_s": heartbeat,
         "latency_p50_ms": ms(ours.latencies, 50) if ours else None,
         "latency_p99_ms": ms(ours.latencies, 99) if ours else None,
         "latency_lost": ours.latency_lost if ours else None,
@@ -418,8 +418,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--payload-bytes", type=int, default=100,
                         help="padding carried by every benchmark message")
     parser.add_argument("--heartbeat", type=float, default=NetworkConfig.heartbeat_interval,
-                        help="tasknet membership heartbeat interval in seconds "
-                             "(failure detection scales with it)")
+                        help="least tasknet membership heartbeat interval in seconds; the "
+                             "nodes slow down from it as the cluster grows (heartbeat_s in the "
+                             "report is the interval they used)")
     args = parser.parse_args(argv)
     if args.nodes < 2 or args.messages < 1 or args.window < 1:
         parser.error("need --nodes >= 2 and positive --messages and --window")

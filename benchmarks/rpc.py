@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import trio
-from _common import PhaseTimeout, median, peer_info, phase, quiet_libraries, raw_host, report
+from _common import PhaseTimeout, finish, median, peer_info, phase, quiet_libraries, raw_host
 from libp2p.abc import IHost, INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamError
@@ -163,20 +163,23 @@ async def timed_round_trips(side: EchoSide, payload: bytes, count: int) -> float
     return time.perf_counter() - started
 
 
+def _by_side() -> dict[str, list[float]]:
+    return {"ours": [], "raw": []}
+
+
 @dataclass
 class Rounds:
-    """Per-round figures of both sides; each round measures ours, then raw, back to back."""
+    """Per-round figures by side; each round measures ours, then raw, back to back."""
 
-    ours_rtt: list[float] = field(default_factory=list)
-    raw_rtt: list[float] = field(default_factory=list)
-    ours_mb: list[float] = field(default_factory=list)
-    raw_mb: list[float] = field(default_factory=list)
+    rtt: dict[str, list[float]] = field(default_factory=_by_side)  # round trips per second
+    mb: dict[str, list[float]] = field(default_factory=_by_side)  # MB per second
 
 
-def paired_ratio(ours: list[float], raw: list[float]) -> float:
+def paired_ratio(figures: dict[str, list[float]]) -> float | None:
     """Median over rounds of ours/raw: a change in background load between rounds affects
-    both sides of a pair alike."""
-    return round(median([o / r for o, r in zip(ours, raw, strict=True)]), 3)
+    both sides of a pair alike. None before a round has both sides (a run cut short)."""
+    pairs = list(zip(figures["ours"], figures["raw"], strict=False))
+    return round(median([o / r for o, r in pairs]), 3) if pairs else None
 
 
 async def measure(rounds: Rounds, sides: dict[str, EchoSide], args: argparse.Namespace) -> None:
@@ -190,13 +193,11 @@ async def measure(rounds: Rounds, sides: dict[str, EchoSide], args: argparse.Nam
         for name, side in sides.items():
             with phase(f"{name}: round trips", args.timeout):
                 seconds = await timed_round_trips(side, small, args.requests)
-            (rounds.ours_rtt if name == "ours" else rounds.raw_rtt).append(
-                args.requests / seconds)
+            rounds.rtt[name].append(args.requests / seconds)
         for name, side in sides.items():
             with phase(f"{name}: bulk", args.timeout):
                 seconds = await timed_round_trips(side, large, args.bulk)
-            (rounds.ours_mb if name == "ours" else rounds.raw_mb).append(
-                2 * len(large) * args.bulk / seconds / 1e6)
+            rounds.mb[name].append(2 * len(large) * args.bulk / seconds / 1e6)
 
 
 async def run(args: argparse.Namespace) -> tuple[Rounds, str | None]:
@@ -214,21 +215,26 @@ async def run(args: argparse.Namespace) -> tuple[Rounds, str | None]:
 
 
 def figures(rounds: Rounds, args: argparse.Namespace) -> dict[str, Any]:
-    ratio_rtt = paired_ratio(rounds.ours_rtt, rounds.raw_rtt)
-    ratio_mb = paired_ratio(rounds.ours_mb, rounds.raw_mb)
+    """The report; a figure no round produced (the run was cut short) is None."""
+    def middle(values: list[float], digits: int) -> float | None:
+        return round(median(values), digits) if values else None
+
+    ratio_rtt = paired_ratio(rounds.rtt)
+    ratio_mb = paired_ratio(rounds.mb)
+    ratio = None if ratio_rtt is None or ratio_mb is None else min(ratio_rtt, ratio_mb)
     return {
         "requests": args.requests,
         "small_bytes": args.small_bytes,
         "bulk_requests": args.bulk,
         "payload_kib": args.payload_kib,
         "rounds": args.rounds,
-        "ours_rtt_per_s": round(median(rounds.ours_rtt), 1),
-        "raw_rtt_per_s": round(median(rounds.raw_rtt), 1),
+        "ours_rtt_per_s": middle(rounds.rtt["ours"], 1),
+        "raw_rtt_per_s": middle(rounds.rtt["raw"], 1),
         "ratio_rtt": ratio_rtt,
-        "ours_mb_per_s": round(median(rounds.ours_mb), 2),
-        "raw_mb_per_s": round(median(rounds.raw_mb), 2),
+        "ours_mb_per_s": middle(rounds.mb["ours"], 2),
+        "raw_mb_per_s": middle(rounds.mb["raw"], 2),
         "ratio_mb": ratio_mb,
-        "ratio": min(ratio_rtt, ratio_mb),
+        "ratio": ratio,
     }
 
 
@@ -255,11 +261,7 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     quiet_libraries()
     rounds, error = trio.run(run, args)
-    if error:
-        print(f"rpc benchmark: {error}", file=sys.stderr)
-        return 1
-    report(figures(rounds, args))
-    return 0
+    return finish("rpc", figures(rounds, args), error)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import plyvel  # noqa: E402
 
 import crdt  # noqa: E402
-from shard.store import DEFAULT_BLOOM_BITS, DEFAULT_CACHE_BYTES, DEFAULT_WRITE_BUFFER, Store  # noqa: E402
+from shard.store import LEVELDB_OPTIONS, Store  # noqa: E402
 
 ACTORS = [f"node-{i}" for i in range(5)]
 LOAD_BATCH = 10_000
@@ -55,9 +55,7 @@ def main() -> None:
         store = Store(Path(tmp) / "store", crdt.merge_encoded)
         reopen_s = time.perf_counter() - started
 
-        raw = plyvel.DB(str(Path(tmp) / "raw"), create_if_missing=True, compression=None,
-                        bloom_filter_bits=DEFAULT_BLOOM_BITS, lru_cache_size=DEFAULT_CACHE_BYTES,
-                        write_buffer_size=DEFAULT_WRITE_BUFFER)
+        raw = plyvel.DB(str(Path(tmp) / "raw"), create_if_missing=True, **LEVELDB_OPTIONS)
         stored_keys = [store.keyspace.prefix(key) + key for key in keys]
         for first in range(0, args.keys, LOAD_BATCH):
             with raw.write_batch() as batch:

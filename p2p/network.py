@@ -98,6 +98,35 @@ def _next_incarnation(config: NetworkConfig) -> int:
     return current
 
 
+def gossipsub_options() -> dict[str, Any]:
+    """The arguments of py-libp2p's GossipSub router that every node uses (a fresh dict per
+    call; benchmarks/gossip.py builds its raw py-libp2p reference from them too)."""
+    return {
+        # v1.1 only: v1.2 adds an IDONTWANT control message per received message, which
+        # costs more CPU than it saves for our small messages (measured: -40% idle CPU)
+        "protocols": [PROTOCOL_ID_V11],
+        "degree": 6,
+        "degree_low": 4,
+        "degree_high": 12,
+        "heartbeat_interval": 1,
+        "heartbeat_initial_delay": 0.1,
+        # py-libp2p's defaults drop publishers above 10 msg/s and want 3 distinct IPs in a
+        # mesh; both break real traffic and loopback clusters. Our envelopes and peer
+        # scores do the spam control instead.
+        "spam_protection_enabled": False,
+        "eclipse_protection_enabled": False,
+    }
+
+
+def tune_yamux() -> None:
+    """py-libp2p's Yamux answers every read with a window update by default, a frame (and a
+    Noise encryption and a send) per frame received; go-yamux's rule, an update once half the
+    window is consumed, halves the frames of request/response traffic. py-libp2p reads the
+    setting from the environment on each read, so it holds for every host of the process;
+    a user's setting wins."""
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
+
 def _innermost(exc: BaseException) -> BaseException:
     """The error inside the exception groups that nurseries wrap a single error in."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -163,11 +192,7 @@ class Network:
 
     @asynccontextmanager
     async def _run(self, listen: list[multiaddr.Multiaddr]) -> AsyncIterator[None]:
-        # py-libp2p's Yamux answers every read with a window update by default, a frame
-        # (and a Noise encryption and a send) per frame received; go-yamux's rule, an
-        # update once half the window is consumed, halves the frames of request/response
-        # traffic. It is read from the environment on each read; a user's setting wins.
-        os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+        tune_yamux()
         key_pair = self.identity.key_pair()
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         host = new_host(
@@ -180,21 +205,7 @@ class Network:
             # auto-connector would otherwise dial every address it has ever heard of
             connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
         )
-        gossipsub = GossipSub(
-            # v1.1 only: v1.2 adds an IDONTWANT control message per received message, which
-            # costs more CPU than it saves for our small messages (measured: -40% idle CPU)
-            protocols=[PROTOCOL_ID_V11],
-            degree=6,
-            degree_low=4,
-            degree_high=12,
-            heartbeat_interval=1,
-            heartbeat_initial_delay=0.1,
-            # py-libp2p's defaults drop publishers above 10 msg/s and want 3 distinct IPs in a
-            # mesh; both break real traffic and loopback clusters. Our envelopes and peer
-            # scores do the spam control instead.
-            spam_protection_enabled=False,
-            eclipse_protection_enabled=False,
-        )
+        gossipsub = GossipSub(**gossipsub_options())
         pubsub = Pubsub(
             host,
             gossipsub,

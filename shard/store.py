@@ -37,6 +37,12 @@ _FIRST_STORED_KEY = bytes(PREFIX_BYTES)
 DEFAULT_CACHE_BYTES = 64 << 20
 DEFAULT_BLOOM_BITS = 10
 DEFAULT_WRITE_BUFFER = 16 << 20
+# every option a Store opens LevelDB with, besides the path and create_if_missing (the sizes
+# are the defaults of Store's arguments); benchmarks open their raw reference with them too
+LEVELDB_OPTIONS: dict[str, Any] = {
+    "paranoid_checks": True, "compression": None, "bloom_filter_bits": DEFAULT_BLOOM_BITS,
+    "lru_cache_size": DEFAULT_CACHE_BYTES, "write_buffer_size": DEFAULT_WRITE_BUFFER,
+}
 
 
 class StoreError(Exception):
@@ -92,9 +98,9 @@ class Store:
         try:
             if create:
                 os.makedirs(self.path, exist_ok=True)
-            self._db = plyvel.DB(self.path, create_if_missing=create, paranoid_checks=True,
-                                 bloom_filter_bits=bloom_bits, lru_cache_size=cache_bytes,
-                                 write_buffer_size=write_buffer, compression=None)
+            self._db = plyvel.DB(self.path, create_if_missing=create, **{
+                **LEVELDB_OPTIONS, "bloom_filter_bits": bloom_bits, "lru_cache_size": cache_bytes,
+                "write_buffer_size": write_buffer})
         except (plyvel.Error, OSError) as exc:
             raise StoreError(f"cannot open store at {self.path}: {_describe(exc)}") from exc
         try:
