@@ -109,6 +109,18 @@ class NodeHandle:
             self._stop = self._stopped = None
 
 
+async def join(nodes: list[NodeHandle], data_dir: Path, **kv_overrides) -> KV:
+    """Start one more node through `nodes[0]` and wait until every node has it in its ring.
+    It goes into `nodes` before it starts, so that `handles` stops it even if it fails."""
+    first = nodes[0].kv
+    assert first is not None
+    joiner = NodeHandle(nodes[0].nursery, data_dir, [first.net.addrs[0]], **kv_overrides)
+    nodes.append(joiner)
+    newcomer = await joiner.start()
+    await wait_for_ring([n.kv for n in nodes if n.kv is not None])
+    return newcomer
+
+
 @asynccontextmanager
 async def handles(base: Path, size: int, **kv_overrides) -> AsyncIterator[list[NodeHandle]]:
     """`size` restartable nodes, all stopped on exit even when the test fails."""

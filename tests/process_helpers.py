@@ -53,6 +53,11 @@ class NodeProcess:
         status = self.status()
         return {m["peer_id"]: m["state"] for m in status["members"]} if status else {}
 
+    def cli(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        """`node.py <args> --data-dir <this node's dir>`, its output captured as text."""
+        return subprocess.run([sys.executable, NODE, *args, "--data-dir", str(self.data_dir)],
+                              capture_output=True, text=True, timeout=60, check=check)
+
 
 N = TypeVar("N", bound=NodeProcess)
 

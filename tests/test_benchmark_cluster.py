@@ -3,13 +3,11 @@
 # neither files nor processes behind. (The figures themselves come from full-size runs.)
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "cluster.py"
+from bench_helpers import run_benchmark
 
 RATES = ("writes_per_s_w2_n3", "batched_writes_per_s_w2_n3", "raw_plyvel_sync_batch_per_s",
          "lag_rate_per_s", "handoff_keys_per_s")
@@ -29,13 +27,19 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def test_quick_run_reports_every_figure_and_cleans_up(tmp_path: Path) -> None:
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARK), "--quick", "--nodes-list", "3"],
-        capture_output=True, text=True, timeout=90, env={**os.environ, "TMPDIR": str(tmp_path)})
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1, done.stdout
-    figures = json.loads(lines[0])
+    try:
+        _check_quick_run(tmp_path)
+    finally:  # the script's nodes die with it on failure; this also gets any it left behind
+        for pid in processes_mentioning(str(tmp_path)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _check_quick_run(tmp_path: Path) -> None:
+    figures = run_benchmark("cluster.py", "--quick", "--nodes-list", "3", timeout=90,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
     assert "error" not in figures, figures
     assert not [name for name in figures if name.endswith("_first_failure")], figures
 

@@ -1,22 +1,6 @@
 # Smoke tests of the p2p benchmark scripts: each runs as a subprocess at a tiny size and must
 # print exactly one JSON line whose figures are present, numeric and mutually consistent.
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def run_benchmark(script: str, *args: str) -> dict:
-    done = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), *args],
-        capture_output=True, text=True, timeout=60,
-    )
-    assert done.returncode == 0, f"{script} failed:\n{done.stderr[-3000:]}"
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1, f"{script} must print one line, printed: {done.stdout!r}"
-    return json.loads(lines[0])
+from bench_helpers import run_benchmark
 
 
 def positive(value: object) -> bool:

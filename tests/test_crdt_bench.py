@@ -1,20 +1,11 @@
 # Smoke test: the CRDT benchmark script runs at a tiny size and prints one JSON line.
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "crdt.py"
+from bench_helpers import run_benchmark
 
 
 def test_crdt_benchmark_prints_one_json_line() -> None:
-    done = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True,
-                          text=True, timeout=60, check=True)
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1
-    report = json.loads(lines[0])
+    report = run_benchmark("crdt.py", "--quick")
     assert report["benchmark"] == "crdt_merge"
     assert set(report["types"]) == {"lww", "mvreg", "gcounter", "pncounter", "orset", "ormap"}
     for figures in report["types"].values():

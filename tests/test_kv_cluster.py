@@ -14,7 +14,7 @@ from p2p import RequestError
 from p2p.envelope import seal
 from p2p.identity import Identity
 
-from kv_helpers import NodeHandle, copies_on_disk, foreign_keys, handles, wait_for, wait_for_ring
+from kv_helpers import copies_on_disk, foreign_keys, handles, join, wait_for, wait_for_ring
 
 N = 3
 
@@ -103,11 +103,8 @@ async def test_a_joining_node_takes_its_share_and_the_others_drop_it(tmp_path):
         # partition hold what its leaving owner holds and need nothing from it
         await wait_for(lambda: sum(len(n.kv.store) for n in nodes) == N * len(written), 30,
                        "every key on its N replicas before the join")
-        joiner = NodeHandle(nodes[0].nursery, tmp_path / "node5", [nodes[0].kv.net.addrs[0]])
-        nodes.append(joiner)
-        newcomer = await joiner.start()
+        newcomer = await join(nodes, tmp_path / "node5")
         kvs = [n.kv for n in nodes]
-        await wait_for_ring(kvs)
         share = len(newcomer.ring.partitions_of(newcomer.me, primary_only=True))
         assert 0.7 / 6 < share / newcomer.ring.partitions < 1.3 / 6
         owned = [k for k in written if newcomer.me in newcomer.ring.preference_list(k.encode())]
@@ -137,11 +134,8 @@ async def test_a_node_joining_a_cluster_smaller_than_n_gets_one_push_of_everythi
         await nodes[0].kv.put_many(written)
         await wait_for(lambda: all(len(n.kv.store) == len(written) for n in nodes), 30,
                        "both nodes to hold every key")
-        joiner = NodeHandle(nodes[0].nursery, tmp_path / "node2", [nodes[0].kv.net.addrs[0]])
-        nodes.append(joiner)
-        newcomer = await joiner.start()
+        newcomer = await join(nodes, tmp_path / "node2")
         kvs = [n.kv for n in nodes]
-        await wait_for_ring(kvs)
         # no owner left any preference list (2 nodes, N = 3): the first owner that stayed
         # pushes each partition, and only it
         await wait_for(lambda: len(newcomer.store) == len(written), 60,

@@ -71,10 +71,6 @@ class Node(NodeProcess):
         announced = self.announced()
         return announced[1] if announced else None
 
-    def cli(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, NODE, *args, "--data-dir", str(self.data_dir)],
-                              capture_output=True, text=True, timeout=60)
-
 
 processes = processes_fixture(Node)
 
@@ -180,8 +176,7 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
     assert len(rows) == status["partitions_owned"]
     assert sum(row["keys"] for row in rows) == listing["keys"]  # all keys in owned partitions
     assert all(len(row["replicas"]) == 3 for row in rows)
-    metrics = subprocess.run([sys.executable, NODE, "metrics", "--data-dir", str(b.data_dir)],
-                             capture_output=True, text=True, check=True).stdout
+    metrics = b.cli("metrics", check=True).stdout
     for name in ("tasknet_kv_keys ", "tasknet_kv_writes_total ", "tasknet_kv_reads_total ",
                  "tasknet_kv_read_repairs_total ", "tasknet_kv_hints_pending ",
                  "tasknet_kv_replication_backlog "):
@@ -292,8 +287,8 @@ def test_no_acknowledged_write_lost_when_a_node_is_killed(processes: Processes):
         # a node that just saw a peer restart may count it suspect for a moment and answer
         # 503 (too few replicas): like a client, ask again until a deadline
         def read(node=node):
-            answer = node.api.call("POST", "/kv-read", {"keys": keys, "consistency": "quorum"})
-            return answer if answer[0] != 503 else None
+            response = node.api.call("POST", "/kv-read", {"keys": keys, "consistency": "quorum"})
+            return response if response[0] != 503 else None
 
         code, reply = wait_for(read, 30, "a quorum read of every acknowledged key")
         assert code == 200, reply

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import msgpack
+import plyvel
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -124,7 +125,6 @@ def test_hints_older_than_the_ttl_expire(tmp_path):
 
 
 def test_hints_of_the_first_format_age_from_the_upgrade(tmp_path):
-    import plyvel
     db = plyvel.DB(str(tmp_path / "h"), create_if_missing=True)
     db.put(b"peer\x00" + (7).to_bytes(8, "big"), msgpack.packb([b"k", b"d"]))
     db.close()
@@ -153,10 +153,12 @@ def test_config_refuses_hints_outliving_the_grace():
 def test_hint_sequences_continue_after_the_highest_of_any_target(tmp_path):
     clock = Clock()
     hints = HintStore(tmp_path / "h", clock=clock)
-    hints.add("a-peer", [(b"k1", b"d1"), (b"k2", b"d2")])
-    hints.add("b-peer", [(b"k3", b"d3")])
-    hints.add("a-peer", [(b"k4", b"d4")])
-    hints.close()
+    try:
+        hints.add("a-peer", [(b"k1", b"d1"), (b"k2", b"d2")])
+        hints.add("b-peer", [(b"k3", b"d3")])
+        hints.add("a-peer", [(b"k4", b"d4")])
+    finally:
+        hints.close()
     hints = HintStore(tmp_path / "h", clock=clock)  # "b-peer" sorts last but has not seq 4
     try:
         hints.add("a-peer", [(b"k5", b"d5")])

@@ -8,25 +8,19 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from tasknet_node import datadir
 from tasknet_node.gcpolicy import YOUNG_THRESHOLD
 
-from process_helpers import NODE, ROOT, NodeProcess, Processes, processes_fixture, wait_for
+from process_helpers import ROOT, NodeProcess, Processes, processes_fixture, wait_for
 
 NET = "proc-test"
 FAST = ["--heartbeat-interval", "0.3", "--suspect-after", "1", "--dead-after", "2"]
 
 
-class Node(NodeProcess):
-    pass
-
-
-processes = processes_fixture(Node)
+processes = processes_fixture(NodeProcess)
 
 
 def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
@@ -34,13 +28,6 @@ def wait_exit(proc: subprocess.Popen, timeout: float) -> int:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
         raise AssertionError(f"process {proc.args!r} still running after {timeout}s") from None
-
-
-def cli_status(node: Node) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, NODE, "status", "--data-dir", str(node.data_dir)],
-                          capture_output=True, text=True, timeout=20, check=True)
-    value: dict[str, Any] = json.loads(done.stdout)
-    return value
 
 
 def test_network_of_processes_kill_restart_and_stop(processes: Processes, tmp_path: Path):
@@ -64,7 +51,7 @@ def test_network_of_processes_kill_restart_and_stop(processes: Processes, tmp_pa
     wait_for(lambda: all(n.states() == everyone for n in nodes), 20,
              "all three nodes to list each other alive")
     for node, peer_id in zip(nodes, everyone, strict=True):
-        status = cli_status(node)
+        status = json.loads(node.cli("status", check=True).stdout)
         assert status["peer_id"] == peer_id and status["network"] == NET
         assert all(a.endswith(f"/p2p/{peer_id}") for a in status["addrs"])
         assert {m["peer_id"]: m["state"] for m in status["members"]} == everyone

@@ -2,29 +2,13 @@
 # with its figures. (The figures themselves are measured by running the scripts at full size.)
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-from typing import Any
-
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-def run(script: str, *args: str) -> dict[str, Any]:
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args],
-                          capture_output=True, text=True, timeout=60, check=True)
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1, done.stdout
-    figures = json.loads(lines[0])
-    assert isinstance(figures, dict)
-    return figures
+from bench_helpers import run_benchmark, run_script
 
 
 def test_ring_benchmark() -> None:
-    figures = run("ring.py", "--keys", "20000")
+    figures = run_benchmark("ring.py", "--keys", "20000")
     assert figures["keys"] == 20000
     for field in ("stdev_pct_n10", "stdev_pct_n100", "moved_over_ideal",
                   "uhashring_stdev_pct_n10", "uhashring_stdev_pct_n100",
@@ -35,7 +19,7 @@ def test_ring_benchmark() -> None:
 
 
 def test_store_benchmark() -> None:
-    figures = run("store.py", "--keys", "5000", "--merges", "2000", "--batch", "500")
+    figures = run_benchmark("store.py", "--keys", "5000", "--merges", "2000", "--batch", "500")
     assert figures["keys"] == 5000 and figures["merges"] == 2000
     for field in ("merges_per_s", "raw_per_s", "ratio", "merge_fn_per_s", "load_per_s",
                   "reopen_s"):
@@ -43,7 +27,7 @@ def test_store_benchmark() -> None:
 
 
 def test_antientropy_benchmark() -> None:
-    figures = run("antientropy.py", "--keys", "6000")
+    figures = run_benchmark("antientropy.py", "--keys", "6000")
     assert figures["keys"] == 6000
     assert figures["diffs"] == [1, 100, 3000]
     for field in ("bytes_d1", "seconds_d1", "bytes_d100", "bytes_d10000", "full_state_bytes",
@@ -54,6 +38,5 @@ def test_antientropy_benchmark() -> None:
 
 @pytest.mark.parametrize("script", ["ring.py", "store.py", "antientropy.py"])
 def test_benchmarks_take_a_size_argument(script: str) -> None:
-    done = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"],
-                          capture_output=True, text=True, timeout=30, check=True)
+    done = run_script(script, "--help", timeout=30)
     assert "--keys" in done.stdout
