@@ -36,7 +36,6 @@ from .codec import (
     State,
     check_actor,
     check_text,
-    context_to_wire,
     state_class,
 )
 from .errors import DecodeError
@@ -221,6 +220,9 @@ class ORMap(CausalState[Fields]):
     TYPE_NAME = "ormap"
     TAG = 6
     __slots__ = ()
+    _join = staticmethod(join_fields)
+    _read_entries = staticmethod(read_fields)
+    _entries_to_wire = staticmethod(fields_to_wire)
 
     def _sorted_fields(self) -> list[Field]:
         return sorted(self._entries, key=lambda field: (field[0], _TAG_OF[field[1]]))
@@ -262,21 +264,6 @@ class ORMap(CausalState[Fields]):
         """Delta removing everything seen under `key` (empty delta if the key is absent)."""
         own = {field: store for field, store in self._entries.items() if field[0] == key}
         return ORMap._make({}, CausalContext.from_dots(fields_dots(own)))
-
-    def merge(self, other: ORMap) -> ORMap:
-        self._check_same_type(other)
-        return ORMap._make(
-            join_fields(self._entries, self._context, other._entries, other._context),
-            self._context.merge(other._context))
-
-    def wire_body(self) -> list[Any]:
-        return [context_to_wire(self._context), fields_to_wire(self._entries)]
-
-    @classmethod
-    def from_wire_body(cls, body: list[Any], reader: Reader, depth: int) -> ORMap:
-        context_obj, fields_obj = reader.fields(body, cls.TYPE_NAME, 2)
-        context = reader.context(context_obj, depth + 1)
-        return cls._make(read_fields(fields_obj, reader, depth + 1, context), context)
 
 
 _EMBEDDINGS: dict[str, _Embedding] = {
