@@ -1,4 +1,4 @@
-# The canonical binary form of CRDT states and the base class every CRDT type derives from.
+# The canonical binary form of CRDT states and the base classes the CRDT types derive from.
 #
 # Wire format: one msgpack array [type tag, format version, *body]; the body is type
 # specific and written in a canonical order (sorted actors, dots, elements and keys; plain
