@@ -140,20 +140,23 @@ def unseen(dots: Iterable[Dot], context: ContextDoc) -> list[Dot]:
     return [dot for dot in dots if dot[1] > vv.get(dot[0], 0) and dot not in cloud]
 
 
-EMPTY_CONTEXT_DOC: ContextDoc = ({}, set())
-
-
 def merge_context_docs(a: ContextDoc, b: ContextDoc) -> list[Any]:
     """Canonical wire form of the join of two contexts (compacted, sorted)."""
     vv = a[0].copy()
     for actor, n in b[0].items():
         if n > vv.get(actor, 0):
             vv[actor] = n
-    vv, cloud = compact(vv, a[1] | b[1])
+    return context_doc_to_wire(vv, a[1] | b[1])
+
+
+def context_doc_to_wire(vv: dict[str, int], cloud: Iterable[Dot]) -> list[Any]:
+    """Canonical wire form of a context (compacted, sorted); compacting changes `vv` in
+    place, so pass a dict nothing else holds."""
+    vv, rest = compact(vv, cloud)
     flat: list[Any] = []
     for actor in sorted(vv):
         flat += (actor, vv[actor])
     cloud_flat: list[Any] = []
-    for dot in sorted(cloud):
+    for dot in sorted(rest):
         cloud_flat += dot
     return [flat, cloud_flat]

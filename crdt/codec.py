@@ -1,4 +1,4 @@
-# The canonical binary form of CRDT states and the base class every CRDT type derives from.
+# The canonical binary form of CRDT states and the base classes the CRDT types derive from.
 #
 # Wire format: one msgpack array [type tag, format version, *body]; the body is type
 # specific and written in a canonical order (sorted actors, dots, elements and keys; plain
@@ -7,16 +7,17 @@
 # DecodeError. merge_encoded, a store's per-write hot path, works on the plain unpacked
 # documents: each type's merge_docs/checked_doc checks them with fast tests (counts_ok,
 # context_doc, ...) and falls back to the Reader's checks, which say what is wrong.
-# No CRDT semantics live here, only the framing, the checks and the registry.
+# CausalState runs merge, wire form and that fast path for the causal types on the entries
+# hooks each of them gives (its join, entries checks and wire form).
+# No CRDT semantics live here, only the framing, the checks, the base classes and the registry.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from typing import Any, ClassVar, Generic, Self, TypeVar
 
 import msgpack
 
-from .causal import EMPTY_CONTEXT_DOC, CausalContext, ContextDoc, Dot, merge_context_docs
+from .causal import CausalContext, ContextDoc, Dot, context_doc_to_wire, merge_context_docs
 from .errors import DecodeError
 from .values import check_packed
 
@@ -81,19 +82,13 @@ class State(ABC):
         """Parse and check a body; `depth` is the nesting depth of the list holding it."""
 
     @classmethod
-    def merge_wire_bodies(cls, a: list[Any], b: list[Any], reader: Reader,
-                          depth: int) -> list[Any]:
-        """Wire body of the merge of two wire bodies (both checked as from_wire_body does).
-        Types override this with a faster path that skips building state objects."""
-        merged = cls.from_wire_body(a, reader, depth).merge(cls.from_wire_body(b, reader, depth))
-        return merged.wire_body()
-
-    @classmethod
     def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
         """Canonical document [tag, version, *body] of the merge of two documents of this type
         (tag and version already checked, bodies not). Types override this with a fast path
         for well-formed input that falls back to this one, whose errors say what is wrong."""
-        return [cls.TAG, cls.VERSION, *cls.merge_wire_bodies(current[2:], incoming[2:], reader, 1)]
+        mine = cls.from_wire_body(current[2:], reader, 1)
+        return [cls.TAG, cls.VERSION,
+                *mine.merge(cls.from_wire_body(incoming[2:], reader, 1)).wire_body()]
 
     @classmethod
     def checked_doc(cls, doc: list[Any], reader: Reader) -> list[Any]:
@@ -124,20 +119,32 @@ E = TypeVar("E")
 
 class CausalState(State, Generic[E]):
     """The skeleton of the causal types (MV register, add-wins set, OR-map): entries and the
-    causal context that says which dots they have seen. Each type keeps its own entries,
-    join and wire form."""
+    causal context that says which dots they have seen. Each type keeps its own entries, join
+    and wire form, and names them here through the hooks below (staticmethods); the merge,
+    the wire form and merge_encoded's fast path on plain documents are shared."""
 
     __slots__ = ("_entries", "_context")
     _entries: E
     _context: CausalContext
 
-    def __init__(self) -> None:
-        self._entries = self._no_entries()
-        self._context = CausalContext()
+    # The join of two entries under their contexts: (a, ca, b, cb) -> entries.
+    _join: ClassVar[staticmethod[[Any, CausalContext, Any, CausalContext], Any]]
+    # Parse and check wire entries whose dots must all be in the context:
+    # (obj, reader, depth of the list, context) -> entries.
+    _read_entries: ClassVar[staticmethod[[Any, Reader, int, CausalContext], Any]]
+    # Canonical wire form of entries.
+    _entries_to_wire: ClassVar[staticmethod[[Any], list[Any]]]
+    # The fast path (None: a type without one always takes State's object merge).
+    # Wire entries checked against a context (obj, context, depth values may nest) -> the
+    # type's document entries, or None when anything is wrong (read_entries then explains).
+    _entries_doc: ClassVar[staticmethod[[Any, ContextDoc, int], Any] | None] = None
+    # Canonical wire entries of the join of two document entries: (a, ca, b, cb) -> list.
+    _merge_entries_docs: ClassVar[staticmethod[[Any, ContextDoc, Any, ContextDoc], list[Any]]
+                                  | None] = None
 
-    @staticmethod
-    def _no_entries() -> E:
-        return {}  # type: ignore[return-value]  # every causal type keeps its entries in a dict
+    def __init__(self) -> None:
+        self._entries = {}  # type: ignore[assignment]  # every causal type keeps a dict
+        self._context = CausalContext()
 
     @classmethod
     def _make(cls, entries: E, context: CausalContext) -> Self:
@@ -152,6 +159,48 @@ class CausalState(State, Generic[E]):
 
     def is_empty(self) -> bool:
         return not self._entries and self._context.is_empty()
+
+    def merge(self, other: Self) -> Self:
+        self._check_same_type(other)
+        return self._make(self._join(self._entries, self._context, other._entries, other._context),
+                          self._context.merge(other._context))
+
+    def wire_body(self) -> list[Any]:
+        return [context_to_wire(self._context), self._entries_to_wire(self._entries)]
+
+    @classmethod
+    def from_wire_body(cls, body: list[Any], reader: Reader, depth: int) -> Self:
+        context_obj, entries_obj = reader.fields(body, cls.TYPE_NAME, 2)
+        context = reader.context(context_obj, depth + 1)
+        return cls._make(cls._read_entries(entries_obj, reader, depth + 1, context), context)
+
+    @classmethod
+    def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
+        # merge_encoded's hot path: [tag, version, context, entries] documents checked with
+        # the fast tests and joined as they are, without state objects.
+        entries_doc, merge_entries = cls._entries_doc, cls._merge_entries_docs
+        max_depth = reader.max_depth
+        if (entries_doc is not None and merge_entries is not None and len(current) == 4
+                and len(incoming) == 4 and max_depth >= 4):
+            ca, cb = context_doc(current[2]), context_doc(incoming[2])
+            if ca is not None and cb is not None:
+                a = entries_doc(current[3], ca, max_depth - 2)
+                b = entries_doc(incoming[3], cb, max_depth - 2)
+                if a is not None and b is not None:
+                    return [cls.TAG, cls.VERSION, merge_context_docs(ca, cb),
+                            merge_entries(a, ca, b, cb)]
+        return super().merge_docs(current, incoming, reader)
+
+    @classmethod
+    def checked_doc(cls, doc: list[Any], reader: Reader) -> list[Any]:
+        # Entries that pass the fast check are canonical as they are; the context gets
+        # compacted.
+        entries_doc, max_depth = cls._entries_doc, reader.max_depth
+        if entries_doc is not None and len(doc) == 4 and max_depth >= 4:
+            context = context_doc(doc[2])
+            if context is not None and entries_doc(doc[3], context, max_depth - 2) is not None:
+                return [cls.TAG, cls.VERSION, context_doc_to_wire(*context), doc[3]]
+        return super().checked_doc(doc, reader)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, type(self)):
@@ -400,38 +449,6 @@ def context_doc(obj: Any) -> ContextDoc | None:
         previous = actor
     cloud = dots_doc(cloud_flat)
     return None if cloud is None else (vv, set(cloud))
-
-
-def merge_dot_store_docs(current: list[Any], incoming: list[Any], max_depth: int,
-                         entries_doc: Callable[[Any, ContextDoc, int], Any],
-                         merge_entries: Callable[[Any, ContextDoc, Any, ContextDoc], list[Any]]
-                         ) -> list[Any] | None:
-    """The merged [context, entries] of two [tag, version, context, entries] documents of a
-    dot-store type (mvreg, orset), each type giving its own entries check and join; None when
-    either document fails the fast checks (the type then falls back to the object merge)."""
-    if len(current) != 4 or len(incoming) != 4 or max_depth < 4:
-        return None
-    ca, cb = context_doc(current[2]), context_doc(incoming[2])
-    if ca is None or cb is None:
-        return None
-    a = entries_doc(current[3], ca, max_depth - 2)
-    b = entries_doc(incoming[3], cb, max_depth - 2)
-    if a is None or b is None:
-        return None
-    return [merge_context_docs(ca, cb), merge_entries(a, ca, b, cb)]
-
-
-def checked_dot_store_doc(doc: list[Any], max_depth: int,
-                          entries_doc: Callable[[Any, ContextDoc, int], Any]
-                          ) -> list[Any] | None:
-    """The [context, entries] of a well-formed dot-store document, canonical (checked entries
-    are canonical as they are; the context gets compacted), else None."""
-    if len(doc) != 4 or max_depth < 4:
-        return None
-    context = context_doc(doc[2])
-    if context is None or entries_doc(doc[3], context, max_depth - 2) is None:
-        return None
-    return [merge_context_docs(context, EMPTY_CONTEXT_DOC), doc[3]]
 
 
 def dots_doc(flat: Any) -> list[Dot] | None:

@@ -114,14 +114,6 @@ class GCounter(State):
         return cls._make(reader.counts(counts, "gcounter counts", depth + 1))
 
     @classmethod
-    def merge_wire_bodies(cls, a: list[Any], b: list[Any], reader: Reader,
-                          depth: int) -> list[Any]:
-        (mine,) = reader.fields(a, cls.TYPE_NAME, 1)
-        (theirs,) = reader.fields(b, cls.TYPE_NAME, 1)
-        return [merge_wire_counts(reader.counts(mine, "gcounter counts", depth + 1),
-                                  reader.counts(theirs, "gcounter counts", depth + 1))]
-
-    @classmethod
     def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
         if len(current) == 3 and len(incoming) == 3:
             mine, theirs = current[2], incoming[2]

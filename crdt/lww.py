@@ -23,8 +23,9 @@ def _read_write(body: list[Any], reader: Reader, depth: int) -> _Write | None:
     if not body:
         return None
     if len(body) == 5:
-        # Fast path for well-formed input (merge_encoded's hot path); anything unusual falls
-        # through to the field-by-field checks below, which say precisely what is wrong.
+        # Fast path for well-formed input (what decode() mostly sees; merge_encoded checks
+        # documents with _doc_ok instead); anything unusual falls through to the
+        # field-by-field checks below, which say precisely what is wrong.
         wall, logical, actor, deleted, packed = body
         if (type(wall) is int and type(logical) is int and type(actor) is str and actor
                 and type(deleted) is bool and type(packed) is bytes
@@ -124,14 +125,6 @@ class LWWRegister(State):
     @classmethod
     def from_wire_body(cls, body: list[Any], reader: Reader, depth: int) -> LWWRegister:
         return cls._make(_read_write(body, reader, depth))
-
-    @classmethod
-    def merge_wire_bodies(cls, a: list[Any], b: list[Any], reader: Reader,
-                          depth: int) -> list[Any]:
-        mine, theirs = _read_write(a, reader, depth), _read_write(b, reader, depth)
-        if theirs is None or (mine is not None and mine >= theirs):
-            return a
-        return b
 
     @classmethod
     def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:

@@ -36,7 +36,6 @@ from .codec import (
     State,
     check_actor,
     check_text,
-    context_to_wire,
     state_class,
 )
 from .errors import DecodeError
@@ -77,19 +76,18 @@ class _Embedding(ABC):
 class _CausalEmbedding(_Embedding):
     """A causal type whose entries (dot store) live in the field, under the map's context."""
 
-    def __init__(self, cls: Any, join: Callable[..., Any], dots: Callable[[Any], Iterable[Dot]],
-                 to_wire: Callable[[Any], list[Any]], read: Callable[..., Any]) -> None:
-        self.cls = cls
-        self._join, self._dots, self._to_wire, self._read = join, dots, to_wire, read
+    def __init__(self, cls: type[CausalState[Any]], dots: Callable[[Any], Iterable[Dot]]) -> None:
+        self.cls = cls  # its entries hooks (join, wire form, reading) serve the field as well
+        self._dots = dots
 
     def join(self, a: Any, ca: CausalContext, b: Any, cb: CausalContext) -> Any:
-        return self._join(a, ca, b, cb)
+        return self.cls._join(a, ca, b, cb)
 
     def dots(self, store: Any) -> Iterable[Dot]:
         return self._dots(store)
 
     def view(self, store: Any, context: CausalContext) -> State:
-        return self.cls._make(store, context)  # type: ignore[no-any-return]
+        return self.cls._make(store, context)
 
     def delta(self, actor: str, store: Any, context: CausalContext,
               fn: Updater) -> tuple[Any, CausalContext]:
@@ -101,10 +99,10 @@ class _CausalEmbedding(_Embedding):
         return entries, CausalContext.from_dots(d for d in own if nested._context.contains(d))
 
     def to_wire(self, store: Any) -> list[Any]:
-        return self._to_wire(store)
+        return self.cls._entries_to_wire(store)
 
     def read(self, obj: Any, reader: Reader, depth: int, context: CausalContext) -> Any:
-        return self._read(obj, reader, depth, context)
+        return self.cls._read_entries(obj, reader, depth, context)
 
 
 class _WholeEmbedding(_Embedding):
@@ -221,6 +219,9 @@ class ORMap(CausalState[Fields]):
     TYPE_NAME = "ormap"
     TAG = 6
     __slots__ = ()
+    _join = staticmethod(join_fields)
+    _read_entries = staticmethod(read_fields)
+    _entries_to_wire = staticmethod(fields_to_wire)
 
     def _sorted_fields(self) -> list[Field]:
         return sorted(self._entries, key=lambda field: (field[0], _TAG_OF[field[1]]))
@@ -263,28 +264,11 @@ class ORMap(CausalState[Fields]):
         own = {field: store for field, store in self._entries.items() if field[0] == key}
         return ORMap._make({}, CausalContext.from_dots(fields_dots(own)))
 
-    def merge(self, other: ORMap) -> ORMap:
-        self._check_same_type(other)
-        return ORMap._make(
-            join_fields(self._entries, self._context, other._entries, other._context),
-            self._context.merge(other._context))
-
-    def wire_body(self) -> list[Any]:
-        return [context_to_wire(self._context), fields_to_wire(self._entries)]
-
-    @classmethod
-    def from_wire_body(cls, body: list[Any], reader: Reader, depth: int) -> ORMap:
-        context_obj, fields_obj = reader.fields(body, cls.TYPE_NAME, 2)
-        context = reader.context(context_obj, depth + 1)
-        return cls._make(read_fields(fields_obj, reader, depth + 1, context), context)
-
 
 _EMBEDDINGS: dict[str, _Embedding] = {
-    "orset": _CausalEmbedding(orset.ORSet, orset.join_entries, orset.entries_dots,
-                              orset.entries_to_wire, orset.read_entries),
-    "mvreg": _CausalEmbedding(mvreg.MVRegister, mvreg.join_entries, lambda entries: entries,
-                              mvreg.entries_to_wire, mvreg.read_entries),
-    "ormap": _CausalEmbedding(ORMap, join_fields, fields_dots, fields_to_wire, read_fields),
+    "orset": _CausalEmbedding(orset.ORSet, orset.entries_dots),
+    "mvreg": _CausalEmbedding(mvreg.MVRegister, lambda entries: entries),
+    "ormap": _CausalEmbedding(ORMap, fields_dots),
     "lww": _WholeEmbedding(LWWRegister),
     "gcounter": _WholeEmbedding(GCounter),
     "pncounter": _WholeEmbedding(PNCounter),

@@ -21,10 +21,7 @@ from .codec import (
     CausalState,
     Reader,
     check_actor,
-    checked_dot_store_doc,
-    context_to_wire,
     dots_doc,
-    merge_dot_store_docs,
 )
 from .errors import DecodeError
 from .values import pack_value, packed_ok, unpack_value
@@ -190,6 +187,11 @@ class ORSet(CausalState[Entries]):
     TYPE_NAME = "orset"
     TAG = 5
     __slots__ = ()
+    _join = staticmethod(join_entries)
+    _read_entries = staticmethod(read_entries)
+    _entries_to_wire = staticmethod(entries_to_wire)
+    _entries_doc = staticmethod(entries_doc)
+    _merge_entries_docs = staticmethod(merge_entries_docs)
 
     def value(self) -> list[Any]:
         return [unpack_value(element) for element in sorted(self._entries)]
@@ -211,33 +213,3 @@ class ORSet(CausalState[Entries]):
         """Delta removing the adds of `element` seen here (empty delta if none)."""
         dots = self._entries.get(pack_value(element), _NO_DOTS)
         return ORSet._make({}, CausalContext.from_dots(dots))
-
-    def merge(self, other: ORSet) -> ORSet:
-        self._check_same_type(other)
-        return ORSet._make(
-            join_entries(self._entries, self._context, other._entries, other._context),
-            self._context.merge(other._context))
-
-    def wire_body(self) -> list[Any]:
-        return [context_to_wire(self._context), entries_to_wire(self._entries)]
-
-    @classmethod
-    def from_wire_body(cls, body: list[Any], reader: Reader, depth: int) -> ORSet:
-        context_obj, entries_obj = reader.fields(body, cls.TYPE_NAME, 2)
-        context = reader.context(context_obj, depth + 1)
-        return cls._make(read_entries(entries_obj, reader, depth + 1, context), context)
-
-    @classmethod
-    def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
-        merged = merge_dot_store_docs(current, incoming, reader.max_depth, entries_doc,
-                                      merge_entries_docs)
-        if merged is None:
-            return super().merge_docs(current, incoming, reader)
-        return [cls.TAG, cls.VERSION, *merged]
-
-    @classmethod
-    def checked_doc(cls, doc: list[Any], reader: Reader) -> list[Any]:
-        checked = checked_dot_store_doc(doc, reader.max_depth, entries_doc)
-        if checked is None:
-            return super().checked_doc(doc, reader)
-        return [cls.TAG, cls.VERSION, *checked]

@@ -72,17 +72,6 @@ class PNCounter(State):
                          reader.counts(down, "pncounter decrements", depth + 1))
 
     @classmethod
-    def merge_wire_bodies(cls, a: list[Any], b: list[Any], reader: Reader,
-                          depth: int) -> list[Any]:
-        mine_up, mine_down = reader.fields(a, cls.TYPE_NAME, 2)
-        theirs_up, theirs_down = reader.fields(b, cls.TYPE_NAME, 2)
-        up, down = "pncounter increments", "pncounter decrements"
-        return [merge_wire_counts(reader.counts(mine_up, up, depth + 1),
-                                  reader.counts(theirs_up, up, depth + 1)),
-                merge_wire_counts(reader.counts(mine_down, down, depth + 1),
-                                  reader.counts(theirs_down, down, depth + 1))]
-
-    @classmethod
     def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
         if len(current) == 4 and len(incoming) == 4:
             mine_up, mine_down, theirs_up, theirs_down = (

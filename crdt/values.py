@@ -54,20 +54,23 @@ def unpack_value(packed: bytes) -> Any:
     return _unpackb(packed, raw=False)
 
 
-def check_packed(packed: bytes, max_depth: int) -> None:
+def check_packed(packed: bytes, max_depth: int) -> bool:
     """Raise DecodeError unless `packed` is the canonical encoding of a plain value nested at
-    most `max_depth` deep (untrusted input: anything wrong is a DecodeError)."""
+    most `max_depth` deep (untrusted input: anything wrong is a DecodeError). Returns True
+    when that value is a scalar (valid at any depth), False for a list or dict."""
     try:
         value = _unpackb(packed, raw=False, strict_map_key=True)
     except Exception as exc:
         raise DecodeError(f"value is not valid msgpack: {exc}") from None
-    if type(value) in _SCALARS:
+    scalar = type(value) in _SCALARS
+    if scalar:
         canonical = _packb(value)
     else:
         _check_plain(value, 1, max_depth)
         canonical = _packb(_canonical_trusted(value))
     if canonical != packed:
         raise DecodeError("value is not in canonical msgpack form")
+    return scalar
 
 
 # Canonical encodings of scalars seen by packed_ok (valid at any depth). check_packed is a pure
@@ -85,21 +88,13 @@ def packed_ok(packed: object, max_depth: int) -> bool:
     if packed in _KNOWN_SCALARS:
         return True
     try:
-        value = _unpackb(packed, raw=False, strict_map_key=True)
-    except Exception:
-        return False
-    if type(value) in _SCALARS:
-        if _packb(value) != packed:
-            return False
-        if len(packed) <= _KNOWN_MAX_BYTES:
-            if len(_KNOWN_SCALARS) >= _KNOWN_LIMIT:
-                _KNOWN_SCALARS.clear()
-            _KNOWN_SCALARS.add(packed)
-        return True
-    try:
-        check_packed(packed, max_depth)
+        scalar = check_packed(packed, max_depth)
     except DecodeError:
         return False
+    if scalar and len(packed) <= _KNOWN_MAX_BYTES:
+        if len(_KNOWN_SCALARS) >= _KNOWN_LIMIT:
+            _KNOWN_SCALARS.clear()
+        _KNOWN_SCALARS.add(packed)
     return True
 
 
