@@ -32,9 +32,12 @@
 #                               pending (catchup_api_s: of that, until its API answered);
 #                               catchup_peer_offences: what the nodes held against each other
 #                               afterwards (p2p offence counts by reason, summed).
-#   rss_mb_per_node             --keys keys written in batches, the cluster quiet: the largest
-#                               VmRSS of the node processes (idle_rss_mb: same, before the
-#                               first write, empty stores).
+#   rss_mb_per_node             --keys keys written in batches, every copy in place, then the
+#                               cluster left quiet for --rss-settle-s (two of the nodes'
+#                               free-heap returns): the largest VmRSS of the node processes
+#                               (rss_mb_per_node_after_load: the same read as soon as every
+#                               copy was in place, the load's freed heap still held;
+#                               idle_rss_mb: before the first write, empty stores).
 #   handoff_keys_per_s          a 4th node joins the cluster holding handoff_total_keys keys;
 #                               handoff is done when no node reports handoff work, the nodes
 #                               together hold exactly N copies of every key, and the newcomer's
@@ -84,6 +87,7 @@ from kv.ops import Op, make_delta  # noqa: E402
 from shard import Keyspace  # noqa: E402
 from shard.store import LEVELDB_OPTIONS  # noqa: E402
 from tasknet_node.datadir import DataDirError, read_api_info  # noqa: E402
+from tasknet_node.runner import MEMORY_TRIM_INTERVAL_S  # noqa: E402
 
 NODE_SCRIPT = ROOT / "node.py"
 REPLICAS = 3
@@ -117,6 +121,7 @@ class Sizes:
     batch_concurrency: int
     phase_s: float
     load_s: float
+    rss_settle_s: float
 
 
 @dataclass
@@ -594,6 +599,8 @@ async def rss_and_handoff(cluster: Cluster, sizes: Sizes, value: str,
     failures(out, "load", load)
     statuses = await cluster.wait_converged("loaded keys replicated", 600)
     total = statuses[0]["keys"]
+    out["rss_mb_per_node_after_load"] = max(cluster.rss_mb())
+    await trio.sleep(sizes.rss_settle_s)  # quiet on purpose: nodes return freed heap meanwhile
     rss = cluster.rss_mb()
     out["rss_keys"] = total
     out["rss_mb_per_node"] = max(rss)
@@ -705,6 +712,7 @@ PROFILES = {  # --quick, full size
     "keys": (2000, 1_000_000), "concurrency": (16, 64), "high_concurrency": (32, 192),
     "batch_concurrency": (2, 4),
     "phase_s": (10.0, 60.0), "load_s": (30.0, 600.0),
+    "rss_settle_s": (0.5, 2 * MEMORY_TRIM_INTERVAL_S + 1),
 }
 
 
@@ -732,6 +740,9 @@ def parse_args(argv: list[str]) -> Sizes:
                         help="seconds a throughput phase may issue requests (60)")
     parser.add_argument("--load-s", type=float,
                         help="seconds a bulk load (catch-up writes, --keys) may take (600)")
+    parser.add_argument("--rss-settle-s", type=float,
+                        help=f"seconds the loaded cluster stays quiet before rss_mb_per_node is "
+                        f"read ({2 * MEMORY_TRIM_INTERVAL_S + 1:g})")
     parser.add_argument("--value-bytes", type=int, default=100, help="value size (100)")
     args = parser.parse_args(argv)
     try:
@@ -750,7 +761,8 @@ def parse_args(argv: list[str]) -> Sizes:
         parser.error("--value-bytes must be positive")
     return Sizes(nodes_list, args.writes, args.batches, args.batch_size, args.lag_writes,
                  args.lag_rate, args.catchup, args.keys, args.value_bytes, args.concurrency,
-                 args.high_concurrency, args.batch_concurrency, args.phase_s, args.load_s)
+                 args.high_concurrency, args.batch_concurrency, args.phase_s, args.load_s,
+                 args.rss_settle_s)
 
 
 def main(argv: list[str]) -> int:
