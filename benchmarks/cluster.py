@@ -22,10 +22,13 @@
 #                               what was achieved). For every LAG_SAMPLE_EVERY-th write, once it
 #                               is acknowledged, each node is asked with GET /kv-local/{key}
 #                               (its own store, no quorum, no read repair) whether it holds the
-#                               key, again every LAG_POLL_S until all N do; lag = time the last
-#                               replica answered "present" - time the PUT was acknowledged (an
-#                               upper bound: a replica may have had it up to one round trip
-#                               earlier). Sampling keeps the probes a small share of the load.
+#                               key, again (those still without it) every LAG_POLL_S until all
+#                               N do; lag = time the last replica answered "present" - time the
+#                               PUT was acknowledged (an upper bound: a replica may have had it
+#                               up to one round trip earlier). Probes are requests to the nodes
+#                               too: lag_probe_requests_per_s says how many (about a third of
+#                               the writes' count with 1 write in 25 sampled, each probe a cheap
+#                               local read; 1 in 10 had made it as many as the writes).
 #   catchup_s                   SIGTERM one node, write --catchup keys in batches to the other
 #                               two, restart it; time from restart until its key count equals
 #                               the others' (N = nodes: it owns every key) and no node has hints
@@ -38,6 +41,10 @@
 #                               (rss_mb_per_node_after_load: the same read as soon as every
 #                               copy was in place, the load's freed heap still held;
 #                               idle_rss_mb: before the first write, empty stores).
+#                               rss_anon_mb_per_node: the largest RssAnon, what a node holds
+#                               itself; VmRSS also counts the pages of LevelDB's read-only
+#                               table mappings that reads and compactions touched (clean page
+#                               cache: rss_file_mb_nodes), see tasknet_node/procstats.py.
 #   handoff_keys_per_s          a 4th node joins the cluster holding handoff_total_keys keys;
 #                               handoff is done when no node reports handoff work, the nodes
 #                               together hold exactly N copies of every key, and the newcomer's
@@ -92,7 +99,7 @@ from tasknet_node.runner import MEMORY_TRIM_INTERVAL_S  # noqa: E402
 NODE_SCRIPT = ROOT / "node.py"
 REPLICAS = 3
 MAIN_NODES = 3  # lag, catch-up, RSS and handoff run on a cluster of this size
-LAG_SAMPLE_EVERY = 10
+LAG_SAMPLE_EVERY = 25  # a sample costs about 9 probe requests at 2 ms polls: 1 write in 25
 LAG_POLL_S = 0.002
 LAG_IN_FLIGHT_S = 0.2  # the pacer waits when more than this many seconds' worth is in flight
 STATUS_POLL_S = 0.25
@@ -303,8 +310,9 @@ class Cluster:
         """CPU time (user + system) the running node processes have used so far."""
         return sum(_cpu_s(pid) for pid in self._pids())
 
-    def rss_mb(self) -> list[float]:
-        return [_vm_rss_mb(pid) for pid in self._pids()]
+    def rss_mb(self, field: str = "VmRSS") -> list[float]:
+        """A memory figure of /proc/PID/status (VmRSS, RssAnon, RssFile) per running node."""
+        return [_status_mb(pid, field) for pid in self._pids()]
 
 
 async def gather(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
@@ -335,11 +343,11 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def _vm_rss_mb(pid: int) -> float:
+def _status_mb(pid: int, field: str) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -436,7 +444,7 @@ async def holds(client: RawHttpClient, key: str) -> bool:
 
 
 async def lag_run(cluster: Cluster, count: int, rate: float, value: str,
-                  lags: list[float]) -> Load:
+                  lags: list[float], probes: list[int]) -> Load:
     """Writes paced at `rate` per second (at most LAG_IN_FLIGHT_S seconds' worth in flight,
     each with a worker's clients of its own, which also carry its probes); every
     LAG_SAMPLE_EVERY-th one is followed until all replicas hold it (see the header). A failed
@@ -449,6 +457,7 @@ async def lag_run(cluster: Cluster, count: int, rate: float, value: str,
         missing = list(clients)
         while len(clients) - len(missing) < REPLICAS:
             answers = await gather([partial(holds, client, key) for client in missing])
+            probes[0] += len(missing)
             missing = [c for c, present in zip(missing, answers, strict=True) if not present]
             if len(clients) - len(missing) < REPLICAS:
                 await trio.sleep(LAG_POLL_S)
@@ -542,9 +551,11 @@ async def lag(cluster: Cluster, sizes: Sizes, value: str, out: dict[str, Any]) -
     rate = min(sizes.lag_rate, sustained) if sustained > 0 else sizes.lag_rate
     count = min(sizes.lag_writes, int(rate * sizes.phase_s))
     lags: list[float] = []
+    probes = [0]
     with phase("replication lag", count / rate + 60):
-        load = await lag_run(cluster, count, rate, value, lags)
+        load = await lag_run(cluster, count, rate, value, lags, probes)
     out["lag_rate_per_s"] = load.rate
+    out["lag_probe_requests_per_s"] = round(probes[0] / load.elapsed, 1) if load.elapsed else 0.0
     out["lag_target_rate_per_s"] = round(rate, 1)
     out["lag_samples"] = len(lags)
     if lags:
@@ -605,6 +616,9 @@ async def rss_and_handoff(cluster: Cluster, sizes: Sizes, value: str,
     out["rss_keys"] = total
     out["rss_mb_per_node"] = max(rss)
     out["rss_mb_nodes"] = rss
+    out["rss_anon_mb_nodes"] = anon = cluster.rss_mb("RssAnon")
+    out["rss_anon_mb_per_node"] = max(anon)
+    out["rss_file_mb_nodes"] = cluster.rss_mb("RssFile")
 
     started = time.perf_counter()
     newcomer = await cluster.add_node()
@@ -708,7 +722,7 @@ def _first_leaf(exc: BaseException) -> str:
 
 PROFILES = {  # --quick, full size
     "writes": (100, 20_000), "batches": (4, 200), "batch_size": (250, 1000),
-    "lag_writes": (100, 10_000), "lag_rate": (200.0, 1000.0), "catchup": (500, 100_000),
+    "lag_writes": (200, 20_000), "lag_rate": (200.0, 1000.0), "catchup": (500, 100_000),
     "keys": (2000, 1_000_000), "concurrency": (16, 64), "high_concurrency": (32, 192),
     "batch_concurrency": (2, 4),
     "phase_s": (10.0, 60.0), "load_s": (30.0, 600.0),
@@ -729,7 +743,7 @@ def parse_args(argv: list[str]) -> Sizes:
     parser.add_argument("--writes", type=int, help="single writes per cluster (20000)")
     parser.add_argument("--batches", type=int, help="batches per cluster (200)")
     parser.add_argument("--batch-size", type=int, help="keys per batch (1000)")
-    parser.add_argument("--lag-writes", type=int, help="paced writes of the lag phase (10000)")
+    parser.add_argument("--lag-writes", type=int, help="paced writes of the lag phase (20000)")
     parser.add_argument("--lag-rate", type=float, help="writes per second to pace at (1000)")
     parser.add_argument("--concurrency", type=int, help="single writes in flight (64)")
     parser.add_argument("--high-concurrency", type=int,

@@ -21,6 +21,7 @@ from p2p import MemberEvent, MemberState, Network, NetworkConfig
 from . import datadir
 from .api import ControlApi, bind_socket, is_loopback, serve_api
 from .gcpolicy import GcWatch, freeze_startup_objects
+from .procstats import ProcessFigures
 
 NodeExtension = Callable[[Network, ControlApi], AbstractAsyncContextManager[object]]
 """A package's part of a node: entered once the network runs and before the control API
@@ -87,6 +88,9 @@ async def _run(
             api = ControlApi(net)
             api.add_status("gc", gc_watch.status)
             api.add_metrics(gc_watch.metrics)
+            process = ProcessFigures()
+            api.add_status("process", process.status)
+            api.add_metrics(process.metrics)
             async with AsyncExitStack() as stack:
                 for extension in extensions:
                     await stack.enter_async_context(extension(net, api))

@@ -65,6 +65,10 @@ def _check_quick_run(tmp_path: Path) -> None:
     assert figures["handoff_total_keys"] >= figures["keys"] == figures["rss_keys"]
     assert figures["rss_mb_per_node"] == max(figures["rss_mb_nodes"])
     assert len(figures["rss_mb_nodes"]) == 3
+    # RssAnon and RssFile are parts of VmRSS (the kernel's own split), read per node
+    for rss, anon, mapped in zip(figures["rss_mb_nodes"], figures["rss_anon_mb_nodes"],
+                                 figures["rss_file_mb_nodes"], strict=True):
+        assert 0 < anon <= rss + 1 and 0 < mapped <= rss + 1
 
     assert list(tmp_path.iterdir()) == [], "the benchmark left files behind"
     assert processes_mentioning(str(tmp_path)) == [], "node processes left running"

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from tasknet_node import datadir
 from tasknet_node.gcpolicy import YOUNG_THRESHOLD
+from tasknet_node.procstats import parse_status
 
 from process_helpers import ROOT, NodeProcess, Processes, processes_fixture, wait_for
 
@@ -58,6 +59,12 @@ def test_network_of_processes_kill_restart_and_stop(processes: Processes, tmp_pa
         # what startup built is frozen out of the collector's walks (tasknet_node/gcpolicy.py)
         assert status["gc"]["frozen_objects"] > 10_000
         assert status["gc"]["thresholds"][0] == YOUNG_THRESHOLD
+        # the node reads its own /proc: its figures match what the test reads of its pid
+        own = parse_status(Path(f"/proc/{node.proc.pid}/status").read_text())
+        process = status["process"]
+        assert abs(process["rss_mb"] * 2**20 - own["rss"]) < 0.25 * own["rss"]
+        assert process["rss_anon_mb"] + process["rss_file_mb"] <= process["rss_mb"] + 0.2
+        assert process["threads"] >= 1 and process["open_fds"] >= 3
     assert f"member {first_id} joined" in boot.stdout()
 
     # SIGKILL: no goodbye; the others' failure detectors must find out
