@@ -4,10 +4,11 @@
 # section and metrics. Must not live here: acting on them (runner.py returns free heap).
 #
 # Why resident memory is split: LevelDB maps its table files read-only, and every page of them
-# that a read or a compaction touched counts in VmRSS (RssFile) although it is clean page cache
-# that the kernel may drop at any time. What the node itself holds (Python objects, memtables,
-# the block cache, the C heap) is RssAnon. A node holding 1M keys shows RssFile anywhere from
-# 50 to 190 MB depending on how much of its tables compaction walked lately
+# that a read or a compaction touched counts in VmRSS (as RssFile, with the shared libraries)
+# although it is clean page cache that the kernel may drop at any time. What the node itself
+# holds (Python objects, memtables, the block cache, the C heap) is RssAnon. An idle node with
+# an empty store shows about 30 MB of RssFile (the libraries); one holding 1M keys showed 48 to
+# 134 MB, depending on how much of its tables compaction had walked lately
 # (benchmarks/cluster.py reports both).
 from __future__ import annotations
 
@@ -86,7 +87,7 @@ _METRICS: tuple[tuple[str, str, Literal["counter", "gauge"], str], ...] = (
     ("rss_anon", "process_resident_anon_memory_bytes", "gauge",
      "resident memory the process holds itself (RssAnon)"),
     ("rss_file", "process_resident_file_memory_bytes", "gauge",
-     "resident pages of mapped files, LevelDB tables mostly (RssFile)"),
+     "resident pages of mapped files: shared libraries and LevelDB tables (RssFile)"),
     ("cpu_s", "process_cpu_seconds", "counter", "user and system CPU time"),
     ("open_fds", "process_open_fds", "gauge", "open file descriptors"),
     ("threads", "process_threads", "gauge", "operating system threads"),
