@@ -26,9 +26,9 @@
 #                               N do; lag = time the last replica answered "present" - time the
 #                               PUT was acknowledged (an upper bound: a replica may have had it
 #                               up to one round trip earlier). Probes are requests to the nodes
-#                               too: lag_probe_requests_per_s says how many (about a third of
+#                               too: lag_probe_requests_per_s says how many (about a sixth of
 #                               the writes' count with 1 write in 25 sampled, each probe a cheap
-#                               local read; 1 in 10 had made it as many as the writes).
+#                               local read; 1 in 10 made it about 40%).
 #   catchup_s                   SIGTERM one node, write --catchup keys in batches to the other
 #                               two, restart it; time from restart until its key count equals
 #                               the others' (N = nodes: it owns every key) and no node has hints
@@ -99,7 +99,7 @@ from tasknet_node.runner import MEMORY_TRIM_INTERVAL_S  # noqa: E402
 NODE_SCRIPT = ROOT / "node.py"
 REPLICAS = 3
 MAIN_NODES = 3  # lag, catch-up, RSS and handoff run on a cluster of this size
-LAG_SAMPLE_EVERY = 25  # a sample costs about 9 probe requests at 2 ms polls: 1 write in 25
+LAG_SAMPLE_EVERY = 25  # a sample costs about 4 probes (3, then the slowest replica's again)
 LAG_POLL_S = 0.002
 LAG_IN_FLIGHT_S = 0.2  # the pacer waits when more than this many seconds' worth is in flight
 STATUS_POLL_S = 0.25
