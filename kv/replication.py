@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -49,7 +50,12 @@ def open_batch(net: Network, data: Any, sender: str) -> Envelope:
 
 
 class PeerLink:
-    """The outgoing queue to one peer and the task that drains it in batches."""
+    """The outgoing queue to one peer and the task that drains it in batches.
+
+    The queue is a plain deque, not a trio channel: every replicated delta passes through it
+    (twice per write with three replicas), and a channel's per-item bookkeeping cost more
+    than the rest of queueing. Backpressure: at `queue` items, push_nowait refuses and push
+    waits until the drainer has taken a batch."""
 
     def __init__(self, net: Network, peer: str, max_batch: int, max_bytes: int, queue: int,
                  on_failed: Callable[[str, list[Delta]], None]) -> None:
@@ -57,8 +63,10 @@ class PeerLink:
         self.peer = peer
         self.max_batch = max_batch
         self.max_bytes = max_bytes
-        self._carry: Delta | None = None  # taken from the queue but left for the next batch
-        self._send, self._receive = trio.open_memory_channel[Delta](queue)
+        self.capacity = queue
+        self._queue: deque[Delta] = deque()
+        self._items_wanted: trio.Event | None = None  # set by a push: the drainer waits
+        self._room_wanted: trio.Event | None = None  # set by the drainer: a pusher waits
         self._on_failed = on_failed
         self._seq = 0
         self.sent = 0  # deltas acknowledged
@@ -67,34 +75,46 @@ class PeerLink:
 
     @property
     def backlog(self) -> int:
-        return int(self._send.statistics().current_buffer_used)
+        return len(self._queue)
 
     async def push(self, item: Delta) -> None:
         """Queue one delta; waits while the queue is full (backpressure)."""
-        await self._send.send(item)
+        while len(self._queue) >= self.capacity:
+            if self._room_wanted is None:
+                self._room_wanted = trio.Event()
+            await self._room_wanted.wait()
+        self._append(item)
+        await trio.lowlevel.checkpoint()
 
     def push_nowait(self, item: Delta) -> bool:
-        try:
-            self._send.send_nowait(item)
-            return True
-        except trio.WouldBlock:
+        if len(self._queue) >= self.capacity:
             return False
+        self._append(item)
+        return True
+
+    def _append(self, item: Delta) -> None:
+        self._queue.append(item)
+        if self._items_wanted is not None:
+            self._items_wanted.set()
+            self._items_wanted = None
 
     async def run(self) -> None:
+        queue = self._queue
         while True:
-            first = self._carry if self._carry is not None else await self._receive.receive()
-            self._carry = None
+            while not queue:
+                self._items_wanted = trio.Event()
+                await self._items_wanted.wait()
+            first = queue.popleft()
             batch, size = [first], len(first.key) + len(first.delta)
-            while len(batch) < self.max_batch:
-                try:
-                    item = self._receive.receive_nowait()
-                except trio.WouldBlock:
-                    break
+            while queue and len(batch) < self.max_batch:
+                item = queue[0]
                 size += len(item.key) + len(item.delta)
                 if size > self.max_bytes:
-                    self._carry = item
                     break
-                batch.append(item)
+                batch.append(queue.popleft())
+            if self._room_wanted is not None:
+                self._room_wanted.set()
+                self._room_wanted = None
             await self._send_batch(batch)
 
     async def _send_batch(self, batch: list[Delta]) -> None:

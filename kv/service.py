@@ -149,6 +149,10 @@ class KV:
         self._ae_next_sid = 0
         self._ack_deadlines: deque[tuple[float, _AckGroup]] = deque()  # in deadline order
         self._shared_cache: tuple[Ring | None, dict[str, frozenset[int]]] = (None, {})
+        # per partition, the replica that applies its ops (see _mutators); valid for one
+        # ring and one set of live members
+        self._mutator_cache: tuple[Ring | None, frozenset[str], dict[int, str | None]] = (
+            None, frozenset(), {})
         self.last_anti_entropy: dict[int, float] = {}
         self.handoff = Handoff(self)
         self.metrics = {"writes": 0, "reads": 0, "read_repairs": 0, "hints_delivered": 0,
@@ -428,8 +432,9 @@ class KV:
         level = Consistency(consistency or self.config.write_consistency)
         groups: dict[str, list[Op]] = {}
         sizes: dict[str, list[int]] = {}  # per group, each op's encoded arguments in bytes
+        partitions: dict[str, list[int]] = {}  # per group, each op's partition
         alive = self._alive()  # once per call, not per op
-        mutators: dict[int, str | None] = {}  # per partition
+        mutators = self._mutators(alive) if not avoid else {}  # per partition
         partition_of = self.ring.partition_of
         for op in ops:
             try:
@@ -449,11 +454,13 @@ class KV:
                 raise QuorumError(f"no replica of {op.key!r} is reachable")
             groups.setdefault(mutator, []).append(op)
             sizes.setdefault(mutator, []).append(size)
+            partitions.setdefault(mutator, []).append(partition)
         failures: list[Exception] = []
 
         async def run_group(mutator: str, group: list[Op]) -> None:
             try:
-                await self._run_at(mutator, group, sizes[mutator], level, avoid)
+                await self._run_at(mutator, group, sizes[mutator], partitions[mutator], level,
+                                   avoid)
             except (QuorumError, OpError) as exc:
                 failures.append(exc)
 
@@ -470,10 +477,19 @@ class KV:
                               f"first: {failures[0]}")
         self.metrics["writes"] += len(ops)
 
-    async def _run_at(self, mutator: str, ops: list[Op], sizes: list[int], level: Consistency,
-                      avoid: frozenset[str]) -> None:
+    def _mutators(self, alive: set[str]) -> dict[int, str | None]:
+        """The cache of each partition's mutator (its first live replica, this node first)
+        for the current ring and live members; execute_many fills it as partitions come."""
+        ring, members, cache = self._mutator_cache
+        if ring is not self.ring or members != alive:
+            cache = {}
+            self._mutator_cache = (self.ring, frozenset(alive), cache)
+        return cache
+
+    async def _run_at(self, mutator: str, ops: list[Op], sizes: list[int], partitions: list[int],
+                      level: Consistency, avoid: frozenset[str]) -> None:
         if mutator == self.me:
-            await self._mutate_and_replicate(ops, level)
+            await self._mutate_and_replicate(ops, level, partitions)
             return
         outcomes = await self._forwarder(mutator).submit(ops, sizes, level.value)
         unsent = [op for op, o in zip(ops, outcomes, strict=True)
@@ -498,10 +514,11 @@ class KV:
             self._nursery_soon(forwarder.run)
         return forwarder
 
-    async def _mutate_and_replicate(self, ops: list[Op], level: Consistency) -> None:
+    async def _mutate_and_replicate(self, ops: list[Op], level: Consistency,
+                                    partitions: list[int]) -> None:
         """Apply `ops` here and replicate them; raises if any failed (the op's own OpError
         for a single op, else QuorumError)."""
-        outcomes = await self._apply_and_replicate(ops, level)
+        outcomes = await self._apply_and_replicate(ops, level, partitions)
         failed = [o for o in outcomes if o is not None]
         if not failed:
             return
@@ -512,10 +529,11 @@ class KV:
                           f"{level.needed(self.config.replicas)} acks; {len(refused)} refused "
                           f"({refused[0] if refused else ''})")
 
-    async def _apply_and_replicate(self, ops: list[Op], level: Consistency
+    async def _apply_and_replicate(self, ops: list[Op], level: Consistency,
+                                   partitions: list[int] | None = None
                                    ) -> list[OpError | QuorumError | None]:
         """Apply `ops` here (this node is their CRDT actor) and replicate them; per op, None
-        when it has its W acks, else why not."""
+        when it has its W acks, else why not. `partitions`: each op's partition, if known."""
         now_ms = time.time_ns() // 1_000_000
 
         def mutation(op: Op) -> Any:
@@ -537,19 +555,21 @@ class KV:
         # waits on a full queue cannot complete the group before every op is in it
         group = _AckGroup()
         group.remaining = 1
-        partition_of, owners = self.ring.partition_of, self.ring.owners
+        owners = self.ring.owners
+        if partitions is None:
+            partitions = [self.ring.partition_of(op.key) for op in ops]
         others_of: dict[int, list[str]] = {}  # per partition
-        for op, delta in zip(ops, results, strict=True):
+        for op, delta, partition in zip(ops, results, partitions, strict=True):
             if isinstance(delta, BaseException):
                 waits.append(None)
                 continue
-            partition = partition_of(op.key)
             others = others_of.get(partition)
             if others is None:
                 others = others_of[partition] = [p for p in owners(partition) if p != self.me]
             acks = _Acks(needed, len(others), group)
+            item = Delta(op.key, delta, None, acks)  # the same item goes to every replica
             for peer in others:
-                await self._replicate(peer, op.key, delta, acks, alive)
+                await self._replicate(peer, item, alive)
             waits.append(acks)
         group.one_settled()
         if group.remaining > 0:
@@ -580,15 +600,13 @@ class KV:
             while deadlines and (deadlines[0][0] <= now or deadlines[0][1].done.is_set()):
                 deadlines.popleft()[1].done.set()
 
-    async def _replicate(self, peer: str, key: bytes, delta: bytes, acks: _Acks,
-                         alive: set[str]) -> None:
+    async def _replicate(self, peer: str, item: Delta, alive: set[str]) -> None:
         if peer in alive:
             link = self._link(peer)
-            item = Delta(key, delta, None, acks)
             if not link.push_nowait(item):  # no checkpoint: a batch of ops fills one batch
                 await link.push(item)
         else:
-            self._hint(peer, [Delta(key, delta, None, acks)])
+            self._hint(peer, [item])
 
     def _hint(self, target: str, items: list[Delta]) -> None:
         """Hand deltas meant for `target` to the next live node after the preference list,

@@ -18,7 +18,7 @@ from shard.store import CorruptRecord, PlannedWrite
 
 log = logging.getLogger(__name__)
 
-Mutation = Callable[[bytes | None], bytes]  # current state -> delta (encoded)
+Mutation = Callable[[bytes | None], bytes]  # current state -> delta (crdt.encode'd)
 
 
 class WriterStopped(Exception):
@@ -168,7 +168,9 @@ def _mutation_update(mutation: Mutation, results: list[Any]
     def update(current: bytes | None) -> bytes | None:
         try:
             delta = mutation(current)
-            new = crdt.merge_encoded(current, delta)
+            # a key's first state is the delta itself: it comes from crdt.encode, so it is
+            # already canonical (what merge_encoded(None, delta) would check and repack)
+            new = delta if current is None else crdt.merge_encoded(current, delta)
         except Exception as exc:  # this op is refused; the rest of the batch goes on
             results.append(exc)
             return None
