@@ -558,18 +558,24 @@ class KV:
         owners = self.ring.owners
         if partitions is None:
             partitions = [self.ring.partition_of(op.key) for op in ops]
-        others_of: dict[int, list[str]] = {}  # per partition
+        # per partition: each other replica with its link, or None when it is down (hint)
+        targets_of: dict[int, list[tuple[str, PeerLink | None]]] = {}
         for op, delta, partition in zip(ops, results, partitions, strict=True):
             if isinstance(delta, BaseException):
                 waits.append(None)
                 continue
-            others = others_of.get(partition)
-            if others is None:
-                others = others_of[partition] = [p for p in owners(partition) if p != self.me]
-            acks = _Acks(needed, len(others), group)
+            targets = targets_of.get(partition)
+            if targets is None:
+                targets = targets_of[partition] = [
+                    (peer, self._link(peer) if peer in alive else None)
+                    for peer in owners(partition) if peer != self.me]
+            acks = _Acks(needed, len(targets), group)
             item = Delta(op.key, delta, None, acks)  # the same item goes to every replica
-            for peer in others:
-                await self._replicate(peer, item, alive)
+            for peer, link in targets:
+                if link is None:
+                    self._hint(peer, [item])
+                elif not link.push_nowait(item):  # no checkpoint: a batch of ops fills one batch
+                    await link.push(item)
             waits.append(acks)
         group.one_settled()
         if group.remaining > 0:
@@ -599,14 +605,6 @@ class KV:
             now = trio.current_time()
             while deadlines and (deadlines[0][0] <= now or deadlines[0][1].done.is_set()):
                 deadlines.popleft()[1].done.set()
-
-    async def _replicate(self, peer: str, item: Delta, alive: set[str]) -> None:
-        if peer in alive:
-            link = self._link(peer)
-            if not link.push_nowait(item):  # no checkpoint: a batch of ops fills one batch
-                await link.push(item)
-        else:
-            self._hint(peer, [item])
 
     def _hint(self, target: str, items: list[Delta]) -> None:
         """Hand deltas meant for `target` to the next live node after the preference list,

@@ -1,10 +1,14 @@
 # The group-commit writer (kv/writer.py) on a real LevelDB store: concurrent read-modify-write
-# mutations are grouped into few synced writes, each applied once, and durable.
+# mutations are grouped into few synced writes, each applied once, and durable; and the form
+# it stores a key's first delta in is the one replicas store.
 from pathlib import Path
 
 import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import crdt
+from kv.ops import Op, make_delta
 from kv.writer import GroupCommitWriter
 from shard.store import Store
 
@@ -33,3 +37,24 @@ def test_concurrent_mutations_are_durable_and_each_counted_once(tmp_path: Path) 
     with Store(tmp_path / "s", crdt.merge_encoded) as reopened:
         values = [crdt.decode(reopened.get(b"k%d" % k)).value() for k in range(10)]
     assert values == [20] * 10
+
+
+INT64 = st.integers(-2**63, 2**63 - 1)
+
+
+@settings(max_examples=300, deadline=None)
+@given(op=st.one_of(
+    st.builds(lambda v: Op("put", b"k", (v,)), st.one_of(st.text(), INT64, st.none(),
+                                                         st.lists(INT64, max_size=3))),
+    st.builds(lambda n: Op("incr", b"k", (n,)), st.integers(-10**6, 10**6)),
+    st.builds(lambda ms: Op("sadd", b"k", tuple(ms)), st.lists(st.text(max_size=4), min_size=1,
+                                                                max_size=4)),
+    st.builds(lambda m: Op("srem", b"k", (m,)), st.text(max_size=4)),
+    st.builds(lambda f, v: Op("hset", b"k", (f, v)), st.text(max_size=4), INT64),
+    st.just(Op("hdel", b"k", ("f",))), st.just(Op("delete", b"k"))),
+    actor=st.sampled_from(["a", "b", "12D3KooW"]), now_ms=st.integers(1, 2**44))
+def test_a_first_delta_is_already_in_the_form_a_replica_stores(op: Op, actor: str, now_ms: int):
+    # the writer stores a key's first delta as encoded, without merge_encoded(None, delta);
+    # replicas store merge_encoded(None, delta): the bytes must be the same on both
+    delta = crdt.encode(make_delta(op, None, actor, crdt.HLC(), now_ms))
+    assert crdt.merge_encoded(None, delta) == delta
