@@ -153,11 +153,10 @@ class GroupCommitWriter:
         self.writes += len(planned.changed)
 
     def _updates(self, jobs: list[_Job]) -> list[tuple[bytes, Any]]:
-        merging = self.store.merging
+        """What the store plans: deltas to merge as they are, mutations as updates."""
         updates: list[tuple[bytes, Any]] = []
         for job in jobs:
-            for key, delta in job.items:
-                updates.append((key, merging(key, delta)))
+            updates += job.items
             for key, mutation in job.mutations:
                 updates.append((key, _mutation_update(mutation, job.results)))
         return updates

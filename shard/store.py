@@ -195,24 +195,24 @@ class Store:
         thread while the owner goes on reading) and then `record_planned` (the hash tree, in
         the owner's thread). Between plan and record the owner must plan and write nothing
         else, or the plan's "before" states go stale."""
-        return self.plan_updates([(key, self.merging(key, delta)) for key, delta in items])
+        return self.plan_updates(items)
 
-    def merging(self, key: bytes, delta: bytes) -> Update:
-        """The update that merges `delta` into the key's state (see `merge_checked`)."""
-        merge = self.merge_checked
-        return lambda current: merge(key, current, delta)
-
-    def plan_updates(self, items: Iterable[tuple[bytes, Update]]) -> PlannedWrite:
-        """Like `plan_deltas`, but each key's new state comes from its own function of the
-        current state (None: leave the key as it is); `states` holds what each returned.
+    def plan_updates(self, items: Iterable[tuple[bytes, Update | bytes]]) -> PlannedWrite:
+        """Like `plan_deltas`, but an item may instead carry a function of the key's current
+        state that returns its new state (None: leave the key as it is); any other item is an
+        encoded delta to merge (see `merge_checked`). `states` holds each item's new state.
         Exceptions from the functions propagate unchanged."""
         items = list(items)
         stored_keys, before = self._read_batch([key for key, _ in items])
         current = before.copy()
         updated: dict[bytes, bytes | None] = {}
         results: list[bytes | None] = []
-        for (_, update), stored in zip(items, stored_keys, strict=True):
-            new = update(current[stored])
+        merge = self.merge_checked
+        for (key, update), stored in zip(items, stored_keys, strict=True):
+            # a delta is merged here rather than through a closure per item: replicas merge
+            # hundreds of them per batch
+            new = (update(current[stored]) if callable(update)
+                   else merge(key, current[stored], update))
             results.append(new)
             if new is not None:
                 current[stored] = updated[stored] = new
