@@ -126,6 +126,18 @@ class _Acks:
             self.group.one_settled()
 
 
+class _Routes:
+    """Per partition, for one ring and one set of live members: the replica that applies its
+    ops (its first live replica, this node first: None if none is live), and the other
+    replicas this node replicates to, each with its link (None: down, so it gets a hint)."""
+
+    __slots__ = ("mutators", "targets")
+
+    def __init__(self) -> None:
+        self.mutators: dict[int, str | None] = {}
+        self.targets: dict[int, list[tuple[str, PeerLink | None]]] = {}
+
+
 def _key_bytes(key: str | bytes) -> bytes:
     return key.encode() if isinstance(key, str) else bytes(key)
 
@@ -149,10 +161,10 @@ class KV:
         self._ae_next_sid = 0
         self._ack_deadlines: deque[tuple[float, _AckGroup]] = deque()  # in deadline order
         self._shared_cache: tuple[Ring | None, dict[str, frozenset[int]]] = (None, {})
-        # per partition, the replica that applies its ops (see _mutators); valid for one
-        # ring and one set of live members
-        self._mutator_cache: tuple[Ring | None, frozenset[str], dict[int, str | None]] = (
-            None, frozenset(), {})
+        # per partition, the replica that applies its ops, and where this node sends what it
+        # applies (see _routes); valid for one ring and one set of live members
+        self._route_cache: tuple[Ring | None, frozenset[str], _Routes] = (
+            None, frozenset(), _Routes())
         self.last_anti_entropy: dict[int, float] = {}
         self.handoff = Handoff(self)
         self.metrics = {"writes": 0, "reads": 0, "read_repairs": 0, "hints_delivered": 0,
@@ -434,7 +446,7 @@ class KV:
         sizes: dict[str, list[int]] = {}  # per group, each op's encoded arguments in bytes
         partitions: dict[str, list[int]] = {}  # per group, each op's partition
         alive = self._alive()  # once per call, not per op
-        mutators = self._mutators(alive) if not avoid else {}  # per partition
+        mutators = self._routes(alive).mutators if not avoid else {}  # per partition
         partition_of = self.ring.partition_of
         for op in ops:
             try:
@@ -477,14 +489,14 @@ class KV:
                               f"first: {failures[0]}")
         self.metrics["writes"] += len(ops)
 
-    def _mutators(self, alive: set[str]) -> dict[int, str | None]:
-        """The cache of each partition's mutator (its first live replica, this node first)
-        for the current ring and live members; execute_many fills it as partitions come."""
-        ring, members, cache = self._mutator_cache
+    def _routes(self, alive: set[str]) -> _Routes:
+        """The per-partition routes for the current ring and live members (a fresh, empty
+        cache when either changed); the write path fills it as partitions come."""
+        ring, members, routes = self._route_cache
         if ring is not self.ring or members != alive:
-            cache = {}
-            self._mutator_cache = (self.ring, frozenset(alive), cache)
-        return cache
+            routes = _Routes()
+            self._route_cache = (self.ring, frozenset(alive), routes)
+        return routes
 
     async def _run_at(self, mutator: str, ops: list[Op], sizes: list[int], partitions: list[int],
                       level: Consistency, avoid: frozenset[str]) -> None:
@@ -558,8 +570,7 @@ class KV:
         owners = self.ring.owners
         if partitions is None:
             partitions = [self.ring.partition_of(op.key) for op in ops]
-        # per partition: each other replica with its link, or None when it is down (hint)
-        targets_of: dict[int, list[tuple[str, PeerLink | None]]] = {}
+        targets_of = self._routes(alive).targets
         for op, delta, partition in zip(ops, results, partitions, strict=True):
             if isinstance(delta, BaseException):
                 waits.append(None)
