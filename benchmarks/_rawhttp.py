@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import trio
 
-from tasknet_node.sockio import receive_some, send_all
+from tasknet_node.sockio import close, receive_some, send_all
 
 
 class RawHttpError(Exception):
@@ -57,8 +57,7 @@ class RawHttpClient:
     async def aclose(self) -> None:
         if self._sock is not None:
             sock, self._sock = self._sock, None
-            trio.lowlevel.notify_closing(sock.fileno())
-            sock.close()
+            close(sock)
         await trio.lowlevel.checkpoint()
 
     async def get(self, path: str) -> RawResponse:
@@ -135,7 +134,6 @@ async def _connect(host: str, port: int) -> socket.socket:
         if code:
             raise OSError(code, os.strerror(code))
     except BaseException:
-        trio.lowlevel.notify_closing(sock.fileno())
-        sock.close()
+        close(sock)
         raise
     return sock

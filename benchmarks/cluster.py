@@ -94,6 +94,7 @@ from kv.ops import Op, make_delta  # noqa: E402
 from shard import Keyspace  # noqa: E402
 from shard.store import LEVELDB_OPTIONS  # noqa: E402
 from tasknet_node.datadir import DataDirError, read_api_info  # noqa: E402
+from tasknet_node.procstats import parse_cpu_seconds, parse_status  # noqa: E402
 from tasknet_node.runner import MEMORY_TRIM_INTERVAL_S  # noqa: E402
 
 NODE_SCRIPT = ROOT / "node.py"
@@ -310,9 +311,15 @@ class Cluster:
         """CPU time (user + system) the running node processes have used so far."""
         return sum(_cpu_s(pid) for pid in self._pids())
 
-    def rss_mb(self, field: str = "VmRSS") -> list[float]:
-        """A memory figure of /proc/PID/status (VmRSS, RssAnon, RssFile) per running node."""
-        return [_status_mb(pid, field) for pid in self._pids()]
+    def memory_mb(self) -> list[dict[str, float]]:
+        """Per running node, its resident memory read once from /proc: rss (VmRSS) and its
+        parts rss_anon and rss_file (tasknet_node/procstats.py), in MB."""
+        return [{field: round(value / 2**20, 1) for field, value in
+                 parse_status(Path(f"/proc/{pid}/status").read_text()).items()
+                 if field in ("rss", "rss_anon", "rss_file")} for pid in self._pids()]
+
+    def rss_mb(self) -> list[float]:
+        return [memory["rss"] for memory in self.memory_mb()]
 
 
 async def gather(calls: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
@@ -339,15 +346,7 @@ def _api_url(data_dir: Path, pid: int) -> str | None:
 
 
 def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
-
-
-def _status_mb(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(f"{field}:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    raise RuntimeError(f"no {field} for pid {pid}")
+    return parse_cpu_seconds(Path(f"/proc/{pid}/stat").read_text(), os.sysconf("SC_CLK_TCK"))
 
 
 # -- load --------------------------------------------------------------------------------------
@@ -612,13 +611,13 @@ async def rss_and_handoff(cluster: Cluster, sizes: Sizes, value: str,
     total = statuses[0]["keys"]
     out["rss_mb_per_node_after_load"] = max(cluster.rss_mb())
     await trio.sleep(sizes.rss_settle_s)  # quiet on purpose: nodes return freed heap meanwhile
-    rss = cluster.rss_mb()
+    memory = cluster.memory_mb()  # one reading per node, so its parts add up
     out["rss_keys"] = total
+    out["rss_mb_nodes"] = rss = [m["rss"] for m in memory]
     out["rss_mb_per_node"] = max(rss)
-    out["rss_mb_nodes"] = rss
-    out["rss_anon_mb_nodes"] = anon = cluster.rss_mb("RssAnon")
+    out["rss_anon_mb_nodes"] = anon = [m["rss_anon"] for m in memory]
     out["rss_anon_mb_per_node"] = max(anon)
-    out["rss_file_mb_nodes"] = cluster.rss_mb("RssFile")
+    out["rss_file_mb_nodes"] = [m["rss_file"] for m in memory]
 
     started = time.perf_counter()
     newcomer = await cluster.add_node()

@@ -25,14 +25,14 @@ YOUNG_THRESHOLD = 10_000
 OLDER_THRESHOLDS = (10, 10)
 
 
-def freeze_startup_objects(young_threshold: int = YOUNG_THRESHOLD) -> None:
+def freeze_startup_objects() -> None:
     """Collect once, then move every object that survived into the permanent generation (the
     collector never walks it again) and set the thresholds (/status "gc" shows how many were
     frozen). Call once, after startup: objects frozen that later become cyclic garbage are
     never reclaimed, so this must not run repeatedly."""
     gc.collect()
     gc.freeze()
-    gc.set_threshold(young_threshold, *OLDER_THRESHOLDS)
+    gc.set_threshold(YOUNG_THRESHOLD, *OLDER_THRESHOLDS)
 
 
 class GcWatch:

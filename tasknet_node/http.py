@@ -23,7 +23,7 @@ from urllib.parse import parse_qsl, unquote
 
 import trio
 
-from .sockio import receive_some, send_all
+from .sockio import close, receive_some, send_all
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,7 @@ async def serve_http(app: HttpApp, sock: socket.socket,
                     raise
                 nursery.start_soon(server.serve_connection, conn, limit)
     finally:
-        trio.lowlevel.notify_closing(sock.fileno())
-        sock.close()
+        close(sock)
 
 
 class _Gone(Exception):
@@ -231,8 +230,7 @@ class _Server:
         finally:
             self.connections.discard(connection)
             limit.release()
-            trio.lowlevel.notify_closing(sock.fileno())
-            sock.close()
+            close(sock)
 
 
 class _Connection:
@@ -276,6 +274,11 @@ class _Connection:
         app = self.app
         served = 0
         while True:
+            if served and served % REQUESTS_BETWEEN_YIELDS == 0:
+                # a pipelining client whose requests never make us wait must not starve
+                # others, refused requests included
+                await trio.lowlevel.checkpoint()
+            served += 1
             self.deadline = trio.current_time() + app.head_timeout
             self.request_started = False
             try:
@@ -308,10 +311,6 @@ class _Connection:
             await self._answer(response, keep_alive, head=request.method == "HEAD")
             if not keep_alive:
                 return
-            served += 1
-            if served % REQUESTS_BETWEEN_YIELDS == 0:
-                # a pipelining client whose requests never make us wait must not starve others
-                await trio.lowlevel.checkpoint()
 
     async def _answer(self, response: Response, keep_alive: bool, head: bool) -> None:
         self.answering = True

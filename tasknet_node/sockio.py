@@ -2,7 +2,8 @@
 # nothing to give or no room to take: trio's socket streams yield to the scheduler after every
 # send and every receive, which costs a request-per-message server (and a load generator) a
 # large share of its CPU.
-# Lives here: those two calls. Must not live here: any protocol (http.py speaks HTTP over them).
+# Lives here: those two calls, and closing such a socket.
+# Must not live here: any protocol (http.py speaks HTTP over them).
 from __future__ import annotations
 
 import socket
@@ -27,3 +28,9 @@ async def send_all(sock: socket.socket, data: bytes) -> None:
             view = view[sock.send(view):]
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock.fileno())
+
+
+def close(sock: socket.socket) -> None:
+    """Close a socket this module's calls may be waiting on (they wake with an error)."""
+    trio.lowlevel.notify_closing(sock.fileno())
+    sock.close()
