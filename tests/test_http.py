@@ -210,3 +210,54 @@ async def test_http10_keep_alive_is_confirmed_and_honoured():
                                   b"connection: Keep-Alive\r\n\r\n")
             status, headers, _ = await read_response(stream, buffer)
             assert status == 200 and headers["connection"] == "keep-alive"
+
+
+def complete_responses(buffer: bytes) -> int:
+    """How many whole responses (head and Content-Length body) `buffer` begins with."""
+    count, start = 0, 0
+    while (end := buffer.find(b"\r\n\r\n", start)) >= 0:
+        head = buffer[start:end].decode("latin-1").lower()
+        length = int(head.split("content-length:")[1].split("\r\n")[0])
+        if len(buffer) < end + 4 + length:
+            break
+        count, start = count + 1, end + 4 + length
+    return count
+
+
+async def answers_on(sock: socket.socket, buffer: bytearray, wanted: int) -> None:
+    """Read from `sock` until `buffer` holds `wanted` whole responses."""
+    with trio.fail_after(DEADLINE_S):
+        while complete_responses(buffer) < wanted:
+            await trio.lowlevel.wait_readable(sock)
+            chunk = sock.recv(1 << 20)
+            assert chunk, "connection closed"
+            buffer += chunk
+
+
+async def test_a_pipelining_client_cannot_starve_another_connection():
+    # A pipelines many requests the server refuses at once (404: no endpoint runs, nothing
+    # makes the server wait); B's one request must be answered before A's last one is.
+    pipelined = 400  # their answers fit in loopback socket buffers: sending never waits
+    async with server() as port:
+        a = socket.create_connection(("127.0.0.1", port))
+        a.setblocking(False)
+        try:
+            async with await trio.open_tcp_stream("127.0.0.1", port) as b:
+                a.sendall(request("GET", "/missing"))  # both connections accepted and served
+                await answers_on(a, bytearray(), 1)
+                await b.send_all(request("GET", "/kv/warm"))
+                assert (await read_response(b, bytearray()))[0] == 200
+                a.sendall(request("GET", "/missing") * pipelined)
+                await b.send_all(request("GET", "/kv/x"))
+                assert (await read_response(b, bytearray()))[0] == 200
+                answered = bytearray()
+                try:
+                    while chunk := a.recv(1 << 20):
+                        answered += chunk
+                except BlockingIOError:
+                    pass  # what A had been sent by the time B had its answer
+                assert complete_responses(answered) < pipelined
+                await answers_on(a, answered, pipelined)  # and A still gets every answer
+                assert answered.count(b"HTTP/1.1 404 ") == pipelined
+        finally:
+            a.close()
