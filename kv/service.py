@@ -25,6 +25,7 @@ from p2p import Network, RequestError
 from p2p.envelope import EnvelopeError
 from p2p.rpc import HandlerError
 from shard import Initiator, Keyspace, ProtocolError, Responder, Ring, Store
+from shard.quiet import QuietPartitions
 
 from .forwarding import MAX_OPS_PER_REQUEST, OPS_PROTOCOL, UNREACHABLE, Forwarder
 from .handoff import FOREIGN_PROTOCOL, ROOTS_PROTOCOL, Handoff
@@ -66,6 +67,11 @@ class KVConfig:
     request_timeout: float = 5.0
     hint_interval: float = 1.0
     anti_entropy_interval: float = 10.0
+    # a round compares only partitions whose root held still this long before it (at most
+    # half the interval), and defers one that kept changing at most this many rounds in a row
+    # (shard/quiet.py): writes in flight are push replication's to deliver
+    anti_entropy_settle_s: float = 1.0
+    anti_entropy_max_deferrals: int = 5
     rebalance_interval: float = 2.0
     max_batch: int = 512
     # replication, hint and handoff batches stay below this many bytes (frames are 4 MiB)
@@ -159,6 +165,7 @@ class KV:
         self._nursery: trio.Nursery | None = None
         self._ae_sessions: dict[tuple[str, int], tuple[Responder, float]] = {}
         self._ae_next_sid = 0
+        self._quiet = QuietPartitions(config.anti_entropy_max_deferrals)
         self._ack_deadlines: deque[tuple[float, _AckGroup]] = deque()  # in deadline order
         self._shared_cache: tuple[Ring | None, dict[str, frozenset[int]]] = (None, {})
         # per partition, the replica that applies its ops, and where this node sends what it
@@ -375,6 +382,7 @@ class KV:
             "hints_pending": self.hints.pending(),
             "anti_entropy": {
                 "partitions_synced": len(self.last_anti_entropy),
+                "partitions_deferred": self._quiet.deferred,
                 "oldest_s_ago": round(max(ages), 1) if ages else None,
                 "newest_s_ago": round(min(ages), 1) if ages else None,
             },
@@ -782,19 +790,26 @@ class KV:
     async def _anti_entropy_loop(self) -> None:
         """Each round compares this node's shared partitions with one other replica, taking
         the peers in turn; a session costs time in the number of partitions, so one per
-        round keeps the load flat."""
+        round keeps the load flat. Partitions being written as the round starts wait (at
+        most a few rounds: see shard/quiet.py)."""
         turn = 0
+        interval = self.config.anti_entropy_interval
+        settle = min(self.config.anti_entropy_settle_s, interval / 2)
         while True:
-            await trio.sleep(self.config.anti_entropy_interval)
+            await trio.sleep(interval - settle)
+            roots_before = self.store.tree.partition_roots()
+            await trio.sleep(settle)
             alive = self._alive()
             peers = [p for p in sorted(self.ring.members) if p != self.me and p in alive]
             if not peers:
                 continue
             turn += 1
             peer = peers[turn % len(peers)]
-            shared = self._shared_partitions(peer)
-            if shared:
-                await self.anti_entropy_with(peer, shared)
+            self._quiet.retain(self._owned_partitions())
+            due = self._quiet.due(self._shared_partitions(peer), roots_before,
+                                  self.store.tree.partition_roots())
+            if due:
+                await self.anti_entropy_with(peer, due)
 
     def _ring_cache(self) -> dict[str, frozenset[int]]:
         """Partition sets derived from the current ring, computed once per ring."""

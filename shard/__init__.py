@@ -4,10 +4,12 @@
 from .antientropy import Initiator, ProtocolError, Responder
 from .keyspace import Keyspace
 from .merkle import HashTree, entry_hash
+from .quiet import QuietPartitions
 from .ring import OwnerChange, Ring, diff
 from .store import CorruptRecord, Merge, Store, StoreError
 
 __all__ = [
     "CorruptRecord", "HashTree", "Initiator", "Keyspace", "Merge", "OwnerChange",
-    "ProtocolError", "Responder", "Ring", "Store", "StoreError", "diff", "entry_hash",
+    "ProtocolError", "QuietPartitions", "Responder", "Ring", "Store", "StoreError", "diff",
+    "entry_hash",
 ]

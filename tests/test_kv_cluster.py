@@ -323,3 +323,31 @@ async def test_a_type_conflict_between_split_replicas_is_reported_not_fatal(tmp_
         assert a.metrics["type_conflicts"] >= 1
         await a.put("other", 1)
         assert await b.get("other") == 1
+
+
+async def test_anti_entropy_puts_off_a_partition_being_written_but_not_for_long(tmp_path):
+    interval, max_deferrals = 0.4, 2
+    async with handles(tmp_path, N, anti_entropy_interval=interval,
+                       anti_entropy_max_deferrals=max_deferrals) as nodes:
+        kvs = [n.kv for n in nodes]
+        hot = kvs[0].ring.partition_of(b"hot")
+        stop_writing = trio.Event()
+
+        async def keep_writing() -> None:
+            while not stop_writing.is_set():
+                await kvs[0].incr("hot")
+                await trio.sleep(0.01)
+
+        def deferred() -> int:
+            return sum(kv.status()["anti_entropy"]["partitions_deferred"] for kv in kvs)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keep_writing)
+            await wait_for(lambda: deferred() > 0, 20, "a round to put the hot partition off")
+            since = time.monotonic()
+            # deferred at most max_deferrals rounds in a row: compared while still written
+            await wait_for(lambda: any(kv.last_anti_entropy.get(hot, 0) > since for kv in kvs),
+                           20, "the hot partition compared although it is still written")
+            stop_writing.set()
+        await wait_for(lambda: deferred() == 0, 20, "nothing put off once the writes stop")
+        assert len({kv.store.get(b"hot") for kv in kvs}) == 1
