@@ -2,7 +2,8 @@
 # arrived meanwhile into one LevelDB batch with one synced write.
 # Lives here: the job queue, the batching loop, read-modify-write of local mutations (a
 # mutation reads the state left by earlier mutations of the same batch), and running the
-# synced disk write in a worker thread so the event loop keeps serving while the disk syncs.
+# synced disk write in the writer's own thread (diskthread.py) so the event loop keeps serving
+# while the disk syncs.
 # Must not live here: replication, quorum counting, what operations mean (kv/ops.py).
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import trio
 
 import crdt
 from shard.store import CorruptRecord, PlannedWrite
+
+from .diskthread import DiskThread
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class GroupCommitWriter:
         self._send, self._receive = trio.open_memory_channel[_Job](queue)
         self.batches = 0
         self.writes = 0
+        self._disk: DiskThread | None = None  # while run() runs
 
     async def merge(self, items: list[tuple[bytes, bytes]]) -> None:
         """Merge deltas into the store; returns once they are durable."""
@@ -84,6 +88,10 @@ class GroupCommitWriter:
             raise job.error
 
     async def run(self) -> None:
+        with DiskThread() as self._disk:
+            await self._run()
+
+    async def _run(self) -> None:
         while True:
             jobs = [await self._receive.receive()]
             size = jobs[0].size
@@ -146,8 +154,9 @@ class GroupCommitWriter:
     async def _write(self, planned: PlannedWrite) -> None:
         if not planned.changed:
             return
-        # abandon_on_cancel=False (the default): a shutdown waits for the write to finish
-        await trio.to_thread.run_sync(self.store.write_planned, planned, True)
+        # the call is not abandoned on cancel: a shutdown waits for the write to finish
+        assert self._disk is not None, "run() is not running"
+        await self._disk.call(self.store.write_planned, planned, True)
         self.store.record_planned(planned)
         self.batches += 1
         self.writes += len(planned.changed)
