@@ -36,12 +36,16 @@ class DiskThread:
     def __init__(self, name: str = "tasknet-disk") -> None:
         self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = (
             queue.SimpleQueue())
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
         self._outcome: tuple[bool, Any] = (True, None)
         self._busy = False
         self._thread = threading.Thread(target=self._work, name=name, daemon=True)
-        self._thread.start()
+        self._wake_read, self._wake_write = os.pipe()
+        try:
+            os.set_blocking(self._wake_read, False)
+            self._thread.start()
+        except BaseException:
+            self._close_pipe()
+            raise
 
     def __enter__(self) -> DiskThread:
         return self
@@ -58,6 +62,8 @@ class DiskThread:
                 self._outcome = (False, exc)
             os.write(self._wake_write, b".")
 
+    @trio.lowlevel.enable_ki_protection  # a Ctrl-C between hand-over and wake-up would leave
+    # the call's byte in the pipe for the next call to take as its own
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) in the thread; its result, or its exception raised here."""
         if self._busy:
@@ -83,16 +89,20 @@ class DiskThread:
         return value
 
     def stop(self) -> None:
-        """End the thread (after the call it is running, if any) and close the pipe."""
+        """End the (idle) thread and close the pipe. Refused while a call runs: its caller
+        waits on the pipe, and the only way to end the call is to wait for it."""
+        if self._busy:
+            raise RuntimeError("DiskThread.stop() while a call runs")
         if self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join(STOP_WAIT_S)
             if self._thread.is_alive():
                 log.error("the disk thread did not stop within %.0f s", STOP_WAIT_S)
                 return  # leave the pipe open: the thread still writes to it when it ends
+        self._close_pipe()
+
+    def _close_pipe(self) -> None:
         for fd in (self._wake_read, self._wake_write):
-            try:
+            if fd >= 0:
                 os.close(fd)
-            except OSError:
-                pass
         self._wake_read = self._wake_write = -1

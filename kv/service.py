@@ -68,10 +68,11 @@ class KVConfig:
     hint_interval: float = 1.0
     anti_entropy_interval: float = 10.0
     # a round compares only partitions whose root held still this long before it (at most
-    # half the interval), and defers one that kept changing at most this many rounds in a row
+    # half the interval), and puts off one that kept changing at most this many rounds in a
+    # row with each peer
     # (shard/quiet.py): writes in flight are push replication's to deliver
     anti_entropy_settle_s: float = 1.0
-    anti_entropy_max_deferrals: int = 5
+    anti_entropy_max_deferrals: int = 3
     rebalance_interval: float = 2.0
     max_batch: int = 512
     # replication, hint and handoff batches stay below this many bytes (frames are 4 MiB)
@@ -89,6 +90,8 @@ class KVConfig:
     tombstone_settle_s: float = 60.0
 
     def __post_init__(self) -> None:
+        if self.anti_entropy_settle_s < 0 or self.anti_entropy_max_deferrals < 0:
+            raise ValueError("anti_entropy_settle_s and anti_entropy_max_deferrals must be >= 0")
         # a hint older than a collected tombstone's grace would bring the deleted key back
         if not 0 < self.hint_ttl_s <= self.tombstone_grace_s:
             raise ValueError(f"hint_ttl_s ({self.hint_ttl_s}) must be > 0 and <= "
@@ -805,8 +808,8 @@ class KV:
                 continue
             turn += 1
             peer = peers[turn % len(peers)]
-            self._quiet.retain(self._owned_partitions())
-            due = self._quiet.due(self._shared_partitions(peer), roots_before,
+            self._quiet.retain(peers, self._owned_partitions())
+            due = self._quiet.due(peer, self._shared_partitions(peer), roots_before,
                                   self.store.tree.partition_roots())
             if due:
                 await self.anti_entropy_with(peer, due)
@@ -849,6 +852,7 @@ class KV:
         repaired = self._owned_only(session.received)
         if repaired and await self._merge_quietly(repaired, f"anti-entropy with {peer}"):
             log.info("anti-entropy with %s repaired %d keys here", peer, len(repaired))
+        self._quiet.compared(peer, partitions)
         now = time.monotonic()
         for partition in partitions:
             self.last_anti_entropy[partition] = now

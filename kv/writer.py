@@ -88,8 +88,11 @@ class GroupCommitWriter:
             raise job.error
 
     async def run(self) -> None:
-        with DiskThread() as self._disk:
-            await self._run()
+        try:
+            with DiskThread() as self._disk:
+                await self._run()
+        finally:
+            self._disk = None
 
     async def _run(self) -> None:
         while True:

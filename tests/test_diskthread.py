@@ -16,6 +16,16 @@ async def test_a_call_runs_in_the_thread_and_returns_or_raises_what_it_did():
             await disk.call({}.__getitem__, "missing")
         assert await disk.call(len, "after an error") == 14  # the thread goes on
 
+        class Interrupted(BaseException):
+            pass
+
+        def interrupted() -> None:
+            raise Interrupted
+
+        with pytest.raises(Interrupted):  # not only Exceptions come back
+            await disk.call(interrupted)
+        assert await disk.call(len, "and on") == 6
+
 
 async def test_a_cancelled_caller_still_waits_for_its_call_and_gets_its_result():
     release = threading.Event()
@@ -49,10 +59,12 @@ async def test_one_call_at_a_time_and_none_after_stop():
     disk = DiskThread()
     try:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(disk.call, gate.wait)
+            nursery.start_soon(disk.call, gate.wait, 10)
             await trio.testing.wait_all_tasks_blocked()
             with pytest.raises(RuntimeError, match="one call at a time"):
                 await disk.call(len, "")
+            with pytest.raises(RuntimeError, match="while a call runs"):
+                disk.stop()
             gate.set()
     finally:
         disk.stop()

@@ -349,5 +349,6 @@ async def test_anti_entropy_puts_off_a_partition_being_written_but_not_for_long(
             await wait_for(lambda: any(kv.last_anti_entropy.get(hot, 0) > since for kv in kvs),
                            20, "the hot partition compared although it is still written")
             stop_writing.set()
+        await wait_for(lambda: len({kv.store.get(b"hot") for kv in kvs}) == 1, 20,
+                       "the replicas of the hot key to converge")
         await wait_for(lambda: deferred() == 0, 20, "nothing put off once the writes stop")
-        assert len({kv.store.get(b"hot") for kv in kvs}) == 1
