@@ -72,7 +72,7 @@ class KVConfig:
     # row with each peer
     # (shard/quiet.py): writes in flight are push replication's to deliver
     anti_entropy_settle_s: float = 1.0
-    anti_entropy_max_deferrals: int = 3
+    anti_entropy_max_deferrals: int = 5
     rebalance_interval: float = 2.0
     max_batch: int = 512
     # replication, hint and handoff batches stay below this many bytes (frames are 4 MiB)
