@@ -1,9 +1,11 @@
 # The group-commit writer (kv/writer.py) on a real LevelDB store: concurrent read-modify-write
 # mutations are grouped into few synced writes, each applied once, and durable; and the form
 # it stores a key's first delta in is the one replicas store.
+import threading
 from pathlib import Path
 
 import trio
+import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -58,3 +60,59 @@ def test_a_first_delta_is_already_in_the_form_a_replica_stores(op: Op, actor: st
     # replicas store merge_encoded(None, delta): the bytes must be the same on both
     delta = crdt.encode(make_delta(op, None, actor, crdt.HLC(), now_ms))
     assert crdt.merge_encoded(None, delta) == delta
+
+
+class _GatedStore(Store):
+    """A store whose synced write waits for `gate` (so a test can cancel the writer while
+    the disk write is running)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.writing = threading.Event()
+        self.gate = threading.Event()
+
+    def write_planned(self, planned, sync=True) -> None:
+        self.writing.set()
+        assert self.gate.wait(10), "the test never opened the gate"
+        super().write_planned(planned, sync)
+
+
+def test_a_write_running_when_the_writer_is_cancelled_is_finished_and_accounted(
+        tmp_path: Path) -> None:
+    async def main() -> None:
+        store = _GatedStore(tmp_path / "s", crdt.merge_encoded)
+        writer = GroupCommitWriter(store)
+        outcome: list[object] = []
+
+        async def submit() -> None:
+            try:
+                await writer.merge([(b"k", crdt.encode(crdt.new("pncounter").increment("a", 7)))])
+                outcome.append("durable")
+            except Exception as exc:  # WriterStopped would say it was not written
+                outcome.append(exc)
+
+        shutdown = trio.CancelScope()
+
+        async def run_writer() -> None:
+            with shutdown:
+                await writer.run()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_writer)
+            nursery.start_soon(submit)
+            await trio.to_thread.run_sync(store.writing.wait, 10)
+            shutdown.cancel()  # the writer is stopped while its disk write runs
+            await trio.testing.wait_all_tasks_blocked()
+            assert not outcome  # the caller is still waiting: nothing known yet
+            store.gate.set()
+        assert outcome == ["durable"]  # the write was finished, and said so
+        assert writer.writes == 1  # the batch was accounted, not dropped
+        # the hash tree is in step with the data: the same as a rebuild from a full scan
+        roots = store.tree.partition_roots()
+        store.rebuild_tree()
+        assert store.tree.partition_roots() == roots and any(roots)
+        store.close()
+
+    trio.run(main)
+    with Store(tmp_path / "s", crdt.merge_encoded) as reopened:
+        assert crdt.decode(reopened.get(b"k")).value() == 7
