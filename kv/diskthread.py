@@ -4,10 +4,10 @@
 # Must not live here: what the calls do (kv/writer.py decides), any other concurrency.
 #
 # Why not trio.to_thread.run_sync: on this class of machine (2 shared virtual cores) a hand-over
-# through it costs about 230 us of CPU (capacity limiter, cancel scope, thread cache, the run-
-# soon queue and its wake-up socket), as much as the small synced write it carries, and the
-# writer makes one per group commit, hundreds per second under single writes. A queue and a
-# pipe cost about 155 us (`python benchmarks/diskthread.py` measures both in the same run).
+# through it cost 204-232 us of CPU in our runs (capacity limiter, cancel scope, thread cache,
+# the run-soon queue and its wake-up socket), as much as the small synced write it carries, and
+# the writer makes one per group commit, hundreds per second under single writes. A queue and a
+# pipe cost 145-154 us (`python benchmarks/diskthread.py` measures both in the same run).
 from __future__ import annotations
 
 import logging

@@ -69,8 +69,7 @@ class KVConfig:
     anti_entropy_interval: float = 10.0
     # a round compares only partitions whose root held still this long before it (at most
     # half the interval), and puts off one that kept changing at most this many rounds in a
-    # row with each peer
-    # (shard/quiet.py): writes in flight are push replication's to deliver
+    # row with each peer (shard/quiet.py): writes in flight are push replication's to deliver
     anti_entropy_settle_s: float = 1.0
     anti_entropy_max_deferrals: int = 5
     rebalance_interval: float = 2.0

@@ -7,9 +7,8 @@
 # that a read or a compaction touched counts in VmRSS (as RssFile, with the shared libraries)
 # although it is clean page cache that the kernel may drop at any time. What the node itself
 # holds (Python objects, memtables, the block cache, the C heap) is RssAnon. An idle node with
-# an empty store shows about 30 MB of RssFile (the libraries); one holding 1M keys showed 48 to
-# 134 MB, depending on how much of its tables compaction had walked lately
-# (benchmarks/cluster.py reports both).
+# an empty store shows about 30 MB of RssFile (the libraries); a loaded one shows more, as much
+# as its reads and compactions touched lately (benchmarks/cluster.py reports both parts).
 from __future__ import annotations
 
 import os
