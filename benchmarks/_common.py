@@ -26,7 +26,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 
-from p2p.network import tune_yamux
+from p2p.libp2p_fixes import apply_all as apply_libp2p_fixes
 
 LOOPBACK = "/ip4/127.0.0.1/tcp/0"
 
@@ -95,10 +95,11 @@ async def raw_host() -> AsyncIterator[IHost]:
 
     The automatic connection manager is off, so the host is connected to exactly the peers
     a benchmark dials: the reference then has the same topology as the tasknet nodes.
-    Yamux's window-update rule is a process-wide environment setting that py-libp2p reads on
-    every read, so the reference cannot differ from tasknet there: it is set here, as tasknet
-    sets it, whether or not a tasknet node has started in this process yet."""
-    tune_yamux()
+    tasknet's fixes to py-libp2p (Yamux's window-update rule, frames written whole) hold for
+    the whole process, so the reference cannot differ from tasknet there: they are applied
+    here, as tasknet applies them, whether or not a tasknet node has started in this process
+    yet."""
+    apply_libp2p_fixes()
     key_pair = create_ed25519_key_pair()
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     listen = [multiaddr.Multiaddr(LOOPBACK)]

@@ -271,6 +271,7 @@ class KV:
             for peer in self._alive_replicas(key):
                 wanted.setdefault(peer, []).append(index)
         answers: list[dict[str, bytes | None]] = [{} for _ in keys]
+        failures: dict[str, str] = {}  # peer -> why it did not answer
         complete = trio.Event()
         missing = len(keys)
         outstanding = sum((len(ix) + 1023) // 1024 for ix in wanted.values())
@@ -287,7 +288,7 @@ class KV:
         async def ask_once(peer: str, indices: list[int]) -> None:
             nonlocal missing
             while indices:
-                states = await self.read_states(peer, [keys[i] for i in indices])
+                states = await self.read_states(peer, [keys[i] for i in indices], failures)
                 if states is None:
                     return
                 later: list[int] = []
@@ -315,19 +316,22 @@ class KV:
             nursery.cancel_scope.cancel()
         short = [keys[i] for i, a in enumerate(answers) if len(a) < needed]
         if short:
-            log.warning("read: %d of %d keys short of %d answers; asked %s", len(short),
-                        len(keys), needed, {p[-6:]: len(ix) for p, ix in wanted.items()})
+            log.warning("read: %d of %d keys short of %d answers; asked %s; failed: %s",
+                        len(short), len(keys), needed,
+                        {p[-6:]: len(ix) for p, ix in wanted.items()},
+                        {p[-6:]: why for p, why in failures.items()} or "none")
             raise QuorumError(f"read of {short[0]!r} (and {len(short) - 1} more): fewer than "
                               f"{needed} replicas answered")
         self.metrics["reads"] += len(keys)
         return [self._merge_and_repair(key, answer) for key, answer in zip(keys, answers,
                                                                            strict=True)]
 
-    async def read_states(self, peer: str, keys: list[bytes]
+    async def read_states(self, peer: str, keys: list[bytes],
+                          failures: dict[str, str] | None = None
                           ) -> list[bytes | None | bool] | None:
         """What `peer` (this node included) stores for each of `keys` (at most 1024): a
         state, None (nothing), or False (did not fit in the reply: ask again); None when the
-        peer did not answer or answered nonsense."""
+        peer did not answer or answered nonsense, and then why in `failures[peer]`."""
         if peer == self.me:
             return [self.store.get(k) for k in keys]
         try:
@@ -335,8 +339,12 @@ class KV:
                                             timeout=self.config.request_timeout)
         except RequestError as exc:
             log.info("read of %d keys from %s failed: %s", len(keys), peer, exc)
+            if failures is not None:
+                failures[peer] = str(exc)[:200]
             return None
         if not isinstance(states, list) or len(states) != len(keys):
+            if failures is not None:
+                failures[peer] = "malformed answer"
             return None
         return states
 

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from collections import OrderedDict
@@ -33,6 +32,7 @@ from libp2p.tools.anyio_service import background_trio_service
 from .config import NetworkConfig
 from .envelope import Envelope, EnvelopeError, ReplayGuard, open_envelope, seal
 from .identity import Identity, load_or_create_identity, peer_id_from_public_key
+from .libp2p_fixes import apply_all as apply_libp2p_fixes
 from .membership import Member, MemberEvent, MembershipConfig, MemberState, MemberView
 from .rpc import Handler, RpcLimits, RpcService
 from .scoring import PeerScores
@@ -118,15 +118,6 @@ def gossipsub_options() -> dict[str, Any]:
     }
 
 
-def tune_yamux() -> None:
-    """py-libp2p's Yamux answers every read with a window update by default, a frame (and a
-    Noise encryption and a send) per frame received; go-yamux's rule, an update once half the
-    window is consumed, halves the frames of request/response traffic. py-libp2p reads the
-    setting from the environment on each read, so it holds for every host of the process;
-    a user's setting wins."""
-    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
-
-
 def _innermost(exc: BaseException) -> BaseException:
     """The error inside the exception groups that nurseries wrap a single error in."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -192,7 +183,7 @@ class Network:
 
     @asynccontextmanager
     async def _run(self, listen: list[multiaddr.Multiaddr]) -> AsyncIterator[None]:
-        tune_yamux()
+        apply_libp2p_fixes()
         key_pair = self.identity.key_pair()
         noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
         host = new_host(

@@ -1,0 +1,63 @@
+# Workarounds for defects of the pinned py-libp2p (see pyproject.toml), applied to the whole
+# process when a Network starts. Each says what breaks without it and how it was seen.
+# Must not live here: tasknet logic, or any setting a user should choose.
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+log = logging.getLogger(__name__)
+
+# A frame whose bytes the peer's socket does not take within this long marks a stalled peer:
+# the connection is closed (a frame cut short cannot be completed later).
+FRAME_WRITE_LIMIT_S = 10.0
+
+
+def tune_yamux() -> None:
+    """py-libp2p's Yamux answers every read with a window update by default, a frame (and a
+    Noise encryption and a send) per frame received; go-yamux's rule, an update once half the
+    window is consumed, halves the frames of request/response traffic. py-libp2p reads the
+    setting from the environment on each read, so it holds for every host of the process;
+    a user's setting wins."""
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
+
+
+async def _write_frame_whole(self: Yamux, data: bytes) -> None:
+    """Yamux's frame write with the Noise encryption and the send made one step.
+
+    Noise numbers its messages: encrypting one takes the next nonce, and the receiver can
+    decrypt only in that order. py-libp2p encrypts and then waits for the TCP stream's lock,
+    a point where a cancelled task stops, so a request cancelled at the wrong moment (a
+    timeout, or a quorum read that no longer needs a slow replica) spends a nonce without
+    sending its message. Every later frame on the connection then fails the receiver's
+    check ("Failed authentication of message") and the connection dies under every stream
+    and the gossip of both peers. Seen in the KV system tests as reads failing between
+    live nodes. Waiting for the frame lock stays cancellable: nothing is encrypted yet."""
+    async with self._write_lock:
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + FRAME_WRITE_LIMIT_S
+            await self.secured_conn.write(data)
+        if scope.cancelled_caught:
+            log.info("a frame write stalled for %.0fs; closing the connection",
+                     FRAME_WRITE_LIMIT_S)
+            with trio.CancelScope(shield=True) as closing:
+                closing.deadline = trio.current_time() + 1.0
+                await self.secured_conn.close()
+            raise ConnectionClosedError(
+                f"frame write stalled for {FRAME_WRITE_LIMIT_S}s; connection closed",
+                transport="tcp")
+    await trio.lowlevel.checkpoint()
+
+
+def make_frame_writes_cancel_safe() -> None:
+    """Install `_write_frame_whole` on py-libp2p's Yamux (once; idempotent)."""
+    Yamux._write_frame = _write_frame_whole  # type: ignore[method-assign]
+
+
+def apply_all() -> None:
+    tune_yamux()
+    make_frame_writes_cancel_safe()
