@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -238,6 +239,13 @@ def setup_logging(level: str, libp2p_level: str) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name in THIRD_PARTY_LOGGERS:
         logging.getLogger(name).setLevel(libp2p_level.upper())
+    if not os.environ.get("LIBP2P_DEBUG"):
+        # py-libp2p cuts its loggers off from the root on import unless LIBP2P_DEBUG routes
+        # them to its own handlers: send them through ours, so --libp2p-log-level applies
+        logging.getLogger("libp2p").propagate = True
+        for name, logger in logging.root.manager.loggerDict.items():
+            if name.startswith("libp2p.") and isinstance(logger, logging.Logger):
+                logger.setLevel(logging.NOTSET)  # some set their own level (INFO) on import
 
 
 def user_error(exc: BaseException) -> str | None:

@@ -2,6 +2,7 @@
 # testnet files, data-dir files, Prometheus rendering, member-event lines, and the control
 # API (with a real p2p node behind it, served on 127.0.0.1, requests through httpx).
 import json
+import logging
 import re
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -354,3 +355,38 @@ def test_api_info_round_trip(tmp_path):
     assert json.loads((tmp_path / "api.json").read_text())["url"] == "http://[::1]:8080"
     datadir.remove_api_info(tmp_path)
     assert not (tmp_path / "api.json").exists()
+
+
+def test_libp2p_log_level_reaches_the_nodes_log():
+    import libp2p.network.auto_connector  # noqa: F401  (sets its own logger's level on import)
+
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.messages: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.name.startswith("libp2p"):
+                self.messages.append(record.getMessage())
+
+    root = logging.getLogger()
+    libp2p_root, swarm = logging.getLogger("libp2p"), logging.getLogger("libp2p.network.swarm")
+    connector = logging.getLogger("libp2p.network.auto_connector")
+    saved = [(lg, lg.level, lg.propagate) for lg in (root, libp2p_root, swarm, connector)]
+    collect = Collect()
+    root.addHandler(collect)
+    try:
+        cli.setup_logging("warning", "info")
+        swarm.info("swarm says hello")
+        swarm.debug("below the chosen level")
+        assert collect.messages == ["swarm says hello"]
+        collect.messages.clear()
+        cli.setup_logging("warning", "critical")  # the default: py-libp2p stays quiet
+        connector.info("would flood the log")
+        swarm.error("an error below critical")
+        assert collect.messages == []
+    finally:
+        root.removeHandler(collect)
+        for lg, level, propagate in saved:
+            lg.setLevel(level)
+            lg.propagate = propagate
