@@ -84,8 +84,23 @@ class FramedStream:
         del self._buffer[: HEADER_SIZE + length]
         return decode_body(body, self.max_frame)
 
-    async def write_frame(self, message: Any) -> None:
-        await self.stream.write(encode_frame(message, self.max_frame))
+    async def write_frame(self, message: Any, deadline: float) -> None:
+        """Write one message whole. Yamux splits a large one into several frames (and waits
+        for the peer's window between them); cancelled halfway, it would leave part of a
+        frame on the stream and the peer could parse nothing after it (and would blame this
+        node). So the write ignores cancellation until `deadline` (trio time); a write still
+        unfinished then resets the stream and raises StreamError. A caller cancelled during
+        the write sees the cancellation once the message is out."""
+        data = encode_frame(message, self.max_frame)
+        with trio.CancelScope(shield=True) as whole:
+            whole.deadline = deadline
+            await self.stream.write(data)
+        if whole.cancelled_caught:
+            with trio.CancelScope(shield=True) as resetting:
+                resetting.deadline = trio.current_time() + 1.0
+                await self.reset()
+            raise StreamError(f"a {len(data)}-byte write did not finish in time; stream reset")
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def reset(self) -> None:
         try:
@@ -188,7 +203,8 @@ class RpcService:
             try:
                 reply = await self._answer(peer, handler, request)
                 async with write_lock:
-                    await framed.write_frame([request_id, reply])
+                    await framed.write_frame([request_id, reply],
+                                             trio.current_time() + self.limits.request_timeout)
             except (StreamError, FrameError) as exc:
                 log.debug("reply to %s failed: %s", peer, exc)
             finally:
@@ -268,7 +284,8 @@ class RpcService:
             channel.pending[request_id] = (event, box)
             try:
                 async with channel.write_lock:
-                    await channel.framed.write_frame([request_id, message])
+                    await channel.framed.write_frame([request_id, message],
+                                                     deadline.deadline)
             except (StreamError, FrameError) as exc:
                 channel.pending.pop(request_id, None)
                 self._drop(key, channel)

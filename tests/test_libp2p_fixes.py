@@ -13,6 +13,15 @@ async def echo(peer_id: str, message: object) -> object:
     return message
 
 
+async def request_cancelled_after(turns: int, a, b, message: object) -> None:
+    """Start a request from a to b and cancel it after `turns` turns of the scheduler."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.request, b.peer_id, "echo", message)
+        for _ in range(turns):
+            await trio.sleep(0)
+        nursery.cancel_scope.cancel()
+
+
 async def test_requests_cancelled_mid_write_do_not_break_the_connection(tmp_path):
     async with cluster(tmp_path, 2) as (a, b):
         assert Yamux._write_frame is _write_frame_whole  # installed by Network.start
@@ -25,11 +34,7 @@ async def test_requests_cancelled_mid_write_do_not_break_the_connection(tmp_path
         # a request cancelled after k scheduler turns: one k lands between the Noise
         # encryption of its frame and the send, which broke the connection before the fix
         for turns in range(40):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(a.request, b.peer_id, "echo", payload)
-                for _ in range(turns):
-                    await trio.sleep(0)
-                nursery.cancel_scope.cancel()
+            await request_cancelled_after(turns, a, b, payload)
             assert await a.request(b.peer_id, "echo", turns, timeout=5) == turns, turns
         assert not connection.is_closed
         assert network.get_connections(ID.from_base58(b.peer_id)) == [connection]
@@ -37,3 +42,19 @@ async def test_requests_cancelled_mid_write_do_not_break_the_connection(tmp_path
         heard_before = a.view.get(b.peer_id).last_seen
         await wait_for(lambda: a.view.get(b.peer_id).last_seen > heard_before, 10,
                        "a heartbeat from b after the cancelled requests")
+
+
+async def test_a_large_request_cancelled_halfway_leaves_no_partial_frame(tmp_path):
+    async with cluster(tmp_path, 2) as (a, b):
+        b.handle("echo", echo)
+        await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
+                       "the two nodes to meet")
+        big = {"blob": b"y" * 1_500_000}  # many Yamux frames, and more than one window
+        assert await a.request(b.peer_id, "echo", big) == big
+        # cancelled after k scheduler turns: some k land between two frames of the message,
+        # which left half a frame on the stream, and b refused the next request as garbage
+        for turns in range(0, 80, 4):
+            await request_cancelled_after(turns, a, b, big)
+            assert await a.request(b.peer_id, "echo", turns, timeout=10) == turns, turns
+        assert b.status()["metrics"]["rpc_refused"] == 0
+        assert b.status()["offences"] == {}  # a was not blamed for a garbled frame
