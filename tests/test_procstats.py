@@ -1,6 +1,7 @@
 # Parsing of /proc figures (tasknet_node/procstats.py) on fixed texts and on this process.
 # (A running node's /status "process" section is checked in test_node_process.py.)
-import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -37,16 +38,39 @@ def test_cpu_is_counted_from_the_last_parenthesis_of_the_name():
     assert parse_cpu_seconds(text, 100) == 4.0
 
 
-def test_this_process_figures_agree_with_its_own_proc():
-    figures = ProcessFigures().read()
-    own = parse_status(Path(f"/proc/{os.getpid()}/status").read_text())
-    assert abs(figures["rss"] - own["rss"]) < 0.25 * own["rss"]
-    assert figures["cpu_s"] > 0 and figures["open_fds"] >= 3
-    status = ProcessFigures().status()
-    assert status["rss_mb"] > 1 and status["rss_anon_mb"] <= status["rss_mb"]
-    samples = {m.name: m for m in ProcessFigures().metrics()}
-    assert samples["process_cpu_seconds"].kind == "counter"
-    assert samples["process_resident_memory_bytes"].value > 2**20
+def test_this_process_figures_follow_what_the_process_does(tmp_path: Path):
+    """Each figure moves by what the test does in between, measured independently."""
+    figures = ProcessFigures()
+    before, cpu_before = figures.read(), time.process_time()
+    block = bytearray(64 * 2**20)  # 64 MiB, every page written: resident and anonymous
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
+    files = [(tmp_path / f"f{i}").open("w") for i in range(20)]
+    release = threading.Event()
+    extra = threading.Thread(target=release.wait, daemon=True)
+    extra.start()
+    deadline = time.process_time() + 0.3  # bounded CPU burn
+    while time.process_time() < deadline:
+        pass
+    try:
+        after, cpu_after = figures.read(), time.process_time()
+    finally:
+        release.set()
+        extra.join(10)
+        for f in files:
+            f.close()
+    assert 60 * 2**20 <= after["rss"] - before["rss"] <= 80 * 2**20
+    assert 60 * 2**20 <= after["rss_anon"] - before["rss_anon"] <= 80 * 2**20
+    assert after["peak_rss"] >= after["rss"]
+    assert after["open_fds"] - before["open_fds"] == 20
+    # the kernel counts CPU in clock ticks (1/100 s here): agree within a few of them
+    assert abs((after["cpu_s"] - before["cpu_s"]) - (cpu_after - cpu_before)) < 0.05
+    assert after["threads"] - before["threads"] == 1
+    shown = figures.status()
+    assert abs(shown["rss_mb"] * 2**20 - figures.read()["rss"]) < 8 * 2**20
+    metrics = {m.name: m.value for m in figures.metrics()}
+    assert abs(metrics["process_resident_memory_bytes"] - figures.read()["rss"]) < 8 * 2**20
+    del block
 
 
 def test_without_proc_there_are_no_figures(tmp_path: Path):
