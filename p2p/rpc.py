@@ -290,7 +290,11 @@ class RpcService:
                 channel.pending.pop(request_id, None)
                 self._drop(key, channel)
                 raise RequestError(f"{name} to {peer_id} failed: {exc}") from exc
-            await event.wait()
+            try:
+                await event.wait()
+            except trio.Cancelled:  # by us (timeout, handled below) or by the caller
+                channel.pending.pop(request_id, None)  # a late reply is dropped
+                raise
         if deadline.cancelled_caught:
             if channel is not None:
                 channel.pending.pop(request_id, None)

@@ -1,5 +1,6 @@
-# The workarounds of p2p/libp2p_fixes.py, on real libp2p hosts (Noise + Yamux) on 127.0.0.1:
-# requests cancelled at every point of their write leave the connection usable.
+# Cancelled requests on real libp2p hosts (Noise + Yamux) on 127.0.0.1: cancelled at every
+# point of their write they leave the connection and the stream usable (the workarounds of
+# p2p/libp2p_fixes.py and the whole-message writes of p2p/rpc.py), and nothing waiting.
 import trio
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
@@ -58,3 +59,24 @@ async def test_a_large_request_cancelled_halfway_leaves_no_partial_frame(tmp_pat
             assert await a.request(b.peer_id, "echo", turns, timeout=10) == turns, turns
         assert b.status()["metrics"]["rpc_refused"] == 0
         assert b.status()["offences"] == {}  # a was not blamed for a garbled frame
+
+
+async def test_a_cancelled_request_leaves_nothing_waiting_for_its_reply(tmp_path):
+    async with cluster(tmp_path, 2) as (a, b):
+        arrived = trio.Semaphore(0)
+
+        async def never_answers(peer_id: str, message: object) -> object:
+            arrived.release()
+            await trio.sleep_forever()
+
+        b.handle("hang", never_answers)
+        await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
+                       "the two nodes to meet")
+        for _ in range(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.request, b.peer_id, "hang", "hello")
+                with trio.fail_after(10):
+                    await arrived.acquire()  # b has it: a is waiting for the reply
+                nursery.cancel_scope.cancel()
+        channels = list(a._rpc._channels.values())
+        assert channels and all(not channel.pending for channel in channels)
