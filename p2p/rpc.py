@@ -62,6 +62,7 @@ class FramedStream:
         self.stream = stream
         self.max_frame = max_frame
         self._buffer = bytearray()
+        self._reset = False
 
     async def _fill(self, size: int) -> None:
         while len(self._buffer) < size:
@@ -88,9 +89,10 @@ class FramedStream:
         """Write one message whole. Yamux splits a large one into several frames (and waits
         for the peer's window between them); cancelled halfway, it would leave part of a
         frame on the stream and the peer could parse nothing after it (and would blame this
-        node). So the write ignores cancellation until `deadline` (trio time); a write still
-        unfinished then resets the stream and raises StreamError. A caller cancelled during
-        the write sees the cancellation once the message is out."""
+        node). So the write goes on through a cancellation of its caller until `deadline`
+        (trio time), and a cancelled caller sees the cancellation once it is over. A write
+        still unfinished at `deadline` resets the stream; then the caller sees its
+        cancellation if it was cancelled, else StreamError."""
         data = encode_frame(message, self.max_frame)
         with trio.CancelScope(shield=True) as whole:
             whole.deadline = deadline
@@ -99,10 +101,14 @@ class FramedStream:
             with trio.CancelScope(shield=True) as resetting:
                 resetting.deadline = trio.current_time() + 1.0
                 await self.reset()
+            await trio.lowlevel.checkpoint_if_cancelled()
             raise StreamError(f"a {len(data)}-byte write did not finish in time; stream reset")
         await trio.lowlevel.checkpoint_if_cancelled()
 
     async def reset(self) -> None:
+        if self._reset:
+            return
+        self._reset = True
         try:
             await self.stream.reset()
         except Exception:  # the stream may already be gone; nothing else to do
@@ -283,21 +289,18 @@ class RpcService:
             event = trio.Event()
             channel.pending[request_id] = (event, box)
             try:
-                async with channel.write_lock:
-                    await channel.framed.write_frame([request_id, message],
-                                                     deadline.deadline)
-            except (StreamError, FrameError) as exc:
-                channel.pending.pop(request_id, None)
-                self._drop(key, channel)
-                raise RequestError(f"{name} to {peer_id} failed: {exc}") from exc
-            try:
+                try:
+                    async with channel.write_lock:
+                        await channel.framed.write_frame([request_id, message],
+                                                         deadline.deadline)
+                except (StreamError, FrameError) as exc:
+                    self._drop(key, channel)
+                    raise RequestError(f"{name} to {peer_id} failed: {exc}") from exc
                 await event.wait()
-            except trio.Cancelled:  # by us (timeout, handled below) or by the caller
-                channel.pending.pop(request_id, None)  # a late reply is dropped
-                raise
+            finally:  # answered, failed, timed out or cancelled: nothing waits for it now
+                channel.pending.pop(request_id, None)
         if deadline.cancelled_caught:
             if channel is not None:
-                channel.pending.pop(request_id, None)
                 # a stream that does not answer may sit on a dead connection (a peer that
                 # restarted): open a fresh one next time rather than wait on it again
                 self._drop(key, channel)

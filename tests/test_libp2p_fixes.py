@@ -1,10 +1,12 @@
 # Cancelled requests on real libp2p hosts (Noise + Yamux) on 127.0.0.1: cancelled at every
 # point of their write they leave the connection and the stream usable (the workarounds of
 # p2p/libp2p_fixes.py and the whole-message writes of p2p/rpc.py), and nothing waiting.
+import pytest
 import trio
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from p2p import RequestError, libp2p_fixes
 from p2p.libp2p_fixes import _write_frame_whole
 
 from p2p_helpers import alive_ids, cluster, wait_for
@@ -45,6 +47,35 @@ async def test_requests_cancelled_mid_write_do_not_break_the_connection(tmp_path
                        "a heartbeat from b after the cancelled requests")
 
 
+async def test_raw_stream_writes_cancelled_mid_frame_do_not_break_the_connection(tmp_path):
+    """The Yamux fix alone, below p2p/rpc.py (which writes whole messages itself): py-libp2p's
+    own writers (gossip, window updates, stream closes) go through it too."""
+    async with cluster(tmp_path, 2) as (a, b):
+        b.handle("echo", echo)
+
+        async def sink(stream) -> None:
+            try:
+                while await stream.read(65536):
+                    pass
+            except Exception:  # the stream ends as it ends; only the connection matters here
+                pass
+
+        b.host.set_stream_handler("/tasknet-test/sink/1", sink)
+        await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
+                       "the two nodes to meet")
+        b_id = ID.from_base58(b.peer_id)
+        (connection,) = a.host.get_network().get_connections(b_id)
+        stream = await a.host.new_stream(b_id, ["/tasknet-test/sink/1"])
+        for turns in range(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.write, b"z" * 3000)
+                for _ in range(turns):
+                    await trio.sleep(0)
+                nursery.cancel_scope.cancel()
+            assert await a.request(b.peer_id, "echo", turns, timeout=5) == turns, turns
+        assert not connection.is_closed
+
+
 async def test_a_large_request_cancelled_halfway_leaves_no_partial_frame(tmp_path):
     async with cluster(tmp_path, 2) as (a, b):
         b.handle("echo", echo)
@@ -78,5 +109,54 @@ async def test_a_cancelled_request_leaves_nothing_waiting_for_its_reply(tmp_path
                 with trio.fail_after(10):
                     await arrived.acquire()  # b has it: a is waiting for the reply
                 nursery.cancel_scope.cancel()
+        # and cancelled while another request's large message holds the stream's write lock
+        for turns in range(0, 40, 4):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(a.request, b.peer_id, "hang", b"w" * 1_000_000)
+                nursery.start_soon(a.request, b.peer_id, "hang", "queued behind it")
+                for _ in range(turns):
+                    await trio.sleep(0)
+                nursery.cancel_scope.cancel()
         channels = list(a._rpc._channels.values())
         assert channels and all(not channel.pending for channel in channels)
+
+
+async def test_a_peer_that_takes_no_bytes_costs_its_connection_not_a_hang(tmp_path, monkeypatch):
+    monkeypatch.setattr(libp2p_fixes, "FRAME_WRITE_GRACE_S", 0.5)
+    async with cluster(tmp_path, 2) as (a, b):
+        b.handle("echo", echo)
+        await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
+                       "the two nodes to meet")
+        assert await a.request(b.peer_id, "echo", "before") == "before"
+        b_id = ID.from_base58(b.peer_id)
+        (connection,) = a.host.get_network().get_connections(b_id)
+        # the socket under Noise stops taking bytes, as when the peer's buffers are full
+        tcp = connection.muxed_conn.secured_conn.conn.read_writer.read_write_closer
+        writable, closed = tcp.write, trio.Event()
+        tcp_close = tcp.close
+
+        async def never_written(data: bytes) -> None:
+            await closed.wait()  # until the socket is closed (then nothing is written)
+
+        async def close() -> None:
+            closed.set()
+            await tcp_close()
+
+        tcp.write, tcp.close = never_written, close
+        started = trio.current_time()
+        with pytest.raises(RequestError):
+            await a.request(b.peer_id, "echo", "stuck", timeout=0.5)
+        took = trio.current_time() - started
+        assert took < 0.5 + 0.5 + 1.0, took  # the request's timeout plus the frame's grace
+        assert connection.is_closed and closed.is_set()
+        tcp.write = writable
+
+        async def answered() -> bool:
+            try:
+                return await a.request(b.peer_id, "echo", "after", timeout=2) == "after"
+            except RequestError:
+                return False
+
+        with trio.fail_after(15):  # on a new connection
+            while not await answered():
+                await trio.sleep(0.2)
