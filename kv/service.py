@@ -24,8 +24,7 @@ import crdt
 from p2p import Network, RequestError
 from p2p.envelope import EnvelopeError
 from p2p.rpc import HandlerError
-from shard import Initiator, Keyspace, ProtocolError, Responder, Ring, Store
-from shard.quiet import QuietPartitions
+from shard import Initiator, Keyspace, ProtocolError, QuietPartitions, Responder, Ring, Store
 
 from .forwarding import MAX_OPS_PER_REQUEST, OPS_PROTOCOL, UNREACHABLE, Forwarder
 from .handoff import FOREIGN_PROTOCOL, ROOTS_PROTOCOL, Handoff

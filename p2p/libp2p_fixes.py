@@ -46,14 +46,13 @@ async def _write_frame_whole(self: Yamux, data: bytes) -> None:
     async with self._write_lock:
         now = trio.current_time()
         allowed = max(trio.current_effective_deadline(), now) + FRAME_WRITE_GRACE_S
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = min(allowed, now + FRAME_WRITE_LIMIT_S)
+        with trio.CancelScope(shield=True,
+                              deadline=min(allowed, now + FRAME_WRITE_LIMIT_S)) as scope:
             await self.secured_conn.write(data)
         if scope.cancelled_caught:
             log.info("a frame write did not finish in time; closing the connection")
             self.event_shutting_down.set()  # the reader then ends quietly on the close
-            with trio.CancelScope(shield=True) as closing:
-                closing.deadline = trio.current_time() + 1.0
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
                 await self.secured_conn.close()
             await trio.lowlevel.checkpoint_if_cancelled()  # a cancelled caller sees that
             raise ConnectionClosedError("a frame write did not finish in time; connection "

@@ -94,12 +94,10 @@ class FramedStream:
         still unfinished at `deadline` resets the stream; then the caller sees its
         cancellation if it was cancelled, else StreamError."""
         data = encode_frame(message, self.max_frame)
-        with trio.CancelScope(shield=True) as whole:
-            whole.deadline = deadline
+        with trio.CancelScope(shield=True, deadline=deadline) as whole:
             await self.stream.write(data)
         if whole.cancelled_caught:
-            with trio.CancelScope(shield=True) as resetting:
-                resetting.deadline = trio.current_time() + 1.0
+            with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
                 await self.reset()
             await trio.lowlevel.checkpoint_if_cancelled()
             raise StreamError(f"a {len(data)}-byte write did not finish in time; stream reset")

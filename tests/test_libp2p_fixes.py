@@ -1,6 +1,9 @@
 # Cancelled requests on real libp2p hosts (Noise + Yamux) on 127.0.0.1: cancelled at every
 # point of their write they leave the connection and the stream usable (the workarounds of
 # p2p/libp2p_fixes.py and the whole-message writes of p2p/rpc.py), and nothing waiting.
+from collections.abc import Awaitable, Callable
+from functools import partial
+
 import pytest
 import trio
 from libp2p.peer.id import ID
@@ -16,10 +19,11 @@ async def echo(peer_id: str, message: object) -> object:
     return message
 
 
-async def request_cancelled_after(turns: int, a, b, message: object) -> None:
-    """Start a request from a to b and cancel it after `turns` turns of the scheduler."""
+async def cancelled_after(turns: int, *calls: Callable[[], Awaitable[object]]) -> None:
+    """Start `calls` and cancel them after `turns` turns of the scheduler."""
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(a.request, b.peer_id, "echo", message)
+        for call in calls:
+            nursery.start_soon(call)
         for _ in range(turns):
             await trio.sleep(0)
         nursery.cancel_scope.cancel()
@@ -37,7 +41,7 @@ async def test_requests_cancelled_mid_write_do_not_break_the_connection(tmp_path
         # a request cancelled after k scheduler turns: one k lands between the Noise
         # encryption of its frame and the send, which broke the connection before the fix
         for turns in range(40):
-            await request_cancelled_after(turns, a, b, payload)
+            await cancelled_after(turns, partial(a.request, b.peer_id, "echo", payload))
             assert await a.request(b.peer_id, "echo", turns, timeout=5) == turns, turns
         assert not connection.is_closed
         assert network.get_connections(ID.from_base58(b.peer_id)) == [connection]
@@ -67,11 +71,7 @@ async def test_raw_stream_writes_cancelled_mid_frame_do_not_break_the_connection
         (connection,) = a.host.get_network().get_connections(b_id)
         stream = await a.host.new_stream(b_id, ["/tasknet-test/sink/1"])
         for turns in range(30):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(stream.write, b"z" * 3000)
-                for _ in range(turns):
-                    await trio.sleep(0)
-                nursery.cancel_scope.cancel()
+            await cancelled_after(turns, partial(stream.write, b"z" * 3000))
             assert await a.request(b.peer_id, "echo", turns, timeout=5) == turns, turns
         assert not connection.is_closed
 
@@ -86,7 +86,7 @@ async def test_a_large_request_cancelled_halfway_leaves_no_partial_frame(tmp_pat
         # cancelled after k scheduler turns: some k land between two frames of the message,
         # which left half a frame on the stream, and b refused the next request as garbage
         for turns in range(0, 80, 4):
-            await request_cancelled_after(turns, a, b, big)
+            await cancelled_after(turns, partial(a.request, b.peer_id, "echo", big))
             assert await a.request(b.peer_id, "echo", turns, timeout=10) == turns, turns
         assert b.status()["metrics"]["rpc_refused"] == 0
         assert b.status()["offences"] == {}  # a was not blamed for a garbled frame
@@ -111,12 +111,9 @@ async def test_a_cancelled_request_leaves_nothing_waiting_for_its_reply(tmp_path
                 nursery.cancel_scope.cancel()
         # and cancelled while another request's large message holds the stream's write lock
         for turns in range(0, 40, 4):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(a.request, b.peer_id, "hang", b"w" * 1_000_000)
-                nursery.start_soon(a.request, b.peer_id, "hang", "queued behind it")
-                for _ in range(turns):
-                    await trio.sleep(0)
-                nursery.cancel_scope.cancel()
+            await cancelled_after(turns,
+                                  partial(a.request, b.peer_id, "hang", b"w" * 1_000_000),
+                                  partial(a.request, b.peer_id, "hang", "queued behind it"))
         channels = list(a._rpc._channels.values())
         assert channels and all(not channel.pending for channel in channels)
 
