@@ -95,12 +95,16 @@ async def test_a_large_request_cancelled_halfway_leaves_no_partial_frame(tmp_pat
 async def test_a_cancelled_request_leaves_nothing_waiting_for_its_reply(tmp_path):
     async with cluster(tmp_path, 2) as (a, b):
         arrived = trio.Semaphore(0)
+        release = trio.Event()
 
-        async def never_answers(peer_id: str, message: object) -> object:
+        async def answers_late(peer_id: str, message: object) -> object:
+            """Answers only once the test lets it, after a has given up on the request (b
+            reads no more requests from a while 16 of them are unanswered)."""
             arrived.release()
-            await trio.sleep_forever()
+            await release.wait()
+            return "too late"
 
-        b.handle("hang", never_answers)
+        b.handle("hang", answers_late)
         await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
                        "the two nodes to meet")
         for _ in range(5):
@@ -109,11 +113,17 @@ async def test_a_cancelled_request_leaves_nothing_waiting_for_its_reply(tmp_path
                 with trio.fail_after(10):
                     await arrived.acquire()  # b has it: a is waiting for the reply
                 nursery.cancel_scope.cancel()
+            release.set()
+            release = trio.Event()
         # and cancelled while another request's large message holds the stream's write lock
         for turns in range(0, 40, 4):
             await cancelled_after(turns,
                                   partial(a.request, b.peer_id, "hang", b"w" * 1_000_000),
                                   partial(a.request, b.peer_id, "hang", "queued behind it"))
+            release.set()
+            release = trio.Event()
+        release.set()  # from now on b answers at once
+        assert await a.request(b.peer_id, "hang", "the late replies were skipped") == "too late"
         channels = list(a._rpc._channels.values())
         assert channels and all(not channel.pending for channel in channels)
 
@@ -157,3 +167,80 @@ async def test_a_peer_that_takes_no_bytes_costs_its_connection_not_a_hang(tmp_pa
         with trio.fail_after(15):  # on a new connection
             while not await answered():
                 await trio.sleep(0.2)
+
+
+async def test_request_traffic_sends_window_updates_only_at_half_the_window(tmp_path,
+                                                                          monkeypatch):
+    """py-libp2p credited the sender after nearly every read: a window-update frame per
+    request or reply received. Now only once half a stream's window is consumed, and
+    transfers of many windows still flow both ways."""
+    async with cluster(tmp_path, 2) as (a, b):
+        b.handle("echo", echo)
+        await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
+                       "the two nodes to meet")
+        assert await a.request(b.peer_id, "echo", "first") == "first"
+        frame_types: list[tuple[int, int, int]] = []  # (type, flags, length) of each frame
+        installed = Yamux._write_frame
+
+        async def recording(self: Yamux, data: bytes) -> None:
+            frame_types.append((data[1], int.from_bytes(data[2:4], "big"),
+                                int.from_bytes(data[8:12], "big")))
+            await installed(self, data)
+
+        monkeypatch.setattr(Yamux, "_write_frame", recording)
+        requests = 300
+        for i in range(requests):
+            assert await a.request(b.peer_id, "echo", {"i": i, "pad": b"p" * 500}) == {
+                "i": i, "pad": b"p" * 500}
+        data_frames = [f for f in frame_types if f[0] == 0 and f[2] > 0]
+        credit_updates = [f for f in frame_types if f[0] == 1 and f[1] == 0 and f[2] > 0]
+        assert len(data_frames) >= 2 * requests  # every request and reply was seen here
+        # 300 x ~530 bytes each way is about 160 KB: at most one half-window (128 KiB)
+        # update per direction, where there were hundreds
+        assert len(credit_updates) <= 4, len(credit_updates)
+        big = {"blob": b"w" * 3_000_000}  # many windows of 256 KiB each way: it flows only
+        for _ in range(2):  # if the receivers keep crediting the senders
+            assert await a.request(b.peer_id, "echo", big, timeout=30) == big
+        assert len([f for f in frame_types if f[0] == 1 and f[1] == 0 and f[2] > 0]) > len(
+            credit_updates)
+
+
+async def test_a_peer_that_reads_nothing_holds_at_most_a_window_of_our_data(tmp_path):
+    """Flow control holds: py-libp2p credited the sender on reads of a window that was
+    still mostly unused, so a peer could take in far more than its window; now a writer to
+    a stream nobody reads stops once it has sent one window, and goes on when it is read."""
+    async with cluster(tmp_path, 2) as (a, b):
+        reading = trio.Event()
+        received: list[int] = []
+        receiving_stream: list[object] = []
+
+        async def slow_sink(stream) -> None:
+            receiving_stream.append(stream)
+            await reading.wait()
+            while len(received) < 1 or sum(received) < 2_000_000:
+                received.append(len(await stream.read(65536)))
+
+        b.host.set_stream_handler("/tasknet-test/slow-sink/1", slow_sink)
+        await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
+                       "the two nodes to meet")
+        stream = await a.host.new_stream(ID.from_base58(b.peer_id),
+                                         ["/tasknet-test/slow-sink/1"])
+        written = trio.Event()
+
+        async def write_all() -> None:
+            await stream.write(b"q" * 2_000_000)
+            written.set()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_all)
+            muxed = stream.muxed_stream
+            await wait_for(lambda: muxed.send_window == 0 and receiving_stream, 10,
+                           "a to run out of b's window")
+            assert not written.is_set()
+            far_end = receiving_stream[0].muxed_stream
+            buffered = len(far_end.conn.stream_buffers[far_end.stream_id])
+            assert 0 < buffered <= far_end.target_recv_window, buffered
+            reading.set()  # b reads now: the credit lets the rest through
+            with trio.fail_after(20):
+                await written.wait()
+        await wait_for(lambda: sum(received) == 2_000_000, 10, "b to read everything")
