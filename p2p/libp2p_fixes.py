@@ -8,6 +8,7 @@ import os
 
 import trio
 from libp2p.io.exceptions import ConnectionClosedError
+from libp2p.io.trio import TrioTCPStream
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,51 @@ async def _write_frame_whole(self: Yamux, data: bytes) -> None:
     await trio.lowlevel.checkpoint()
 
 
+READ_AHEAD_BYTES = 65536  # what one receive from a TCP socket may take beyond the ask
+
+_tcp_read_of_libp2p = TrioTCPStream.read
+
+
+async def _read_ahead(self: TrioTCPStream, n: int | None = None) -> bytes:
+    """A TCP connection's read that takes what the socket holds (up to READ_AHEAD_BYTES) and
+    keeps what the caller did not ask for, for its next reads.
+
+    py-libp2p reads a Noise message as two exact reads, its 2-byte length and then its body,
+    each a socket receive (a system call, a lock and trio's socket wrapper). Under load many
+    messages wait in the socket at once; with this they cost one receive between them.
+    Bytes come out in the order they came in: the kept bytes are served first, and a receive
+    happens only when none are kept (checked under a lock of its own, so two readers cannot
+    receive past each other). Errors and end of stream are py-libp2p's own."""
+    if n == 0:
+        return b""
+    kept: bytearray | None = getattr(self, "_tasknet_kept", None)
+    if kept is None:
+        kept = bytearray()
+        self._tasknet_kept = kept  # type: ignore[attr-defined]
+        self._tasknet_receive_lock = trio.Lock()  # type: ignore[attr-defined]
+    if not kept:
+        lock: trio.Lock = self._tasknet_receive_lock  # type: ignore[attr-defined]
+        async with lock:
+            if not kept:
+                data = await _tcp_read_of_libp2p(self, max(n or 0, READ_AHEAD_BYTES))
+                if n is None or len(data) <= n:
+                    return data
+                kept += memoryview(data)[n:]
+                return data[:n]
+    if n is None or n >= len(kept):
+        data = bytes(kept)
+        kept.clear()
+        return data
+    data = bytes(kept[:n])
+    del kept[:n]
+    return data
+
+
+def read_tcp_ahead() -> None:
+    """Install `_read_ahead` on py-libp2p's TCP connections (idempotent)."""
+    TrioTCPStream.read = _read_ahead  # type: ignore[method-assign]
+
+
 def make_frame_writes_cancel_safe() -> None:
     """Install `_write_frame_whole` on py-libp2p's Yamux (once; idempotent)."""
     Yamux._write_frame = _write_frame_whole  # type: ignore[method-assign]
@@ -100,4 +146,5 @@ def make_frame_writes_cancel_safe() -> None:
 def apply_all() -> None:
     tune_yamux()
     credit_windows_at_half()
+    read_tcp_ahead()
     make_frame_writes_cancel_safe()

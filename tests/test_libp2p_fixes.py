@@ -1,11 +1,15 @@
-# Cancelled requests on real libp2p hosts (Noise + Yamux) on 127.0.0.1: cancelled at every
-# point of their write they leave the connection and the stream usable (the workarounds of
-# p2p/libp2p_fixes.py and the whole-message writes of p2p/rpc.py), and nothing waiting.
+# The workarounds of p2p/libp2p_fixes.py on real libp2p hosts (Noise + Yamux) and sockets on
+# 127.0.0.1. Cancelled requests, cancelled at every point of their write, leave the connection
+# and the stream usable (with the whole-message writes of p2p/rpc.py) and nothing waiting;
+# Yamux credits a sender once per half window and holds one that nobody reads to a window;
+# TCP reads take what the socket holds and keep the byte order.
 from collections.abc import Awaitable, Callable
 from functools import partial
 
 import pytest
 import trio
+from libp2p.io.trio import TrioTCPStream
+from libp2p.io.utils import read_exactly
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
@@ -244,3 +248,50 @@ async def test_a_peer_that_reads_nothing_holds_at_most_a_window_of_our_data(tmp_
             with trio.fail_after(20):
                 await written.wait()
         await wait_for(lambda: sum(received) == 2_000_000, 10, "b to read everything")
+
+
+async def test_tcp_reads_take_what_the_socket_holds_and_keep_the_order(tmp_path):
+    """Noise reads each message as a 2-byte length and a body: two socket receives each.
+    Messages that wait in the socket together now cost one receive between them, and the
+    bytes come out exactly as sent, whatever sizes the reads ask for."""
+    libp2p_fixes.apply_all()  # as a Network's start does
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    messages = [bytes([i % 251]) * (1 + (i * 37) % 700) for i in range(400)]
+    wire = b"".join(len(m).to_bytes(2, "big") + m for m in messages)
+    async with trio.open_nursery() as nursery:
+        accepted: list[trio.SocketStream] = []
+
+        async def accept() -> None:
+            accepted.append(await listeners[0].accept())
+
+        nursery.start_soon(accept)
+        client = await trio.open_tcp_stream("127.0.0.1", port)
+        await wait_for(lambda: accepted, 5, "the connection to be accepted")
+        server = accepted[0]
+        receives = 0
+        receive_some = server.receive_some
+
+        async def counted(max_bytes: int | None = None) -> bytes:
+            nonlocal receives
+            receives += 1
+            return await receive_some(max_bytes)
+
+        server.receive_some = counted  # type: ignore[method-assign]
+        reader = TrioTCPStream(server)
+        await client.send_all(wire)  # all of it waits in the socket before the reads start
+        got = []
+        for _ in messages:
+            length = int.from_bytes(await read_exactly(reader, 2), "big")
+            got.append(await read_exactly(reader, length))
+        assert got == messages
+        assert receives < len(messages) // 4, receives  # was 2 per message
+        # and a read of no given size takes what is kept first
+        await client.send_all(b"tail")
+        assert await read_exactly(reader, 4) == b"tail"
+        await client.aclose()
+        assert await reader.read() == b""  # end of stream, as before
+        await server.aclose()
+        nursery.cancel_scope.cancel()
+    for listener in listeners:
+        await listener.aclose()
