@@ -159,7 +159,8 @@ class GroupCommitWriter:
             return
         # the call is not abandoned on cancel: a shutdown waits for the write to finish
         assert self._disk is not None, "run() is not running"
-        await self._disk.call(self.store.write_planned, planned, True)
+        batch = self.store.batch_planned(planned, True)
+        await self._disk.call(self.store.write_batch, batch)
         self.store.record_planned(planned)
         self.batches += 1
         self.writes += len(planned.changed)

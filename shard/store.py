@@ -27,6 +27,8 @@ import plyvel
 from .keyspace import PREFIX_BYTES, Keyspace
 from .merkle import HashTree
 
+WriteBatch = Any  # plyvel's write batch (plyvel has no type hints)
+
 Merge = Callable[[bytes | None, bytes], bytes]
 Update = Callable[[bytes | None], bytes | None]  # current state -> new state (None: unchanged)
 
@@ -238,12 +240,23 @@ class Store:
 
     def write_planned(self, planned: PlannedWrite, sync: bool = True) -> None:
         """Write a planned batch in one LevelDB write (one fsync when `sync`)."""
+        self.write_batch(self.batch_planned(planned, sync))
+
+    def batch_planned(self, planned: PlannedWrite, sync: bool = True) -> WriteBatch:
+        """The LevelDB batch of a planned write, filled but not written: the Python work
+        of a write, for the owner's thread, so that a worker thread that runs `write_batch`
+        holds the interpreter's lock only to start and end it (LevelDB writes without it)."""
+        batch = self._db.write_batch(sync=sync)
+        put = batch.put
+        for stored, (before, after) in planned.changed.items():
+            if before != after:
+                put(stored, after)
+        return batch
+
+    def write_batch(self, batch: WriteBatch) -> None:
+        """Write a batch from `batch_planned` in one LevelDB write (one fsync if synced)."""
         try:
-            with self._db.write_batch(sync=sync) as batch:
-                put = batch.put
-                for stored, (before, after) in planned.changed.items():
-                    if before != after:
-                        put(stored, after)
+            batch.write()
         except plyvel.Error as exc:
             raise self._error("write", exc) from exc
 

@@ -71,10 +71,10 @@ class _GatedStore(Store):
         self.writing = threading.Event()
         self.gate = threading.Event()
 
-    def write_planned(self, planned, sync=True) -> None:
+    def write_batch(self, batch) -> None:
         self.writing.set()
         assert self.gate.wait(10), "the test never opened the gate"
-        super().write_planned(planned, sync)
+        super().write_batch(batch)
 
 
 def test_a_write_running_when_the_writer_is_cancelled_is_finished_and_accounted(
