@@ -159,8 +159,8 @@ class GroupCommitWriter:
             return
         # the call is not abandoned on cancel: a shutdown waits for the write to finish
         assert self._disk is not None, "run() is not running"
-        batch = self.store.batch_planned(planned, True)
-        await self._disk.call(self.store.write_batch, batch)
+        batch = self.store.fill_planned(planned, True)
+        await self._disk.call(self.store.write_filled, batch)
         self.store.record_planned(planned)
         self.batches += 1
         self.writes += len(planned.changed)

@@ -9,7 +9,7 @@ import os
 import trio
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
-from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream
+from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream, _yamux_release_on_read
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +35,36 @@ _window_update_of_libp2p = YamuxStream._auto_tune_and_send_window_update
 
 
 async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> None:
-    """Yamux's receive-window bookkeeping after a read, crediting the sender only once half
-    the window is consumed (go-yamux's rule, and py-libp2p's own intent).
+    """Yamux's receive-window bookkeeping after a read, crediting the sender once half the
+    window is consumed (go-yamux's rule, and py-libp2p's own intent), or at once when the
+    sender is nearly out of credit.
 
     py-libp2p 0.8.1 has a further branch ("partial slack") that credits the sender whenever
     the window is below its target by less than half, which is after nearly every read: a
     window-update frame (a Noise encryption, a send, a read and a decryption at the peer)
     for every request or reply received. Counted in a 3-node run of 6,000 single writes: 1,339
     of 3,612 frames were such updates. It also over-credits (the read's bytes twice), so a
-    peer that stopped reading still took in several windows. Here those reads only add to
-    the pending credit, which py-libp2p sends with the next update once half the window is
-    consumed; everything else (growing the window, auto-tuning) is py-libp2p's own code.
-    Nothing awaits between the check and the bookkeeping, so no other task sees them apart."""
+    peer that stopped reading still took in several windows. Here such a read only adds to
+    the pending credit while the sender still has half a window of credit; once it has
+    less (a slow reader: py-libp2p's writer gives up after 5 s without credit), each read
+    credits what was consumed, exactly. Everything else (growing the window, auto-tuning,
+    a user's PY_YAMUX_RELEASE_ON_READ=1) is py-libp2p's own code. Nothing awaits between
+    the check and the bookkeeping, so no other task sees them apart."""
     buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
     delta = self.target_recv_window - (self.recv_window + buffered)
     threshold = self._grow_threshold()
-    if (bytes_read > 0 and 0 < delta < threshold
-            and self._pending_recv_release + bytes_read < threshold):
-        self._pending_recv_release += bytes_read
+    if bytes_read <= 0 or not 0 < delta < threshold or _yamux_release_on_read():
+        await _window_update_of_libp2p(self, bytes_read=bytes_read)
         return
-    await _window_update_of_libp2p(self, bytes_read=bytes_read)
+    pending = self._pending_recv_release + bytes_read
+    if pending < threshold and self.recv_window >= threshold:
+        self._pending_recv_release = pending
+        return
+    # half a window read since the last credit, or the sender nearly out of credit: credit
+    # what was consumed (the window's shortfall from its target), no more
+    self._pending_recv_release = 0
+    self.recv_window += delta
+    await self.send_window_update(delta, skip_lock=True)
 
 
 def credit_windows_at_half() -> None:
@@ -110,6 +120,8 @@ async def _read_ahead(self: TrioTCPStream, n: int | None = None) -> bytes:
     receive past each other). Errors and end of stream are py-libp2p's own."""
     if n == 0:
         return b""
+    if n is not None and n < 0:
+        n = None  # what the socket holds, as for None
     kept: bytearray | None = getattr(self, "_tasknet_kept", None)
     if kept is None:
         kept = bytearray()

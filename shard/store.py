@@ -193,10 +193,11 @@ class Store:
 
     def plan_deltas(self, items: Iterable[tuple[bytes, bytes]]) -> PlannedWrite:
         """The first step of `apply_deltas`: read and merge, write nothing. Then call
-        `write_planned` (the disk write: it touches only LevelDB, so it may run in a worker
-        thread while the owner goes on reading) and then `record_planned` (the hash tree, in
-        the owner's thread). Between plan and record the owner must plan and write nothing
-        else, or the plan's "before" states go stale."""
+        `fill_planned` (the batch, in the owner's thread), `write_filled` (the disk write:
+        it touches only LevelDB, so it may run in a worker thread while the owner goes on
+        reading) and then `record_planned` (the hash tree, in the owner's thread); or
+        `write_planned` for the first two at once. Between plan and record the owner must
+        plan and write nothing else, or the plan's "before" states go stale."""
         return self.plan_updates(items)
 
     def plan_updates(self, items: Iterable[tuple[bytes, Update | bytes]]) -> PlannedWrite:
@@ -240,12 +241,13 @@ class Store:
 
     def write_planned(self, planned: PlannedWrite, sync: bool = True) -> None:
         """Write a planned batch in one LevelDB write (one fsync when `sync`)."""
-        self.write_batch(self.batch_planned(planned, sync))
+        self.write_filled(self.fill_planned(planned, sync))
 
-    def batch_planned(self, planned: PlannedWrite, sync: bool = True) -> WriteBatch:
+    def fill_planned(self, planned: PlannedWrite, sync: bool = True) -> WriteBatch:
         """The LevelDB batch of a planned write, filled but not written: the Python work
-        of a write, for the owner's thread, so that a worker thread that runs `write_batch`
-        holds the interpreter's lock only to start and end it (LevelDB writes without it)."""
+        of a write, for the owner's thread, so that a worker thread that runs `write_filled`
+        holds the interpreter's lock only to start and end it (LevelDB writes without it).
+        A batch that is never written leaves nothing behind."""
         batch = self._db.write_batch(sync=sync)
         put = batch.put
         for stored, (before, after) in planned.changed.items():
@@ -253,8 +255,8 @@ class Store:
                 put(stored, after)
         return batch
 
-    def write_batch(self, batch: WriteBatch) -> None:
-        """Write a batch from `batch_planned` in one LevelDB write (one fsync if synced)."""
+    def write_filled(self, batch: WriteBatch) -> None:
+        """Write a batch from `fill_planned` in one LevelDB write (one fsync if synced)."""
         try:
             batch.write()
         except plyvel.Error as exc:

@@ -71,10 +71,10 @@ class _GatedStore(Store):
         self.writing = threading.Event()
         self.gate = threading.Event()
 
-    def write_batch(self, batch) -> None:
+    def write_filled(self, batch) -> None:
         self.writing.set()
         assert self.gate.wait(10), "the test never opened the gate"
-        super().write_batch(batch)
+        super().write_filled(batch)
 
 
 def test_a_write_running_when_the_writer_is_cancelled_is_finished_and_accounted(

@@ -209,19 +209,73 @@ async def test_request_traffic_sends_window_updates_only_at_half_the_window(tmp_
             credit_updates)
 
 
-async def test_a_peer_that_reads_nothing_holds_at_most_a_window_of_our_data(tmp_path):
-    """Flow control holds: py-libp2p credited the sender on reads of a window that was
-    still mostly unused, so a peer could take in far more than its window; now a writer to
-    a stream nobody reads stops once it has sent one window, and goes on when it is read."""
+async def test_a_peer_that_stops_reading_holds_at_most_a_window_of_our_data(tmp_path):
+    """Flow control holds: py-libp2p credited the sender after each small read, twice the
+    bytes read, so a peer that had read a little and then stopped still took in more than
+    its window; now a writer to such a stream stops once the window is full, and goes on
+    when the peer reads again. And a reader that keeps reading, slowly, in small reads,
+    keeps a large write flowing (py-libp2p's writer gives up after 5 s without credit)."""
     async with cluster(tmp_path, 2) as (a, b):
         reading = trio.Event()
         received: list[int] = []
-        receiving_stream: list[object] = []
+        far_ends: list[object] = []
+        total = 2_000_000
+
+        async def stalling_sink(stream) -> None:
+            far_ends.append(stream)
+            while sum(received) < 100_000:  # small reads first: each one credited a before
+                received.append(len(await stream.read(1000)))
+            await reading.wait()
+            while sum(received) < total:
+                received.append(len(await stream.read(65536)))
+
+        b.host.set_stream_handler("/tasknet-test/stalling-sink/1", stalling_sink)
+        await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
+                       "the two nodes to meet")
+        stream = await a.host.new_stream(ID.from_base58(b.peer_id),
+                                         ["/tasknet-test/stalling-sink/1"])
+        written = trio.Event()
+
+        async def write_all() -> None:
+            await stream.write(b"q" * total)
+            written.set()
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_all)
+                await wait_for(lambda: far_ends and sum(received) >= 100_000, 10,
+                               "b to read its first 100 kB")
+                far_end = far_ends[0].muxed_stream
+                # b has received all a was allowed to send: its window is used up
+                await wait_for(lambda: far_end.recv_window == 0, 10,
+                               "b's window to fill up")
+                assert not written.is_set()
+                buffered = len(far_end.conn.stream_buffers[far_end.stream_id])
+                assert buffered <= far_end.target_recv_window, (buffered,
+                                                                far_end.target_recv_window)
+                reading.set()  # b reads again: the credit lets the rest through
+                with trio.fail_after(20):
+                    await written.wait()
+            await wait_for(lambda: sum(received) == total, 10, "b to read everything")
+        finally:
+            await stream.reset()
+
+
+async def test_a_slow_reader_keeps_a_writer_past_its_window_going(tmp_path):
+    """A reader too slow to consume half a window within the 5 s that py-libp2p's writer
+    waits for credit (1 kB every 60 ms) is credited read by read once the writer is nearly
+    out of credit, so the writer goes on instead of failing its write."""
+    async with cluster(tmp_path, 2) as (a, b):
+        window = 256 * 1024  # py-libp2p's initial window, grown only by half-window credits
+        total = window + 20_000
+        received: list[int] = []
+        writer_done = trio.Event()
 
         async def slow_sink(stream) -> None:
-            receiving_stream.append(stream)
-            await reading.wait()
-            while len(received) < 1 or sum(received) < 2_000_000:
+            while not writer_done.is_set():
+                received.append(len(await stream.read(1000)))
+                await trio.sleep(0.06)  # a slow consumer, on purpose
+            while sum(received) < total:
                 received.append(len(await stream.read(65536)))
 
         b.host.set_stream_handler("/tasknet-test/slow-sink/1", slow_sink)
@@ -229,69 +283,79 @@ async def test_a_peer_that_reads_nothing_holds_at_most_a_window_of_our_data(tmp_
                        "the two nodes to meet")
         stream = await a.host.new_stream(ID.from_base58(b.peer_id),
                                          ["/tasknet-test/slow-sink/1"])
-        written = trio.Event()
-
-        async def write_all() -> None:
-            await stream.write(b"q" * 2_000_000)
-            written.set()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write_all)
-            muxed = stream.muxed_stream
-            await wait_for(lambda: muxed.send_window == 0 and receiving_stream, 10,
-                           "a to run out of b's window")
-            assert not written.is_set()
-            far_end = receiving_stream[0].muxed_stream
-            buffered = len(far_end.conn.stream_buffers[far_end.stream_id])
-            assert 0 < buffered <= far_end.target_recv_window, buffered
-            reading.set()  # b reads now: the credit lets the rest through
-            with trio.fail_after(20):
-                await written.wait()
-        await wait_for(lambda: sum(received) == 2_000_000, 10, "b to read everything")
+        try:
+            with trio.fail_after(60):
+                await stream.write(b"s" * total)  # raised after 5 s without credit
+            writer_done.set()
+            await wait_for(lambda: sum(received) == total, 30, "b to read everything")
+        finally:
+            await stream.reset()
 
 
 async def test_tcp_reads_take_what_the_socket_holds_and_keep_the_order(tmp_path):
     """Noise reads each message as a 2-byte length and a body: two socket receives each.
     Messages that wait in the socket together now cost one receive between them, and the
-    bytes come out exactly as sent, whatever sizes the reads ask for."""
+    bytes come out exactly as sent, whatever sizes the reads ask for, from one reader or
+    two at once."""
     libp2p_fixes.apply_all()  # as a Network's start does
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     port = listeners[0].socket.getsockname()[1]
     messages = [bytes([i % 251]) * (1 + (i * 37) % 700) for i in range(400)]
     wire = b"".join(len(m).to_bytes(2, "big") + m for m in messages)
-    async with trio.open_nursery() as nursery:
-        accepted: list[trio.SocketStream] = []
+    accepted: list[trio.SocketStream] = []
+    client: trio.SocketStream | None = None
+    try:
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                async def accept() -> None:
+                    accepted.append(await listeners[0].accept())
 
-        async def accept() -> None:
-            accepted.append(await listeners[0].accept())
+                nursery.start_soon(accept)
+                client = await trio.open_tcp_stream("127.0.0.1", port)
+            server = accepted[0]
+            receives = 0
+            receive_some = server.receive_some
 
-        nursery.start_soon(accept)
-        client = await trio.open_tcp_stream("127.0.0.1", port)
-        await wait_for(lambda: accepted, 5, "the connection to be accepted")
-        server = accepted[0]
-        receives = 0
-        receive_some = server.receive_some
+            async def counted(max_bytes: int | None = None) -> bytes:
+                nonlocal receives
+                receives += 1
+                return await receive_some(max_bytes)
 
-        async def counted(max_bytes: int | None = None) -> bytes:
-            nonlocal receives
-            receives += 1
-            return await receive_some(max_bytes)
+            server.receive_some = counted  # type: ignore[method-assign]
+            reader = TrioTCPStream(server)
+            await client.send_all(wire)  # all of it waits in the socket before the reads
+            got = []
+            for _ in messages:
+                length = int.from_bytes(await read_exactly(reader, 2), "big")
+                got.append(await read_exactly(reader, length))
+            assert got == messages
+            assert receives < len(messages) // 4, receives  # was 2 per message
+            # a read of no given size (or a negative one) takes what is kept first
+            await client.send_all(b"tail-and-more")
+            assert await read_exactly(reader, 4) == b"tail"
+            rest = b""
+            while len(rest) < 9:
+                rest += await reader.read(-1 if rest else None)
+            assert rest == b"-and-more"
+            # two readers at once, asking for different sizes: in the order the reads
+            # return, the bytes are the stream's
+            pieces: list[bytes] = []
 
-        server.receive_some = counted  # type: ignore[method-assign]
-        reader = TrioTCPStream(server)
-        await client.send_all(wire)  # all of it waits in the socket before the reads start
-        got = []
-        for _ in messages:
-            length = int.from_bytes(await read_exactly(reader, 2), "big")
-            got.append(await read_exactly(reader, length))
-        assert got == messages
-        assert receives < len(messages) // 4, receives  # was 2 per message
-        # and a read of no given size takes what is kept first
-        await client.send_all(b"tail")
-        assert await read_exactly(reader, 4) == b"tail"
-        await client.aclose()
-        assert await reader.read() == b""  # end of stream, as before
-        await server.aclose()
-        nursery.cancel_scope.cancel()
-    for listener in listeners:
-        await listener.aclose()
+            async with trio.open_nursery() as readers:
+                async def read_in(size: int) -> None:
+                    while True:
+                        pieces.append(await reader.read(size))
+                        if sum(map(len, pieces)) >= len(wire):
+                            readers.cancel_scope.cancel()  # the other waits for more
+
+                readers.start_soon(read_in, 7)
+                readers.start_soon(read_in, 1000)
+                readers.start_soon(client.send_all, wire)
+            assert b"".join(pieces) == wire
+            await client.aclose()
+            assert await reader.read() == b""  # end of stream, as before
+    finally:
+        for stream in [*accepted, *([client] if client else [])]:
+            await stream.aclose()
+        for listener in listeners:
+            await listener.aclose()
