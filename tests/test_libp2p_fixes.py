@@ -33,6 +33,15 @@ async def cancelled_after(turns: int, *calls: Callable[[], Awaitable[object]]) -
         nursery.cancel_scope.cancel()
 
 
+async def stream_to(a, b, name: str, handler) -> object:
+    """A raw libp2p stream from a to b's `handler` (protocol /tasknet-test/<name>/1), once
+    the two nodes have met."""
+    protocol = f"/tasknet-test/{name}/1"
+    b.host.set_stream_handler(protocol, handler)
+    await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15, "the two nodes to meet")
+    return await a.host.new_stream(ID.from_base58(b.peer_id), [protocol])
+
+
 async def test_requests_cancelled_mid_write_do_not_break_the_connection(tmp_path):
     async with cluster(tmp_path, 2) as (a, b):
         assert Yamux._write_frame is _write_frame_whole  # installed by Network.start
@@ -68,12 +77,8 @@ async def test_raw_stream_writes_cancelled_mid_frame_do_not_break_the_connection
             except Exception:  # the stream ends as it ends; only the connection matters here
                 pass
 
-        b.host.set_stream_handler("/tasknet-test/sink/1", sink)
-        await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
-                       "the two nodes to meet")
-        b_id = ID.from_base58(b.peer_id)
-        (connection,) = a.host.get_network().get_connections(b_id)
-        stream = await a.host.new_stream(b_id, ["/tasknet-test/sink/1"])
+        stream = await stream_to(a, b, "sink", sink)
+        (connection,) = a.host.get_network().get_connections(ID.from_base58(b.peer_id))
         for turns in range(30):
             await cancelled_after(turns, partial(stream.write, b"z" * 3000))
             assert await a.request(b.peer_id, "echo", turns, timeout=5) == turns, turns
@@ -229,11 +234,7 @@ async def test_a_peer_that_stops_reading_holds_at_most_a_window_of_our_data(tmp_
             while sum(received) < total:
                 received.append(len(await stream.read(65536)))
 
-        b.host.set_stream_handler("/tasknet-test/stalling-sink/1", stalling_sink)
-        await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
-                       "the two nodes to meet")
-        stream = await a.host.new_stream(ID.from_base58(b.peer_id),
-                                         ["/tasknet-test/stalling-sink/1"])
+        stream = await stream_to(a, b, "stalling-sink", stalling_sink)
         written = trio.Event()
 
         async def write_all() -> None:
@@ -278,11 +279,7 @@ async def test_a_slow_reader_keeps_a_writer_past_its_window_going(tmp_path):
             while sum(received) < total:
                 received.append(len(await stream.read(65536)))
 
-        b.host.set_stream_handler("/tasknet-test/slow-sink/1", slow_sink)
-        await wait_for(lambda: alive_ids(a) == {a.peer_id, b.peer_id}, 15,
-                       "the two nodes to meet")
-        stream = await a.host.new_stream(ID.from_base58(b.peer_id),
-                                         ["/tasknet-test/slow-sink/1"])
+        stream = await stream_to(a, b, "slow-sink", slow_sink)
         try:
             with trio.fail_after(60):
                 await stream.write(b"s" * total)  # raised after 5 s without credit
