@@ -95,10 +95,10 @@ async def raw_host() -> AsyncIterator[IHost]:
 
     The automatic connection manager is off, so the host is connected to exactly the peers
     a benchmark dials: the reference then has the same topology as the tasknet nodes.
-    tasknet's fixes to py-libp2p (Yamux's window-update rule, frames written whole) hold for
-    the whole process, so the reference cannot differ from tasknet there: they are applied
-    here, as tasknet applies them, whether or not a tasknet node has started in this process
-    yet."""
+    tasknet's fixes to py-libp2p (Yamux's window credit, frames written whole, TCP reads
+    ahead) hold for the whole process, so the reference cannot differ from tasknet there:
+    they are applied here, as tasknet applies them, whether or not a tasknet node has
+    started in this process yet."""
     apply_libp2p_fixes()
     key_pair = create_ed25519_key_pair()
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)

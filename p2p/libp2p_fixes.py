@@ -47,13 +47,13 @@ async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> N
     peer that stopped reading still took in several windows. Here such a read only adds to
     the pending credit while the sender still has half a window of credit; once it has
     less (a slow reader: py-libp2p's writer gives up after 5 s without credit), each read
-    credits what was consumed, exactly. Everything else (growing the window, auto-tuning,
-    a user's PY_YAMUX_RELEASE_ON_READ=1) is py-libp2p's own code. Nothing awaits between
-    the check and the bookkeeping, so no other task sees them apart."""
+    credits what was consumed, exactly. Everything else (growing the window, auto-tuning)
+    is py-libp2p's own code. Nothing awaits between the check and the bookkeeping, so no
+    other task sees them apart."""
     buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
     delta = self.target_recv_window - (self.recv_window + buffered)
     threshold = self._grow_threshold()
-    if bytes_read <= 0 or not 0 < delta < threshold or _yamux_release_on_read():
+    if bytes_read <= 0 or not 0 < delta < threshold:
         await _window_update_of_libp2p(self, bytes_read=bytes_read)
         return
     pending = self._pending_recv_release + bytes_read
@@ -68,9 +68,11 @@ async def _window_update_at_half(self: YamuxStream, *, bytes_read: int = 0) -> N
 
 
 def credit_windows_at_half() -> None:
-    """Install `_window_update_at_half` on py-libp2p's Yamux streams (idempotent)."""
+    """Install `_window_update_at_half` on py-libp2p's Yamux streams, or keep py-libp2p's
+    own when the user asked for its credit on every read (PY_YAMUX_RELEASE_ON_READ=1, read
+    once here rather than on every read); idempotent."""
     YamuxStream._auto_tune_and_send_window_update = (  # type: ignore[method-assign]
-        _window_update_at_half)
+        _window_update_of_libp2p if _yamux_release_on_read() else _window_update_at_half)
 
 
 async def _write_frame_whole(self: Yamux, data: bytes) -> None:
