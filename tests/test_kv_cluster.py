@@ -23,11 +23,12 @@ async def test_writes_from_every_coordinator_land_on_exactly_n_replicas(tmp_path
     async with handles(tmp_path, 5) as nodes:
         kvs = [n.kv for n in nodes]
         expected = {}
-        for c, kv in enumerate(kvs):  # every node coordinates a share of the writes
-            batch = {f"user:{c}:{i}": {"n": i, "by": c} for i in range(300)}
-            await kv.put_many(batch)
-            expected.update(batch)
-        singles = {f"single:{i}": i for i in range(25)}
+        for c, kv in enumerate(kvs):  # every node coordinates a share of the 10k writes
+            for part in range(4):
+                batch = {f"user:{c}:{part}:{i}": {"n": i, "by": c} for i in range(490)}
+                await kv.put_many(batch)
+                expected.update(batch)
+        singles = {f"single:{i}": i for i in range(200)}
         for i, (key, value) in enumerate(singles.items()):
             await kvs[i % 5].put(key, value)
         expected.update(singles)
