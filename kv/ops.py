@@ -20,6 +20,15 @@ TYPE_OF_OP = {
     "hdel": "ormap",
 }
 
+# how messages name the types ("key holds a set (orset), not a register (lww)")
+_TYPE_WORDS = {"lww": "a register (lww)", "pncounter": "a counter (pncounter)",
+               "orset": "a set (orset)", "ormap": "a map (ormap)", "mvreg": "a multi-value "
+               "register (mvreg)", "gcounter": "a grow-only counter (gcounter)"}
+
+
+def _words(type_name: str | None) -> str:
+    return _TYPE_WORDS.get(type_name or "", f"a {type_name}")
+
 
 class OpError(ValueError):
     """An operation that cannot apply: unknown kind, bad arguments, or the wrong type."""
@@ -58,7 +67,8 @@ def make_delta(op: Op, current: Any | None, actor: str, clock: crdt.HLC, now_ms:
         return _delete_delta(current, actor, _stamp(current, clock, now_ms))
     if current is not None and type_name(current) != wanted:
         if not (type_name(current) == "lww" and _is_deleted(current)):
-            raise OpError("wrong_type", f"key holds a {type_name(current)}, not a {wanted}")
+            raise OpError("wrong_type", f"key holds {_words(type_name(current))}, "
+                          f"not {_words(wanted)}")
         current = None  # a deleted register may be reused as any type
     assert wanted is not None
     state: Any = current if current is not None else crdt.new(wanted)

@@ -113,12 +113,16 @@ class _AckGroup:
 
 
 class _Acks:
-    """Counts replica outcomes of one write until enough succeeded or all are known."""
+    """Counts replica outcomes of one write until enough succeeded or all are known.
+    `primaries_only` (consistency ALL): a fallback node holding a hint for a replica that is
+    down does not count for it."""
 
-    __slots__ = ("needed", "total", "ok", "known", "settled", "group")
+    __slots__ = ("needed", "total", "ok", "known", "settled", "group", "primaries_only")
 
-    def __init__(self, needed: int, total: int, group: _AckGroup) -> None:
+    def __init__(self, needed: int, total: int, group: _AckGroup,
+                 primaries_only: bool = False) -> None:
         self.needed, self.total = needed, total
+        self.primaries_only = primaries_only
         self.ok = self.known = 0
         self.group = group
         self.settled = needed <= 0 or total == 0
@@ -143,6 +147,11 @@ class _Routes:
     def __init__(self) -> None:
         self.mutators: dict[int, str | None] = {}
         self.targets: dict[int, list[tuple[str, PeerLink | None]]] = {}
+
+
+def _shown(key: bytes) -> str:
+    """A key for messages: as the user wrote it (quoted text), not as Python bytes."""
+    return repr(key.decode(errors="backslashreplace"))
 
 
 def _key_bytes(key: str | bytes) -> bytes:
@@ -469,10 +478,11 @@ class KV:
             try:
                 size = len(msgpack.packb(op.args, use_bin_type=True))
             except (TypeError, ValueError, OverflowError) as exc:
-                raise OpError("bad_value", f"value of {op.key!r} cannot be stored: {exc}") from None
+                raise OpError("bad_value",
+                              f"value of {_shown(op.key)} cannot be stored: {exc}") from None
             if size > self.config.max_value_bytes:
-                raise OpError("bad_value", f"value of {op.key!r} is {size} bytes, more than "
-                              f"{self.config.max_value_bytes}")
+                raise OpError("bad_value", f"value of {_shown(op.key)} is {size} bytes, more "
+                              f"than {self.config.max_value_bytes}")
             partition = partition_of(op.key)
             if partition in mutators:
                 mutator = mutators[partition]
@@ -480,7 +490,7 @@ class KV:
                 candidates = [p for p in self._alive_replicas(op.key, alive) if p not in avoid]
                 mutator = mutators[partition] = candidates[0] if candidates else None
             if mutator is None:
-                raise QuorumError(f"no replica of {op.key!r} is reachable")
+                raise QuorumError(f"no replica of {_shown(op.key)} is reachable")
             groups.setdefault(mutator, []).append(op)
             sizes.setdefault(mutator, []).append(size)
             partitions.setdefault(mutator, []).append(partition)
@@ -573,7 +583,7 @@ class KV:
                 except OpError:
                     raise
                 except (TypeError, ValueError, OverflowError) as exc:
-                    raise OpError("bad_value", f"{op.kind} of {op.key!r}: {exc}") from None
+                    raise OpError("bad_value", f"{op.kind} of {_shown(op.key)}: {exc}") from None
             return apply
 
         results = await self.writer.mutate_many([(op.key, mutation(op)) for op in ops])
@@ -597,7 +607,7 @@ class KV:
                 targets = targets_of[partition] = [
                     (peer, self._link(peer) if peer in alive else None)
                     for peer in owners(partition) if peer != self.me]
-            acks = _Acks(needed, len(targets), group)
+            acks = _Acks(needed, len(targets), group, level is Consistency.ALL)
             item = Delta(op.key, delta, None, acks)  # the same item goes to every replica
             for peer, link in targets:
                 if link is None:
@@ -616,9 +626,9 @@ class KV:
         for op, result, waited in zip(ops, results, waits, strict=True):
             if waited is None:
                 outcomes.append(result if isinstance(result, OpError) else QuorumError(
-                    f"{op.kind} of {op.key!r} was not stored here: {result}"))
+                    f"{op.kind} of {_shown(op.key)} was not stored here: {result}"))
             elif waited.ok < waited.needed:
-                outcomes.append(QuorumError(f"{op.kind} of {op.key!r} had fewer than "
+                outcomes.append(QuorumError(f"{op.kind} of {_shown(op.key)} had fewer than "
                                             f"{needed + 1} acks"))
             else:
                 outcomes.append(None)
@@ -641,12 +651,16 @@ class KV:
         for item in items:
             fallbacks = self.ring.fallbacks(self.ring.partition_of(item.key), 2)
             holders = [p for p in fallbacks if p in alive and p not in (target, self.me)]
-            hinted = Delta(item.key, item.delta, target, item.on_outcome)
+            outcome = item.on_outcome
+            if isinstance(outcome, _Acks) and outcome.primaries_only:
+                outcome(False)  # the hint still goes out; it just cannot confirm an ALL write
+                outcome = None
+            hinted = Delta(item.key, item.delta, target, outcome)
             if holders and self._link(holders[0]).push_nowait(hinted):
                 continue
             self.hints.add(target, [(item.key, item.delta)])
-            if item.on_outcome is not None:
-                item.on_outcome(False)
+            if outcome is not None:
+                outcome(False)
 
     def _on_link_failed(self, peer: str, batch: list[Delta]) -> None:
         direct = [d for d in batch if d.hint_for is None]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 import trio
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream, _yamux_release_on_read
+from libp2p.transport.tcp import tcp as libp2p_tcp
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,28 @@ def make_frame_writes_cancel_safe() -> None:
     Yamux._write_frame = _write_frame_whole  # type: ignore[method-assign]
 
 
+def _reuse_address_only(sock: trio.socket.SocketType) -> None:
+    """SO_REUSEADDR without py-libp2p's SO_REUSEPORT (see `refuse_taken_listen_ports`)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    except OSError:
+        pass
+
+
+def refuse_taken_listen_ports() -> None:
+    """py-libp2p sets SO_REUSEPORT on its TCP listeners (for NAT hole punching, which tasknet
+    does not use), so a second node asked to listen on a port another node already listens on
+    binds it too and starts; the kernel then splits incoming connections between the two.
+    Seen as: two `node.py --listen /ip4/127.0.0.1/tcp/4001` both running. Without
+    SO_REUSEPORT the second bind fails with "address in use" and the node refuses to start;
+    SO_REUSEADDR stays, so a restarted node still rebinds a port its last run left in
+    TIME_WAIT. A hole-punch dial, which would bind the listen port, falls back to an
+    ephemeral source port (py-libp2p's own fallback)."""
+    libp2p_tcp._set_reuse_flags = _reuse_address_only
+
+
 def apply_all() -> None:
+    refuse_taken_listen_ports()
     tune_yamux()
     credit_windows_at_half()
     read_tcp_ahead()

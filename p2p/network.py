@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MEMBERSHIP_TOPIC = "members"
 INCARNATION_FILE = "incarnation"
+LISTENER_CLOSE_S = 2.0  # how long a stopping node waits for its libp2p listeners to close
 
 
 class ConfigError(ValueError):
@@ -83,6 +84,23 @@ def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
         return multiaddr.Multiaddr(text)
     except Exception as exc:
         raise ConfigError(f"not a multiaddr: {text!r} ({exc})") from None
+
+
+async def _close_listeners(host: IHost) -> None:
+    """Close the host's TCP listeners before it stops. py-libp2p 0.8.1 closes them in a
+    `finally` of its swarm that, under the cancellation that stops it, ends at its first
+    await: the listeners' sockets and accepting tasks (trio system tasks) stayed for the
+    rest of the process, so a node stopped and started again in one process found its own
+    port taken, and the old listener went on accepting connections."""
+    with trio.move_on_after(LISTENER_CLOSE_S) as scope:
+        scope.shield = True
+        for listener in list(host.get_network().listeners.values()):
+            try:
+                await listener.close()
+            except Exception as exc:  # stopping goes on; the process may still hold it
+                log.warning("a libp2p listener did not close: %r", exc)
+    if scope.cancelled_caught:
+        log.warning("libp2p listeners did not close within %.0f s", LISTENER_CLOSE_S)
 
 
 def _next_incarnation(config: NetworkConfig) -> int:
@@ -143,6 +161,7 @@ class Network:
             "gossip_published": 0,
             "gossip_delivered": 0,
             "gossip_rejected": 0,
+            "gossip_replayed": 0,  # of those rejected: old messages re-delivered (harmless)
             "gossip_dropped_slow_subscriber": 0,
             "dials": 0,
             "dial_failures": 0,
@@ -248,6 +267,7 @@ class Network:
                     with trio.move_on_after(0.5) as cleanup:
                         cleanup.shield = True
                         await self._announce_leave()
+                    await _close_listeners(host)
                     nursery.cancel_scope.cancel()
         except Exception as exc:
             if started and body_error is None:
@@ -375,10 +395,16 @@ class Network:
             self.replay_guard.check_and_record(envelope.author, envelope.seq)
         except EnvelopeError as exc:
             self.metrics["gossip_rejected"] += 1
+            if exc.reason == "replayed":
+                # refused, but neither logged as a fault nor held against the forwarder:
+                # gossipsub re-delivers old messages to a peer that restarted (dozens at
+                # once), so honest peers forward them
+                self.metrics["gossip_replayed"] += 1
+                log.debug("dropped replayed gossip on %s forwarded by %s: %s",
+                          topic, forwarder, exc)
+                return False
             log.warning("refused gossip on %s forwarded by %s: %s", topic, forwarder, exc)
-            # a replayed envelope is refused but not held against the forwarder: gossipsub
-            # re-delivers old messages to peers that restarted, so honest peers forward them
-            if forwarder != self.host.get_id() and exc.reason != "replayed":
+            if forwarder != self.host.get_id():
                 self.penalize(str(forwarder), exc.reason)
             return False
         self._verified[msg.from_id + msg.seqno] = envelope

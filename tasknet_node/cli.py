@@ -1,5 +1,5 @@
 # The `node.py` command line: run a node, or ask a running one (status, peers, metrics, and
-# the key-value commands put, get, del, incr, sadd, srem).
+# the key-value commands put, get, del, incr, sadd, srem, hset, hdel).
 # Lives here: argument syntax and help, logging setup, and turning every error a user can
 # fix into one line on stderr with exit code 2 (1 when a queried node does not answer, 3 when
 # the KV store had too few replicas).
@@ -10,6 +10,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -33,6 +34,8 @@ KV_COMMANDS = {
     "incr": "add N (default 1, may be negative) to the counter KEY",
     "sadd": "add members to the set KEY",
     "srem": "remove members from the set KEY",
+    "hset": "set FIELD of the map KEY to VALUE",
+    "hdel": "remove FIELD from the map KEY",
 }
 CONSISTENCY_LEVELS = ["one", "quorum", "all"]  # kv.Consistency; kv is not imported: it loads trio
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
@@ -148,6 +151,10 @@ def kv_parser(command: str) -> argparse.ArgumentParser:
         parser.add_argument("amount", metavar="N", type=int, nargs="?", default=1)
     elif command in ("sadd", "srem"):
         parser.add_argument("members", metavar="M", type=_json_or_string, nargs="+")
+    elif command in ("hset", "hdel"):
+        parser.add_argument("field", metavar="FIELD")
+        if command == "hset":
+            parser.add_argument("value", metavar="VALUE", type=_json_or_string)
     parser.add_argument("--consistency", choices=CONSISTENCY_LEVELS,
                         help="replicas that must answer (default: the node's "
                         "--read-consistency or --write-consistency)")
@@ -158,13 +165,20 @@ def kv_parser(command: str) -> argparse.ArgumentParser:
 
 def _json_or_string(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_not_json)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
     except ValueError:
         return text
 
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e400: JSON has no infinity
+        raise ValueError(f"{text} is out of the range of a JSON number")
+    return number
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -207,6 +221,11 @@ def _kv(command: str, args: argparse.Namespace) -> int:
         answer = call_json(data_dir, "PUT", path, {"value": args.value, **level})
     elif command == "incr":
         answer = call_json(data_dir, "POST", path + "/incr", {"by": args.amount, **level})
+    elif command == "hset":
+        answer = call_json(data_dir, "POST", path + "/hset",
+                           {"field": args.field, "value": args.value, **level})
+    elif command == "hdel":
+        answer = call_json(data_dir, "POST", path + "/hdel", {"field": args.field, **level})
     else:
         answer = call_json(data_dir, "POST", f"{path}/{command}",
                            {"members": args.members, **level})

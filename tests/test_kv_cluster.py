@@ -79,6 +79,12 @@ async def test_a_stopped_replica_catches_up_through_hints_and_anti_entropy(tmp_p
         written = {f"k{i}": i for i in range(400)}
         await live[0].put_many(written)  # quorum writes succeed with one replica down
         assert sum(sum(kv.hints.pending().values()) for kv in live) > 0
+        # ALL needs every replica of the preference list: a fallback's hint does not count
+        all_key = next(f"all{i}" for i in range(1000)
+                       if victim_id in live[0].ring.preference_list(f"all{i}".encode()))
+        with trio.fail_after(5), pytest.raises(QuorumError):  # refused at once, not timed out
+            await live[0].put(all_key, "all", consistency="all")
+        written[all_key] = "all"  # stored where it could be, and hinted to the victim
         restarted = await victim.start()
         assert restarted.me == victim_id
         await wait_for_ring([n.kv for n in nodes])

@@ -119,6 +119,12 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
     answer(a.cli("sadd", "tags", "x", "y", "z"))
     answer(b.cli("srem", "tags", "y"))
     assert answer(c.cli("get", "tags"))["value"] == ["x", "z"]
+    answer(a.cli("hset", "account", "name", "ada"))
+    answer(b.cli("hset", "account", "langs", '["py", "c"]'))
+    answer(c.cli("hdel", "account", "name"))
+    assert answer(a.cli("get", "account"))["value"] == {"langs": ["py", "c"]}
+    answer(a.cli("put", "huge", "1e400"))  # not a finite JSON number: taken as text
+    assert answer(b.cli("get", "huge"))["value"] == "1e400"
     answer(c.cli("del", "greeting"))
     assert answer(a.cli("get", "greeting", "--consistency", "all")) == {"key": "greeting",
                                                                          "value": None}
@@ -128,6 +134,7 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
 
     wrong_type = a.cli("sadd", "visits", "m")
     assert wrong_type.returncode == 2 and "wrong_type" in wrong_type.stderr
+    assert "key holds a counter (pncounter), not a set (orset)" in wrong_type.stderr
     bad_args = a.cli("incr", "visits", "lots")
     assert bad_args.returncode == 2 and bad_args.stdout == ""
     nobody = subprocess.run([sys.executable, NODE, "get", "k", "--data-dir",
@@ -136,7 +143,7 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
 
     status = answer(a.cli("status"))
     assert status["kv"]["partitions_owned"] == status["kv"]["partitions"]  # N=3 of 3 nodes
-    assert status["kv"]["keys"] == 5 and status["kv"]["hints_pending"] == {}
+    assert status["kv"]["keys"] == 7 and status["kv"]["hints_pending"] == {}
 
     # the HTTP contract, straight to the API
     api = b.api

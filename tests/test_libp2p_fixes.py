@@ -3,6 +3,7 @@
 # and the stream usable (with the whole-message writes of p2p/rpc.py) and nothing waiting;
 # Yamux credits a sender once per half window and holds one that nobody reads to a window;
 # TCP reads take what the socket holds and keep the byte order.
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -13,10 +14,10 @@ from libp2p.io.utils import read_exactly
 from libp2p.peer.id import ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
-from p2p import RequestError, libp2p_fixes
+from p2p import ConfigError, Network, RequestError, libp2p_fixes
 from p2p.libp2p_fixes import _write_frame_whole
 
-from p2p_helpers import alive_ids, cluster, wait_for
+from p2p_helpers import alive_ids, cluster, node_config, wait_for
 
 
 async def echo(peer_id: str, message: object) -> object:
@@ -356,3 +357,25 @@ async def test_tcp_reads_take_what_the_socket_holds_and_keep_the_order(tmp_path)
             await stream.aclose()
         for listener in listeners:
             await listener.aclose()
+
+
+async def test_a_port_another_node_listens_on_is_refused(tmp_path):
+    """py-libp2p's listeners set SO_REUSEPORT, so a second node could bind a running node's
+    port and start, with the kernel splitting connections between the two."""
+    async with cluster(tmp_path, 1) as (first,):
+        port = first.addrs[0].split("/tcp/")[1].split("/")[0]
+        taken = node_config(tmp_path / "second", listen=[f"/ip4/127.0.0.1/tcp/{port}"])
+        with pytest.raises(ConfigError, match="in use"):
+            async with Network.start(taken):
+                pytest.fail("a second node started on a port the first listens on")
+        # the first node still takes connections on its port
+        joiner = node_config(tmp_path / "third", bootstrap=[first.addrs[0]])
+        async with Network.start(joiner) as third:
+            await wait_for(lambda: alive_ids(third) == {first.peer_id, third.peer_id}, 15,
+                           "a third node to join the first through its port")
+    # stopped, the first node leaves no listener behind (py-libp2p's stayed open): the port
+    # refuses connections, and a node of this process may listen on it again
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
+    async with Network.start(taken) as again:
+        assert f"/tcp/{port}/" in again.addrs[0]

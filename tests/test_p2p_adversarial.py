@@ -72,6 +72,8 @@ async def test_replayed_gossip_is_refused(tmp_path):
             await attacker._pubsub.publish(topic, data)  # same envelope, new pubsub seqno
             await wait_for(lambda: victim.metrics["gossip_rejected"] > before, 5,
                            "the replay to be refused")
+            assert victim.metrics["gossip_replayed"] >= 1  # counted, but not as a fault
+            assert victim.scores.score(attacker.peer_id, time.monotonic()) >= 0
             with trio.move_on_after(0.5):
                 await sub.next()
                 raise AssertionError("a replayed envelope was delivered twice")
