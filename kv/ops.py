@@ -60,8 +60,10 @@ def type_name(state: Any) -> str:
     return str(state.TYPE_NAME)
 
 
-def make_delta(op: Op, current: Any | None, actor: str, clock: crdt.HLC, now_ms: int) -> Any:
-    """The delta that applies `op` to `current` (a decoded CRDT or None) as `actor`."""
+def make_delta(op: Op, current: Any | None, actor: str, clock: crdt.HLC,
+               now_ms: int) -> Any | None:
+    """The delta that applies `op` to `current` (a decoded CRDT or None) as `actor`; None
+    when it changes nothing (a removal from a key that holds nothing)."""
     wanted = TYPE_OF_OP[op.kind]
     if op.kind == "delete":
         return _delete_delta(current, actor, _stamp(current, clock, now_ms))
@@ -70,6 +72,10 @@ def make_delta(op: Op, current: Any | None, actor: str, clock: crdt.HLC, now_ms:
             raise OpError("wrong_type", f"key holds {_words(type_name(current))}, "
                           f"not {_words(wanted)}")
         current = None  # a deleted register may be reused as any type
+    if current is None and op.kind in ("srem", "hdel"):
+        if not op.args:
+            raise OpError("bad_request", "no members given")
+        return None  # as in Redis: removing from a missing key does not create it
     assert wanted is not None
     state: Any = current if current is not None else crdt.new(wanted)
     if op.kind == "put":

@@ -576,10 +576,11 @@ class KV:
         now_ms = time.time_ns() // 1_000_000
 
         def mutation(op: Op) -> Any:
-            def apply(current: bytes | None) -> bytes:
+            def apply(current: bytes | None) -> bytes | None:
                 state = crdt.decode(current) if current is not None else None
                 try:
-                    return crdt.encode(make_delta(op, state, self.me, self.clock, now_ms))
+                    delta = make_delta(op, state, self.me, self.clock, now_ms)
+                    return None if delta is None else crdt.encode(delta)
                 except OpError:
                     raise
                 except (TypeError, ValueError, OverflowError) as exc:
@@ -601,6 +602,9 @@ class KV:
         for op, delta, partition in zip(ops, results, partitions, strict=True):
             if isinstance(delta, BaseException):
                 waits.append(None)
+                continue
+            if delta is None:  # the op changes nothing: nothing to store or replicate
+                waits.append(_Acks(0, 0, group))
                 continue
             targets = targets_of.get(partition)
             if targets is None:

@@ -21,7 +21,8 @@ from .diskthread import DiskThread
 
 log = logging.getLogger(__name__)
 
-Mutation = Callable[[bytes | None], bytes]  # current state -> delta (crdt.encode'd)
+# current state -> delta (crdt.encode'd), or None when the mutation changes nothing
+Mutation = Callable[[bytes | None], bytes | None]
 
 
 class WriterStopped(Exception):
@@ -60,16 +61,17 @@ class GroupCommitWriter:
         if items:
             await self._submit(_Job(items=items))
 
-    async def mutate(self, key: bytes, mutation: Mutation) -> bytes:
-        """Apply a local mutation; returns its delta once it is durable."""
+    async def mutate(self, key: bytes, mutation: Mutation) -> bytes | None:
+        """Apply a local mutation; returns its delta once it is durable (None: the mutation
+        changed nothing)."""
         (result,) = await self.mutate_many([(key, mutation)])
         if isinstance(result, BaseException):
             raise result
-        return bytes(result)
+        return None if result is None else bytes(result)
 
     async def mutate_many(self, mutations: list[tuple[bytes, Mutation]]) -> list[Any]:
-        """Apply mutations in one group commit, in order; each result is its delta (bytes)
-        or the exception that refused it."""
+        """Apply mutations in one group commit, in order; each result is its delta (bytes),
+        None when it changed nothing, or the exception that refused it."""
         job = _Job(mutations=mutations)
         await self._submit(job)
         return job.results
@@ -182,7 +184,8 @@ def _mutation_update(mutation: Mutation, results: list[Any]
             delta = mutation(current)
             # a key's first state is the delta itself: it comes from crdt.encode, so it is
             # already canonical (what merge_encoded(None, delta) would check and repack)
-            new = delta if current is None else crdt.merge_encoded(current, delta)
+            new = (delta if current is None or delta is None
+                   else crdt.merge_encoded(current, delta))
         except Exception as exc:  # this op is refused; the rest of the batch goes on
             results.append(exc)
             return None

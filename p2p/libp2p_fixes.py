@@ -12,6 +12,7 @@ from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream, _yamux_release_on_read
 from libp2p.transport.tcp import tcp as libp2p_tcp
+from multiaddr import Multiaddr
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,7 @@ log = logging.getLogger(__name__)
 # runs out of time closes the connection.
 FRAME_WRITE_GRACE_S = 2.0
 FRAME_WRITE_LIMIT_S = 10.0
+LISTENER_CLOSE_S = 2.0  # how long closing one libp2p listener may take (it is quick)
 
 
 def tune_yamux() -> None:
@@ -179,8 +181,31 @@ def refuse_taken_listen_ports() -> None:
     libp2p_tcp._set_reuse_flags = _reuse_address_only
 
 
+_listen_of_libp2p = libp2p_tcp.TCPListener.listen
+
+
+async def _listen_or_close(self: libp2p_tcp.TCPListener, maddr: Multiaddr) -> None:
+    """py-libp2p's listen, closing the listener when it fails."""
+    try:
+        await _listen_of_libp2p(self, maddr)
+    except BaseException:
+        with trio.move_on_after(LISTENER_CLOSE_S) as scope:
+            scope.shield = True
+            await self.close()
+        raise
+
+
+def close_failed_listeners() -> None:
+    """py-libp2p's swarm creates one listener per address and forgets it, unclosed, when its
+    listen fails (say, "address in use"): the listener's accepting task, a trio system task,
+    then sleeps for the rest of the process. Seen as: a task left per failed start in a
+    process that retries. Now a listen that fails closes its listener first."""
+    libp2p_tcp.TCPListener.listen = _listen_or_close  # type: ignore[method-assign]
+
+
 def apply_all() -> None:
     refuse_taken_listen_ports()
+    close_failed_listeners()
     tune_yamux()
     credit_windows_at_half()
     read_tcp_ahead()

@@ -41,7 +41,12 @@ log = logging.getLogger(__name__)
 
 MEMBERSHIP_TOPIC = "members"
 INCARNATION_FILE = "incarnation"
-LISTENER_CLOSE_S = 2.0  # how long a stopping node waits for its libp2p listeners to close
+# replayed gossip a forwarder may pass on per window before it counts against it (a restarted
+# node gets dozens of old messages re-delivered at once)
+REPLAYS_ALLOWED = 500
+REPLAY_WINDOW_S = 60.0
+SOCKETS_CLOSE_S = 1.0  # how long a stopping node waits for its libp2p sockets to close
+SOCKET_CLOSE_S = 0.25  # ... and for any one of them
 
 
 class ConfigError(ValueError):
@@ -86,21 +91,27 @@ def parse_multiaddr(text: str) -> multiaddr.Multiaddr:
         raise ConfigError(f"not a multiaddr: {text!r} ({exc})") from None
 
 
-async def _close_listeners(host: IHost) -> None:
-    """Close the host's TCP listeners before it stops. py-libp2p 0.8.1 closes them in a
-    `finally` of its swarm that, under the cancellation that stops it, ends at its first
-    await: the listeners' sockets and accepting tasks (trio system tasks) stayed for the
-    rest of the process, so a node stopped and started again in one process found its own
-    port taken, and the old listener went on accepting connections."""
-    with trio.move_on_after(LISTENER_CLOSE_S) as scope:
-        scope.shield = True
-        for listener in list(host.get_network().listeners.values()):
-            try:
-                await listener.close()
-            except Exception as exc:  # stopping goes on; the process may still hold it
-                log.warning("a libp2p listener did not close: %r", exc)
-    if scope.cancelled_caught:
-        log.warning("libp2p listeners did not close within %.0f s", LISTENER_CLOSE_S)
+async def _release_sockets(host: IHost) -> None:
+    """Close the host's listeners, then its connections, before it stops. py-libp2p 0.8.1
+    closes them in a `finally` of its swarm that, under the cancellation that stops it, ends
+    at its first await: the listeners (sockets and accepting tasks, trio system tasks) stayed
+    for the rest of the process, so a node stopped and started again in one process found
+    its own port taken while the old listener went on accepting; and connections this node
+    dialed stayed open, so its peers kept sending to a node that had stopped."""
+    network = host.get_network()
+    closers = [listener.close for listener in list(network.listeners.values())]
+    closers += [conn.close for conns in list(network.connections.values()) for conn in conns]
+    with trio.move_on_after(SOCKETS_CLOSE_S) as everything:
+        everything.shield = True
+        for close in closers:
+            with trio.move_on_after(SOCKET_CLOSE_S):
+                try:
+                    await close()
+                except Exception as exc:  # stopping goes on; the process may still hold it
+                    log.debug("a libp2p listener or connection did not close: %r", exc)
+    if everything.cancelled_caught:
+        log.warning("libp2p listeners and connections did not close within %.0f s",
+                    SOCKETS_CLOSE_S)
 
 
 def _next_incarnation(config: NetworkConfig) -> int:
@@ -172,6 +183,8 @@ class Network:
         self._pubsub: Pubsub | None = None
         self._rpc: RpcService | None = None
         self._nursery: trio.Nursery | None = None
+        self._stopping = False
+        self._replays: dict[str, tuple[float, int]] = {}  # forwarder -> (window start, count)
         self._subscribers: dict[str, list[trio.MemorySendChannel[GossipMessage]]] = {}
         self._joined_topics: set[str] = set()
         self._verified: OrderedDict[bytes, Envelope] = OrderedDict()
@@ -246,28 +259,32 @@ class Network:
                 background_trio_service(gossipsub),
                 trio.open_nursery() as nursery,
             ):
-                if any(str(a) not in host.get_network().listeners for a in listen):
-                    # py-libp2p logs a failed listen (say, port in use) and runs on without it
-                    raise OSError("address in use or not available")
-                started = True
-                await pubsub.wait_until_ready()
-                self._nursery = nursery
-                self._rpc.attach(nursery)
-                membership = await self.subscribe_raw(MEMBERSHIP_TOPIC)
-                nursery.start_soon(self._membership_loop, membership)
-                nursery.start_soon(self._heartbeat_loop)
-                nursery.start_soon(self._failure_detector_loop)
-                nursery.start_soon(self._discovery_loop)
                 try:
-                    yield
-                except BaseException as exc:
-                    body_error = exc
-                    raise
-                finally:
-                    with trio.move_on_after(0.5) as cleanup:
-                        cleanup.shield = True
-                        await self._announce_leave()
-                    await _close_listeners(host)
+                    if any(str(a) not in host.get_network().listeners for a in listen):
+                        # py-libp2p logs a failed listen (say, port in use) and runs on
+                        # without it
+                        raise OSError("address in use or not available")
+                    started = True
+                    await pubsub.wait_until_ready()
+                    self._nursery = nursery
+                    self._rpc.attach(nursery)
+                    membership = await self.subscribe_raw(MEMBERSHIP_TOPIC)
+                    nursery.start_soon(self._membership_loop, membership)
+                    nursery.start_soon(self._heartbeat_loop)
+                    nursery.start_soon(self._failure_detector_loop)
+                    nursery.start_soon(self._discovery_loop)
+                    try:
+                        yield
+                    except BaseException as exc:
+                        body_error = exc
+                        raise
+                    finally:
+                        self._stopping = True  # no heartbeat after the announcement
+                        with trio.move_on_after(0.5) as cleanup:
+                            cleanup.shield = True
+                            await self._announce_leave()
+                finally:  # a failed start too: py-libp2p's own teardown leaks these
+                    await _release_sockets(host)
                     nursery.cancel_scope.cancel()
         except Exception as exc:
             if started and body_error is None:
@@ -396,12 +413,17 @@ class Network:
         except EnvelopeError as exc:
             self.metrics["gossip_rejected"] += 1
             if exc.reason == "replayed":
-                # refused, but neither logged as a fault nor held against the forwarder:
-                # gossipsub re-delivers old messages to a peer that restarted (dozens at
-                # once), so honest peers forward them
+                # refused, but not logged as a fault nor held against the forwarder up to an
+                # allowance: gossipsub re-delivers old messages to a peer that restarted
+                # (dozens at once), so honest peers forward them
                 self.metrics["gossip_replayed"] += 1
                 log.debug("dropped replayed gossip on %s forwarded by %s: %s",
                           topic, forwarder, exc)
+                if self._replay_allowance_spent(str(forwarder), time.monotonic()):
+                    log.warning("refused gossip on %s forwarded by %s: more than %d replayed "
+                                "messages in %.0f s", topic, forwarder, REPLAYS_ALLOWED,
+                                REPLAY_WINDOW_S)
+                    self.penalize(str(forwarder), exc.reason)
                 return False
             log.warning("refused gossip on %s forwarded by %s: %s", topic, forwarder, exc)
             if forwarder != self.host.get_id():
@@ -456,8 +478,19 @@ class Network:
         members = 1 + len(self.view.alive_ids())
         return max(self.config.heartbeat_interval, self.config.heartbeat_per_member * members)
 
+    def _replay_allowance_spent(self, forwarder: str, now: float) -> bool:
+        """Count a replayed message from `forwarder`; True once it forwarded more than
+        REPLAYS_ALLOWED of them within REPLAY_WINDOW_S."""
+        start, count = self._replays.get(forwarder, (now, 0))
+        if now - start > REPLAY_WINDOW_S:
+            start, count = now, 0
+        self._replays[forwarder] = (start, count + 1)
+        if len(self._replays) > 4096:  # forget the oldest forwarders
+            del self._replays[next(iter(self._replays))]
+        return count + 1 > REPLAYS_ALLOWED
+
     async def _heartbeat_loop(self) -> None:
-        while True:
+        while not self._stopping:
             every = self.heartbeat_every()
             try:
                 await self.publish(

@@ -165,13 +165,21 @@ def kv_parser(command: str) -> argparse.ArgumentParser:
 
 def _json_or_string(text: str) -> Any:
     try:
-        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float)
+        return json.loads(text, parse_constant=_not_json, parse_float=_finite_float,
+                          parse_int=_storable_int)
     except ValueError:
         return text
 
 
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
+
+
+def _storable_int(text: str) -> int:
+    number = int(text)
+    if not -(2**63) <= number < 2**64:  # what the store's encoding (msgpack) holds
+        raise ValueError(f"{text} is out of the range of a 64-bit integer")
+    return number
 
 
 def _finite_float(text: str) -> float:

@@ -66,6 +66,13 @@ async def test_typed_operations_and_deletes(tmp_path):
         assert await a.get("doc") == "v2"
         await a.delete("tags")
         assert await b.get("tags") == []
+        # removing from a key that holds nothing leaves it missing, free to take any type
+        await b.srem("nothing-yet", "x")
+        await c.hdel("nothing-yet", "f")
+        assert await a.get("nothing-yet", consistency="all") is None
+        assert all(kv.store.get(b"nothing-yet") is None for kv in (a, b, c))
+        await a.incr("nothing-yet", 2)
+        assert await b.get("nothing-yet") == 2
 
 
 async def test_a_stopped_replica_catches_up_through_hints_and_anti_entropy(tmp_path):

@@ -124,7 +124,9 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
     answer(c.cli("hdel", "account", "name"))
     assert answer(a.cli("get", "account"))["value"] == {"langs": ["py", "c"]}
     answer(a.cli("put", "huge", "1e400"))  # not a finite JSON number: taken as text
+    answer(a.cli("sadd", "huge-set", str(2**64), "7"))  # beyond 64 bits: text too
     assert answer(b.cli("get", "huge"))["value"] == "1e400"
+    assert answer(b.cli("get", "huge-set"))["value"] == [7, str(2**64)]
     answer(c.cli("del", "greeting"))
     assert answer(a.cli("get", "greeting", "--consistency", "all")) == {"key": "greeting",
                                                                          "value": None}
@@ -143,7 +145,7 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
 
     status = answer(a.cli("status"))
     assert status["kv"]["partitions_owned"] == status["kv"]["partitions"]  # N=3 of 3 nodes
-    assert status["kv"]["keys"] == 7 and status["kv"]["hints_pending"] == {}
+    assert status["kv"]["keys"] == 8 and status["kv"]["hints_pending"] == {}
 
     # the HTTP contract, straight to the API
     api = b.api

@@ -3,6 +3,7 @@
 # and the stream usable (with the whole-message writes of p2p/rpc.py) and nothing waiting;
 # Yamux credits a sender once per half window and holds one that nobody reads to a window;
 # TCP reads take what the socket holds and keep the byte order.
+import os
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
@@ -379,3 +380,52 @@ async def test_a_port_another_node_listens_on_is_refused(tmp_path):
         socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()
     async with Network.start(taken) as again:
         assert f"/tcp/{port}/" in again.addrs[0]
+
+
+def _listening_ports() -> set[int]:
+    """TCP ports this process listens on (from /proc: its socket fds in LISTEN state)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as rows:
+            for row in list(rows)[1:]:
+                fields = row.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def _system_tasks_named(name: str) -> int:
+    root = trio.lowlevel.current_root_task()
+    tasks = [t for nursery in root.child_nurseries for t in nursery.child_tasks]
+    return sum(name in t.name for t in tasks)
+
+
+async def test_a_failed_start_leaves_no_listener_behind(tmp_path):
+    async with cluster(tmp_path, 1) as (first,):
+        port = int(first.addrs[0].split("/tcp/")[1].split("/")[0])
+        before_ports, before_tasks = _listening_ports(), _system_tasks_named("_run_server")
+        half_taken = node_config(tmp_path / "second", listen=[
+            "/ip4/127.0.0.1/tcp/0", f"/ip4/127.0.0.1/tcp/{port}"])
+        with pytest.raises(ConfigError, match="in use"):
+            async with Network.start(half_taken):
+                pytest.fail("a node started on a port another listens on")
+        assert _listening_ports() == before_ports  # the tcp/0 listener was closed
+        assert _system_tasks_named("_run_server") == before_tasks  # and the failed one's task
+
+
+async def test_a_stopped_node_closes_the_connections_it_dialed(tmp_path):
+    async with cluster(tmp_path, 1) as (first,):
+        dialer = node_config(tmp_path / "dialer", bootstrap=[first.addrs[0]])
+        async with Network.start(dialer) as second:
+            await wait_for(lambda: second.peer_id in first.connected_peers(), 15,
+                           "the second node to dial the first")
+        await wait_for(lambda: second.peer_id not in first.connected_peers(), 5,
+                       "the first node to see the stopped node's connection closed")

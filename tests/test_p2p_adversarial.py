@@ -9,6 +9,7 @@ import msgpack
 import trio
 from libp2p.peer.id import ID
 
+from p2p import network
 from p2p.envelope import seal
 from p2p.identity import Identity
 from p2p.rpc import protocol_id
@@ -57,7 +58,8 @@ async def test_bad_gossip_is_refused_and_penalised(tmp_path):
         assert alive_ids(honest) >= {victim.peer_id}
 
 
-async def test_replayed_gossip_is_refused(tmp_path):
+async def test_replayed_gossip_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setattr(network, "REPLAYS_ALLOWED", 3)
     async with cluster(tmp_path, 2) as (victim, attacker):
         await wait_for(lambda: attacker.peer_id in alive_ids(victim), 15, "attacker to join")
         topic = "/tasknet/test-net/news"
@@ -77,6 +79,12 @@ async def test_replayed_gossip_is_refused(tmp_path):
             with trio.move_on_after(0.5):
                 await sub.next()
                 raise AssertionError("a replayed envelope was delivered twice")
+            # past its allowance a forwarder of replays is held to account
+            for _ in range(3):
+                await attacker._pubsub.publish(topic, data)
+            await wait_for(lambda: victim.scores.score(attacker.peer_id, time.monotonic()) < 0,
+                           5, "the replays past the allowance to count against the sender")
+            assert victim.metrics["gossip_replayed"] >= 4
 
 
 async def _raw_stream(attacker, victim, name):
