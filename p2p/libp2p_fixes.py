@@ -189,8 +189,7 @@ async def _listen_or_close(self: libp2p_tcp.TCPListener, maddr: Multiaddr) -> No
     try:
         await _listen_of_libp2p(self, maddr)
     except BaseException:
-        with trio.move_on_after(LISTENER_CLOSE_S) as scope:
-            scope.shield = True
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + LISTENER_CLOSE_S):
             await self.close()
         raise
 
