@@ -273,7 +273,7 @@ class KV:
         """Ask every live replica of the keys (one request per replica), merge the answers of
         each key once R replicas gave one, and repair replicas that answered stale."""
         level = Consistency(consistency or self.config.read_consistency)
-        needed = level.needed(self.config.replicas)
+        needed = level.needed(self.copies())
         wanted: dict[str, list[int]] = {}
         for index, key in enumerate(keys):
             for peer in self._alive_replicas(key):
@@ -391,8 +391,13 @@ class KV:
         owned = self._owned_partitions()
         now = time.monotonic()
         ages = [now - t for t in self.last_anti_entropy.values()]
+        copies = self.copies()
         return {
             "ring_members": len(self.ring.members),
+            "copies": copies,
+            "warning": (f"keys have {copies} of {self.config.replicas} copies until "
+                        f"{self.config.replicas - copies} more node(s) join"
+                        if copies < self.config.replicas else None),
             "partitions": self.ring.partitions,
             "partitions_owned": len(owned),
             "keys": len(self.store),
@@ -432,6 +437,13 @@ class KV:
         """Members that hold data: everyone known except those who left on purpose. A node
         that crashed stays in the ring (its writes wait in hints) until it is forgotten."""
         return {self.me} | {m.peer_id for m in self.net.view.members() if not m.left}
+
+    def copies(self) -> int:
+        """How many replicas each key has: N, or every ring member while the ring has fewer
+        than N (a one-node network keeps one copy and accepts writes, as Riak's one-node
+        cluster does); quorums count over these. Handoff brings keys up to N as members
+        join."""
+        return min(self.config.replicas, len(self.ring.members))
 
     def _alive(self) -> set[str]:
         return {self.me} | self.net.view.alive_ids()
@@ -565,7 +577,7 @@ class KV:
             raise failed[0]
         refused = [o for o in failed if isinstance(o, OpError)]
         raise QuorumError(f"{len(failed) - len(refused)} of {len(ops)} ops had fewer than "
-                          f"{level.needed(self.config.replicas)} acks; {len(refused)} refused "
+                          f"{level.needed(self.copies())} acks; {len(refused)} refused "
                           f"({refused[0] if refused else ''})")
 
     async def _apply_and_replicate(self, ops: list[Op], level: Consistency,
@@ -588,7 +600,7 @@ class KV:
             return apply
 
         results = await self.writer.mutate_many([(op.key, mutation(op)) for op in ops])
-        needed = level.needed(self.config.replicas) - 1
+        needed = level.needed(self.copies()) - 1
         waits: list[_Acks | None] = []
         alive = self._alive()  # once per batch, not per (op, peer)
         # `remaining` starts at 1 for this loop itself: acks that arrive while a later push

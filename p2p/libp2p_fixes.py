@@ -6,11 +6,20 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
+from libp2p.abc import INetStream
+from libp2p.host.basic_host import BasicHost
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
+from libp2p.peer.id import ID
+from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream, _yamux_release_on_read
+from libp2p.tools.anyio_service.trio_manager import TrioManager
 from libp2p.transport.tcp import tcp as libp2p_tcp
 from multiaddr import Multiaddr
 
@@ -202,7 +211,207 @@ def close_failed_listeners() -> None:
     libp2p_tcp.TCPListener.listen = _listen_or_close  # type: ignore[method-assign]
 
 
+# -- no remote crash ---------------------------------------------------------------------
+# A peer's behaviour can make a py-libp2p background task raise (a race in its own state, or
+# a bug a message triggers). py-libp2p's service manager then cancels the whole service: the
+# pubsub service, or the swarm and with it the host and the node. Seen: bans of peers that
+# sent bad gossip ended the node with a KeyError (see `_teardown_banned_peer`). The fixes
+# below keep such an error inside the one task or stream it happened in: it is logged, counted
+# and reported to the node that owns the service, which scores the peer down.
+
+FaultSink = Callable[[str | None, str, BaseException], None]
+"""Told of each contained error: (peer id or None, where, error)."""
+
+_fault_sinks: weakref.WeakKeyDictionary[object, FaultSink] = weakref.WeakKeyDictionary()
+_door_gates: weakref.WeakKeyDictionary[object, Callable[[str], bool]] = \
+    weakref.WeakKeyDictionary()
+_contained = 0
+DAEMON_RESTARTS_PER_MINUTE = 10  # a daemon task failing more often than this ends its service
+
+
+def contained_errors() -> int:
+    """How many errors the fixes below have kept from ending a py-libp2p service."""
+    return _contained
+
+
+def report_faults_to(owner: object, sink: FaultSink) -> None:
+    """Send the errors contained in `owner` (a py-libp2p service or host) to `sink`."""
+    _fault_sinks[owner] = sink
+
+
+def refuse_at_the_door(host: object, is_refused: Callable[[str], bool]) -> None:
+    """Reset every inbound stream (any protocol) of `host` from a peer `is_refused` names."""
+    _door_gates[host] = is_refused
+
+
+def _peer_of(fn: Any, args: tuple[Any, ...]) -> str | None:
+    for arg in args:
+        if isinstance(arg, ID):
+            return str(arg)
+    owner = getattr(fn, "__self__", None)
+    for holder in (owner, getattr(owner, "muxed_conn", None)):
+        peer = getattr(holder, "peer_id", None)
+        if isinstance(peer, ID):
+            return str(peer)
+    return None
+
+
+def _errors_only(exc: BaseException) -> BaseException | None:
+    """`exc` if it is an error (or a group of only errors), None if it holds a cancellation
+    or another BaseException (those must go on up)."""
+    if isinstance(exc, BaseExceptionGroup):
+        if all(isinstance(e, Exception) for e in _leaves(exc)):
+            leaves = list(_leaves(exc))
+            return leaves[0] if len(leaves) == 1 else exc
+        return None
+    return exc if isinstance(exc, Exception) else None
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _expected_shutdown(error: BaseException) -> bool:
+    from libp2p.utils.connection_shutdown import is_expected_connection_shutdown
+    return bool(is_expected_connection_shutdown(error))
+
+
+def _contain(owner: object, where: str, peer: str | None, error: BaseException) -> None:
+    global _contained
+    _contained += 1
+    log.warning("contained an error in py-libp2p's %s (peer %s): %r", where, peer, error,
+                exc_info=error)
+    sink = _fault_sinks.get(owner)
+    if sink is not None:
+        try:
+            sink(peer, where, error)
+        except Exception:
+            log.exception("a fault sink failed")
+
+
+_run_task_of_libp2p = TrioManager.run_task
+
+
+def _run_task_contained(self: TrioManager, async_fn: Callable[..., Awaitable[Any]],
+                        *args: Any, daemon: bool = False, name: str | None = None,
+                        _internal: bool = False) -> Any:
+    """py-libp2p's run_task with the task's errors contained: a task ends alone with its
+    error logged, and a daemon task (a service's loop) is restarted, at most
+    DAEMON_RESTARTS_PER_MINUTE times a minute. A task scheduled on a service that is stopping
+    is dropped (py-libp2p raised "Nursery is closed" into the peer's stream handler)."""
+    service = self._service
+    where = f"{type(service).__name__}.{getattr(async_fn, '__name__', 'task')}"
+    peer = _peer_of(async_fn, args)
+
+    async def contained(*inner: Any) -> None:
+        restarts: list[float] = []
+        while True:
+            try:
+                await async_fn(*inner)
+                return
+            except BaseException as exc:
+                error = _errors_only(exc)
+                if error is None or _expected_shutdown(error):
+                    raise  # a cancellation, or py-libp2p's own: a connection going away
+                _contain(service, where, peer, error)
+                if not daemon:
+                    return
+                now = time.monotonic()
+                restarts = [t for t in restarts if now - t < 60.0] + [now]
+                if len(restarts) > DAEMON_RESTARTS_PER_MINUTE:
+                    raise
+            await trio.sleep(0.1)
+
+    contained.__name__ = getattr(async_fn, "__name__", "task")
+    if not self.is_running or self._task_nursery is None:
+        log.debug("dropped %s: its service is not running", where)
+        return None
+    try:
+        return _run_task_of_libp2p(self, contained, *args, daemon=daemon, name=name,
+                                   _internal=_internal)
+    except RuntimeError as exc:  # the service's nursery closed as it stops
+        log.debug("dropped %s: %s", where, exc)
+        return None
+
+
+def contain_task_errors() -> None:
+    """Install `_run_task_contained` on py-libp2p's service manager (idempotent)."""
+    TrioManager.run_task = _run_task_contained  # type: ignore[method-assign]
+
+
+_stream_handler_of_libp2p = BasicHost._swarm_stream_handler
+
+
+async def _stream_handler_guarded(self: BasicHost, net_stream: INetStream) -> None:
+    """py-libp2p's inbound stream handling (protocol negotiation, then the protocol's
+    handler), refusing streams of a refused peer before negotiation and containing any error
+    of a handler: it used to travel up through the connection's nursery into the swarm's
+    task and end the host."""
+    peer = str(net_stream.muxed_conn.peer_id)
+    gate = _door_gates.get(self)
+    if gate is not None and gate(peer):
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
+            try:
+                await net_stream.reset()
+            except Exception:
+                pass
+        return
+    try:
+        await _stream_handler_of_libp2p(self, net_stream)
+    except BaseException as exc:
+        error = _errors_only(exc)
+        if error is None:
+            raise  # a cancellation: the connection or the node is stopping
+        _contain(self, f"stream handler ({net_stream.get_protocol()})", peer, error)
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
+            try:
+                await net_stream.reset()
+            except Exception:
+                pass
+
+
+def contain_stream_handler_errors() -> None:
+    """Install `_stream_handler_guarded` on py-libp2p's hosts (idempotent). Hosts that were
+    already built keep the handler they registered with their swarm."""
+    BasicHost._swarm_stream_handler = _stream_handler_guarded  # type: ignore[method-assign]
+
+
+async def _teardown_banned_peer(self: Pubsub, peer_id: ID) -> None:
+    """py-libp2p's teardown of a peer it has just blacklisted, without its race.
+
+    py-libp2p resets the peer's stream and then runs `del self.peers[peer_id]`; while the
+    reset awaits, the dead-peer handler (woken by that very reset, or by the disconnect a
+    ban starts) may already have removed the peer: KeyError, and the pubsub service, the host
+    and the node ended. Seen after 4 of about 10 gossip-triggered bans. Here the entry is
+    removed only if it is still the one this teardown reset, with the cleanup py-libp2p's
+    dead-peer handler does (queue closed, router told), so nothing of the peer stays behind
+    whichever runs first."""
+    stream = self.peers.get(peer_id)
+    if stream is not None:
+        try:
+            await stream.reset()
+        except Exception:
+            pass
+        if self.peers.get(peer_id) is stream:
+            del self.peers[peer_id]
+            queue = self.peer_queues.pop(peer_id, None)
+            if queue is not None:
+                queue.close()
+            self.router.remove_peer(peer_id)
+    self._forget_all_subscriptions(peer_id)
+
+
+def teardown_banned_peers_safely() -> None:
+    """Install `_teardown_banned_peer` on py-libp2p's Pubsub (idempotent)."""
+    Pubsub._teardown_if_connected = _teardown_banned_peer  # type: ignore[method-assign]
+
+
 def apply_all() -> None:
+    contain_task_errors()
+    contain_stream_handler_errors()
+    teardown_banned_peers_safely()
     refuse_taken_listen_ports()
     close_failed_listeners()
     tune_yamux()

@@ -16,7 +16,7 @@ from typing import Any
 import multiaddr
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, INetConn, INetStream, INetwork, INotifee
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
@@ -33,6 +33,7 @@ from .config import NetworkConfig
 from .envelope import Envelope, EnvelopeError, ReplayGuard, open_envelope, seal
 from .identity import Identity, load_or_create_identity, peer_id_from_public_key
 from .libp2p_fixes import apply_all as apply_libp2p_fixes
+from .libp2p_fixes import refuse_at_the_door, report_faults_to
 from .membership import Member, MemberEvent, MembershipConfig, MemberState, MemberView
 from .rpc import Handler, RpcLimits, RpcService
 from .scoring import PeerScores
@@ -154,6 +155,31 @@ def _innermost(exc: BaseException) -> BaseException:
     return exc
 
 
+class _BanNotifee(INotifee):
+    """Tells the network of each new connection, so a banned peer's is dropped at once."""
+
+    def __init__(self, net: Network) -> None:
+        self._net = net
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._net._refuse_connection(str(conn.muxed_conn.peer_id))
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        pass
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        pass
+
+    async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+    async def listen_close(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
+        pass
+
+
 class Network:
     """A running tasknet p2p node. Build it with `async with Network.start(config) as net`."""
 
@@ -176,6 +202,8 @@ class Network:
             "gossip_dropped_slow_subscriber": 0,
             "dials": 0,
             "dial_failures": 0,
+            "banned_refused": 0,  # streams and connections of banned peers refused
+            "libp2p_faults": 0,  # errors a peer provoked inside py-libp2p, contained
         }
         self._seq = time.time_ns() // 1000  # grows across restarts: replay guards stay valid
         self._started = time.monotonic()
@@ -248,8 +276,12 @@ class Network:
                 max_concurrent_per_peer=self.config.max_concurrent_requests_per_peer,
             ),
             self.penalize,
-            is_blocked=self._blocked.__contains__,
+            is_blocked=self._is_refused,
         )
+        for owner in (host, host.get_network(), pubsub, gossipsub):
+            report_faults_to(owner, self._on_libp2p_fault)
+        refuse_at_the_door(host, self._refuse_stream)
+        host.get_network().register_notifee(_BanNotifee(self))
         started = False
         body_error: BaseException | None = None
         try:
@@ -589,7 +621,7 @@ class Network:
                 candidates.append(PeerInfo(ID.from_base58(member.peer_id), addrs))
         return [c for c in candidates
                 if self._redial_at.get(str(c.peer_id), (0.0, 0.0))[0] <= now
-                and str(c.peer_id) not in self._blocked]
+                and not self._is_refused(str(c.peer_id))]
 
     async def _dial(self, info: PeerInfo) -> None:
         peer = str(info.peer_id)
@@ -623,6 +655,33 @@ class Network:
         self._blocked.clear()
 
     # -- misbehaviour --------------------------------------------------------------------
+    def is_banned(self, peer: str) -> bool:
+        return self.scores.is_banned(peer, time.monotonic())
+
+    def _is_refused(self, peer: str) -> bool:
+        """Whether nothing is served to or asked of `peer`: banned, or on the other side of
+        an injected partition."""
+        return peer in self._blocked or self.is_banned(peer)
+
+    def _refuse_stream(self, peer: str) -> bool:
+        if not self._is_refused(peer):
+            return False
+        self.metrics["banned_refused"] += peer not in self._blocked
+        return True
+
+    def _refuse_connection(self, peer: str) -> None:
+        """A banned peer got through the door (it had to complete Noise for us to learn who
+        it is): drop the connection at once."""
+        if self.is_banned(peer) and self._nursery is not None and not self._stopping:
+            self.metrics["banned_refused"] += 1
+            log.debug("refused a connection from banned peer %s", peer)
+            self._nursery.start_soon(self._disconnect, peer)
+
+    def _on_libp2p_fault(self, peer: str | None, where: str, error: BaseException) -> None:
+        self.metrics["libp2p_faults"] += 1
+        if peer is not None and peer != self.peer_id:
+            self.penalize(peer, "fault")
+
     def penalize(self, peer: str, reason: str) -> None:
         """Lower the score of a peer that misbehaved; below the line it is banned."""
         if self.scores.penalize(peer, reason, time.monotonic()):

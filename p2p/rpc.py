@@ -274,7 +274,7 @@ class RpcService:
     ) -> Any:
         pid = protocol_id(self.network, name, version)
         if self._is_blocked(peer_id):
-            raise PeerUnreachable(f"{peer_id} is isolated from this node")
+            raise PeerUnreachable(f"{peer_id} is banned by or isolated from this node")
         limit = timeout if timeout is not None else self.limits.request_timeout
         key = (peer_id, pid)
         channel: _Channel | None = None

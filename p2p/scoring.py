@@ -17,6 +17,7 @@ PENALTIES = {
     "author": 50.0,
     "frame": 10.0,
     "stalled": 5.0,
+    "fault": 5.0,  # an error it provoked inside py-libp2p (contained, see libp2p_fixes)
 }
 
 

@@ -14,7 +14,15 @@ from p2p import RequestError
 from p2p.envelope import seal
 from p2p.identity import Identity
 
-from kv_helpers import copies_on_disk, foreign_keys, handles, join, wait_for, wait_for_ring
+from kv_helpers import (
+    NodeHandle,
+    copies_on_disk,
+    foreign_keys,
+    handles,
+    join,
+    wait_for,
+    wait_for_ring,
+)
 
 N = 3
 
@@ -366,3 +374,22 @@ async def test_anti_entropy_puts_off_a_partition_being_written_but_not_for_long(
         await wait_for(lambda: len({kv.store.get(b"hot") for kv in kvs}) == 1, 20,
                        "the replicas of the hot key to converge")
         await wait_for(lambda: deferred() == 0, 20, "nothing put off once the writes stop")
+
+
+async def test_a_one_node_network_accepts_writes_and_handoff_brings_keys_up_to_n(tmp_path):
+    async with handles(tmp_path, 1) as nodes:
+        solo = nodes[0].kv
+        assert solo.copies() == 1 and "1 of 3 copies" in solo.status()["warning"]
+        for level in ("one", "quorum", "all"):
+            await solo.put(f"k-{level}", level, consistency=level)
+            assert await solo.get(f"k-{level}", consistency=level) == level
+        await solo.put_many({f"bulk-{i}": i for i in range(50)})
+        # a second node joins: every key gets its second copy there
+        second = NodeHandle(nodes[0].nursery, tmp_path / "node1", [solo.net.addrs[0]])
+        nodes.append(second)
+        joined = (await second.start())
+        await wait_for_ring([solo, joined])
+        assert solo.copies() == 2 and "2 of 3" in solo.status()["warning"]
+        await wait_for(lambda: len(joined.store) == len(solo.store) == 53, 30,
+                       "handoff of every key to the new node")
+        assert await joined.get("k-all", consistency="all") == "all"
