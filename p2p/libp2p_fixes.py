@@ -3,6 +3,7 @@
 # Must not live here: tasknet logic, or any setting a user should choose.
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -278,9 +279,15 @@ def _expected_shutdown(error: BaseException) -> bool:
     return bool(is_expected_connection_shutdown(error))
 
 
-def _contain(owner: object, where: str, peer: str | None, error: BaseException) -> None:
+def _contain(owner: object, where: str, peer: str | None, error: BaseException,
+             stopping: bool = False) -> None:
     global _contained
     _contained += 1
+    if isinstance(error, OSError) and error.errno == errno.EBADF:
+        stopping = True  # a socket this node closed (its listeners go first when it stops)
+    if stopping:  # sockets closing under a service on its way down: expected, not a fault
+        log.debug("error in py-libp2p's %s while stopping: %r", where, error)
+        return
     log.warning("contained an error in py-libp2p's %s (peer %s): %r", where, peer, error,
                 exc_info=error)
     sink = _fault_sinks.get(owner)
@@ -315,7 +322,8 @@ def _run_task_contained(self: TrioManager, async_fn: Callable[..., Awaitable[Any
                 error = _errors_only(exc)
                 if error is None or _expected_shutdown(error):
                     raise  # a cancellation, or py-libp2p's own: a connection going away
-                _contain(service, where, peer, error)
+                _contain(service, where, peer, error,
+                         stopping=self.is_cancelled or not self.is_running)
                 if not daemon:
                     return
                 now = time.monotonic()

@@ -26,7 +26,16 @@ CLIENT_COMMANDS = {
     "status": "print the node's status as JSON: peer id, addresses, network, members, metrics",
     "peers": "print connected peers and known members with their state as JSON",
     "metrics": "print the node's metrics in Prometheus text format",
+    "tasks": "print the tasks on the chain with this node's part in each as JSON: round, "
+             "window, stake, last submission, audit results, rewards",
+    "wallet": "print this node's account, free balance and stakes as JSON",
 }
+TASK_OPERATIONS = {
+    "fund": "add AMOUNT from this node's balance to the task's bounty pool",
+    "stake": "stake AMOUNT more on the task",
+    "unstake": "take AMOUNT of stake back (only some rounds after the last submission)",
+}
+MISBEHAVIOURS = ["wrong-submission", "no-submission", "false-audit", "bad-distribution"]
 KV_COMMANDS = {
     "put": "store VALUE under KEY",
     "get": "print KEY's value (null when missing or deleted)",
@@ -123,6 +132,18 @@ def run_parser() -> argparse.ArgumentParser:
     store.add_argument("--anti-entropy-interval", type=_positive, metavar="S",
                        help="seconds between anti-entropy rounds with another replica "
                        "(default 10)")
+    rounds = parser.add_argument_group("task rounds")
+    rounds.add_argument("--ledger", metavar="DIR",
+                        help="the embedded ledger (the chain of a network on one machine) that "
+                        "every node on this machine shares (default: ./data/ledger; the "
+                        "testnet's with --testnet); created on first use with a local faucet")
+    rounds.add_argument("--no-tasks", action="store_true",
+                        help="run the store only, no task rounds")
+    rounds.add_argument("--round-time", type=_positive, metavar="S",
+                        help="round length of the built-in tasks a bootstrap node creates on a "
+                        "new ledger (default 6 s)")
+    rounds.add_argument("--misbehave", choices=MISBEHAVIOURS, metavar="MODE",
+                        help="bad-node mode, to watch audits work: " + ", ".join(MISBEHAVIOURS))
     parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                         help="level of tasknet's diagnostics on stderr (default warning)")
     parser.add_argument("--libp2p-log-level", default="critical", choices=LOG_LEVELS,
@@ -133,6 +154,18 @@ def run_parser() -> argparse.ArgumentParser:
 
 def client_parser(command: str) -> argparse.ArgumentParser:
     parser = _Parser(prog=f"{PROG} {command}", description=CLIENT_COMMANDS[command])
+    parser.add_argument("--data-dir", metavar="DIR", default="data/node",
+                        help="data dir of the running node (default: ./data/node)")
+    return parser
+
+
+def task_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=f"{PROG} task", description="change this node's part in a task "
+                     "(through the node running with --data-dir)")
+    parser.add_argument("operation", choices=list(TASK_OPERATIONS),
+                        help="; ".join(f"{k}: {v}" for k, v in TASK_OPERATIONS.items()))
+    parser.add_argument("task_id", metavar="TASK")
+    parser.add_argument("amount", metavar="AMOUNT", type=_count)
     parser.add_argument("--data-dir", metavar="DIR", default="data/node",
                         help="data dir of the running node (default: ./data/node)")
     return parser
@@ -196,6 +229,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _client(args[0], client_parser(args[0]).parse_args(args[1:]))
         if args and args[0] in KV_COMMANDS:
             return _kv(args[0], kv_parser(args[0]).parse_args(args[1:]))
+        if args and args[0] == "task":
+            task_args = task_parser().parse_args(args[1:])
+            print(json.dumps(call_json(Path(task_args.data_dir), "POST",
+                                       f"/tasks/{quote(task_args.task_id, safe='')}/"
+                                       f"{task_args.operation}", {"amount": task_args.amount})))
+            return 0
         return _run(run_parser().parse_args(args))
     except NodeUnreachable as exc:
         return _fail(str(exc), EXIT_UNREACHABLE)
@@ -251,13 +290,19 @@ def _run(args: argparse.Namespace) -> int:
     import trio
 
     from .kv_extension import kv_extension
-    from .options import build_kv_config, build_options
+    from .options import build_kv_config, build_options, build_tasks_config
     from .runner import run_node
 
     options = build_options(args)
-    store = kv_extension(build_kv_config(args))
+    stores: list[Any] = []
+    extensions = [kv_extension(build_kv_config(args), on_ready=stores.append)]
+    if not args.no_tasks:
+        from .tasks_extension import tasks_extension
+
+        extensions.append(tasks_extension(build_tasks_config(args),
+                                          lambda: stores[0] if stores else None))
     setup_logging(args.log_level, args.libp2p_log_level)
-    trio.run(functools.partial(run_node, options, extensions=[store]))
+    trio.run(functools.partial(run_node, options, extensions=extensions))
     return 0
 
 

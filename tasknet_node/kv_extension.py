@@ -53,13 +53,17 @@ COUNTERS = (
 
 
 def kv_extension(config: KVConfig, *, say: Say = print_line,
-                 report_interval: float = HANDOFF_REPORT_INTERVAL) -> NodeExtension:
-    """The node extension that runs the store with `config` in DATA_DIR/kv and serves it."""
+                 report_interval: float = HANDOFF_REPORT_INTERVAL,
+                 on_ready: Callable[[KV], None] | None = None) -> NodeExtension:
+    """The node extension that runs the store with `config` in DATA_DIR/kv and serves it;
+    `on_ready` is given the running store (for extensions that use it)."""
 
     @asynccontextmanager
     async def extension(net: Network, api: ControlApi) -> AsyncIterator[KV]:
         async with KV.start(net, net.config.data_dir / KV_DIR, config) as kv:
             KvApi(kv).register(api)
+            if on_ready is not None:
+                on_ready(kv)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(report_handoff, kv.status, say, report_interval)
                 try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import multiaddr
 
@@ -16,6 +17,9 @@ from p2p import NetworkConfig
 from .errors import UsageError
 from .runner import NodeOptions
 from .testnets import Testnet, load_testnet
+
+if TYPE_CHECKING:
+    from .tasks_extension import TasksConfig
 
 DEFAULT_DATA_DIR = Path("data/node")
 BOOTSTRAP_LISTEN = "/ip4/127.0.0.1/tcp/4001"  # a fixed port, so others can be told where
@@ -114,3 +118,31 @@ def parse_host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port_text.isdigit() or int(port_text) > 65535:
         raise UsageError(f"--api: expected HOST:PORT (port 0-65535), got {text!r}")
     return host, int(port_text)
+
+
+DEFAULT_LEDGER_DIR = Path("data/ledger")
+
+
+def build_tasks_config(args: argparse.Namespace) -> TasksConfig:
+    """Task rounds' settings: the ledger (the flag, else beside the testnet's bootstrap data
+    dir, else ./data/ledger), whether this node creates the built-in tasks (a bootstrap node
+    does, on a ledger without them), round length and bad-node mode."""
+    from tasks.engine import Misbehaviour
+
+    from .tasks_extension import TasksConfig
+
+    testnet = load_testnet(args.testnet) if args.testnet else None
+    if args.ledger:
+        ledger_dir = Path(args.ledger)
+    elif testnet is not None and testnet.bootstrap_node is not None:
+        ledger_dir = testnet.bootstrap_node.data_dir.parent / "ledger"
+    else:
+        ledger_dir = DEFAULT_LEDGER_DIR
+    config = TasksConfig(ledger_dir=ledger_dir, create_builtin=bool(args.bootstrap))
+    if args.round_time is not None:
+        if args.round_time < 1.0:
+            raise UsageError("--round-time must be at least 1 second")
+        config.round_time_s = args.round_time
+    if args.misbehave:
+        config.misbehaviour = Misbehaviour(args.misbehave)
+    return config

@@ -1,0 +1,840 @@
+# The embedded ledger: tasknet's default chain, nothing to install. One SQLite file (WAL mode)
+# that every node process on one machine shares: an append-only, hash-chained log of signed
+# transactions that `chain.rules` accepted, so the chain's state is exactly the replay of its
+# entries through `chain.rules.apply`. Also `LedgerAdapter`, the ledger behind the async
+# `chain.adapter.ChainAdapter` interface.
+# Lives here: the file layout, appending (one writer at a time, across processes, through
+# SQLite's write lock), replaying and verifying entries, snapshots, the localnet faucet.
+# Must not live here: what a transaction does (chain/rules.py decides, and refuses), the node's
+# use of the chain (tasks/), any other chain (chain/adapter.py is the interface they share).
+#
+# File layout (`ledger.sqlite`, schema "tasknet-ledger-1"):
+#   entries(idx PK, prev, slot, tx, pubkey, sig, sender, nonce)
+#     idx 0 is the genesis entry: tx is the canonical msgpack genesis document (chain id,
+#     slot_ms, balances, faucet account or nil, format), pubkey and sig are empty, prev is 32
+#     zero bytes. Entry i > 0: prev = hash(entry i-1), slot = the chain time it was applied with
+#     (wall clock in slot_ms units chosen by its writer, never below entry i-1's), tx = the
+#     canonical msgpack transaction (with its nonce), pubkey = the sender's raw Ed25519 key,
+#     sig = Ed25519 over msgpack([SIGN_DOMAIN, chain id, nonce, tx]). sender (the libp2p peer
+#     id of pubkey) and nonce are copies for lookups, UNIQUE(sender, nonce), not hashed.
+#     hash(entry) = sha256(msgpack([idx, prev, slot, tx, pubkey, sig])).
+#   head(idx, hash): the last entry, updated in the same transaction as each append, so a file
+#     whose last entries were cut off is told apart from a shorter ledger.
+#   snapshots(idx PK, entry_hash, digest, state): `ChainState.to_bytes()` after entry idx,
+#     written by whoever appends an entry whose idx is a multiple of meta.snapshot_every.
+#   meta(key PK, value): format, snapshot_every.
+# Opening loads the latest snapshot (its entry's hash and the state's sha256 must match) and
+# replays the tail after it, checking every link, signature and the rules on each entry, then
+# the head record. `verify()` does the same from genesis and compares every snapshot.
+#
+# Appending: BEGIN IMMEDIATE (SQLite's busy handler, retried up to busy_timeout), replay what
+# other writers committed since, fill in the sender's next nonce, apply the rules, sign, insert
+# the entry, the head (and a snapshot), COMMIT. A refused transaction rolls back: no entry. A
+# writer killed mid-append leaves nothing (its WAL frames never commit); a transaction sent
+# again carries a used nonce and is refused (bad_nonce).
+# Localnet, LOCAL ONLY: `open_localnet` gives the whole supply to a faucet whose key lies in the
+# ledger dir, so anyone who can read that dir can spend it; a real chain has no such key.
+#
+# Durability: synchronous=FULL in WAL mode: an append's COMMIT fsyncs the WAL, so a receipt
+# survives a power cut, not only a killed process (NORMAL would survive only the latter).
+from __future__ import annotations
+
+import hashlib
+import random
+import sqlite3
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from p2p.identity import (
+    KEY_FILE_NAME,
+    Identity,
+    load_or_create_identity,
+    peer_id_from_public_key,
+    verify_signature,
+)
+
+from . import rules
+from .adapter import ChainAdapter, ChainError, ChainUnavailable, Receipt
+from .rules import ChainState, Refused
+
+FORMAT = "tasknet-ledger-1"
+SIGN_DOMAIN = "tasknet-ledger-tx-1"
+LEDGER_FILE_NAME = "ledger.sqlite"
+FAUCET_DIR_NAME = "faucet"  # <ledger dir>/faucet/node.key: the localnet faucet's key
+DEFAULT_SLOT_MS = 1000
+DEFAULT_SNAPSHOT_EVERY = 1000
+DEFAULT_LOCALNET_SUPPLY = 10**15
+DEFAULT_BUSY_TIMEOUT = 30.0  # seconds an append may wait for the write lock in all
+ZERO_HASH = bytes(32)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value ANY) STRICT;
+CREATE TABLE IF NOT EXISTS entries (
+    idx INTEGER PRIMARY KEY,
+    prev BLOB NOT NULL,
+    slot INTEGER NOT NULL,
+    tx BLOB NOT NULL,
+    pubkey BLOB NOT NULL,
+    sig BLOB NOT NULL,
+    sender TEXT,
+    nonce INTEGER
+) STRICT;
+CREATE UNIQUE INDEX IF NOT EXISTS entries_sender_nonce ON entries (sender, nonce);
+CREATE TABLE IF NOT EXISTS head (
+    id INTEGER PRIMARY KEY CHECK (id = 0),
+    idx INTEGER NOT NULL,
+    hash BLOB NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS snapshots (
+    idx INTEGER PRIMARY KEY,
+    entry_hash BLOB NOT NULL,
+    digest BLOB NOT NULL,
+    state BLOB NOT NULL
+) STRICT;
+"""
+_ROW = "SELECT idx, prev, slot, tx, pubkey, sig, sender, nonce FROM entries"
+
+
+class LedgerError(ChainError):
+    """The ledger cannot be used as asked (no such file, one already there, no faucet)."""
+
+
+class LedgerCorrupt(ChainError):
+    """The file is not a valid ledger; the message is one line naming the first bad entry."""
+
+
+class LedgerBusy(ChainUnavailable):
+    """The write lock was not obtained within the busy timeout; nothing was appended."""
+
+
+# --- encoding ------------------------------------------------------------------------------
+
+def _canonical(value: Any) -> Any:
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise TypeError("map keys must be strings")
+        return {k: _canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [_canonical(v) for v in value]
+    return value
+
+
+def encode(value: Any) -> bytes:
+    """Canonical msgpack: maps with sorted string keys, tuples as arrays, bytes as bin."""
+    return msgpack.packb(_canonical(value), use_bin_type=True)
+
+
+def decode(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+
+
+def signing_bytes(chain_id: str, nonce: int, tx: bytes) -> bytes:
+    """What a sender signs: the chain, its nonce and the encoded transaction."""
+    return encode([SIGN_DOMAIN, chain_id, nonce, tx])
+
+
+def entry_hash(idx: int, prev: bytes, slot: int, tx: bytes, pubkey: bytes, sig: bytes) -> bytes:
+    return hashlib.sha256(encode([idx, prev, slot, tx, pubkey, sig])).digest()
+
+
+def tx_hash(pubkey: bytes, signed: bytes) -> bytes:
+    """A transaction's id: its sender's key and what it signed (chain, nonce, content)."""
+    return hashlib.sha256(pubkey + signed).digest()
+
+
+def account_of(public_key: bytes) -> str:
+    """The ledger account of an Ed25519 public key: its libp2p peer id (base58)."""
+    return peer_id_from_public_key(public_key).to_base58()
+
+
+@dataclass(frozen=True)
+class Genesis:
+    chain_id: str
+    slot_ms: int
+    balances: dict[str, int]
+    faucet: str | None  # the localnet faucet's account (its key is in the ledger dir), or None
+
+    def to_doc(self) -> dict[str, Any]:
+        return {"format": FORMAT, "chain_id": self.chain_id, "slot_ms": self.slot_ms,
+                "balances": dict(self.balances), "faucet": self.faucet}
+
+    @classmethod
+    def from_doc(cls, doc: Any) -> Genesis:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+            raise ValueError("not a tasknet genesis document")
+        chain_id, slot_ms, balances, faucet = (
+            doc.get("chain_id"), doc.get("slot_ms"), doc.get("balances"), doc.get("faucet"))
+        if not isinstance(chain_id, str) or not isinstance(slot_ms, int) or slot_ms < 1:
+            raise ValueError("bad chain id or slot_ms")
+        if not isinstance(balances, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and v >= 0
+                for k, v in balances.items()):
+            raise ValueError("bad genesis balances")
+        if faucet is not None and not isinstance(faucet, str):
+            raise ValueError("bad faucet account")
+        return cls(chain_id, slot_ms, balances, faucet)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One decoded entry (index > 0) as `Ledger.entries()` yields it."""
+
+    idx: int
+    slot: int
+    sender: str
+    nonce: int
+    tx: dict[str, Any]
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class _Row:
+    idx: int
+    prev: bytes
+    slot: int
+    tx: bytes
+    pubkey: bytes
+    sig: bytes
+    sender: str | None
+    nonce: int | None
+
+    @property
+    def hash(self) -> bytes:
+        return entry_hash(self.idx, self.prev, self.slot, self.tx, self.pubkey, self.sig)
+
+
+def _rows(cursor: sqlite3.Cursor) -> Iterator[_Row]:
+    for r in cursor:
+        yield _Row(*r)
+
+
+# --- replay --------------------------------------------------------------------------------
+
+class _Replay:
+    """A state and the entry it is at; applies the next entries, checking each one."""
+
+    def __init__(self, path: Path, genesis: Genesis, state: ChainState, idx: int, hash_: bytes,
+                 slot: int) -> None:
+        self.path, self.genesis, self.state = path, genesis, state
+        self.idx, self.hash, self.slot = idx, hash_, slot
+
+    def corrupt(self, idx: int, what: str) -> LedgerCorrupt:
+        return LedgerCorrupt(f"ledger {self.path} is corrupt at entry {idx}: {what}")
+
+    def apply(self, row: _Row) -> None:
+        expected = self.idx + 1
+        if row.idx != expected:
+            raise self.corrupt(expected, f"missing (the next entry is {row.idx})")
+        if row.prev != self.hash:
+            raise self.corrupt(row.idx, f"does not link to entry {self.idx} (previous hash "
+                                        "differs: entry changed, removed or reordered)")
+        if not isinstance(row.slot, int) or row.slot < self.slot:
+            raise self.corrupt(row.idx, f"slot {row.slot} is before entry {self.idx}'s")
+        if len(row.pubkey) != 32:
+            raise self.corrupt(row.idx, "no sender public key")
+        sender = account_of(row.pubkey)
+        try:
+            tx = decode(row.tx)
+        except Exception as exc:
+            raise self.corrupt(row.idx, f"transaction does not decode ({exc})") from None
+        nonce = tx.get("nonce") if isinstance(tx, dict) else None
+        if not isinstance(nonce, int) or isinstance(nonce, bool):
+            raise self.corrupt(row.idx, "transaction has no nonce")
+        if not verify_signature(row.pubkey, signing_bytes(self.genesis.chain_id, nonce, row.tx),
+                                row.sig):
+            raise self.corrupt(row.idx, f"bad signature by {sender}")
+        if row.sender != sender or row.nonce != nonce:
+            raise self.corrupt(row.idx, "sender/nonce columns differ from the signed entry")
+        try:
+            rules.apply(self.state, sender, tx, row.slot)
+        except Refused as exc:
+            raise self.corrupt(row.idx, f"the rules refuse it on replay ({exc.reason}: "
+                                        f"{exc.detail})") from None
+        self.idx, self.hash, self.slot = row.idx, row.hash, row.slot
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+# --- the ledger ----------------------------------------------------------------------------
+
+class Ledger:
+    """An open ledger file: its in-memory state and one SQLite connection.
+
+    Not thread-safe: use it from one thread at a time (LedgerAdapter runs it in trio worker
+    threads behind a CapacityLimiter(1)). Several `Ledger`s, in one process or many, may share
+    a file; each catches up with the others' entries before it appends and when refreshed."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection, clock: Callable[[], float],
+                 busy_timeout: float) -> None:
+        # use Ledger.open / Ledger.create / Ledger.open_localnet
+        self.path = path
+        self._db = db
+        self.clock = clock
+        self._busy_timeout = busy_timeout
+        self._replay: _Replay | None = None
+        self._data_version = -1
+        self.snapshot_every = DEFAULT_SNAPSHOT_EVERY
+        self.replayed = 0  # entries replayed by the last full load (after its snapshot)
+        self._closed = False
+
+    # -- opening ------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, clock: Callable[[], float] = time.time,
+             busy_timeout: float = DEFAULT_BUSY_TIMEOUT, use_snapshots: bool = True) -> Ledger:
+        """Open an existing ledger, load its latest snapshot and replay the entries after it.
+        Raises LedgerError when there is no ledger at `path`, LedgerCorrupt when it is bad."""
+        path = Path(path)
+        if not path.is_file():
+            raise LedgerError(f"no ledger at {path}")
+        ledger = cls(path, _connect(path, "rw", busy_timeout), clock, busy_timeout)
+        try:
+            ledger._load(use_snapshots)
+        except BaseException:
+            ledger.close()
+            raise
+        return ledger
+
+    @classmethod
+    def create(cls, path: str | Path, *, balances: Mapping[str, int], chain_id: str | None = None,
+               slot_ms: int = DEFAULT_SLOT_MS, faucet: str | None = None,
+               snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+               clock: Callable[[], float] = time.time,
+               busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Ledger:
+        """Create a ledger whose genesis gives `balances`. LedgerError if one exists."""
+        genesis = Genesis(chain_id or _new_chain_id(), slot_ms, dict(balances), faucet)
+        rules.genesis(genesis.balances)  # ValueError on balances the rules would not start from
+        if slot_ms < 1:
+            raise ValueError("slot_ms must be at least 1")
+        created = _initialise(Path(path), lambda: genesis, snapshot_every, clock, busy_timeout)
+        if not created:
+            raise LedgerError(f"a ledger already exists at {path}")
+        return cls.open(path, clock=clock, busy_timeout=busy_timeout)
+
+    @classmethod
+    def open_localnet(cls, ledger_dir: str | Path, *, supply: int = DEFAULT_LOCALNET_SUPPLY,
+                      slot_ms: int = DEFAULT_SLOT_MS, chain_id: str | None = None,
+                      snapshot_every: int = DEFAULT_SNAPSHOT_EVERY,
+                      clock: Callable[[], float] = time.time,
+                      busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> Ledger:
+        """Open `<ledger_dir>/ledger.sqlite`, creating it on first use as a LOCAL-ONLY
+        network whose whole `supply` belongs to a faucet whose key is written next to it
+        (`<ledger_dir>/faucet/node.key`, mode 0600): any process that can read the ledger dir
+        can fund accounts with `fund()`. Safe when several processes call it at once: the
+        first one creates the faucet key and the genesis under SQLite's write lock."""
+        ledger_dir = Path(ledger_dir)
+        ledger_dir.mkdir(parents=True, exist_ok=True)
+
+        def genesis() -> Genesis:
+            faucet = load_or_create_identity(ledger_dir / FAUCET_DIR_NAME)
+            account = faucet.peer_id.to_base58()
+            return Genesis(chain_id or _new_chain_id("tasknet-localnet"), slot_ms,
+                           {account: supply}, account)
+
+        path = ledger_dir / LEDGER_FILE_NAME
+        _initialise(path, genesis, snapshot_every, clock, busy_timeout)
+        return cls.open(path, clock=clock, busy_timeout=busy_timeout)
+
+    def _load(self, use_snapshots: bool) -> None:
+        """(Re)build the state: latest snapshot, then replay the tail; check the head."""
+        try:
+            with _read_transaction(self._db):
+                self._load_checked(use_snapshots)
+        except sqlite3.DatabaseError as exc:
+            at = self._replay.idx + 1 if self._replay is not None else 0
+            self._replay = None
+            raise LedgerCorrupt(f"ledger {self.path} is corrupt at entry {at}: unreadable "
+                                f"({_one_line(exc)})") from None
+        except BaseException:
+            self._replay = None
+            raise
+
+    def _load_checked(self, use_snapshots: bool) -> None:
+        self._replay = None
+        db = self._db
+        self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
+        genesis, genesis_row, self.snapshot_every = _read_genesis(db, self.path)
+        start: _Replay | None = None
+        if use_snapshots:
+            start = self._from_snapshot(genesis)
+        if start is None:
+            start = _Replay(self.path, genesis, _genesis_state(self.path, genesis), 0,
+                            genesis_row.hash, genesis_row.slot)
+        self._replay = start
+        first = start.idx
+        for row in _rows(db.execute(f"{_ROW} WHERE idx > ? ORDER BY idx", (start.idx,))):
+            start.apply(row)
+        self.replayed = start.idx - first
+        _check_head(db, start)
+
+    def _from_snapshot(self, genesis: Genesis) -> _Replay | None:
+        found = self._db.execute(
+            "SELECT idx, entry_hash, digest, state FROM snapshots WHERE idx <= "
+            "(SELECT idx FROM head) ORDER BY idx DESC LIMIT 1").fetchone()
+        if found is None:
+            return None
+        idx, snap_hash, digest, blob = found
+        where = f"ledger {self.path} is corrupt at entry {idx}"
+        row = self._db.execute(f"{_ROW} WHERE idx = ?", (idx,)).fetchone()
+        if row is None:
+            raise LedgerCorrupt(f"{where}: missing (a snapshot was taken after it)")
+        if _Row(*row).hash != snap_hash:
+            raise LedgerCorrupt(f"{where}: differs from the entry its snapshot was taken after")
+        if hashlib.sha256(blob).digest() != digest:
+            raise LedgerCorrupt(f"{where}: the snapshot after it is damaged (digest differs)")
+        try:
+            state = ChainState.from_bytes(blob)
+        except Exception as exc:
+            raise LedgerCorrupt(f"{where}: the snapshot after it does not decode "
+                                f"({_one_line(exc)})") from None
+        return _Replay(self.path, genesis, state, idx, snap_hash, _Row(*row).slot)
+
+    # -- reading ------------------------------------------------------------------------
+
+    def _live(self) -> _Replay:
+        if self._closed:
+            raise LedgerError(f"ledger {self.path} is closed")
+        if self._replay is None:  # dropped after a failed append: rebuild from the file
+            self._load(True)
+        assert self._replay is not None
+        return self._replay
+
+    @property
+    def genesis(self) -> Genesis:
+        return self._live().genesis
+
+    @property
+    def chain_id(self) -> str:
+        return self._live().genesis.chain_id
+
+    @property
+    def slot_ms(self) -> int:
+        return self._live().genesis.slot_ms
+
+    @property
+    def state(self) -> ChainState:
+        """The state after the latest entry in the file (refreshes first)."""
+        self.refresh()
+        return self._live().state
+
+    @property
+    def height(self) -> int:
+        """The index of the last entry this Ledger has applied (no refresh)."""
+        return self._live().idx
+
+    @property
+    def head_slot(self) -> int:
+        return self._live().slot
+
+    def refresh(self) -> int:
+        """Apply the entries other writers appended since; returns the height. Costs one
+        `PRAGMA data_version` when nothing changed."""
+        replay = self._live()
+        version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if version != self._data_version:
+            self._data_version = version
+            self._catch_up(replay)
+        return replay.idx
+
+    def _catch_up(self, replay: _Replay) -> None:
+        try:
+            for row in _rows(self._db.execute(f"{_ROW} WHERE idx > ? ORDER BY idx",
+                                              (replay.idx,))):
+                replay.apply(row)
+        except sqlite3.DatabaseError as exc:
+            raise LedgerCorrupt(f"ledger {self.path} is corrupt at entry {replay.idx + 1}: "
+                                f"unreadable ({_one_line(exc)})") from None
+
+    def wall_slot(self) -> int:
+        return int(self.clock() * 1000) // self.slot_ms
+
+    def now(self) -> int:
+        """The slot an append made now would get."""
+        return max(self.head_slot, self.wall_slot())
+
+    def next_nonce(self, account: str) -> int:
+        """The nonce the account's next transaction must carry (refreshes first)."""
+        return self.state.nonces.get(account, 0)
+
+    def entries(self, start: int = 1) -> Iterator[Entry]:
+        """The entries from index `start` on (genesis excluded), decoded, as stored."""
+        for row in _rows(self._db.execute(f"{_ROW} WHERE idx >= ? AND idx > 0 ORDER BY idx",
+                                          (start,))):
+            yield Entry(row.idx, row.slot, account_of(row.pubkey), int(row.nonce or 0),
+                        decode(row.tx), row.hash)
+
+    # -- appending ----------------------------------------------------------------------
+
+    def append(self, identity: Identity, tx: Mapping[str, Any]) -> Receipt:
+        """Apply `tx` signed by `identity` and append it: the rules see the state after every
+        entry in the file (whoever wrote them), under SQLite's write lock. Without a "nonce"
+        the sender's next one is filled in. Raises Refused (nothing appended), LedgerBusy
+        (lock not obtained in time; nothing appended) or ChainUnavailable."""
+        if not isinstance(tx, Mapping):
+            raise Refused("malformed", "a transaction is a map")
+        pubkey = identity.public_key
+        sender = account_of(pubkey)
+        self.refresh()  # catch up outside the lock; inside it only what slipped in meanwhile
+        self._begin_immediate()
+        applied = committed = False
+        try:
+            replay = self._live()
+            self._catch_up(replay)
+            body = dict(tx)
+            if "nonce" not in body:
+                body["nonce"] = replay.state.nonces.get(sender, 0)
+            try:
+                tx_bytes = encode(body)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise Refused("malformed", f"cannot encode the transaction: {exc}") from None
+            decoded = decode(tx_bytes)  # what replays will see, exactly
+            slot = max(replay.slot, self.wall_slot())
+            result = rules.apply(replay.state, sender, decoded, slot)
+            applied = True
+            nonce = decoded["nonce"]
+            signed = signing_bytes(replay.genesis.chain_id, nonce, tx_bytes)
+            sig = identity.sign(signed)
+            idx, prev = replay.idx + 1, replay.hash
+            new_hash = entry_hash(idx, prev, slot, tx_bytes, pubkey, sig)
+            self._db.execute(
+                "INSERT INTO entries (idx, prev, slot, tx, pubkey, sig, sender, nonce) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (idx, prev, slot, tx_bytes, pubkey, sig, sender, nonce))
+            self._db.execute("UPDATE head SET idx = ?, hash = ? WHERE id = 0", (idx, new_hash))
+            if idx % self.snapshot_every == 0:
+                blob = replay.state.to_bytes()
+                self._db.execute(
+                    "INSERT INTO snapshots (idx, entry_hash, digest, state) VALUES (?, ?, ?, ?)",
+                    (idx, new_hash, hashlib.sha256(blob).digest(), blob))
+            self._db.execute("COMMIT")
+            committed = True
+        except sqlite3.Error as exc:
+            raise ChainUnavailable(f"ledger {self.path}: append failed"
+                                   f"{'' if applied else ' (nothing appended)'}: "
+                                   f"{_one_line(exc)}") from None
+        finally:
+            if not committed:
+                _rollback(self._db)
+                if applied:  # the in-memory state ran ahead of the file: rebuild it
+                    self._replay = None
+        replay.idx, replay.hash, replay.slot = idx, new_hash, slot
+        return Receipt(idx, slot, tx_hash(pubkey, signed), result)
+
+    def _begin_immediate(self) -> None:
+        """Take SQLite's write lock, retrying its busy errors until the busy timeout."""
+        deadline = time.monotonic() + self._busy_timeout
+        pause = 0.0005
+        while True:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise ChainUnavailable(f"ledger {self.path}: {_one_line(exc)}") from None
+                if time.monotonic() >= deadline:
+                    raise LedgerBusy(f"ledger {self.path}: write lock not obtained in "
+                                     f"{self._busy_timeout:g}s") from None
+            time.sleep(pause * (1 + random.random()))
+            pause = min(pause * 2, 0.02)
+
+    # -- localnet faucet ----------------------------------------------------------------
+
+    def faucet_identity(self) -> Identity:
+        """The localnet faucet's key (LOCAL ONLY: see open_localnet)."""
+        faucet = self.genesis.faucet
+        key_dir = self.path.parent / FAUCET_DIR_NAME
+        if faucet is None or not (key_dir / KEY_FILE_NAME).is_file():
+            raise LedgerError(f"ledger {self.path} has no local faucet")
+        identity = load_or_create_identity(key_dir)
+        if identity.peer_id.to_base58() != faucet:
+            raise LedgerError(f"{key_dir / KEY_FILE_NAME} is not this ledger's faucet key")
+        return identity
+
+    def fund(self, account: str, amount: int) -> Receipt:
+        """Transfer `amount` from the localnet faucet to `account`."""
+        return self.append(self.faucet_identity(), {"op": "transfer", "to": account,
+                                                    "amount": amount})
+
+    # -- verification -------------------------------------------------------------------
+
+    def verify(self) -> int:
+        """Check the whole file from genesis: links, signatures, slots, the rules on every
+        entry, every snapshot and the head record. Returns the number of entries (genesis
+        included). Raises LedgerCorrupt naming the first bad entry."""
+        self._live()
+        try:
+            with _read_transaction(self._db):
+                return self._verify()
+        except sqlite3.DatabaseError as exc:
+            raise LedgerCorrupt(f"ledger {self.path} is corrupt: unreadable "
+                                f"({_one_line(exc)})") from None
+
+    def _verify(self) -> int:
+        genesis, genesis_row, _ = _read_genesis(self._db, self.path)
+        replay = _Replay(self.path, genesis, _genesis_state(self.path, genesis), 0,
+                         genesis_row.hash, genesis_row.slot)
+        snapshots = {idx: (h, blob) for idx, h, blob in self._db.execute(
+            "SELECT idx, entry_hash, state FROM snapshots")}
+        for row in _rows(self._db.execute(f"{_ROW} WHERE idx > 0 ORDER BY idx")):
+            replay.apply(row)
+            if row.idx in snapshots:
+                snap_hash, blob = snapshots.pop(row.idx)
+                if snap_hash != replay.hash or blob != replay.state.to_bytes():
+                    raise replay.corrupt(row.idx, "the snapshot after it differs from "
+                                                  "the replayed state")
+        _check_head(self._db, replay)
+        if snapshots:
+            raise replay.corrupt(min(snapshots), "a snapshot exists for this missing entry")
+        return replay.idx + 1
+
+    @staticmethod
+    def verify_file(path: str | Path) -> int:
+        """Open the ledger at `path` and verify all of it (see `verify`)."""
+        with Ledger.open(path) as ledger:
+            return ledger.verify()
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._db.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _new_chain_id(prefix: str = "tasknet-ledger") -> str:
+    return f"{prefix}-{random.getrandbits(64):016x}"
+
+
+def _is_busy(exc: sqlite3.Error) -> bool:
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+def _rollback(db: sqlite3.Connection) -> None:
+    try:
+        db.execute("ROLLBACK")
+    except sqlite3.Error:
+        pass  # no transaction was open (SQLite rolled it back itself)
+
+
+@contextmanager
+def _read_transaction(db: sqlite3.Connection) -> Iterator[None]:
+    """One consistent view of the file (WAL: a read snapshot) for several statements."""
+    db.execute("BEGIN")
+    try:
+        yield
+    finally:
+        _rollback(db)
+
+
+def _connect(path: Path, mode: str, busy_timeout: float) -> sqlite3.Connection:
+    """A connection in autocommit mode (transactions are explicit), WAL, synchronous=FULL."""
+    db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, isolation_level=None,
+                         check_same_thread=False, timeout=min(busy_timeout, 1.0))
+    try:
+        db.execute("PRAGMA journal_mode=WAL").fetchone()
+        db.execute("PRAGMA synchronous=FULL")
+    except sqlite3.DatabaseError as exc:
+        db.close()
+        if _is_busy(exc):
+            raise LedgerBusy(f"ledger {path}: {_one_line(exc)}") from None
+        what = ("not a tasknet ledger file" if "not a database" in str(exc)
+                else "the file is damaged")
+        raise LedgerCorrupt(f"ledger {path} is corrupt at entry 0: {what} "
+                            f"({_one_line(exc)})") from None
+    return db
+
+
+def _initialise(path: Path, make_genesis: Callable[[], Genesis], snapshot_every: int,
+                clock: Callable[[], float], busy_timeout: float) -> bool:
+    """Create the tables and the genesis entry unless a genesis is there. True if created."""
+    if snapshot_every < 1:
+        raise ValueError("snapshot_every must be at least 1")
+    db = _connect(path, "rwc", busy_timeout)
+    try:
+        deadline = time.monotonic() + busy_timeout
+        while True:
+            try:
+                db.execute("BEGIN IMMEDIATE")
+                break
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+        try:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            if db.execute("SELECT 1 FROM entries WHERE idx = 0").fetchone() is not None:
+                db.execute("ROLLBACK")
+                return False
+            genesis = make_genesis()
+            doc = encode(genesis.to_doc())
+            slot = int(clock() * 1000) // genesis.slot_ms
+            row = _Row(0, ZERO_HASH, slot, doc, b"", b"", None, None)
+            db.execute("INSERT INTO entries (idx, prev, slot, tx, pubkey, sig) "
+                       "VALUES (0, ?, ?, ?, x'', x'')", (ZERO_HASH, slot, doc))
+            db.execute("INSERT INTO head (id, idx, hash) VALUES (0, 0, ?)", (row.hash,))
+            db.executemany("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                           [("format", FORMAT), ("snapshot_every", snapshot_every)])
+            db.execute("COMMIT")
+            return True
+        except BaseException:
+            _rollback(db)
+            raise
+    finally:
+        db.close()
+
+
+def _read_genesis(db: sqlite3.Connection, path: Path) -> tuple[Genesis, _Row, int]:
+    where = f"ledger {path} is corrupt at entry 0"
+    try:
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        found = db.execute(f"{_ROW} WHERE idx = 0").fetchone()
+    except sqlite3.OperationalError as exc:
+        raise LedgerCorrupt(f"{where}: not a tasknet ledger ({_one_line(exc)})") from None
+    if meta.get("format") != FORMAT:
+        raise LedgerCorrupt(f"{where}: not a {FORMAT} file (format {meta.get('format')!r})")
+    every = meta.get("snapshot_every")
+    if not isinstance(every, int) or every < 1:
+        raise LedgerCorrupt(f"{where}: bad snapshot_every in meta")
+    if found is None:
+        raise LedgerCorrupt(f"{where}: missing")
+    row = _Row(*found)
+    if row.prev != ZERO_HASH or row.pubkey or row.sig:
+        raise LedgerCorrupt(f"{where}: not a genesis entry")
+    try:
+        genesis = Genesis.from_doc(decode(row.tx))
+    except Exception as exc:
+        raise LedgerCorrupt(f"{where}: bad genesis document ({_one_line(exc)})") from None
+    return genesis, row, every
+
+
+def _genesis_state(path: Path, genesis: Genesis) -> ChainState:
+    try:
+        return rules.genesis(genesis.balances)
+    except ValueError as exc:
+        raise LedgerCorrupt(f"ledger {path} is corrupt at entry 0: the rules refuse its "
+                            f"genesis balances ({_one_line(exc)})") from None
+
+
+def _check_head(db: sqlite3.Connection, replay: _Replay) -> None:
+    head = db.execute("SELECT idx, hash FROM head WHERE id = 0").fetchone()
+    if head is None:
+        raise replay.corrupt(replay.idx, "the head record is missing")
+    idx, hash_ = head
+    if idx > replay.idx:
+        raise replay.corrupt(replay.idx + 1, f"missing (the ledger ends at entry {replay.idx}, "
+                                             f"its head record at entry {idx}: truncated)")
+    if idx < replay.idx or hash_ != replay.hash:
+        raise replay.corrupt(replay.idx, "differs from the head record")
+
+
+# --- the adapter ---------------------------------------------------------------------------
+
+class LedgerAdapter(ChainAdapter):
+    """The embedded ledger behind the chain adapter interface. Every SQLite call runs in a
+    trio worker thread, one at a time per adapter (CapacityLimiter(1)). Open it with
+    `await LedgerAdapter.open(path, identity)`."""
+
+    def __init__(self, ledger: Ledger, identity: Identity, *,
+                 poll_interval: float = 0.02) -> None:
+        self.ledger = ledger
+        self.identity = identity
+        self.account = identity.peer_id.to_base58()
+        self.slot_ms = ledger.slot_ms
+        self.chain_id = ledger.chain_id
+        self.poll_interval = poll_interval
+        self._limiter = trio.CapacityLimiter(1)
+        self._head_slot = ledger.head_slot
+        self._clock = ledger.clock
+
+    @classmethod
+    async def open(cls, path: str | Path, identity: Identity, *, poll_interval: float = 0.02,
+                   clock: Callable[[], float] = time.time,
+                   busy_timeout: float = DEFAULT_BUSY_TIMEOUT) -> LedgerAdapter:
+        ledger = await trio.to_thread.run_sync(
+            lambda: Ledger.open(path, clock=clock, busy_timeout=busy_timeout),
+            limiter=trio.CapacityLimiter(1))
+        return cls(ledger, identity, poll_interval=poll_interval)
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        return await trio.to_thread.run_sync(fn, limiter=self._limiter)
+
+    async def now(self) -> int:
+        # Every entry's slot is at most the wall clock's when it was written: no file access.
+        return max(self._head_slot, int(self._clock() * 1000) // self.slot_ms)
+
+    async def send(self, tx: dict[str, Any]) -> Receipt:
+        receipt: Receipt = await self._run(lambda: self.ledger.append(self.identity, tx))
+        self._head_slot = max(self._head_slot, receipt.slot)
+        return receipt
+
+    def _read(self, view: Callable[[ChainState, int], Any]) -> Callable[[], Any]:
+        def read() -> Any:
+            state = self.ledger.state
+            self._head_slot = self.ledger.head_slot
+            return view(state, self.ledger.now())
+        return read
+
+    async def task(self, task_id: str) -> dict[str, Any] | None:
+        def view(state: ChainState, _slot: int) -> dict[str, Any] | None:
+            if task_id not in state.tasks:
+                return None
+            return rules.task_view(state, task_id)
+        result: dict[str, Any] | None = await self._run(self._read(view))
+        return result
+
+    async def tasks(self) -> list[dict[str, Any]]:
+        def view(state: ChainState, _slot: int) -> list[dict[str, Any]]:
+            return [rules.task_view(state, task_id) for task_id in sorted(state.tasks)]
+        result: list[dict[str, Any]] = await self._run(self._read(view))
+        return result
+
+    async def balance(self, account: str) -> int:
+        result: int = await self._run(
+            self._read(lambda state, _slot: state.balances.get(account, 0)))
+        return result
+
+    async def round_view(self, task_id: str, r: int) -> dict[str, Any]:
+        result: dict[str, Any] = await self._run(
+            self._read(lambda state, slot: rules.round_view(state, task_id, r, slot)))
+        return result
+
+    async def height(self) -> int:
+        height: int = await self._run(self.ledger.refresh)
+        self._head_slot = self.ledger.head_slot
+        return height
+
+    async def wait_for_change(self, after_height: int, timeout: float) -> int:
+        deadline = trio.current_time() + timeout
+        while True:
+            height = await self.height()
+            if height != after_height or trio.current_time() >= deadline:
+                return height
+            await trio.sleep(min(self.poll_interval,
+                                 max(0.0, deadline - trio.current_time())))
+
+    async def close(self) -> None:
+        await self._run(self.ledger.close)
+
+
+__all__ = [
+    "DEFAULT_SLOT_MS", "FAUCET_DIR_NAME", "LEDGER_FILE_NAME", "Entry", "Genesis", "Ledger",
+    "LedgerAdapter", "LedgerBusy", "LedgerCorrupt", "LedgerError", "account_of", "decode",
+    "encode",
+]

@@ -1,0 +1,346 @@
+# Task rounds as part of every node: the chain (the embedded ledger in a directory every node
+# on this machine shares), the built-in tasks a bootstrap node creates on a new ledger, funding
+# and staking from the localnet faucet, one `tasks.driver.TaskDriver` per task, and the HTTP
+# face (/tasks, /tasks/{id}, /tasks/{id}/rounds/{n}, /wallet, POST operations), metrics and
+# the `tasks` status section.
+# Lives here: wiring and the HTTP contract of tasks. Must not live here: round logic (tasks/),
+# the rules or the ledger (chain/), argument parsing (cli.py), the node's lifecycle (runner.py).
+from __future__ import annotations
+
+import base64
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from chain.ledger import Ledger, LedgerAdapter
+from chain.rules import Refused
+from kv import KV
+from p2p import Network
+from tasks.api import CodeHashMismatch, check_code_hash, code_hash
+from tasks.builtin import BUILTIN
+from tasks.context import NodeTaskContext, StoreProver
+from tasks.driver import TaskDriver
+from tasks.engine import Misbehaviour
+
+from .api import ControlApi, Metric
+from .http import JSONResponse, Request, Response
+from .runner import NodeExtension, Say, print_line
+
+log = logging.getLogger(__name__)
+
+TASKS_DIR = "tasks"  # under the node's data dir: each task's record of what this node did
+STAKE_PER_TASK = 1_000
+BOUNTY_PER_ROUND = 1_000
+GENESIS_ROUNDS_FUNDED = 100_000  # the bootstrap funds this many rounds of each built-in task
+NODE_FUNDS = 100_000  # what a localnet node takes from the faucet when it has less
+
+
+@dataclass
+class TasksConfig:
+    ledger_dir: Path
+    create_builtin: bool = False  # a bootstrap node creates the built-in tasks on a new ledger
+    builtin: tuple[str, ...] = ("hello", "storage")
+    round_time_s: float = 6.0
+    slot_ms: int = 250  # for a ledger this node creates
+    misbehaviour: Misbehaviour | None = None
+    min_stake: int = STAKE_PER_TASK
+    bounty_per_round: int = BOUNTY_PER_ROUND
+
+
+def task_settings(cfg: TasksConfig, slot_ms: int) -> dict[str, int]:
+    """Round time and windows in slots: a submission window and an audit window of 40% of
+    the round each, the rest idle."""
+    round_time = max(3, round(cfg.round_time_s * 1000 / slot_ms))
+    window = max(1, round_time * 2 // 5)
+    return {"round_time": round_time, "submission_window": window, "audit_window": window}
+
+
+def tasks_extension(config: TasksConfig, kv_ready: Callable[[], KV | None], *,
+                    say: Say = print_line) -> NodeExtension:
+    """The node extension that runs task rounds with `config`; `kv_ready` gives the store
+    (the KV extension must come first)."""
+
+    @asynccontextmanager
+    async def extension(net: Network, api: ControlApi) -> AsyncIterator[TaskNode]:
+        kv = kv_ready()
+        if kv is None:
+            raise RuntimeError("task rounds need the key-value store extension first")
+        ledger = await trio.to_thread.run_sync(
+            lambda: Ledger.open_localnet(config.ledger_dir, slot_ms=config.slot_ms))
+        chain = LedgerAdapter(ledger, net.identity)
+        node = TaskNode(net, kv, chain, config, say)
+        node.register(api)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(node.run)
+                try:
+                    yield node
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            await chain.close()
+
+    return extension
+
+
+class TaskNode:
+    """This node's part in every task on the chain."""
+
+    def __init__(self, net: Network, kv: KV, chain: LedgerAdapter, config: TasksConfig,
+                 say: Say) -> None:
+        self.net = net
+        self.kv = kv
+        self.chain = chain
+        self.config = config
+        self.say = say
+        self.drivers: dict[str, TaskDriver] = {}
+        self.refused_tasks: dict[str, str] = {}
+        self.events: list[dict[str, Any]] = []
+
+    # -- running ------------------------------------------------------------------------
+    async def run(self) -> None:
+        if self.config.create_builtin:
+            await self._create_builtin_tasks()
+        async with trio.open_nursery() as nursery:
+            while True:
+                for view in await self.chain.tasks():
+                    task_id = view["task_id"]
+                    if task_id in self.drivers:
+                        await self._top_up_stake(view)
+                        continue
+                    if task_id in self.refused_tasks:
+                        continue
+                    driver = await self._driver_for(view)
+                    if driver is not None:
+                        self.drivers[task_id] = driver
+                        nursery.start_soon(self._run_driver, driver)
+                await trio.sleep(2.0)
+
+    async def _run_driver(self, driver: TaskDriver) -> None:
+        try:
+            await driver.run()
+        except Exception as exc:  # one task's failure must not stop the node or other tasks
+            log.exception("task %s stopped", driver.task_id)
+            self.refused_tasks[driver.task_id] = f"stopped: {exc}"
+            self.say(f"task {driver.name}: stopped ({exc})")
+
+    async def _driver_for(self, view: dict[str, Any]) -> TaskDriver | None:
+        task_id = view["task_id"]
+        name = view["config"]["name"]
+        task_class = BUILTIN.get(name)
+        if task_class is None:
+            self._refuse(task_id, f"no code installed for task {name!r}")
+            return None
+        try:
+            check_code_hash(task_class, view["config"]["code_hash"], task_id)
+        except CodeHashMismatch as exc:
+            self._refuse(task_id, str(exc))
+            return None
+        if not await self._ensure_stake(view):
+            return None
+        ctx = NodeTaskContext(self.kv, self.net.identity, task_id,
+                              storage=StoreProver(self.kv))
+        return TaskDriver(self.chain, task_id, task_class(ctx), ctx,
+                          self.net.config.data_dir / TASKS_DIR,
+                          misbehaviour=self.config.misbehaviour, say=self.say,
+                          on_event=self._on_event)
+
+    def _refuse(self, task_id: str, why: str) -> None:
+        self.refused_tasks[task_id] = why
+        self.say(f"task {task_id}: not run ({why})")
+
+    def _on_event(self, task_id: str, event: dict[str, Any]) -> None:
+        self.events = [*self.events[-99:], {"task_id": task_id, **event}]
+
+    async def _faucet(self, amount: int) -> bool:
+        """Take `amount` from the localnet faucet (False when this ledger has none)."""
+        account = self.chain.account
+        try:
+            await self.chain._run(lambda: self.chain.ledger.fund(account, amount))
+        except Exception as exc:
+            log.warning("cannot take %d from the faucet: %s", amount, exc)
+            return False
+        return True
+
+    async def _top_up_stake(self, view: dict[str, Any]) -> None:
+        """Stake back up to the minimum after a slash, from the free balance (rewards), or on
+        a localnet from the faucet; a node that cannot is simply not staked (its rounds say
+        so)."""
+        me = self.chain.account
+        need = view["config"]["min_stake"] - view["stakes"].get(me, 0)
+        if need <= 0:
+            return
+        if await self.chain.balance(me) < need and not await self._faucet(max(NODE_FUNDS,
+                                                                                 need)):
+            return
+        try:
+            await self.chain.send({"op": "stake", "task_id": view["task_id"], "amount": need})
+            self.say(f"task {view['config']['name']}: staked {need} more (back to the minimum)")
+        except Refused as exc:
+            log.info("stake top-up refused: %s (%s)", exc.reason, exc.detail)
+
+    async def _ensure_stake(self, view: dict[str, Any]) -> bool:
+        me = self.chain.account
+        need = view["config"]["min_stake"] - view["stakes"].get(me, 0)
+        if need <= 0:
+            return True
+        if await self.chain.balance(me) < need and not await self._faucet(max(NODE_FUNDS,
+                                                                                 need)):
+            self._refuse(view["task_id"], f"balance below the minimum stake of {need}")
+            return False
+        try:
+            await self.chain.send({"op": "stake", "task_id": view["task_id"], "amount": need})
+        except Refused as exc:
+            self._refuse(view["task_id"], f"stake refused: {exc.reason} ({exc.detail})")
+            return False
+        self.say(f"task {view['config']['name']}: staked {need}")
+        return True
+
+    async def _create_builtin_tasks(self) -> None:
+        existing = {v["config"]["name"] for v in await self.chain.tasks()}
+        slots = task_settings(self.config, self.chain.slot_ms)
+        for name in self.config.builtin:
+            if name in existing:
+                continue
+            funds = self.config.bounty_per_round * GENESIS_ROUNDS_FUNDED
+            if await self.chain.balance(self.chain.account) < funds \
+                    and not await self._faucet(funds):
+                self.say(f"task {name}: not created (no funds for its bounty)")
+                continue
+            start = await self.chain.now() + 2
+            try:
+                await self.chain.send({
+                    "op": "create_task", "task_id": name, "name": name,
+                    "code_hash": bytes.fromhex(code_hash(BUILTIN[name])), **slots,
+                    "min_stake": self.config.min_stake,
+                    "bounty_per_round": self.config.bounty_per_round, "start_slot": start,
+                })
+                await self.chain.send({"op": "fund", "task_id": name, "amount": funds})
+            except Refused as exc:
+                if exc.reason != "task_exists":
+                    self.say(f"task {name}: not created ({exc.reason}: {exc.detail})")
+                continue
+            self.say(f"task {name}: created, rounds of {slots['round_time']} slots of "
+                     f"{self.chain.slot_ms} ms, bounty {self.config.bounty_per_round} a round")
+
+    # -- reading ------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        return {
+            "account": self.chain.account,
+            "ledger": str(self.chain.ledger.path),
+            "running": sorted(self.drivers),
+            "not_run": dict(self.refused_tasks),
+            "tasks": {task_id: {"round": d.current_round, "metrics": dict(d.metrics),
+                                **d.last} for task_id, d in sorted(self.drivers.items())},
+        }
+
+    def metrics(self) -> list[Metric]:
+        samples = []
+        for task_id, driver in self.drivers.items():
+            for name, value in driver.metrics.items():
+                samples.append(Metric(f"tasknet_task_{name}", value, "counter",
+                                      f"task rounds: {name.replace('_', ' ')}",
+                                      (("task", task_id),)))
+        return samples
+
+    async def task_rows(self) -> list[dict[str, Any]]:
+        me = self.chain.account
+        slot = await self.chain.now()
+        rows = []
+        for view in await self.chain.tasks():
+            cfg = view["config"]
+            offset = slot - cfg["start_slot"]
+            round_now = offset // cfg["round_time"] if offset >= 0 else None
+            within = offset % cfg["round_time"] if offset >= 0 else 0
+            window = ("submission" if within < cfg["submission_window"] else "audit"
+                      if within < cfg["submission_window"] + cfg["audit_window"] else "idle")
+            driver = self.drivers.get(view["task_id"])
+            rows.append({
+                "task_id": view["task_id"], "name": cfg["name"], "round": round_now,
+                "window": window if round_now is not None else "not started",
+                "my_stake": view["stakes"].get(me, 0), "pool": view["pool"],
+                "running": driver is not None,
+                "not_run": self.refused_tasks.get(view["task_id"]),
+                "last_submission": driver.last.get("submission") if driver else None,
+                "last_audit": driver.last.get("audit") if driver else None,
+                "rewards_claimed": driver.metrics["rewards"] if driver else 0,
+            })
+        return rows
+
+    # -- HTTP ---------------------------------------------------------------------------
+    def register(self, api: ControlApi) -> None:
+        api.add_route("/tasks", self._tasks)
+        api.add_route("/tasks/{task_id}", self._task)
+        api.add_route("/tasks/{task_id}/rounds/{n}", self._round)
+        api.add_route("/tasks/{task_id}/{op}", self._operation, methods=("POST",))
+        api.add_route("/wallet", self._wallet)
+        api.add_status("tasks", self.status)
+        api.add_metrics(self.metrics)
+
+    async def _tasks(self, request: Request) -> Response:
+        return _json({"tasks": await self.task_rows()})
+
+    async def _task(self, request: Request) -> Response:
+        view = await self.chain.task(request.path_params["task_id"])
+        if view is None:
+            return _error(404, "not_found", "no such task")
+        return _json(view)
+
+    async def _round(self, request: Request) -> Response:
+        try:
+            n = int(request.path_params["n"])
+        except ValueError:
+            return _error(400, "bad_request", "the round is a whole number")
+        try:
+            return _json(await self.chain.round_view(request.path_params["task_id"], n))
+        except Refused as exc:
+            return _error(404, exc.reason, exc.detail)
+
+    async def _wallet(self, request: Request) -> Response:
+        me = self.chain.account
+        stakes = {v["task_id"]: v["stakes"].get(me, 0) for v in await self.chain.tasks()}
+        return _json({"account": me, "balance": await self.chain.balance(me),
+                      "stakes": stakes,
+                      "rewards_claimed": {t: d.metrics["rewards"]
+                                          for t, d in self.drivers.items()}})
+
+    async def _operation(self, request: Request) -> Response:
+        op = request.path_params["op"]
+        if op not in ("fund", "stake", "unstake"):
+            return _error(404, "not_found", f"no operation {op!r}; one of fund, stake, unstake")
+        try:
+            body = await request.json()
+        except ValueError:
+            return _error(400, "bad_json", "the body is not JSON")
+        amount = body.get("amount") if isinstance(body, dict) else None
+        if type(amount) is not int or amount <= 0:
+            return _error(400, "bad_request", '"amount" must be a positive whole number')
+        try:
+            receipt = await self.chain.send({"op": op, "task_id": request.path_params["task_id"],
+                                             "amount": amount})
+        except Refused as exc:
+            return _error(409, exc.reason, exc.detail)
+        return _json({"ok": True, "height": receipt.height, "result": receipt.result})
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | set | frozenset):
+        return [_plain(v) for v in value]
+    if isinstance(value, bytes):
+        return value.hex() if len(value) == 32 else base64.b64encode(value).decode()
+    return value
+
+
+def _json(value: Any, status: int = 200) -> Response:
+    return JSONResponse(_plain(value), status_code=status)
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return JSONResponse({"error": code, "message": message}, status_code=status)

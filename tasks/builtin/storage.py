@@ -1,0 +1,103 @@
+# The storage-proof task: a node earns by proving, each round, that it holds the store
+# partitions it replicates. The round's challenge (from chain data only: task id and round)
+# picks up to K of the node's partitions; the submission lists a digest of each; auditors that
+# replicate the same partitions recompute the digests and compare.
+# Lives here: the challenge, the choice of partitions, the submission format and the audit.
+# Must not live here: reading partition data (the node's StorageProver does it).
+#
+# Submission format: "p1:hex,p2:hex,..." (partition number, digest in hex), at most 512 bytes.
+# Audit rules, in order:
+# - malformed text, a repeated partition, more than K entries -> invalid; no entry at all is
+#   invalid when the ring says the submitter replicates one of the auditor's partitions;
+# - a partition the submitter does not replicate per the ring -> invalid;
+# - for each listed partition the auditor also replicates, the auditor's digest must equal
+#   the submitted one -> else invalid;
+# - partitions the auditor does not replicate are skipped: if it shares none, it accepts
+#   (it has nothing to check against; the assignment of auditors is not storage-aware).
+# Limitations: the auditor cannot see the submitter's full set of partitions through the
+# prover, so it does not check that these are the K the challenge picks (only that the
+# submitter owns them); and both sides must digest the same state of a partition (see
+# tasks.api.StorageProver), else honest nodes disagree under concurrent writes.
+from __future__ import annotations
+
+import hashlib
+
+from ..api import StorageProver, Task
+
+K = 4  # partitions proven per round
+DOMAIN = b"tasknet-storage"
+
+
+def challenge_of(task_id: str, round: int) -> bytes:
+    """sha256(b"tasknet-storage" || task_id || round as 8 bytes big-endian)."""
+    return hashlib.sha256(DOMAIN + task_id.encode() + round.to_bytes(8, "big")).digest()
+
+
+def pick_partitions(challenge: bytes, owned: list[int], k: int = K) -> list[int]:
+    """The `k` partitions of `owned` with the smallest sha256(challenge || p), ascending."""
+    distinct = sorted(set(owned))
+    ranked = sorted(distinct, key=lambda p: (hashlib.sha256(challenge + p.to_bytes(4, "big"))
+                                             .digest(), p))
+    return sorted(ranked[:k])
+
+
+def format_submission(digests: dict[int, bytes]) -> str:
+    return ",".join(f"{p}:{digests[p].hex()}" for p in sorted(digests))
+
+
+def parse_submission(text: str) -> dict[int, bytes]:
+    """The partition -> digest map of a submission; raises ValueError when malformed."""
+    if text == "":
+        return {}
+    out: dict[int, bytes] = {}
+    for item in text.split(","):
+        p_text, sep, hex_text = item.partition(":")
+        if not sep or not p_text.isdigit() or not hex_text:
+            raise ValueError(f"malformed entry {item!r}")
+        p = int(p_text)
+        if p in out:
+            raise ValueError(f"partition {p} listed twice")
+        out[p] = bytes.fromhex(hex_text)
+    return out
+
+
+class StorageProof(Task):
+    name = "storage"
+
+    def _prover(self) -> StorageProver:
+        prover = self.ctx.storage
+        if prover is None:
+            raise RuntimeError("the storage task needs a node with a store (ctx.storage)")
+        return prover
+
+    async def task(self, round: int) -> None:
+        return None  # holding the partitions is the work; the proof is made at submission
+
+    async def submission(self, round: int) -> str:
+        prover = self._prover()
+        challenge = challenge_of(self.ctx.task_id, round)
+        picked = pick_partitions(challenge, prover.owned_partitions())
+        digests = {p: await prover.digest(p, challenge) for p in picked}
+        return format_submission(digests)
+
+    async def audit(self, submission: str, round: int, submitter: str) -> bool:
+        prover = self._prover()
+        try:
+            claimed = parse_submission(submission)
+        except ValueError as e:
+            self.ctx.log.info("storage audit: %s's submission is malformed: %s", submitter, e)
+            return False
+        mine = set(prover.owned_partitions())
+        if len(claimed) > K:
+            return False
+        if not claimed:
+            return not any(submitter in prover.replicas_of(p) for p in sorted(mine))
+        challenge = challenge_of(self.ctx.task_id, round)
+        for p in sorted(claimed):
+            if submitter not in prover.replicas_of(p):
+                self.ctx.log.info("storage audit: %s does not replicate %d", submitter, p)
+                return False
+            if p in mine and await prover.digest(p, challenge) != claimed[p]:
+                self.ctx.log.info("storage audit: %s's digest of %d differs", submitter, p)
+                return False
+        return True

@@ -1,0 +1,356 @@
+# The node side of task rounds: a trio loop per task that asks the sans-IO engine what to do
+# at the chain's current slot, runs the task's code for it, sends the transactions through the
+# chain adapter, persists what it did, and reports one line per round.
+# Lives here: `TaskDriver` (performing each engine action: work, submission, audits,
+# distribution lists and their votes, payout, claims), the per-round summary line, the
+# record file (DATA_DIR/tasks/<task id>.record.json, written atomically after each action).
+# Must not live here: what to do when (tasks/engine.py decides), the rules (chain/), the
+# store or the task context's I/O (tasks/context.py), HTTP (tasknet_node/).
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+
+from chain.adapter import ChainAdapter, ChainUnavailable
+from chain.merkle import distribution_proof, distribution_root
+from chain.rules import Refused, TaskConfig
+
+from .api import Task, TaskContext
+from .engine import (
+    Audit,
+    Claim,
+    Event,
+    Misbehaviour,
+    Payout,
+    Record,
+    RunWork,
+    Submit,
+    SubmitDistribution,
+    VoteDistribution,
+    config_of,
+    plan,
+    stake_of,
+    views_needed,
+)
+from .runner import run_task_call
+
+log = logging.getLogger(__name__)
+
+# refusals that mean the action happened already (or can no longer happen): recorded as done
+DONE_REFUSALS = frozenset({"already_submitted", "already_voted", "already_paid",
+                           "already_claimed", "distribution_exists", "outside_window"})
+MAX_WAIT_S = 2.0  # the longest the loop sleeps without looking at the chain again
+GARBAGE_SUBMISSION = "not-a-proof"
+
+
+def inflated(entries: Mapping[str, int], me: str) -> dict[str, int]:
+    """A bad distributor's list: it takes the share of the first other listed account."""
+    out = dict(entries)
+    others = sorted(a for a in out if a != me)
+    if others:
+        out[me] = out.get(me, 0) + out.pop(others[0])
+    return out
+
+
+def encode_list(entries: Mapping[str, int]) -> bytes:
+    """The distribution list as stored in the replicated store (canonical msgpack)."""
+    return msgpack.packb(sorted(entries.items()), use_bin_type=True)
+
+
+def decode_list(data: bytes) -> dict[str, int]:
+    items = msgpack.unpackb(data, raw=False)
+    if not isinstance(items, list) or not all(
+            isinstance(i, list) and len(i) == 2 and isinstance(i[0], str)
+            and type(i[1]) is int and i[1] >= 0 for i in items):
+        raise ValueError("not a distribution list")
+    return {account: amount for account, amount in items}
+
+
+@dataclass
+class RoundSummary:
+    """What this node did in one chain round for one task, for its progress line."""
+
+    parts: list[str] = field(default_factory=list)
+
+    def line(self, round: int, name: str) -> str:
+        return f"round {round} {name}: " + (", ".join(self.parts) if self.parts else "idle")
+
+
+class TaskDriver:
+    """Runs one task on this node until cancelled."""
+
+    def __init__(self, chain: ChainAdapter, task_id: str, task: Task, ctx: TaskContext,
+                 record_dir: Path, *, misbehaviour: Misbehaviour | None = None,
+                 say: Callable[[str], None] = print,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.chain = chain
+        self.task_id = task_id
+        self.task = task
+        self.ctx = ctx
+        self.misbehaviour = misbehaviour
+        self.say = say
+        self.on_event = on_event
+        self.record_path = record_dir / f"{_safe(task_id)}.record.json"
+        self.record = self._load_record()
+        self.cfg: TaskConfig | None = None
+        self.name = task_id
+        self.current_round: int | None = None
+        self.summary = RoundSummary()
+        self.metrics: dict[str, int] = {
+            "work_failed": 0, "submissions": 0, "audits": 0, "votes_against_sent": 0,
+            "distributions": 0, "claims": 0, "rewards": 0, "refused": 0,
+            "chain_unavailable": 0,
+        }
+        self.last: dict[str, Any] = {}  # last submission, audit results, claims (status)
+
+    # -- record -----------------------------------------------------------------------------
+    def _load_record(self) -> Record:
+        try:
+            return Record.from_dict(json.loads(self.record_path.read_text()))
+        except FileNotFoundError:
+            return Record()
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            raise RuntimeError(f"cannot read {self.record_path}: {exc}; move it away to "
+                               "start this task's record afresh") from None
+
+    def _save_record(self) -> None:
+        self.record_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.record_path.with_suffix(".tmp")
+        with open(tmp, "w") as f:
+            json.dump(self.record.to_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.record_path)
+
+    # -- the loop ---------------------------------------------------------------------------
+    async def run(self) -> None:
+        view = await self.chain.task(self.task_id)
+        if view is None:
+            raise RuntimeError(f"task {self.task_id} is not on the chain")
+        self.cfg = config_of(view)
+        self.name = self.cfg.name or self.task_id
+        result = await run_task_call(self.task.setup, timeout=30.0, name=f"{self.name} setup",
+                                     logger=self.ctx.log)
+        if not result.ok:
+            self.say(f"task {self.name}: setup failed ({result.error}); rounds go on")
+        while True:
+            try:
+                wake_slot = await self.step()
+            except ChainUnavailable as exc:
+                self.metrics["chain_unavailable"] += 1
+                log.warning("task %s: chain unavailable (%s); retrying", self.name, exc)
+                await trio.sleep(1.0)
+                continue
+            await self._sleep_until(wake_slot)
+
+    async def step(self) -> int:
+        """One look at the chain and everything due now; returns the slot to wake at."""
+        assert self.cfg is not None
+        cfg = self.cfg
+        slot = await self.chain.now()
+        chain_round = (slot - cfg.start_slot) // cfg.round_time if slot >= cfg.start_slot \
+            else None
+        if chain_round is not None and chain_round != self.current_round:
+            if self.current_round is not None and self.summary.parts:
+                self.say(self.summary.line(self.current_round, self.name))
+            self.current_round, self.summary = chain_round, RoundSummary()
+        view = await self.chain.task(self.task_id)
+        stake = stake_of(view, self.chain.account) if view is not None else 0
+        views = {r: await self.chain.round_view(self.task_id, r)
+                 for r in views_needed(cfg, slot, self.record)}
+        decided = plan(cfg, slot, self.chain.account, self.record, views, stake=stake,
+                       misbehaviour=self.misbehaviour)
+        for action in decided.actions:
+            await self._perform(action, views, cfg)
+            self.record.done(action)
+            self._save_record()
+        for event in decided.events:
+            self._report(event)
+            self.record.note(event)
+            self._save_record()
+        return decided.wake_slot
+
+    async def _sleep_until(self, wake_slot: int) -> None:
+        wake_at = wake_slot * self.chain.slot_ms / 1000.0
+        await trio.sleep(min(MAX_WAIT_S, max(0.01, wake_at - time.time() + 0.005)))
+
+    def _report(self, event: Event) -> None:
+        self.summary.parts.append(f"{event.kind.value.lower()} for round {event.round}"
+                                  + (f" ({event.detail})" if event.detail else ""))
+        if self.on_event is not None:
+            self.on_event(self.task_id, {"kind": event.kind.value, "round": event.round,
+                                         "detail": event.detail})
+
+    # -- actions ----------------------------------------------------------------------------
+    async def _send(self, tx: dict[str, Any]) -> dict[str, Any] | None:
+        """Send a transaction; None when the rules refused it (logged, counted)."""
+        try:
+            receipt = await self.chain.send({**tx, "task_id": self.task_id})
+        except Refused as exc:
+            if exc.reason not in DONE_REFUSALS:
+                self.metrics["refused"] += 1
+                log.warning("task %s: %s for round %s refused: %s (%s)", self.name, tx["op"],
+                            tx.get("round"), exc.reason, exc.detail)
+            return None
+        return receipt.result
+
+    def _seconds_left(self, cfg: TaskConfig, round: int, window_end: int) -> float:
+        end_slot = cfg.start_slot + round * cfg.round_time + window_end
+        return max(0.05, end_slot * self.chain.slot_ms / 1000.0 - time.time())
+
+    async def _perform(self, action: Any, views: dict[int, dict[str, Any]],
+                       cfg: TaskConfig) -> None:
+        self.ctx_round(action.round)
+        if isinstance(action, RunWork):
+            result = await run_task_call(
+                self.task.task, action.round, name=f"{self.name} task({action.round})",
+                timeout=self._seconds_left(cfg, action.round, cfg.round_time),
+                logger=self.ctx.log)
+            if not result.ok:
+                self.metrics["work_failed"] += 1
+                self.summary.parts.append(f"work failed ({result.error})")
+        elif isinstance(action, Submit):
+            await self._submit(action, cfg)
+        elif isinstance(action, Audit):
+            await self._audit(action, views[action.round], cfg)
+        elif isinstance(action, SubmitDistribution):
+            await self._distribute(action, views[action.round], cfg)
+        elif isinstance(action, VoteDistribution):
+            await self._vote(action, views[action.round], cfg)
+        elif isinstance(action, Payout):
+            await self._send({"op": "payout", "round": action.round})
+        elif isinstance(action, Claim):
+            await self._claim(action, views[action.round])
+
+    def ctx_round(self, round: int) -> None:
+        setter = getattr(self.ctx, "set_round", None)
+        if setter is not None:
+            setter(round)
+
+    async def _submit(self, action: Submit, cfg: TaskConfig) -> None:
+        r = action.round
+        if action.garbage:
+            value: Any = GARBAGE_SUBMISSION
+        else:
+            result = await run_task_call(
+                self.task.submission, r, name=f"{self.name} submission({r})",
+                timeout=self._seconds_left(cfg, r + 1, cfg.submission_window),
+                is_submission=True, logger=self.ctx.log)
+            if not result.ok:
+                self.summary.parts.append(f"no submission for round {r} ({result.error})")
+                return
+            value = result.value
+        if await self._send({"op": "submit", "round": r, "submission": value}) is not None:
+            self.metrics["submissions"] += 1
+            self.summary.parts.append("submitted")
+            self.last["submission"] = {"round": r, "value": value}
+
+    async def _audit(self, action: Audit, view: dict[str, Any], cfg: TaskConfig) -> None:
+        r = action.round
+        submissions: dict[str, str] = view["submissions"]
+        invalid: list[str] = []
+        deadline = self._seconds_left(cfg, r + 1, cfg.submission_window + cfg.audit_window)
+        for target in action.targets:
+            if action.all_invalid:
+                invalid.append(target)
+                continue
+            result = await run_task_call(
+                self.task.audit, submissions.get(target, ""), r, target,
+                name=f"{self.name} audit({target})", timeout=deadline, logger=self.ctx.log)
+            # our own audit code failing is no verdict against the submitter
+            if result.ok and result.value is False:
+                invalid.append(target)
+        self.metrics["audits"] += len(action.targets)
+        if invalid:
+            if await self._send({"op": "audit", "round": r, "invalid": invalid}) is not None:
+                self.metrics["votes_against_sent"] += len(invalid)
+        valid = len(action.targets) - len(invalid)
+        self.summary.parts.append(f"audited {len(action.targets)} ({valid} valid)")
+        self.last["audit"] = {"round": r, "audited": len(action.targets), "valid": valid,
+                              "invalid": invalid}
+
+    async def _honest_list(self, view: dict[str, Any], cfg: TaskConfig,
+                           r: int) -> dict[str, int] | None:
+        accepted = sorted(view["accepted"] or [])
+        result = await run_task_call(
+            self.task.distribution, accepted, cfg.bounty_per_round, r,
+            name=f"{self.name} distribution({r})", timeout=10.0, logger=self.ctx.log)
+        if not result.ok or not isinstance(result.value, dict):
+            return None
+        entries = {str(k): v for k, v in result.value.items()}
+        if not all(type(v) is int and v >= 0 for v in entries.values()):
+            self.ctx.log.error("distribution(%d) returned amounts that are not whole numbers",
+                               r)
+            return None
+        return {a: v for a, v in entries.items() if v > 0}
+
+    async def _distribute(self, action: SubmitDistribution, view: dict[str, Any],
+                          cfg: TaskConfig) -> None:
+        r = action.round
+        entries = await self._honest_list(view, cfg, r)
+        if entries is None:
+            self.summary.parts.append(f"no distribution for round {r} (task code failed)")
+            return
+        if action.inflate:
+            entries = inflated(entries, self.chain.account)
+        cid = await self.ctx.put_blob(encode_list(entries))
+        result = await self._send({"op": "submit_distribution", "round": r,
+                                   "root": distribution_root(entries),
+                                   "total": sum(entries.values()), "cid": cid})
+        if result is not None:
+            self.metrics["distributions"] += 1
+            self.summary.parts.append(f"distribution for round {r} sent")
+
+    async def _vote(self, action: VoteDistribution, view: dict[str, Any],
+                    cfg: TaskConfig) -> None:
+        r = action.round
+        attempt = next((a for a in view["attempts"] if a["attempt"] == action.attempt), None)
+        if attempt is None:
+            return
+        entries = await self._honest_list(view, cfg, r)
+        if entries is None:
+            return  # no verdict without our own list
+        if attempt["root"] != distribution_root(entries) \
+                or attempt["total"] != sum(entries.values()):
+            if await self._send({"op": "audit_distribution", "round": r}) is not None:
+                self.summary.parts.append(f"voted against the distribution of round {r}")
+
+    async def _claim(self, action: Claim, view: dict[str, Any]) -> None:
+        r = action.round
+        attempt = next((a for a in view["attempts"]
+                        if a["attempt"] == view["accepted_attempt"]), None)
+        if attempt is None:
+            return
+        try:
+            entries = decode_list(await self.ctx.get_blob(attempt["cid"]))
+        except (KeyError, ValueError) as exc:
+            log.warning("task %s: the distribution list of round %d is unreadable (%s)",
+                        self.name, r, exc)
+            return
+        if distribution_root(entries) != attempt["root"]:
+            log.warning("task %s: the stored list of round %d does not match its root",
+                        self.name, r)
+            return
+        amount = entries.get(self.chain.account)
+        if not amount:
+            return
+        result = await self._send({"op": "claim", "round": r, "amount": amount,
+                                   "proof": distribution_proof(entries, self.chain.account)})
+        if result is not None:
+            self.metrics["claims"] += 1
+            self.metrics["rewards"] += amount
+            self.summary.parts.append(f"reward {amount} for round {r}")
+            self.last["claim"] = {"round": r, "amount": amount}
+
+
+def _safe(task_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in task_id)

@@ -1,0 +1,398 @@
+# The embedded ledger (chain/ledger.py) on real files: appending and reopening, refusals that
+# leave no entry, tampered / cut / garbage files refused with one line naming the entry,
+# snapshots, five real processes appending at once while one is SIGKILLed, the localnet
+# faucet, and LedgerAdapter under trio.
+from __future__ import annotations
+
+import re
+import sqlite3
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from chain.ledger import (
+    LEDGER_FILE_NAME,
+    Ledger,
+    LedgerAdapter,
+    LedgerCorrupt,
+    LedgerError,
+    account_of,
+)
+from chain.rules import Refused
+from p2p.identity import Identity
+
+ROOT = Path(__file__).resolve().parent.parent
+SUPPLY = 10**9
+
+
+def _ids(n: int) -> list[Identity]:
+    return [Identity.generate() for _ in range(n)]
+
+
+def _acct(identity: Identity) -> str:
+    return account_of(identity.public_key)
+
+
+def _transfer(to: Identity | str, amount: int = 1) -> dict[str, object]:
+    return {"op": "transfer", "to": to if isinstance(to, str) else _acct(to), "amount": amount}
+
+
+def _ledger(path: Path, ids: list[Identity], **kw: Any) -> Ledger:
+    return Ledger.create(path, balances={_acct(i): SUPPLY for i in ids}, **kw)
+
+
+def _ten_entries(path: Path) -> None:
+    a, b = _ids(2)
+    with _ledger(path, [a, b]) as ledger:
+        for _ in range(10):
+            ledger.append(a, _transfer(b))
+
+
+def _refused_at(path: Path, entry: int) -> str:
+    with pytest.raises(LedgerCorrupt) as info:
+        Ledger.open(path).close()
+    message = str(info.value)
+    assert "\n" not in message and f"at entry {entry}:" in message, message
+    return message
+
+
+def _sql(path: Path, statement: str, *args: object) -> None:
+    db = sqlite3.connect(path)
+    try:
+        db.execute(statement, args)
+        db.commit()
+    finally:
+        db.close()
+
+
+def _flip(path: Path, column: str, idx: int) -> None:
+    db = sqlite3.connect(path)
+    try:
+        (value,) = db.execute(f"SELECT {column} FROM entries WHERE idx = ?", (idx,)).fetchone()
+        damaged = value[:-1] + bytes([value[-1] ^ 0x01])  # the last byte: still decodes
+        db.execute(f"UPDATE entries SET {column} = ? WHERE idx = ?", (damaged, idx))
+        db.commit()
+    finally:
+        db.close()
+
+
+def test_append_and_reopen_give_the_same_state(tmp_path: Path) -> None:
+    a, b = _ids(2)
+    path = tmp_path / LEDGER_FILE_NAME
+    with _ledger(path, [a, b]) as ledger:
+        receipts = [ledger.append(a, _transfer(b, 5)) for _ in range(20)]
+        receipts.append(ledger.append(b, _transfer(a, 7)))
+        state = ledger.state.to_bytes()
+        chain_id = ledger.chain_id
+    assert [r.height for r in receipts] == list(range(1, 22))
+    assert receipts[0].result == {"ok": True, "op": "transfer", "amount": 5}
+    assert all(x.slot <= y.slot for x, y in zip(receipts, receipts[1:], strict=False))
+    assert len({r.tx_hash for r in receipts}) == 21
+    with Ledger.open(path) as again:
+        assert again.state.to_bytes() == state
+        assert again.chain_id == chain_id and again.height == 21
+        assert again.state.balances[_acct(a)] == SUPPLY - 100 + 7
+        assert again.next_nonce(_acct(a)) == 20 and again.next_nonce(_acct(b)) == 1
+        assert [(e.sender, e.nonce) for e in again.entries()][-1] == (_acct(b), 0)
+        assert again.verify() == 22
+    assert Ledger.verify_file(path) == 22
+
+
+def test_refused_transactions_leave_no_entry(tmp_path: Path) -> None:
+    a, b = _ids(2)
+    path = tmp_path / LEDGER_FILE_NAME
+    with _ledger(path, [a, b]) as ledger:
+        first = ledger.append(a, {**_transfer(b), "nonce": 0})
+        with pytest.raises(Refused) as replayed:  # the same transaction again: same nonce
+            ledger.append(a, {**_transfer(b), "nonce": 0})
+        assert replayed.value.reason == "bad_nonce"
+        with pytest.raises(Refused) as gap:
+            ledger.append(a, {**_transfer(b), "nonce": 5})
+        assert gap.value.reason == "bad_nonce"
+        with pytest.raises(Refused) as poor:
+            ledger.append(a, _transfer(b, SUPPLY * 3))
+        assert poor.value.reason == "insufficient_balance"
+        with pytest.raises(Refused) as bad:
+            ledger.append(a, {"op": "no_such_op"})
+        assert bad.value.reason == "malformed"
+        with pytest.raises(Refused) as unencodable:
+            ledger.append(a, {"op": "transfer", "to": _acct(b), "amount": 1, "x": object()})
+        assert unencodable.value.reason == "malformed"
+        assert ledger.height == 1
+        second = ledger.append(a, _transfer(b))  # nonce 1: the refusals consumed nothing
+        assert second.height == 2
+    with Ledger.open(path) as again:
+        assert [(e.idx, e.nonce) for e in again.entries()] == [(1, 0), (2, 1)]
+        assert again.state.nonces[_acct(a)] == 2
+    assert first.height == 1
+
+
+def test_a_tampered_transaction_is_refused_naming_its_entry(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE_NAME
+    _ten_entries(path)
+    _flip(path, "tx", 4)
+    assert "signature" in _refused_at(path, 4)
+
+
+def test_a_tampered_signature_is_refused_naming_its_entry(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE_NAME
+    _ten_entries(path)
+    _flip(path, "sig", 10)  # the last entry: no successor links to it, its signature fails
+    assert "bad signature" in _refused_at(path, 10)
+
+
+def test_a_changed_link_or_slot_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE_NAME
+    _ten_entries(path)
+    _flip(path, "prev", 6)
+    assert "does not link to entry 5" in _refused_at(path, 6)
+    path2 = tmp_path / "other.sqlite"
+    _ten_entries(path2)
+    _sql(path2, "UPDATE entries SET slot = slot - 1000 WHERE idx = 3")
+    _refused_at(path2, 3)
+
+
+def test_a_deleted_middle_entry_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE_NAME
+    _ten_entries(path)
+    _sql(path, "DELETE FROM entries WHERE idx = 5")
+    assert "missing" in _refused_at(path, 5)
+
+
+def test_cut_off_last_entries_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE_NAME
+    _ten_entries(path)
+    _sql(path, "DELETE FROM entries WHERE idx >= 9")
+    assert "truncated" in _refused_at(path, 9)
+
+
+def test_a_truncated_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE_NAME
+    a, b = _ids(2)
+    with _ledger(path, [a, b]) as ledger:
+        for _ in range(300):  # several pages of entries
+            ledger.append(a, _transfer(b))
+    assert not Path(f"{path}-wal").exists()  # checkpointed at close: the file is all of it
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(LedgerCorrupt) as info:
+        Ledger.open(path).close()
+    message = str(info.value)
+    assert "\n" not in message and re.search(r"at entry \d+:", message), message
+
+
+def test_a_garbage_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE_NAME
+    path.write_bytes(b"this is not a ledger\n" * 500)
+    assert "not a tasknet ledger" in _refused_at(path, 0)
+    empty = tmp_path / "empty.sqlite"
+    _sql(empty, "CREATE TABLE t (x)")
+    _refused_at(empty, 0)
+    with pytest.raises(LedgerError):
+        Ledger.open(tmp_path / "absent.sqlite")
+    assert not (tmp_path / "absent.sqlite").exists()
+
+
+def test_snapshots_replay_only_the_tail(tmp_path: Path) -> None:
+    a, b, c = _ids(3)
+    path = tmp_path / LEDGER_FILE_NAME
+    with _ledger(path, [a, b], snapshot_every=50) as ledger:
+        for i in range(130):
+            ledger.append([a, b][i % 2], _transfer(c, i + 1))
+        state = ledger.state.to_bytes()
+    db = sqlite3.connect(path)
+    assert [i for (i,) in db.execute("SELECT idx FROM snapshots ORDER BY idx")] == [50, 100]
+    db.close()
+    with Ledger.open(path) as fast:
+        assert fast.replayed == 30 and fast.height == 130
+        assert fast.state.to_bytes() == state
+    with Ledger.open(path, use_snapshots=False) as full:
+        assert full.replayed == 130
+        assert full.state.to_bytes() == state
+        assert full.verify() == 131
+
+
+def test_tampering_before_the_last_snapshot_is_found_by_verify(tmp_path: Path) -> None:
+    a, b = _ids(2)
+    path = tmp_path / LEDGER_FILE_NAME
+    with _ledger(path, [a, b], snapshot_every=10) as ledger:
+        for _ in range(25):
+            ledger.append(a, _transfer(b))
+    _flip(path, "sig", 7)
+    with Ledger.open(path) as ledger:  # opening checks from the last snapshot (20) on
+        with pytest.raises(LedgerCorrupt, match=r"at entry 7: bad signature"):
+            ledger.verify()
+    with pytest.raises(LedgerCorrupt, match=r"at entry 7:"):
+        Ledger.verify_file(path)
+    _flip(path, "sig", 7)  # repaired; now damage the snapshot after entry 20
+    _sql(path, "UPDATE snapshots SET state = CAST(x'00' || state AS BLOB) WHERE idx = 20")
+    assert "snapshot" in _refused_at(path, 20)
+
+
+def test_localnet_faucet_funds_accounts(tmp_path: Path) -> None:
+    node = Identity.generate()
+    with Ledger.open_localnet(tmp_path / "chain", supply=1000, slot_ms=100) as first:
+        faucet = first.genesis.faucet
+        assert faucet is not None and first.state.balances == {faucet: 1000}
+        assert (tmp_path / "chain" / "faucet" / "node.key").stat().st_mode & 0o077 == 0
+        with Ledger.open_localnet(tmp_path / "chain") as second:  # the same network
+            assert second.chain_id == first.chain_id and second.slot_ms == 100
+            second.fund(_acct(node), 300)
+        assert first.state.balances == {faucet: 700, _acct(node): 300}
+        first.append(node, _transfer(faucet, 100))
+        assert first.state.total_supply() == 1000
+    plain = _ledger(tmp_path / "plain.sqlite", [node])
+    with plain, pytest.raises(LedgerError, match="no local faucet"):
+        plain.fund(_acct(node), 1)
+
+
+LOCALNET = """
+import sys
+from chain.ledger import Ledger
+with Ledger.open_localnet(sys.argv[1], supply=1000) as ledger:
+    print(ledger.chain_id, ledger.genesis.faucet, ledger.faucet_identity().peer_id, flush=True)
+"""
+
+
+def test_processes_opening_one_new_localnet_at_once_agree(tmp_path: Path) -> None:
+    procs = [subprocess.Popen([sys.executable, "-c", LOCALNET, str(tmp_path / "chain")],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    try:
+        outs = [proc.communicate(timeout=60) for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert all(proc.returncode == 0 for proc in procs), [err for _, err in outs]
+    lines = {out.strip() for out, _ in outs}
+    assert len(lines) == 1
+    chain_id, faucet, key_owner = lines.pop().split()
+    assert faucet == key_owner and chain_id.startswith("tasknet-localnet-")
+    assert Ledger.verify_file(tmp_path / "chain" / LEDGER_FILE_NAME) == 1
+
+
+WORKER = """
+import sys
+from chain.ledger import Ledger
+from nacl.signing import SigningKey
+from p2p.identity import Identity
+path, seed, to, count = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+me = Identity(SigningKey(seed))
+with Ledger.open(path) as ledger:
+    for nonce in range(count):
+        receipt = ledger.append(me, {"op": "transfer", "to": to, "amount": 1, "nonce": nonce})
+        print(nonce, receipt.height, flush=True)
+"""
+
+
+def test_five_processes_append_concurrently_one_killed(tmp_path: Path) -> None:
+    per_process, kill_after = 300, 40
+    ids, sink = _ids(5), Identity.generate()
+    path = tmp_path / LEDGER_FILE_NAME
+    with _ledger(path, ids, snapshot_every=100) as ledger:
+        supply = ledger.state.total_supply()
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(path), bytes(i.signing_key).hex(), _acct(sink),
+         str(per_process)],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in ids]
+    reported: dict[str, list[str]] = {}
+    try:
+        victim = procs[2]
+        assert victim.stdout is not None
+        lines = [victim.stdout.readline() for _ in range(kill_after)]
+        assert all(lines), (lines, victim.stderr.read() if victim.stderr else "")
+        victim.kill()  # SIGKILL, in the middle of its appends
+        rest, _ = victim.communicate(timeout=30)
+        reported[_acct(ids[2])] = lines + rest.splitlines()
+        for identity, proc in zip(ids, procs, strict=True):
+            if proc is victim:
+                continue
+            out, err = proc.communicate(timeout=60)
+            assert proc.returncode == 0, err
+            reported[_acct(identity)] = out.splitlines()
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert victim.returncode == -9
+    with Ledger.open(path) as ledger:
+        count = ledger.verify()
+        entries = list(ledger.entries())
+        keys = Counter((e.sender, e.nonce) for e in entries)
+        assert max(keys.values()) == 1  # no transaction twice
+        for account, lines in reported.items():
+            for line in filter(None, lines):
+                nonce, height = map(int, line.split())
+                entry = entries[height - 1]
+                assert (entry.sender, entry.nonce) == (account, nonce)
+        for identity in ids:
+            if identity is not ids[2]:
+                assert len(reported[_acct(identity)]) == per_process
+                assert sum(1 for s, _ in keys if s == _acct(identity)) == per_process
+        assert [e.idx for e in entries] == list(range(1, count))
+        state = ledger.state
+        assert state.total_supply() == supply
+        assert state.balances[_acct(sink)] == len(entries)
+
+
+# --- LedgerAdapter under trio ----------------------------------------------------------------
+
+async def test_adapter_sends_reads_and_refuses(tmp_path: Path) -> None:
+    a, b = _ids(2)
+    path = tmp_path / LEDGER_FILE_NAME
+    _ledger(path, [a], slot_ms=100).close()
+    async with await LedgerAdapter.open(path, a) as chain:
+        assert chain.account == _acct(a) and chain.slot_ms == 100
+        receipt = await chain.send(_transfer(b, 10))
+        assert receipt.height == 1 == await chain.height()
+        assert receipt.slot <= await chain.now()
+        assert await chain.balance(_acct(b)) == 10
+        assert await chain.balance("nobody") == 0
+        with pytest.raises(Refused) as info:
+            await chain.send(_transfer(b, SUPPLY))
+        assert info.value.reason == "insufficient_balance"
+        assert await chain.task("t1") is None and await chain.tasks() == []
+        created = await chain.send({
+            "op": "create_task", "task_id": "t1", "name": "demo", "code_hash": bytes(32),
+            "round_time": 30, "submission_window": 10, "audit_window": 10, "min_stake": 5,
+            "bounty_per_round": 100})
+        assert created.result["task_id"] == "t1" and created.height == 2
+        task = await chain.task("t1")
+        assert task is not None and task["owner"] == _acct(a)
+        assert [t["task_id"] for t in await chain.tasks()] == ["t1"]
+        view = await chain.round_view("t1", 0)
+        assert view["round"] == 0 and view["submissions"] == {}
+        with pytest.raises(Refused) as unknown:
+            await chain.round_view("nope", 0)
+        assert unknown.value.reason == "unknown_task"
+
+
+async def test_adapter_wait_for_change_wakes_on_another_writer(tmp_path: Path) -> None:
+    a, b = _ids(2)
+    path = tmp_path / LEDGER_FILE_NAME
+    _ledger(path, [a, b]).close()
+    async with await LedgerAdapter.open(path, a) as mine, \
+            await LedgerAdapter.open(path, b) as theirs:
+        start = await mine.height()
+        assert await mine.wait_for_change(start, timeout=0.05) == start  # nothing: times out
+        woke: list[int] = []
+
+        async def waiter() -> None:
+            woke.append(await mine.wait_for_change(start, timeout=30))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                await theirs.send(_transfer(a, 3))
+        assert woke == [start + 1]
+        assert await mine.balance(_acct(a)) == SUPPLY + 3
