@@ -196,7 +196,8 @@ class Cluster:
         log = open(node.data_dir.parent / f"{node.name}.log", "ab")  # noqa: SIM115
         with log:
             process = node.process = subprocess.Popen(
-                [sys.executable, str(NODE_SCRIPT), *role, "--data-dir", str(node.data_dir),
+                [sys.executable, str(NODE_SCRIPT), *role, "--no-tasks", "--data-dir",
+                 str(node.data_dir),
                  "--listen", "/ip4/127.0.0.1/tcp/0", "--api", "127.0.0.1:0",
                  "--replicas", str(REPLICAS), "--write-consistency", "quorum"],
                 cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

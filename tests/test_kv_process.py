@@ -25,7 +25,7 @@ from process_helpers import NODE, NodeProcess, Processes, processes_fixture, wai
 
 NET = "kv-proc-test"
 FAST = ["--heartbeat-interval", "0.5", "--suspect-after", "2", "--dead-after", "4",
-        "--anti-entropy-interval", "1", "--network", NET]
+        "--anti-entropy-interval", "1", "--network", NET, "--no-tasks"]
 
 
 class Api:

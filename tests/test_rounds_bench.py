@@ -42,7 +42,10 @@ def test_quick_run_without_nodes(tmp_path: Path) -> None:
     appended = figures["ledger_tx"]
     assert 0 < appended <= WRITERS * MAX_TX
     assert figures["ledger_funding_entries"] == WRITERS
-    assert figures["ledger_entries_verified"] == 1 + WRITERS + appended
+    assert figures["ledger_entries_verified"] == 1 + WRITERS + appended + figures[
+        "ledger_tx_late"]
+    assert figures["ledger_writer_tx_min"] <= appended / WRITERS <= figures[
+        "ledger_writer_tx_max"]
     assert 0 < figures["raw_sqlite_tx"] <= WRITERS * MAX_TX
     assert figures["entry_bytes"] > 64 + 32 + 32  # a signature, a key and a hash at least
     for name in ("ledger", "raw_sqlite"):
