@@ -784,6 +784,13 @@ class LedgerAdapter(ChainAdapter):
         self._head_slot = max(self._head_slot, receipt.slot)
         return receipt
 
+    async def fund_from_faucet(self, amount: int) -> Receipt:
+        """LOCAL ONLY: take `amount` from the localnet faucet (see `Ledger.open_localnet`)
+        into this adapter's account. Raises LedgerError on a ledger without a faucet."""
+        receipt: Receipt = await self._run(lambda: self.ledger.fund(self.account, amount))
+        self._head_slot = max(self._head_slot, receipt.slot)
+        return receipt
+
     def _read(self, view: Callable[[ChainState, int], Any]) -> Callable[[], Any]:
         def read() -> Any:
             state = self.ledger.state

@@ -261,8 +261,8 @@ def _errors_only(exc: BaseException) -> BaseException | None:
     """`exc` if it is an error (or a group of only errors), None if it holds a cancellation
     or another BaseException (those must go on up)."""
     if isinstance(exc, BaseExceptionGroup):
-        if all(isinstance(e, Exception) for e in _leaves(exc)):
-            leaves = list(_leaves(exc))
+        leaves = _leaves(exc)
+        if all(isinstance(e, Exception) for e in leaves):
             return leaves[0] if len(leaves) == 1 else exc
         return None
     return exc if isinstance(exc, Exception) else None
@@ -360,11 +360,7 @@ async def _stream_handler_guarded(self: BasicHost, net_stream: INetStream) -> No
     peer = str(net_stream.muxed_conn.peer_id)
     gate = _door_gates.get(self)
     if gate is not None and gate(peer):
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
-            try:
-                await net_stream.reset()
-            except Exception:
-                pass
+        await _reset_quietly(net_stream)
         return
     try:
         await _stream_handler_of_libp2p(self, net_stream)
@@ -373,11 +369,16 @@ async def _stream_handler_guarded(self: BasicHost, net_stream: INetStream) -> No
         if error is None:
             raise  # a cancellation: the connection or the node is stopping
         _contain(self, f"stream handler ({net_stream.get_protocol()})", peer, error)
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
-            try:
-                await net_stream.reset()
-            except Exception:
-                pass
+        await _reset_quietly(net_stream)
+
+
+async def _reset_quietly(stream: INetStream) -> None:
+    """Reset `stream`, shielded and within a second; one already gone is fine."""
+    with trio.CancelScope(shield=True, deadline=trio.current_time() + 1.0):
+        try:
+            await stream.reset()
+        except Exception:
+            pass
 
 
 def contain_stream_handler_errors() -> None:

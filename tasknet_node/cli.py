@@ -35,7 +35,6 @@ TASK_OPERATIONS = {
     "stake": "stake AMOUNT more on the task",
     "unstake": "take AMOUNT of stake back (only some rounds after the last submission)",
 }
-MISBEHAVIOURS = ["wrong-submission", "no-submission", "false-audit", "bad-distribution"]
 KV_COMMANDS = {
     "put": "store VALUE under KEY",
     "get": "print KEY's value (null when missing or deleted)",
@@ -84,6 +83,8 @@ def _count(text: str) -> int:
 
 
 def run_parser() -> argparse.ArgumentParser:
+    from tasks.engine import Misbehaviour  # pure and light (no trio, no libp2p)
+
     parser = _Parser(
         prog=PROG,
         description="Run a tasknet node. Other forms: "
@@ -142,8 +143,9 @@ def run_parser() -> argparse.ArgumentParser:
     rounds.add_argument("--round-time", type=_positive, metavar="S",
                         help="round length of the built-in tasks a bootstrap node creates on a "
                         "new ledger (default 6 s)")
-    rounds.add_argument("--misbehave", choices=MISBEHAVIOURS, metavar="MODE",
-                        help="bad-node mode, to watch audits work: " + ", ".join(MISBEHAVIOURS))
+    modes = [mode.value for mode in Misbehaviour]
+    rounds.add_argument("--misbehave", choices=modes, metavar="MODE",
+                        help="bad-node mode, to watch audits work: " + ", ".join(modes))
     parser.add_argument("--log-level", default="warning", choices=LOG_LEVELS,
                         help="level of tasknet's diagnostics on stderr (default warning)")
     parser.add_argument("--libp2p-log-level", default="critical", choices=LOG_LEVELS,

@@ -98,6 +98,11 @@ class JSONResponse(Response):
         super().__init__(body, status_code, headers=headers)
 
 
+def error_response(status: int, code: str, message: str) -> JSONResponse:
+    """The control API's error answer: {"error": code, "message": text}."""
+    return JSONResponse({"error": code, "message": message}, status_code=status)
+
+
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 

@@ -26,6 +26,7 @@ from p2p import Network, RequestError
 
 from .api import ControlApi, Metric
 from .http import JSONResponse, Request, Response
+from .http import error_response as _error
 from .runner import NodeExtension, Say, print_line
 
 log = logging.getLogger(__name__)
@@ -256,10 +257,6 @@ def _first_leaf(exc: BaseException) -> str:
     while isinstance(exc, BaseExceptionGroup):
         exc = exc.exceptions[0]
     return str(exc)
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    return _json({"error": code, "message": message}, status)
 
 
 def _json(value: Any, status: int = 200) -> Response:

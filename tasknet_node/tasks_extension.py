@@ -17,6 +17,7 @@ from typing import Any
 
 import trio
 
+from chain.assignment import window_of
 from chain.ledger import Ledger, LedgerAdapter
 from chain.rules import Refused
 from kv import KV
@@ -25,10 +26,11 @@ from tasks.api import CodeHashMismatch, check_code_hash, code_hash
 from tasks.builtin import BUILTIN
 from tasks.context import NodeTaskContext, StoreProver
 from tasks.driver import TaskDriver
-from tasks.engine import Misbehaviour
+from tasks.engine import Misbehaviour, config_of
 
 from .api import ControlApi, Metric
 from .http import JSONResponse, Request, Response
+from .http import error_response as _error
 from .runner import NodeExtension, Say, print_line
 
 log = logging.getLogger(__name__)
@@ -111,7 +113,9 @@ class TaskNode:
                 for view in await self.chain.tasks():
                     task_id = view["task_id"]
                     if task_id in self.drivers:
-                        await self._top_up_stake(view)
+                        why = await self._stake_to_minimum(view)
+                        if why is not None:  # its rounds say it is not staked
+                            log.info("task %s: %s", task_id, why)
                         continue
                     if task_id in self.refused_tasks:
                         continue
@@ -141,7 +145,9 @@ class TaskNode:
         except CodeHashMismatch as exc:
             self._refuse(task_id, str(exc))
             return None
-        if not await self._ensure_stake(view):
+        why = await self._stake_to_minimum(view)
+        if why is not None:
+            self._refuse(task_id, why)
             return None
         ctx = NodeTaskContext(self.kv, self.net.identity, task_id,
                               storage=StoreProver(self.kv))
@@ -157,49 +163,34 @@ class TaskNode:
     def _on_event(self, task_id: str, event: dict[str, Any]) -> None:
         self.events = [*self.events[-99:], {"task_id": task_id, **event}]
 
-    async def _faucet(self, amount: int) -> bool:
-        """Take `amount` from the localnet faucet (False when this ledger has none)."""
-        account = self.chain.account
-        try:
-            await self.chain._run(lambda: self.chain.ledger.fund(account, amount))
-        except Exception as exc:
-            log.warning("cannot take %d from the faucet: %s", amount, exc)
-            return False
-        return True
-
-    async def _top_up_stake(self, view: dict[str, Any]) -> None:
-        """Stake back up to the minimum after a slash, from the free balance (rewards), or on
-        a localnet from the faucet; a node that cannot is simply not staked (its rounds say
-        so)."""
-        me = self.chain.account
-        need = view["config"]["min_stake"] - view["stakes"].get(me, 0)
-        if need <= 0:
-            return
-        if await self.chain.balance(me) < need and not await self._faucet(max(NODE_FUNDS,
-                                                                                 need)):
-            return
-        try:
-            await self.chain.send({"op": "stake", "task_id": view["task_id"], "amount": need})
-            self.say(f"task {view['config']['name']}: staked {need} more (back to the minimum)")
-        except Refused as exc:
-            log.info("stake top-up refused: %s (%s)", exc.reason, exc.detail)
-
-    async def _ensure_stake(self, view: dict[str, Any]) -> bool:
-        me = self.chain.account
-        need = view["config"]["min_stake"] - view["stakes"].get(me, 0)
-        if need <= 0:
+    async def _have_funds(self, amount: int, take: int) -> bool:
+        """Whether this node's free balance holds `amount`, after taking `take` from the
+        localnet faucet when it did not (False when that fails: no faucet on this ledger)."""
+        if await self.chain.balance(self.chain.account) >= amount:
             return True
-        if await self.chain.balance(me) < need and not await self._faucet(max(NODE_FUNDS,
-                                                                                 need)):
-            self._refuse(view["task_id"], f"balance below the minimum stake of {need}")
+        try:
+            await self.chain.fund_from_faucet(take)
+        except Exception as exc:
+            log.warning("cannot take %d from the faucet: %s", take, exc)
             return False
+        return True
+
+    async def _stake_to_minimum(self, view: dict[str, Any]) -> str | None:
+        """Stake up to the task's minimum (at start, and again after a slash) from the free
+        balance (rewards) or, on a localnet, the faucet; None when staked, else why not."""
+        staked = view["stakes"].get(self.chain.account, 0)
+        need = view["config"]["min_stake"] - staked
+        if need <= 0:
+            return None
+        if not await self._have_funds(need, take=max(NODE_FUNDS, need)):
+            return f"balance below the minimum stake of {need}"
         try:
             await self.chain.send({"op": "stake", "task_id": view["task_id"], "amount": need})
         except Refused as exc:
-            self._refuse(view["task_id"], f"stake refused: {exc.reason} ({exc.detail})")
-            return False
-        self.say(f"task {view['config']['name']}: staked {need}")
-        return True
+            return f"stake refused: {exc.reason} ({exc.detail})"
+        self.say(f"task {view['config']['name']}: staked {need}"
+                 + (" more (back to the minimum)" if staked else ""))
+        return None
 
     async def _create_builtin_tasks(self) -> None:
         existing = {v["config"]["name"] for v in await self.chain.tasks()}
@@ -208,8 +199,7 @@ class TaskNode:
             if name in existing:
                 continue
             funds = self.config.bounty_per_round * GENESIS_ROUNDS_FUNDED
-            if await self.chain.balance(self.chain.account) < funds \
-                    and not await self._faucet(funds):
+            if not await self._have_funds(funds, take=funds):
                 self.say(f"task {name}: not created (no funds for its bounty)")
                 continue
             start = await self.chain.now() + 2
@@ -253,16 +243,13 @@ class TaskNode:
         slot = await self.chain.now()
         rows = []
         for view in await self.chain.tasks():
-            cfg = view["config"]
-            offset = slot - cfg["start_slot"]
-            round_now = offset // cfg["round_time"] if offset >= 0 else None
-            within = offset % cfg["round_time"] if offset >= 0 else 0
-            window = ("submission" if within < cfg["submission_window"] else "audit"
-                      if within < cfg["submission_window"] + cfg["audit_window"] else "idle")
+            cfg = config_of(view)
+            round_now, window = window_of(cfg, slot)
             driver = self.drivers.get(view["task_id"])
             rows.append({
-                "task_id": view["task_id"], "name": cfg["name"], "round": round_now,
-                "window": window if round_now is not None else "not started",
+                "task_id": view["task_id"], "name": cfg.name,
+                "round": round_now if round_now >= 0 else None,
+                "window": window if round_now >= 0 else "not started",
                 "my_stake": view["stakes"].get(me, 0), "pool": view["pool"],
                 "running": driver is not None,
                 "not_run": self.refused_tasks.get(view["task_id"]),
@@ -340,7 +327,3 @@ def _plain(value: Any) -> Any:
 
 def _json(value: Any, status: int = 200) -> Response:
     return JSONResponse(_plain(value), status_code=status)
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    return JSONResponse({"error": code, "message": message}, status_code=status)

@@ -10,6 +10,8 @@ import hashlib
 import logging
 from typing import Any
 
+from libp2p.peer.id import ID
+
 import crdt
 from kv import KV
 from p2p.identity import Identity, verify_signature
@@ -119,8 +121,6 @@ class NodeTaskContext:
         return self.identity.sign(data)
 
     def verify(self, node_id: str, data: bytes, signature: bytes) -> bool:
-        from libp2p.peer.id import ID
-
         try:
             public_key = ID.from_base58(node_id).extract_public_key()
         except Exception:

@@ -21,6 +21,7 @@ import msgpack
 import trio
 
 from chain.adapter import ChainAdapter, ChainUnavailable
+from chain.assignment import round_of
 from chain.merkle import distribution_proof, distribution_root
 from chain.rules import Refused, TaskConfig
 
@@ -37,6 +38,7 @@ from .engine import (
     SubmitDistribution,
     VoteDistribution,
     config_of,
+    inflated,
     plan,
     stake_of,
     views_needed,
@@ -45,20 +47,12 @@ from .runner import run_task_call
 
 log = logging.getLogger(__name__)
 
-# refusals that mean the action happened already (or can no longer happen): recorded as done
+# refusals that only mean the action happened already or came too late: not logged as faults
+# (every refused action is recorded as done, so none is retried)
 DONE_REFUSALS = frozenset({"already_submitted", "already_voted", "already_paid",
                            "already_claimed", "distribution_exists", "outside_window"})
 MAX_WAIT_S = 2.0  # the longest the loop sleeps without looking at the chain again
 GARBAGE_SUBMISSION = "not-a-proof"
-
-
-def inflated(entries: Mapping[str, int], me: str) -> dict[str, int]:
-    """A bad distributor's list: it takes the share of the first other listed account."""
-    out = dict(entries)
-    others = sorted(a for a in out if a != me)
-    if others:
-        out[me] = out.get(me, 0) + out.pop(others[0])
-    return out
 
 
 def encode_list(entries: Mapping[str, int]) -> bytes:
@@ -157,8 +151,7 @@ class TaskDriver:
         assert self.cfg is not None
         cfg = self.cfg
         slot = await self.chain.now()
-        chain_round = (slot - cfg.start_slot) // cfg.round_time if slot >= cfg.start_slot \
-            else None
+        chain_round = round_of(cfg, slot)
         if chain_round is not None and chain_round != self.current_round:
             if self.current_round is not None and self.summary.parts:
                 self.say(self.summary.line(self.current_round, self.name))

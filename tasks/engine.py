@@ -2,8 +2,8 @@
 # round views it asked for and its own record of what it has done (docs/task-rounds.md).
 # Sans-IO and pure: no clock, no chain, no store, no trio; the same inputs give the same plan.
 # Lives here: the action and event types, the node's `Record` (persisted by the caller), the
-# `Misbehaviour` modes of a deliberately bad node, `plan` and its helpers (which views to
-# fetch, when to wake up next).
+# `Misbehaviour` modes of a deliberately bad node (with the inflated list a bad distributor
+# sends), `plan` and its helpers (which views to fetch, when to wake up next).
 # Must not live here: performing actions (building txs, running task code, sending: the
 # driver does), the settlement rules themselves (chain/), any I/O.
 #
@@ -21,8 +21,8 @@
 from __future__ import annotations
 
 import enum
-import functools
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,6 +54,15 @@ class Misbehaviour(enum.Enum):
     NO_SUBMISSION = "no-submission"  # neither works nor submits (it stays staked)
     FALSE_AUDIT = "false-audit"  # votes every submission it audits invalid
     BAD_DISTRIBUTION = "bad-distribution"  # lists an inflated amount for itself
+
+
+def inflated(entries: Mapping[str, int], me: str) -> dict[str, int]:
+    """A bad distributor's list: it takes the share of the first other listed account."""
+    out = dict(entries)
+    others = sorted(a for a in out if a != me)
+    if others:
+        out[me] = out.get(me, 0) + out.pop(others[0])
+    return out
 
 
 def config_of(task_view: Mapping[str, Any]) -> TaskConfig:
@@ -239,12 +248,22 @@ class Record:
 # "accepted_attempt", "paid", "claimed".
 
 
-@functools.lru_cache(maxsize=64)
-def _ring_positions(seed: bytes, accounts: tuple[str, ...]) -> tuple[list[str], dict[str, int]]:
+_RINGS: OrderedDict[bytes, tuple[list[str], dict[str, int]]] = OrderedDict()
+_RINGS_KEPT = 64
+
+
+def _ring_positions(seed: bytes, accounts: Iterable[str]) -> tuple[list[str], dict[str, int]]:
     """The auditor ring of a round: O(n log n) once per round, shared by every caller in the
-    process (a simulation runs many nodes' engines; the seed names the round's submissions)."""
-    order = auditor_order(seed, accounts)
-    return order, {account: i for i, account in enumerate(order)}
+    process (a simulation runs many nodes' engines). Kept by seed alone: the seed is a hash
+    of the round's submissions, so it names the accounts too, and a lookup costs nothing per
+    account (a key of all the accounts made every node's lookup O(n), O(n^2) a round)."""
+    ring = _RINGS.get(seed)
+    if ring is None:
+        order = auditor_order(seed, accounts)
+        ring = _RINGS[seed] = order, {account: i for i, account in enumerate(order)}
+        if len(_RINGS) > _RINGS_KEPT:
+            _RINGS.popitem(last=False)
+    return ring
 
 
 def audit_targets(view: Mapping[str, Any], account: str, max_auditors: int) -> list[str]:
@@ -252,7 +271,7 @@ def audit_targets(view: Mapping[str, Any], account: str, max_auditors: int) -> l
     submissions = view["submissions"]
     if account not in submissions:
         return []
-    order, position = _ring_positions(bytes(view["seed"]), tuple(submissions))
+    order, position = _ring_positions(bytes(view["seed"]), submissions)
     k = auditor_count(len(order), max_auditors)
     return ring_targets(order, position[account], k)
 

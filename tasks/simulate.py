@@ -35,6 +35,7 @@ from .engine import (
     SubmitDistribution,
     VoteDistribution,
     config_of,
+    inflated,
     lookback,
     plan,
     stake_of,
@@ -53,15 +54,6 @@ def node_name(i: int) -> str:
 def proof_of(account: str, r: int) -> str:
     """The simulated task's honest submission: what hello-world's cid stands for."""
     return hashlib.sha256(f"Hello, World! from {account} in round {r}".encode()).hexdigest()
-
-
-def inflated(entries: Mapping[str, int], me: str) -> dict[str, int]:
-    """A bad distributor's list: it takes the share of the first other listed account."""
-    out = dict(entries)
-    others = sorted(a for a in out if a != me)
-    if others:
-        out[me] = out.get(me, 0) + out.pop(others[0])
-    return out
 
 
 @dataclass

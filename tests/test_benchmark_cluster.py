@@ -7,23 +7,12 @@ import os
 import signal
 from pathlib import Path
 
-from bench_helpers import run_benchmark
+from bench_helpers import processes_mentioning, run_benchmark
 
 RATES = ("writes_per_s_w2_n3", "batched_writes_per_s_w2_n3", "raw_plyvel_sync_batch_per_s",
          "lag_rate_per_s", "handoff_keys_per_s")
 TIMES = ("lag_p50_ms", "lag_p99_ms", "catchup_s", "catchup_api_s", "handoff_s",
          "handoff_join_s", "rss_mb_per_node", "idle_rss_mb")
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def test_quick_run_reports_every_figure_and_cleans_up(tmp_path: Path) -> None:

@@ -387,7 +387,7 @@ async def test_a_one_node_network_accepts_writes_and_handoff_brings_keys_up_to_n
         # a second node joins: every key gets its second copy there
         second = NodeHandle(nodes[0].nursery, tmp_path / "node1", [solo.net.addrs[0]])
         nodes.append(second)
-        joined = (await second.start())
+        joined = await second.start()
         await wait_for_ring([solo, joined])
         assert solo.copies() == 2 and "2 of 3" in solo.status()["warning"]
         await wait_for(lambda: len(joined.store) == len(solo.store) == 53, 30,

@@ -9,21 +9,10 @@ from pathlib import Path
 
 from tasks.simulate import simulate
 
-from bench_helpers import run_benchmark, run_script
+from bench_helpers import processes_mentioning, run_benchmark, run_script
 
 WRITERS = 3
 MAX_TX = 40
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and text.encode() in (entry / "cmdline").read_bytes():
-                found.append(int(entry.name))
-        except OSError:
-            continue
-    return found
 
 
 def close(measured: float, expected: float) -> bool:
