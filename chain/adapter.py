@@ -44,6 +44,7 @@ class ChainAdapter(abc.ABC):
 
     account: str  # this node's account, as the rules see it (the sender of its transactions)
     slot_ms: int  # the length of one slot in milliseconds (round lengths are given in slots)
+    leaf_format: str  # how distribution lists hash their entries (chain.merkle)
 
     @abc.abstractmethod
     async def now(self) -> int:
@@ -79,6 +80,21 @@ class ChainAdapter(abc.ABC):
     async def wait_for_change(self, after_height: int, timeout: float) -> int:
         """Wait until the height is past `after_height` and return it; after `timeout`
         seconds return the current height (then possibly still `after_height`)."""
+
+    async def fund_from_faucet(self, amount: int) -> Receipt:
+        """LOCAL CHAINS ONLY: take `amount` from the chain's faucet into this account.
+        ChainError where there is none (a real chain: fund the account from outside)."""
+        raise ChainError("this chain has no faucet: fund the node's account from outside")
+
+    def describe(self) -> dict[str, Any]:
+        """What chain this is, for status output."""
+        return {"kind": type(self).__name__}
+
+    async def node_of(self, account: str) -> str | None:
+        """The libp2p peer id of the node behind `account`, checked (the node signed the
+        binding with its key); None when it has not bound one. On the ledger an account is
+        its node's peer id."""
+        return account
 
     @abc.abstractmethod
     async def close(self) -> None:

@@ -1,13 +1,15 @@
-# Who does what in a task's round, computed the same way by the chain and by every node: the
-# round clock (round and window of a slot), the audit seed, the auditor ring (each submission
-# gets exactly k = min(max_auditors, n - 1) auditors, every auditor audits exactly k
-# submissions, nobody audits itself) and the order of distributors. docs/task-rounds.md.
-# Pure functions of their arguments: no state, no clock, no I/O. Each sorts once: O(n log n).
+# Who does what in a task's round, computed the same way by every chain (the ledger, the EVM
+# contract) and by every node: the round clock (round and window of a slot), the running audit
+# seed, the keyed permutation that lays out the auditor ring (each submission gets exactly
+# k = min(max_auditors, n - 1) auditors, every auditor audits exactly k submissions, nobody
+# audits itself) and the order of distributors. docs/task-rounds.md, docs/evm-settlement.md.
+# Pure functions of their arguments: no state, no clock, no I/O. A contract checks one
+# assignment with two `prp` evaluations; a node lays out a whole round in O(n).
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Mapping
-from typing import Protocol
+from collections.abc import Iterable, Sequence
+from typing import Protocol, TypeVar
 
 from .merkle import encode_account
 
@@ -15,6 +17,7 @@ SUBMISSION = "submission"
 AUDIT = "audit"
 IDLE = "idle"
 ROUND_BYTES = 8
+T = TypeVar("T")
 
 
 class RoundClock(Protocol):
@@ -61,28 +64,80 @@ def encode_task_id(task_id: str) -> bytes:
     return encode_account(task_id)  # same length-prefixed UTF-8 encoding
 
 
-def audit_seed(task_id: str, r: int, submissions: Mapping[str, str]) -> bytes:
-    """sha256(b"tasknet-audit" || len-prefixed task_id || r as 8 bytes big endian || for each
-    submitter in account order: len-prefixed account || sha256(submission UTF-8))."""
-    parts = [b"tasknet-audit", encode_task_id(task_id), r.to_bytes(ROUND_BYTES, "big")]
-    for account in sorted(submissions):
-        parts.append(encode_account(account))
-        parts.append(hashlib.sha256(submissions[account].encode("utf-8")).digest())
-    return hashlib.sha256(b"".join(parts)).digest()
+# --- seeds: a running hash over the round's submissions, in the order they were included ---
 
 
-def _ordered(seed: bytes, accounts: Iterable[str], tag: bytes) -> list[str]:
-    keyed = [
-        (hashlib.sha256(seed + tag + account.encode("utf-8")).digest(), account)
-        for account in set(accounts)
-    ]
-    keyed.sort()
-    return [account for _, account in keyed]
+def task_seed(task_id: str) -> bytes:
+    """sha256(b"tasknet-audit" || u32be(len(task_id)) || task_id UTF-8): fixed per task."""
+    return hashlib.sha256(b"tasknet-audit" + encode_task_id(task_id)).digest()
 
 
-def auditor_order(seed: bytes, accounts: Iterable[str]) -> list[str]:
-    """The submitters ordered by sha256(seed || account UTF-8), ties by account: the ring."""
-    return _ordered(seed, accounts, b"")
+def first_seed(task_id: str, r: int) -> bytes:
+    """The seed of round r before any submission: sha256(task_seed || u64be(r))."""
+    return hashlib.sha256(task_seed(task_id) + r.to_bytes(ROUND_BYTES, "big")).digest()
+
+
+def next_seed(seed: bytes, submission: str) -> bytes:
+    """The seed after one more submission: sha256(seed || sha256(submission UTF-8))."""
+    return hashlib.sha256(seed + hashlib.sha256(submission.encode("utf-8")).digest()).digest()
+
+
+def audit_seed(task_id: str, r: int, submissions: Iterable[str]) -> bytes:
+    """The audit seed of round r after these submissions (their texts, in inclusion order)."""
+    seed = first_seed(task_id, r)
+    for submission in submissions:
+        seed = next_seed(seed, submission)
+    return seed
+
+
+def distribution_seed(seed: bytes) -> bytes:
+    return hashlib.sha256(seed + b"distribution").digest()
+
+
+# --- a keyed permutation of [0, n): the same on every chain (a contract computes it in O(1)) ---
+
+FEISTEL_ROUNDS = 4
+
+
+def _feistel_bits(n: int) -> int:
+    bits = 2
+    while (1 << bits) < n:
+        bits += 2
+    return bits
+
+
+def prp(key: bytes, n: int, i: int) -> int:
+    """The position of index i among n under the permutation keyed by `key`: a 4-round Feistel
+    network on the smallest even bit width covering n, cycle-walking until below n."""
+    if not 0 <= i < n:
+        raise ValueError(f"index {i} outside [0, {n})")
+    if n == 1:
+        return 0
+    half = _feistel_bits(n) // 2
+    mask = (1 << half) - 1
+    x = i
+    while True:
+        left, right = x >> half, x & mask
+        for t in range(FEISTEL_ROUNDS):
+            digest = hashlib.sha256(key + bytes([t]) + right.to_bytes(4, "big")).digest()
+            left, right = right, left ^ (int.from_bytes(digest, "big") & mask)
+        x = (left << half) | right
+        if x < n:
+            return x
+
+
+def permuted(key: bytes, items: Sequence[T]) -> list[T]:
+    """`items` (in index order) laid out by position: out[prp(key, n, i)] = items[i]."""
+    n = len(items)
+    out: list[T | None] = [None] * n
+    for i, item in enumerate(items):
+        out[prp(key, n, i)] = item
+    return out  # type: ignore[return-value]  # every position is filled: prp is a permutation
+
+
+def auditor_order(seed: bytes, accounts: Sequence[str]) -> list[str]:
+    """The ring: the submitters (given in inclusion order) by position prp(seed, n, index)."""
+    return permuted(seed, accounts)
 
 
 def auditor_count(n: int, max_auditors: int) -> int:
@@ -102,7 +157,14 @@ def ring_targets(order: list[str], position: int, k: int) -> list[str]:
     return [order[(position - step) % n] for step in range(1, k + 1)]
 
 
-def auditors_of(seed: bytes, accounts: Iterable[str], target: str, max_auditors: int) -> list[str]:
+def may_audit(seed: bytes, n: int, k: int, auditor_index: int, target_index: int) -> bool:
+    """Whether the submitter with index `auditor_index` audits the one with `target_index`:
+    1 <= (position(auditor) - position(target)) mod n <= k (what a contract checks)."""
+    distance = (prp(seed, n, auditor_index) - prp(seed, n, target_index)) % n
+    return 1 <= distance <= k
+
+
+def auditors_of(seed: bytes, accounts: Sequence[str], target: str, max_auditors: int) -> list[str]:
     """The auditors assigned to `target`'s submission ([] when it is not a submitter)."""
     order = auditor_order(seed, accounts)
     if target not in order:
@@ -110,7 +172,7 @@ def auditors_of(seed: bytes, accounts: Iterable[str], target: str, max_auditors:
     return ring_auditors(order, order.index(target), auditor_count(len(order), max_auditors))
 
 
-def targets_of(seed: bytes, accounts: Iterable[str], auditor: str, max_auditors: int) -> list[str]:
+def targets_of(seed: bytes, accounts: Sequence[str], auditor: str, max_auditors: int) -> list[str]:
     """The submissions `auditor` must audit ([] when it is not a submitter)."""
     order = auditor_order(seed, accounts)
     if auditor not in order:
@@ -119,7 +181,7 @@ def targets_of(seed: bytes, accounts: Iterable[str], auditor: str, max_auditors:
 
 
 def audit_assignment(
-    seed: bytes, accounts: Iterable[str], max_auditors: int
+    seed: bytes, accounts: Sequence[str], max_auditors: int
 ) -> dict[str, list[str]]:
     """Every submitter -> its auditors, the ring built once."""
     order = auditor_order(seed, accounts)
@@ -127,15 +189,15 @@ def audit_assignment(
     return {target: ring_auditors(order, i, k) for i, target in enumerate(order)}
 
 
-def distribution_order(seed: bytes, accepted_accounts: Iterable[str]) -> list[str]:
-    """The accepted submitters ordered by sha256(seed || b"distribution" || account UTF-8)."""
-    return _ordered(seed, accepted_accounts, b"distribution")
+def distribution_order(seed: bytes, accounts: Sequence[str]) -> list[str]:
+    """Every submitter (given in inclusion order) by distribution position
+    prp(distribution_seed(seed), n, index): attempt j is sent by the one at position j mod n."""
+    return permuted(distribution_seed(seed), accounts)
 
 
-def distributor_of(seed: bytes, accepted_accounts: Iterable[str], attempt: int) -> str:
+def distributor_of(seed: bytes, accounts: Sequence[str], attempt: int) -> str:
     """The distributor of attempt `attempt` (0-based); the order wraps. ValueError if nobody
-    was accepted."""
-    order = distribution_order(seed, accepted_accounts)
-    if not order:
-        raise ValueError("no accepted submitter can distribute")
-    return order[attempt % len(order)]
+    submitted."""
+    if not accounts:
+        raise ValueError("nobody submitted: nobody can distribute")
+    return distribution_order(seed, accounts)[attempt % len(accounts)]

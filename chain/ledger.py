@@ -62,9 +62,10 @@ from p2p.identity import (
 
 from . import rules
 from .adapter import ChainAdapter, ChainError, ChainUnavailable, Receipt
+from .merkle import LEDGER_LEAVES
 from .rules import ChainState, Refused
 
-FORMAT = "tasknet-ledger-1"
+FORMAT = "tasknet-ledger-2"  # 2: the settlement rules of docs/evm-settlement.md
 SIGN_DOMAIN = "tasknet-ledger-tx-1"
 LEDGER_FILE_NAME = "ledger.sqlite"
 FAUCET_DIR_NAME = "faucet"  # <ledger dir>/faucet/node.key: the localnet faucet's key
@@ -707,8 +708,14 @@ def _read_genesis(db: sqlite3.Connection, path: Path) -> tuple[Genesis, _Row, in
         found = db.execute(f"{_ROW} WHERE idx = 0").fetchone()
     except sqlite3.OperationalError as exc:
         raise LedgerCorrupt(f"{where}: not a tasknet ledger ({_one_line(exc)})") from None
-    if meta.get("format") != FORMAT:
-        raise LedgerCorrupt(f"{where}: not a {FORMAT} file (format {meta.get('format')!r})")
+    found_format = meta.get("format")
+    if isinstance(found_format, str) and found_format.startswith("tasknet-ledger-") \
+            and found_format != FORMAT:
+        raise LedgerCorrupt(f"ledger {path} is a {found_format} file, written by another "
+                            f"version of tasknet with other settlement rules; this one reads "
+                            f"{FORMAT}: move it away to start a new local chain")
+    if found_format != FORMAT:
+        raise LedgerCorrupt(f"{where}: not a {FORMAT} file (format {found_format!r})")
     every = meta.get("snapshot_every")
     if not isinstance(every, int) or every < 1:
         raise LedgerCorrupt(f"{where}: bad snapshot_every in meta")
@@ -757,6 +764,7 @@ class LedgerAdapter(ChainAdapter):
         self.identity = identity
         self.account = identity.peer_id.to_base58()
         self.slot_ms = ledger.slot_ms
+        self.leaf_format = LEDGER_LEAVES
         self.chain_id = ledger.chain_id
         self.poll_interval = poll_interval
         self._limiter = trio.CapacityLimiter(1)
@@ -784,6 +792,9 @@ class LedgerAdapter(ChainAdapter):
         self._head_slot = max(self._head_slot, receipt.slot)
         return receipt
 
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "ledger", "path": str(self.ledger.path), "chain_id": self.chain_id}
+
     async def fund_from_faucet(self, amount: int) -> Receipt:
         """LOCAL ONLY: take `amount` from the localnet faucet (see `Ledger.open_localnet`)
         into this adapter's account. Raises LedgerError on a ledger without a faucet."""
@@ -799,16 +810,16 @@ class LedgerAdapter(ChainAdapter):
         return read
 
     async def task(self, task_id: str) -> dict[str, Any] | None:
-        def view(state: ChainState, _slot: int) -> dict[str, Any] | None:
+        def view(state: ChainState, slot: int) -> dict[str, Any] | None:
             if task_id not in state.tasks:
                 return None
-            return rules.task_view(state, task_id)
+            return rules.task_view(state, task_id, slot)
         result: dict[str, Any] | None = await self._run(self._read(view))
         return result
 
     async def tasks(self) -> list[dict[str, Any]]:
-        def view(state: ChainState, _slot: int) -> list[dict[str, Any]]:
-            return [rules.task_view(state, task_id) for task_id in sorted(state.tasks)]
+        def view(state: ChainState, slot: int) -> list[dict[str, Any]]:
+            return [rules.task_view(state, task_id, slot) for task_id in sorted(state.tasks)]
         result: list[dict[str, Any]] = await self._run(self._read(view))
         return result
 

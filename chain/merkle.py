@@ -2,8 +2,8 @@
 # sorted leaves; MerkleProof.verify): an internal node is H(min(a, b) || max(a, b)), so a
 # proof is a plain list of sibling hashes with no left/right flags; leaves are sorted by their
 # hash and laid out as a complete binary tree in one array (a lone leaf is its own root).
-# Parameterised by the hash (sha256 on the ledger, keccak256 on EVM). Also the ledger's leaf
-# format for distribution lists: account -> amount.
+# Parameterised by the hash (sha256 on the ledger, keccak256 on EVM). Also the leaf formats of
+# distribution lists (account -> amount) on the ledger and on EVM chains.
 # Must not live here: which accounts may be listed or claim (chain/rules.py), any I/O.
 from __future__ import annotations
 
@@ -107,35 +107,87 @@ def ledger_leaf(account: str, amount: int) -> bytes:
     return sha256(sha256(encode_account(account) + amount.to_bytes(32, "big")))
 
 
-def distribution_tree(entries: Mapping[str, int]) -> MerkleTree | None:
+# how a chain hashes the entries of a distribution list: leaf function and pair hash
+LEDGER_LEAVES = "ledger"  # sha256 over the length-prefixed account and a u256 amount
+EVM_LEAVES = "evm"  # OpenZeppelin's standard leaf of abi.encode(address, uint256), keccak256
+
+
+def _leaf_format(leaf_format: str) -> tuple[Callable[[str, int], bytes], Hash]:
+    if leaf_format == LEDGER_LEAVES:
+        return ledger_leaf, sha256
+    if leaf_format == EVM_LEAVES:
+        return evm_leaf, keccak256
+    raise ValueError(f"unknown leaf format {leaf_format!r}")
+
+
+def distribution_tree(entries: Mapping[str, int],
+                      leaf_format: str = LEDGER_LEAVES) -> MerkleTree | None:
     """The tree of a distribution list (None for an empty list)."""
     if not entries:
         return None
-    return MerkleTree([ledger_leaf(account, amount) for account, amount in entries.items()])
+    leaf, h = _leaf_format(leaf_format)
+    return MerkleTree([leaf(account, amount) for account, amount in entries.items()], h)
 
 
-def distribution_root(entries: Mapping[str, int]) -> bytes:
-    tree = distribution_tree(entries)
+def distribution_root(entries: Mapping[str, int], leaf_format: str = LEDGER_LEAVES) -> bytes:
+    tree = distribution_tree(entries, leaf_format)
     return EMPTY_ROOT if tree is None else tree.root
 
 
-def distribution_proof(entries: Mapping[str, int], account: str) -> list[bytes]:
+def distribution_proof(entries: Mapping[str, int], account: str,
+                       leaf_format: str = LEDGER_LEAVES) -> list[bytes]:
     """The proof that `account` is listed with `entries[account]`; KeyError if not listed."""
     amount = entries[account]
-    tree = distribution_tree(entries)
+    tree = distribution_tree(entries, leaf_format)
     assert tree is not None
-    return tree.proof(ledger_leaf(account, amount))
+    return tree.proof(_leaf_format(leaf_format)[0](account, amount))
 
 
-def distribution_proofs(entries: Mapping[str, int]) -> dict[str, list[bytes]]:
+def distribution_proofs(entries: Mapping[str, int],
+                        leaf_format: str = LEDGER_LEAVES) -> dict[str, list[bytes]]:
     """Every listed account's proof, the tree built once."""
-    tree = distribution_tree(entries)
+    tree = distribution_tree(entries, leaf_format)
     if tree is None:
         return {}
-    return {
-        account: tree.proof(ledger_leaf(account, amount)) for account, amount in entries.items()
-    }
+    leaf = _leaf_format(leaf_format)[0]
+    return {account: tree.proof(leaf(account, amount)) for account, amount in entries.items()}
+
+
+def verify_claim(leaf_format: str, account: str, amount: int, proof: Sequence[bytes],
+                 root: bytes) -> bool:
+    """Whether (account, amount) is in the list with this root, per the chain's leaf format."""
+    leaf_fn, h = _leaf_format(leaf_format)
+    try:
+        leaf = leaf_fn(account, amount)
+    except ValueError:
+        return False
+    return verify_proof(leaf, proof, root, h)
 
 
 def verify_ledger_claim(account: str, amount: int, proof: Sequence[bytes], root: bytes) -> bool:
     return verify_proof(ledger_leaf(account, amount), proof, root, sha256)
+
+
+# --- EVM distribution lists: OpenZeppelin's standard leaf, keccak256 -------------------------
+
+
+def keccak256(data: bytes) -> bytes:
+    """keccak256 (Ethereum's hash; not NIST SHA3-256). Needs eth-hash, installed with web3."""
+    from eth_hash.auto import keccak
+
+    return bytes(keccak(data))
+
+
+def evm_leaf(account: str, amount: int) -> bytes:
+    """keccak256(keccak256(abi.encode(address, uint256))) for an account "0x" + 40 hex."""
+    if type(amount) is not int or not 0 <= amount <= MAX_AMOUNT:
+        raise ValueError(f"amount must be an int in [0, 2**256), got {amount!r}")
+    raw = account[2:] if account[:2] in ("0x", "0X") else ""
+    if len(raw) != 40:
+        raise ValueError(f"not an EVM account: {account!r}")
+    encoded = bytes(12) + bytes.fromhex(raw) + amount.to_bytes(32, "big")
+    return keccak256(keccak256(encoded))
+
+
+def verify_evm_claim(account: str, amount: int, proof: Sequence[bytes], root: bytes) -> bool:
+    return verify_claim(EVM_LEAVES, account, amount, proof, root)

@@ -2,13 +2,15 @@
 # chain state (balances, nonces, tasks with stakes, pools and per-round records, the slashed
 # pool), its canonical bytes, and `apply`, which checks one signed transaction against the
 # state and either refuses it with a named reason, leaving the state untouched, or applies it.
-# Lazy audit settlement (slashing) happens inside the transaction that first needs it, all or
-# nothing. Also the read views nodes and adapters serve.
+# Every rule is one a contract can check in O(1) or O(k) (docs/evm-settlement.md): this module
+# is the reference model of chain/evm/TaskSettlement.sol. Slashing is settled per account, in
+# the account's next stake, unstake or submit, all or nothing. Also the read views nodes and
+# adapters serve.
 # Must not live here: clocks, signatures, storage or networking (the ledger and the adapters
 # do those, and hand `apply` the sender and the slot), and any task's own logic.
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -27,35 +29,35 @@ from .assignment import (
     round_of,
     window_of,
 )
-from .merkle import verify_ledger_claim
+from .merkle import EVM_LEAVES, LEDGER_LEAVES, verify_claim
 
-REASONS = frozenset(
-    {
-        "bad_nonce",
-        "insufficient_balance",
-        "unknown_task",
-        "task_exists",
-        "bad_config",
-        "not_staked",
-        "outside_window",
-        "already_submitted",
-        "too_large",
-        "not_auditor",
-        "already_voted",
-        "not_distributor",
-        "distribution_exists",
-        "no_distribution",
-        "over_bounty",
-        "not_ready",
-        "already_paid",
-        "bad_proof",
-        "already_claimed",
-        "slashed",
-        "stake_locked",
-        "bad_amount",
-        "malformed",
-    }
+# every refusal reason; a contract reverts with its index here (`error Refused(uint8)`)
+REASON_CODES: tuple[str, ...] = (
+    "bad_nonce",
+    "insufficient_balance",
+    "unknown_task",
+    "task_exists",
+    "bad_config",
+    "not_staked",
+    "outside_window",
+    "already_submitted",
+    "too_large",
+    "not_auditor",
+    "already_voted",
+    "not_distributor",
+    "distribution_exists",
+    "no_distribution",
+    "over_bounty",
+    "not_ready",
+    "already_paid",
+    "bad_proof",
+    "already_claimed",
+    "slashed",
+    "stake_locked",
+    "bad_amount",
+    "malformed",
 )
+REASONS = frozenset(REASON_CODES)
 
 MAX_UINT64 = 2**64 - 1
 MAX_ROUND = 2**63 - 1
@@ -69,7 +71,8 @@ MAX_PROOF_LENGTH = 64
 MAX_AUDITORS_LIMIT = 64
 MAX_FAILED_DISTRIBUTIONS_LIMIT = 64
 HASH_BYTES = 32
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+LEAF_FORMATS = frozenset({LEDGER_LEAVES, EVM_LEAVES})
 
 
 class Refused(Exception):
@@ -204,13 +207,15 @@ class Attempt:
 
 @dataclass
 class Ring:
-    """The auditor ring of a round, computed from its submissions (cached, never stored)."""
+    """The auditor ring and distribution order of a round, computed from its submissions
+    (cached, never stored)."""
 
     size: int
     seed: bytes
     order: list[str]
     position: dict[str, int]
     k: int
+    distributors: list[str]
 
     def auditors(self, target: str) -> list[str]:
         at = self.position.get(target)
@@ -223,14 +228,13 @@ class Ring:
 
 @dataclass
 class RoundState:
-    """What the chain holds for the work of round r of a task."""
+    """What the chain holds for the work of round r of a task. `submissions` keeps the order
+    the submissions were included in: a submitter's index is its place in it."""
 
     submissions: dict[str, str] = field(default_factory=dict)
     votes: dict[str, set[str]] = field(default_factory=dict)  # target -> auditors against it
     auditors_voted: set[str] = field(default_factory=set)
-    settled: bool = False
-    rejected: set[str] = field(default_factory=set)
-    slashed: dict[str, int] = field(default_factory=dict)  # account -> amount slashed
+    slashed: dict[str, int] = field(default_factory=dict)  # account -> cut, once settled
     attempts: dict[int, Attempt] = field(default_factory=dict)
     accepted_attempt: int | None = None
     paid: bool = False
@@ -246,6 +250,7 @@ class TaskState:
     pool: int = 0
     stakes: dict[str, int] = field(default_factory=dict)
     last_submission_round: dict[str, int] = field(default_factory=dict)  # round r+1 of work r
+    pending: dict[str, int] = field(default_factory=dict)  # account -> round not yet settled
     rounds: dict[int, RoundState] = field(default_factory=dict)
 
 
@@ -255,6 +260,7 @@ class ChainState:
     nonces: dict[str, int] = field(default_factory=dict)
     tasks: dict[str, TaskState] = field(default_factory=dict)
     slashed_pool: int = 0
+    leaf_format: str = LEDGER_LEAVES  # how distribution lists hash their entries
 
     def total_supply(self) -> int:
         """Every token, wherever it is: balances, stakes, pools, claimable funds, slashed."""
@@ -279,8 +285,10 @@ class ChainState:
         return ChainState.from_bytes(self.to_bytes())
 
 
-def genesis(balances: Mapping[str, int]) -> ChainState:
+def genesis(balances: Mapping[str, int], *, leaf_format: str = LEDGER_LEAVES) -> ChainState:
     """The state at genesis: these free balances and nothing else. ValueError on bad input."""
+    if leaf_format not in LEAF_FORMATS:
+        raise ValueError(f"unknown leaf format {leaf_format!r}")
     clean: dict[str, int] = {}
     for account, amount in sorted(balances.items()):
         try:
@@ -293,7 +301,7 @@ def genesis(balances: Mapping[str, int]) -> ChainState:
             clean[account] = amount
     if sum(clean.values()) > MAX_UINT64:
         raise ValueError("total supply must be below 2**64")
-    return ChainState(balances=clean)
+    return ChainState(balances=clean, leaf_format=leaf_format)
 
 
 # --- canonical encoding ---
@@ -310,11 +318,9 @@ def _round_doc(r: int, rs: RoundState) -> list[Any]:
     ]
     return [
         r,
-        _sorted_map(rs.submissions),
+        [[account, text] for account, text in rs.submissions.items()],  # inclusion order
         {target: sorted(rs.votes[target]) for target in sorted(rs.votes)},
         sorted(rs.auditors_voted),
-        rs.settled,
-        sorted(rs.rejected),
         _sorted_map(rs.slashed),
         attempts,
         rs.accepted_attempt,
@@ -332,6 +338,7 @@ def _task_doc(task: TaskState) -> list[Any]:
         task.pool,
         _sorted_map(task.stakes),
         _sorted_map(task.last_submission_round),
+        _sorted_map(task.pending),
         [_round_doc(r, rs) for r, rs in sorted(task.rounds.items())],
     ]
 
@@ -339,6 +346,7 @@ def _task_doc(task: TaskState) -> list[Any]:
 def _state_doc(state: ChainState) -> list[Any]:
     return [
         STATE_FORMAT,
+        state.leaf_format,
         _sorted_map(state.balances),
         _sorted_map(state.nonces),
         state.slashed_pool,
@@ -361,16 +369,14 @@ def _str_set(doc: Any) -> set[str]:
 
 
 def _round_from_doc(doc: list[Any]) -> tuple[int, RoundState]:
-    (r, submissions, votes, voted, settled, rejected, slashed, attempts, accepted, paid,
-     claimable, claimed) = doc  # fmt: skip
-    if not isinstance(submissions, dict) or not isinstance(votes, dict):
+    (r, submissions, votes, voted, slashed, attempts, accepted, paid, claimable,
+     claimed) = doc  # fmt: skip
+    if not isinstance(submissions, list) or not isinstance(votes, dict):
         raise ValueError("bad round record")
     rs = RoundState(
-        submissions=dict(submissions),
+        submissions={str(account): str(text) for account, text in submissions},
         votes={target: _str_set(voters) for target, voters in votes.items()},
         auditors_voted=_str_set(voted),
-        settled=bool(settled),
-        rejected=_str_set(rejected),
         slashed=_int_map(slashed),
         attempts={},
         accepted_attempt=accepted,
@@ -384,13 +390,17 @@ def _round_from_doc(doc: list[Any]) -> tuple[int, RoundState]:
 
 
 def _state_from_doc(doc: list[Any]) -> ChainState:
-    version, balances, nonces, slashed_pool, tasks = doc
+    version = doc[0] if isinstance(doc, list) and doc else None
     if version != STATE_FORMAT:
-        raise ValueError(f"unknown state format {version!r}")
-    state = ChainState(_int_map(balances), _int_map(nonces), {}, int(slashed_pool))
-    for config_doc, owner, pool, stakes, last, rounds in tasks:
+        raise ValueError(f"state format {version!r}, this tasknet reads format {STATE_FORMAT}")
+    _, leaf_format, balances, nonces, slashed_pool, tasks = doc
+    if leaf_format not in LEAF_FORMATS:
+        raise ValueError(f"unknown leaf format {leaf_format!r}")
+    state = ChainState(_int_map(balances), _int_map(nonces), {}, int(slashed_pool), leaf_format)
+    for config_doc, owner, pool, stakes, last, pending, rounds in tasks:
         cfg = TaskConfig(**dict(zip(CONFIG_FIELDS, config_doc, strict=True)))
-        task = TaskState(cfg, owner, int(pool), _int_map(stakes), _int_map(last), {})
+        task = TaskState(cfg, owner, int(pool), _int_map(stakes), _int_map(last),
+                         _int_map(pending), {})
         for round_doc in rounds:
             r, rs = _round_from_doc(round_doc)
             task.rounds[r] = rs
@@ -407,67 +417,62 @@ def ring_of(task: TaskState, r: int, rs: RoundState) -> Ring:
     cached = rs.ring_cache
     if cached is not None and cached.size == len(rs.submissions):
         return cached
-    seed = audit_seed(task.config.task_id, r, rs.submissions)
-    order = auditor_order(seed, rs.submissions)
+    seed = audit_seed(task.config.task_id, r, rs.submissions.values())
+    accounts = list(rs.submissions)
+    order = auditor_order(seed, accounts)
     ring = Ring(
-        size=len(rs.submissions),
+        size=len(accounts),
         seed=seed,
         order=order,
         position={account: i for i, account in enumerate(order)},
         k=auditor_count(len(order), task.config.max_auditors),
+        distributors=distribution_order(seed, accounts),
     )
     rs.ring_cache = ring
     return ring
 
 
+def rejected_of(task: TaskState, r: int, rs: RoundState) -> set[str]:
+    """The submitters of round r that more than half of their k auditors voted against
+    (final once round r+1's audit window is over)."""
+    k = ring_of(task, r, rs).k
+    return {target for target, voters in rs.votes.items() if 2 * len(voters) > k}
+
+
 @dataclass
 class Settlement:
-    """The audit results of one round and the slashes they cause, before they are applied."""
+    """The settlement of an account's pending round: whether it was rejected, and its cut."""
 
+    account: str
     r: int
-    rejected: set[str]
-    slashes: dict[str, int]
+    rejected: bool
+    cut: int
 
 
-def _plan_settlements(task: TaskState, rounds: Iterable[int]) -> list[Settlement]:
-    """Settlements of the given unsettled rounds, in round order; each slash takes its cut of
-    the stake left after the previous ones."""
-    stakes: dict[str, int] = {}
-    plans = []
-    ppm = task.config.slash_ppm
-    for r in sorted(rounds):
-        rs = task.rounds[r]
-        k = ring_of(task, r, rs).k
-        rejected = {target for target, voters in rs.votes.items() if 2 * len(voters) > k}
-        slashes: dict[str, int] = {}
-        for account in sorted(rejected):
-            stake = stakes.get(account, task.stakes.get(account, 0))
-            cut = stake * ppm // PPM
-            stakes[account] = stake - cut
-            slashes[account] = cut
-        plans.append(Settlement(r, rejected, slashes))
-    return plans
+def _settlement_of(task: TaskState, account: str, slot: int) -> Settlement | None:
+    """The settlement due for `account` at `slot`: None while it has no pending round or the
+    pending round's audits are not over."""
+    r = task.pending.get(account)
+    if r is None or slot < audit_end(task.config, r + 1):
+        return None
+    rs = task.rounds[r]
+    rejected = account in rs.votes and account in rejected_of(task, r, rs)
+    cut = task.stakes.get(account, 0) * task.config.slash_ppm // PPM if rejected else 0
+    return Settlement(account, r, rejected, cut)
 
 
-def _commit_settlements(state: ChainState, task: TaskState, plans: list[Settlement]) -> None:
-    for plan in plans:
-        rs = task.rounds[plan.r]
-        for account, cut in plan.slashes.items():
-            _set_amount(task.stakes, account, task.stakes.get(account, 0) - cut)
-            state.slashed_pool += cut
-        rs.rejected = set(plan.rejected)
-        rs.slashed = dict(plan.slashes)
-        rs.settled = True
-
-
-def _settlement_result(plans: list[Settlement]) -> dict[str, Any]:
-    if not plans:
+def _commit_settlement(
+    state: ChainState, task: TaskState, plan: Settlement | None
+) -> dict[str, Any]:
+    if plan is None:
         return {}
-    slashed: dict[str, int] = {}
-    for plan in plans:
-        for account, cut in plan.slashes.items():
-            slashed[account] = slashed.get(account, 0) + cut
-    return {"settled": [plan.r for plan in plans], "slashed": _sorted_map(slashed)}
+    del task.pending[plan.account]
+    if not plan.rejected:
+        return {"settled": plan.r}
+    _set_amount(task.stakes, plan.account, task.stakes.get(plan.account, 0) - plan.cut)
+    state.slashed_pool += plan.cut
+    task.rounds[plan.r].slashed[plan.account] = plan.cut
+    return {"settled": plan.r, "slashed": plan.cut}
 
 
 def _set_amount(mapping: dict[str, int], account: str, amount: int) -> None:
@@ -478,11 +483,11 @@ def _set_amount(mapping: dict[str, int], account: str, amount: int) -> None:
 
 
 def _distribution_status(
-    task: TaskState, r: int, rs: RoundState, slot: int
+    task: TaskState, r: int, rs: RoundState, slot: int, rejected: set[str]
 ) -> tuple[str, int | None]:
     """("accepted", j) once attempt j's audit window is over without a majority against it;
     ("pending", j) while the latest attempt j is undecided; ("none", None) otherwise."""
-    voters = len(rs.submissions) - len(rs.rejected) - 1
+    voters = len(rs.submissions) - len(rejected) - 1
     for j, attempt in sorted(rs.attempts.items()):
         if slot < audit_end(task.config, r + 2 + j):
             return "pending", j
@@ -559,11 +564,13 @@ def _stake(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Com
     task = _task(state, tx)
     amount = _check_amount(tx["amount"])
     _debit(state, sender, amount)
+    plan = _settlement_of(task, sender, slot)
 
     def commit() -> dict[str, Any]:
+        settled = _commit_settlement(state, task, plan)
         _set_amount(state.balances, sender, state.balances[sender] - amount)
         task.stakes[sender] = task.stakes.get(sender, 0) + amount
-        return {"amount": amount, "stake": task.stakes[sender]}
+        return {"amount": amount, "stake": task.stakes[sender], **settled}
 
     return commit
 
@@ -580,22 +587,19 @@ def _unstake(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> C
             f"last submission in round {last}: unstake from round "
             f"{last + cfg.unstake_delay_rounds}",
         )
-    pending = [r for r, rs in task.rounds.items() if not rs.settled and sender in rs.submissions]
-    for r in pending:
-        if slot < audit_end(cfg, r + 1):
-            raise Refused("stake_locked", f"the audits of round {r} are not over")
-    plans = _plan_settlements(task, pending)
-    stake = task.stakes.get(sender, 0)
-    for plan in plans:
-        stake -= plan.slashes.get(sender, 0)
+    pending = task.pending.get(sender)
+    if pending is not None and slot < audit_end(cfg, pending + 1):
+        raise Refused("stake_locked", f"the audits of round {pending} are not over")
+    plan = _settlement_of(task, sender, slot)
+    stake = task.stakes.get(sender, 0) - (plan.cut if plan is not None else 0)
     if amount > stake:
         raise Refused("insufficient_balance", f"stake {stake} < {amount}")
 
     def commit() -> dict[str, Any]:
-        _commit_settlements(state, task, plans)
+        settled = _commit_settlement(state, task, plan)
         _set_amount(task.stakes, sender, task.stakes.get(sender, 0) - amount)
         state.balances[sender] = state.balances.get(sender, 0) + amount
-        return {"amount": amount, **_settlement_result(plans)}
+        return {"amount": amount, **settled}
 
     return commit
 
@@ -612,7 +616,8 @@ def _submit(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Co
             f"work of round {r} is submitted in round {r + 1}'s submission window, "
             f"now round {current} {window}",
         )
-    stake = task.stakes.get(sender, 0)
+    plan = _settlement_of(task, sender, slot)  # the pending round is older: its audits are over
+    stake = task.stakes.get(sender, 0) - (plan.cut if plan is not None else 0)
     if stake < cfg.min_stake:
         raise Refused("not_staked", f"stake {stake} < min_stake {cfg.min_stake}")
     record = task.rounds.get(r)
@@ -620,12 +625,14 @@ def _submit(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Co
         raise Refused("already_submitted", f"already submitted for round {r}")
 
     def commit() -> dict[str, Any]:
+        settled = _commit_settlement(state, task, plan)
         rs = task.rounds.get(r)
         if rs is None:
             rs = task.rounds[r] = RoundState()
         rs.submissions[sender] = submission
+        task.pending[sender] = r
         task.last_submission_round[sender] = max(task.last_submission_round.get(sender, 0), r + 1)
-        return {"round": r}
+        return {"round": r, "index": len(rs.submissions) - 1, **settled}
 
     return commit
 
@@ -687,31 +694,28 @@ def _submit_distribution(state: ChainState, sender: str, tx: dict[str, Any], slo
     cid = _check_str(tx["cid"], "cid", MAX_CID_BYTES, "too_large")
     attempt = _current_attempt(task, r, slot, SUBMISSION)
     rs = task.rounds.get(r)
-    if rs is None:
+    if rs is None or not rs.submissions:
         raise Refused("not_distributor", f"nobody submitted for round {r}")
     if attempt in rs.attempts:
         raise Refused("distribution_exists", f"attempt {attempt} of round {r} was sent")
-    status, accepted_attempt = _distribution_status(task, r, rs, slot)
+    rejected = rejected_of(task, r, rs)
+    status, accepted_attempt = _distribution_status(task, r, rs, slot, rejected)
     if status == "accepted":
         raise Refused("distribution_exists", f"attempt {accepted_attempt} was accepted")
-    plans = [] if rs.settled else _plan_settlements(task, [r])
-    rejected = rs.rejected if rs.settled else plans[0].rejected
-    accepted = [account for account in rs.submissions if account not in rejected]
-    order = distribution_order(ring_of(task, r, rs).seed, accepted)
-    if not order:
-        raise Refused("not_distributor", f"no accepted submitter in round {r}")
+    order = ring_of(task, r, rs).distributors
     distributor = order[attempt % len(order)]
     if sender != distributor:
         raise Refused("not_distributor", f"attempt {attempt} is {distributor!r}'s")
+    if sender in rejected:
+        raise Refused("slashed", f"submission for round {r} was rejected")
     if total > cfg.bounty_per_round:
         raise Refused("over_bounty", f"total {total} > bounty_per_round {cfg.bounty_per_round}")
     if total > task.pool:
         raise Refused("insufficient_balance", f"total {total} > pool {task.pool}")
 
     def commit() -> dict[str, Any]:
-        _commit_settlements(state, task, plans)
         rs.attempts[attempt] = Attempt(sender, root, total, cid, slot)
-        return {"round": r, "attempt": attempt, **_settlement_result(plans)}
+        return {"round": r, "attempt": attempt}
 
     return commit
 
@@ -726,7 +730,7 @@ def _audit_distribution(state: ChainState, sender: str, tx: dict[str, Any], slot
         raise Refused("no_distribution", f"no attempt {attempt_no} for round {r}")
     if sender not in rs.submissions:
         raise Refused("not_auditor", f"did not submit for round {r}")
-    if sender in rs.rejected:
+    if sender in rejected_of(task, r, rs):
         raise Refused("slashed", f"submission for round {r} was rejected")
     if sender == attempt.distributor:
         raise Refused("not_auditor", "the distributor does not vote on its own list")
@@ -744,11 +748,11 @@ def _payout(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Co
     task = _task(state, tx)
     r = _round_field(tx)
     rs = task.rounds.get(r)
-    if rs is None:
+    if rs is None or not rs.submissions:
         raise Refused("no_distribution", f"nobody submitted for round {r}")
     if rs.paid:
         raise Refused("already_paid", f"round {r} was paid out")
-    status, attempt_no = _distribution_status(task, r, rs, slot)
+    status, attempt_no = _distribution_status(task, r, rs, slot, rejected_of(task, r, rs))
     if status == "pending":
         raise Refused("not_ready", f"attempt {attempt_no} of round {r} is still being audited")
     if status == "none" or attempt_no is None:
@@ -768,7 +772,9 @@ def _payout(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Co
     return commit
 
 
-def _claim(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Commit:
+def _claim(
+    state: ChainState, sender: str, tx: dict[str, Any], slot: int, check_proof: bool = True
+) -> Commit:
     task = _task(state, tx)
     r = _round_field(tx)
     amount = _check_amount(tx["amount"])
@@ -777,18 +783,18 @@ def _claim(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Com
         raise Refused("malformed", f"proof must be a list of at most {MAX_PROOF_LENGTH} hashes")
     hashes = [_check_hash(node, "proof entry") for node in proof]
     rs = task.rounds.get(r)
-    if rs is None:
+    if rs is None or not rs.submissions:
         raise Refused("no_distribution", f"nobody submitted for round {r}")
     if not rs.paid or rs.accepted_attempt is None:
         raise Refused("not_ready", f"round {r} is not paid out")
     if sender not in rs.submissions:
         raise Refused("bad_proof", f"did not submit for round {r}")
-    if sender in rs.rejected:
+    if sender in rejected_of(task, r, rs):
         raise Refused("slashed", f"submission for round {r} was rejected")
     if sender in rs.claimed:
         raise Refused("already_claimed", f"already claimed for round {r}")
     root = rs.attempts[rs.accepted_attempt].root
-    if not verify_ledger_claim(sender, amount, hashes, root):
+    if check_proof and not verify_claim(state.leaf_format, sender, amount, hashes, root):
         raise Refused("bad_proof", f"({sender!r}, {amount}) is not in the list of round {r}")
     if amount > rs.claimable:
         raise Refused("over_bounty", f"amount {amount} > claimable {rs.claimable}")
@@ -800,6 +806,10 @@ def _claim(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Com
         return {"round": r, "amount": amount}
 
     return commit
+
+
+def _claim_proof_checked(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Commit:
+    return _claim(state, sender, tx, slot, check_proof=False)
 
 
 # op -> (handler, required fields, optional fields)
@@ -827,10 +837,14 @@ OPS: dict[str, tuple[Handler, frozenset[str], frozenset[str]]] = {
 ENVELOPE_FIELDS = frozenset({"op", "nonce"})
 
 
-def apply(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> dict[str, Any]:
+def apply(
+    state: ChainState, sender: str, tx: dict[str, Any], slot: int, *, proof_checked: bool = False
+) -> dict[str, Any]:
     """Apply one transaction of `sender` at chain time `slot`. Returns {"ok": True, "op": ...,
     ...what it did}; raises Refused (state untouched, nonce not consumed) otherwise. A bad
-    `slot` is the caller's bug: ValueError."""
+    `slot` is the caller's bug: ValueError. `proof_checked`: a claim's Merkle proof was checked
+    by the chain that included it (a replica replaying a contract's events, which carry no
+    proofs); every other check still applies."""
     if not _is_uint(slot):
         raise ValueError(f"slot must be an int in [0, 2**64), got {slot!r}")
     _check_account(sender, "sender")
@@ -852,6 +866,8 @@ def apply(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> dict
     expected = state.nonces.get(sender, 0)
     if nonce != expected:
         raise Refused("bad_nonce", f"nonce {nonce}, expected {expected}")
+    if proof_checked and op == "claim":
+        handler = _claim_proof_checked
     commit = handler(state, sender, tx, slot)
     result = commit()
     state.nonces[sender] = nonce + 1
@@ -868,17 +884,30 @@ def _task_or_refuse(state: ChainState, task_id: str) -> TaskState:
     return task
 
 
-def task_view(state: ChainState, task_id: str) -> dict[str, Any]:
+def effective_stake(task: TaskState, account: str, slot: int) -> int:
+    """`account`'s stake as it would be after settling what is due at `slot` (a rejected
+    submission's cut is taken when the account next acts, but it is already lost)."""
+    plan = _settlement_of(task, account, slot)
+    return task.stakes.get(account, 0) - (plan.cut if plan is not None else 0)
+
+
+def task_view(state: ChainState, task_id: str, slot: int | None = None) -> dict[str, Any]:
+    """The task. With `slot`, "stakes" are effective stakes at that slot (cuts due deducted);
+    without, the stakes the chain has recorded."""
     task = _task_or_refuse(state, task_id)
+    if slot is None:
+        stakes = _sorted_map(task.stakes)
+    else:
+        stakes = {account: effective_stake(task, account, slot) for account in sorted(task.stakes)}
     return {
         "task_id": task_id,
         "config": task.config.to_dict(),
         "owner": task.owner,
         "pool": task.pool,
-        "stakes": _sorted_map(task.stakes),
+        "stakes": stakes,
         "last_submission_round": _sorted_map(task.last_submission_round),
         "rounds": sorted(task.rounds),
-        "unsettled_rounds": sorted(r for r, rs in task.rounds.items() if not rs.settled),
+        "pending": _sorted_map(task.pending),
         "unpaid_rounds": sorted(r for r, rs in task.rounds.items() if not rs.paid),
     }
 
@@ -907,24 +936,21 @@ def round_view(state: ChainState, task_id: str, r: int, slot: int | None = None)
     if rs is None:
         rs = RoundState()  # a view of a round nobody submitted for: not stored
     ring = ring_of(task, r, rs)
-    rejected: set[str] | None = None
+    final = slot is not None and slot >= audit_end(cfg, r + 1)
+    rejected: set[str] | None = rejected_of(task, r, rs) if final else None
     slashed: dict[str, int] | None = None
-    if rs.settled:
-        rejected, slashed = rs.rejected, rs.slashed
-    elif slot is not None and slot >= audit_end(cfg, r + 1):
-        rejected, slashed = set(), {}
-        if r in task.rounds:
-            (plan,) = _plan_settlements(task, [r])
-            rejected, slashed = plan.rejected, plan.slashes
+    if rejected is not None:  # cuts taken, or to be taken from the stake as it is now
+        ppm = cfg.slash_ppm
+        slashed = {account: rs.slashed.get(account, task.stakes.get(account, 0) * ppm // PPM)
+                   for account in rejected}
     accepted = None if rejected is None else sorted(set(rs.submissions) - rejected)
-    distributors = [] if accepted is None else distribution_order(ring.seed, accepted)
+    distributors = ring.distributors if rejected is not None else []
     voters = None if accepted is None else max(0, len(accepted) - 1)
 
     accepted_attempt = rs.accepted_attempt
     status_now: tuple[str, int | None] = ("none", None)
     if slot is not None and rejected is not None:
-        probe = RoundState(submissions=rs.submissions, rejected=rejected, attempts=rs.attempts)
-        status_now = _distribution_status(task, r, probe, slot)
+        status_now = _distribution_status(task, r, rs, slot, rejected)
         if status_now[0] == "accepted":
             accepted_attempt = status_now[1]
     attempts = []
@@ -964,12 +990,13 @@ def round_view(state: ChainState, task_id: str, r: int, slot: int | None = None)
         "task_id": task_id,
         "round": r,
         "submissions": _sorted_map(rs.submissions),
+        "submitters": list(rs.submissions),  # in inclusion order: a submitter's index
         "seed": ring.seed,
         "k": ring.k,
         "auditors": {target: ring.auditors(target) for target in sorted(rs.submissions)},
         "votes": {target: sorted(rs.votes[target]) for target in sorted(rs.votes)},
         "audited": sorted(rs.auditors_voted),
-        "settled": rs.settled,
+        "settled": final,
         "rejected": None if rejected is None else sorted(rejected),
         "slashed": None if slashed is None else _sorted_map(slashed),
         "accepted": accepted,

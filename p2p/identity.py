@@ -77,23 +77,30 @@ def load_or_create_identity(data_dir: Path) -> Identity:
     return identity
 
 
-def _load(path: Path) -> Identity:
+def read_key_file(path: Path, magic: str, what: str, error: type[Exception]) -> bytes:
+    """The hex key of a `magic`-headed key file that only its owner may read (mode 0600):
+    `error` with one line when it cannot be read, is readable by others, or is not such a
+    file. Used for node.key and for other secret keys kept the same way (wallet.key)."""
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
         text = path.read_text("ascii")
     except (OSError, UnicodeDecodeError) as exc:
-        raise IdentityError(f"cannot read key file {path}: {exc}") from exc
+        raise error(f"cannot read {what} file {path}: {exc}") from exc
     if mode & 0o077:
-        raise IdentityError(
-            f"key file {path} has mode {mode:o}; it must not be readable by others (chmod 600)"
+        raise error(
+            f"{what} file {path} has mode {mode:o}; it must not be readable by others (chmod 600)"
         )
     lines = text.split()
-    if len(lines) != 2 or lines[0] != _KEY_FILE_MAGIC:
-        raise IdentityError(f"key file {path} is not a tasknet Ed25519 key file")
+    if len(lines) != 2 or lines[0] != magic:
+        raise error(f"{what} file {path} is not a tasknet {magic.split('-')[1]} key file")
     try:
-        seed = bytes.fromhex(lines[1])
+        return bytes.fromhex(lines[1])
     except ValueError as exc:
-        raise IdentityError(f"key file {path} is corrupt: seed is not hex") from exc
+        raise error(f"{what} file {path} is corrupt: the key is not hex") from exc
+
+
+def _load(path: Path) -> Identity:
+    seed = read_key_file(path, _KEY_FILE_MAGIC, "key", IdentityError)
     if len(seed) != 32:
         raise IdentityError(f"key file {path} is corrupt: seed has {len(seed)} bytes, not 32")
     return Identity(SigningKey(seed))

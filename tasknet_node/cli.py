@@ -138,6 +138,14 @@ def run_parser() -> argparse.ArgumentParser:
                         help="the embedded ledger (the chain of a network on one machine) that "
                         "every node on this machine shares (default: ./data/ledger; the "
                         "testnet's with --testnet); created on first use with a local faucet")
+    rounds.add_argument("--chain", choices=("ledger", "evm"),
+                        help="where rounds settle: the embedded ledger (default) or a "
+                        "TaskSettlement contract on an EVM chain (--chain-url, --contract; "
+                        "the node's EVM key is wallet.key in its data dir)")
+    rounds.add_argument("--chain-url", metavar="URL",
+                        help="the EVM chain's JSON-RPC address, e.g. http://127.0.0.1:8545")
+    rounds.add_argument("--contract", metavar="ADDRESS",
+                        help="the TaskSettlement contract's 0x address on that chain")
     rounds.add_argument("--no-tasks", action="store_true",
                         help="run the store only, no task rounds")
     rounds.add_argument("--round-time", type=_positive, metavar="S",

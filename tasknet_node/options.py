@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -139,6 +140,23 @@ def build_tasks_config(args: argparse.Namespace) -> TasksConfig:
     else:
         ledger_dir = DEFAULT_LEDGER_DIR
     config = TasksConfig(ledger_dir=ledger_dir, create_builtin=bool(args.bootstrap))
+    settings = testnet.chain if testnet is not None else None
+    config.chain = args.chain or (settings.kind if settings is not None else "ledger")
+    if config.chain == "evm":
+        config.chain_url = args.chain_url or (settings.url if settings is not None else None)
+        config.contract = args.contract or (settings.contract if settings is not None
+                                            else None)
+        if not config.chain_url or not config.contract:
+            raise UsageError("--chain evm needs --chain-url URL and --contract ADDRESS (or a "
+                             "testnet file whose [chain] table gives them)")
+        if not re.fullmatch(r"0x[0-9a-fA-F]{40}", config.contract):
+            raise UsageError(f"--contract must be a 0x address of 40 hex digits, not "
+                             f"{config.contract!r}")
+        if not config.chain_url.startswith(("http://", "https://")):
+            raise UsageError(f"--chain-url must be an http(s) JSON-RPC address, not "
+                             f"{config.chain_url!r}")
+    elif args.chain_url or args.contract:
+        raise UsageError("--chain-url and --contract are for --chain evm")
     if args.round_time is not None:
         if args.round_time < 1.0:
             raise UsageError("--round-time must be at least 1 second")

@@ -68,7 +68,11 @@ async def _stop_on_signal(
         say(f"stopping ({signal.Signals(signum).name})")
         stop.set()
         break
-    await trio.sleep(grace)  # cancelled as soon as the node has stopped
+    # cancelled as soon as the node has stopped; meanwhile more signals (a second Ctrl-C, a
+    # supervisor's SIGTERM after the terminal's SIGINT) are taken here, not redelivered later
+    with trio.move_on_after(grace):
+        async for signum in signals:
+            say(f"already stopping ({signal.Signals(signum).name})")
     print(f"node did not stop within {grace}s; exiting anyway", file=sys.stderr, flush=True)
     datadir.remove_api_info(data_dir)
     os._exit(1)

@@ -1,15 +1,16 @@
 # Task rounds as part of every node: the chain (the embedded ledger in a directory every node
-# on this machine shares), the built-in tasks a bootstrap node creates on a new ledger, funding
-# and staking from the localnet faucet, one `tasks.driver.TaskDriver` per task, and the HTTP
-# face (/tasks, /tasks/{id}, /tasks/{id}/rounds/{n}, /wallet, POST operations), metrics and
-# the `tasks` status section.
+# on this machine shares, or a TaskSettlement contract on an EVM chain, reached with retries
+# while the store runs on), the built-in tasks a bootstrap node creates on a new chain, funding
+# and staking (from the localnet faucet on the ledger), one `tasks.driver.TaskDriver` per task,
+# and the HTTP face (/tasks, /tasks/{id}, /tasks/{id}/rounds/{n}, /wallet, POST operations),
+# metrics and the `tasks` status section.
 # Lives here: wiring and the HTTP contract of tasks. Must not live here: round logic (tasks/),
 # the rules or the ledger (chain/), argument parsing (cli.py), the node's lifecycle (runner.py).
 from __future__ import annotations
 
 import base64
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from typing import Any
 
 import trio
 
+from chain.adapter import ChainAdapter, ChainError, ChainUnavailable
 from chain.assignment import window_of
 from chain.ledger import Ledger, LedgerAdapter
 from chain.rules import Refused
@@ -42,9 +44,16 @@ GENESIS_ROUNDS_FUNDED = 100_000  # the bootstrap funds this many rounds of each 
 NODE_FUNDS = 100_000  # what a localnet node takes from the faucet when it has less
 
 
+CHAINS = ("ledger", "evm")
+RETRY_FIRST_S, RETRY_MAX_S = 1.0, 30.0  # backoff while the chain cannot be reached
+
+
 @dataclass
 class TasksConfig:
     ledger_dir: Path
+    chain: str = "ledger"  # or "evm": a TaskSettlement contract at `contract` via `chain_url`
+    chain_url: str | None = None
+    contract: str | None = None
     create_builtin: bool = False  # a bootstrap node creates the built-in tasks on a new ledger
     builtin: tuple[str, ...] = ("hello", "storage")
     round_time_s: float = 6.0
@@ -72,10 +81,7 @@ def tasks_extension(config: TasksConfig, kv_ready: Callable[[], KV | None], *,
         kv = kv_ready()
         if kv is None:
             raise RuntimeError("task rounds need the key-value store extension first")
-        ledger = await trio.to_thread.run_sync(
-            lambda: Ledger.open_localnet(config.ledger_dir, slot_ms=config.slot_ms))
-        chain = LedgerAdapter(ledger, net.identity)
-        node = TaskNode(net, kv, chain, config, say)
+        node = TaskNode(net, kv, config, say)
         node.register(api)
         try:
             async with trio.open_nursery() as nursery:
@@ -85,45 +91,113 @@ def tasks_extension(config: TasksConfig, kv_ready: Callable[[], KV | None], *,
                 finally:
                     nursery.cancel_scope.cancel()
         finally:
-            await chain.close()
+            if node.chain is not None:
+                await node.chain.close()
 
     return extension
+
+
+async def open_chain(config: TasksConfig, net: Network) -> ChainAdapter:
+    """The chain of `config`: the embedded ledger (created on first use), or the EVM contract
+    with this node's wallet (`wallet.key` in the data dir, created on first use). Raises
+    ChainUnavailable / ChainError with a message for the operator."""
+    if config.chain == "evm":
+        from chain.evm.adapter import EvmAdapter
+        from chain.evm.wallet import load_or_create_wallet
+
+        if not config.chain_url or not config.contract:
+            raise ChainError("--chain evm needs --chain-url URL and --contract ADDRESS")
+        wallet = await trio.to_thread.run_sync(
+            lambda: load_or_create_wallet(net.config.data_dir))
+        url, contract = config.chain_url, config.contract
+        return await EvmAdapter.open(url, contract, wallet, net.identity)
+    ledger = await trio.to_thread.run_sync(
+        lambda: Ledger.open_localnet(config.ledger_dir, slot_ms=config.slot_ms))
+    return LedgerAdapter(ledger, net.identity)
 
 
 class TaskNode:
     """This node's part in every task on the chain."""
 
-    def __init__(self, net: Network, kv: KV, chain: LedgerAdapter, config: TasksConfig,
-                 say: Say) -> None:
+    def __init__(self, net: Network, kv: KV, config: TasksConfig, say: Say,
+                 chain: ChainAdapter | None = None) -> None:
         self.net = net
         self.kv = kv
-        self.chain = chain
+        self._chain = chain
         self.config = config
         self.say = say
         self.drivers: dict[str, TaskDriver] = {}
-        self.refused_tasks: dict[str, str] = {}
+        self.refused_tasks: dict[str, str] = {}  # tasks this node will not run: why
+        self.waiting_tasks: dict[str, str] = {}  # tasks it cannot run yet (funds): why
         self.events: list[dict[str, Any]] = []
+        self.chain_error: str | None = None
+
+    @property
+    def chain(self) -> ChainAdapter:
+        """The chain; only used once `run` connected (the HTTP routes check `connected`)."""
+        if self._chain is None:
+            raise ChainUnavailable(self.chain_error or "the chain is not connected yet")
+        return self._chain
+
+    @property
+    def connected(self) -> bool:
+        return self._chain is not None
 
     # -- running ------------------------------------------------------------------------
+    async def connect(self) -> None:
+        """Open the chain, retrying with backoff (1 s doubling to 30 s) while it cannot be
+        reached or is not what the node was told: the store runs on meanwhile."""
+        pause = RETRY_FIRST_S
+        while self._chain is None:
+            try:
+                self._chain = await open_chain(self.config, self.net)
+            except (ChainError, Refused, OSError, ValueError) as exc:
+                message = f"{exc}".splitlines()[0] if f"{exc}" else type(exc).__name__
+                if message != self.chain_error:
+                    self.say(f"tasks: chain not ready ({message}); retrying, the store runs on")
+                self.chain_error = message
+                await trio.sleep(pause)
+                pause = min(RETRY_MAX_S, pause * 2)
+        if self.chain_error is not None:
+            self.say("tasks: chain connected")
+        self.chain_error = None
+        chain = self._chain
+        where = chain.describe()
+        self.say(f"tasks: settling on {where.get('kind')} as {chain.account}"
+                 + (f" ({where['url']}, contract {where['contract']})" if "url" in where else ""))
+
     async def run(self) -> None:
+        await self.connect()
         if self.config.create_builtin:
             await self._create_builtin_tasks()
         async with trio.open_nursery() as nursery:
+            pause = RETRY_FIRST_S
             while True:
-                for view in await self.chain.tasks():
-                    task_id = view["task_id"]
-                    if task_id in self.drivers:
-                        why = await self._stake_to_minimum(view)
-                        if why is not None:  # its rounds say it is not staked
-                            log.info("task %s: %s", task_id, why)
-                        continue
-                    if task_id in self.refused_tasks:
-                        continue
-                    driver = await self._driver_for(view)
-                    if driver is not None:
-                        self.drivers[task_id] = driver
-                        nursery.start_soon(self._run_driver, driver)
+                try:
+                    await self._look_at_tasks(nursery)
+                    pause = RETRY_FIRST_S
+                except ChainUnavailable as exc:
+                    log.warning("tasks: chain unavailable (%s); retrying in %.0f s", exc, pause)
+                    await trio.sleep(pause)
+                    pause = min(RETRY_MAX_S, pause * 2)
+                    continue
                 await trio.sleep(2.0)
+
+    async def _look_at_tasks(self, nursery: trio.Nursery) -> None:
+        for view in await self.chain.tasks():
+            task_id = view["task_id"]
+            if task_id in self.drivers:
+                why = await self._stake_to_minimum(view)
+                if why is not None:  # its rounds say it is not staked
+                    log.info("task %s: %s", task_id, why)
+                continue
+            if task_id in self.refused_tasks:
+                continue
+            driver = await self._driver_for(view)
+            if driver is not None:
+                self.drivers[task_id] = driver
+                self.waiting_tasks.pop(task_id, None)
+                nursery.start_soon(self._run_driver, driver)
 
     async def _run_driver(self, driver: TaskDriver) -> None:
         try:
@@ -146,8 +220,10 @@ class TaskNode:
             self._refuse(task_id, str(exc))
             return None
         why = await self._stake_to_minimum(view)
-        if why is not None:
-            self._refuse(task_id, why)
+        if why is not None:  # no funds yet: said once, tried again on every look
+            if self.waiting_tasks.get(task_id) != why:
+                self.say(f"task {task_id}: waiting ({why})")
+            self.waiting_tasks[task_id] = why
             return None
         ctx = NodeTaskContext(self.kv, self.net.identity, task_id,
                               storage=StoreProver(self.kv))
@@ -170,8 +246,8 @@ class TaskNode:
             return True
         try:
             await self.chain.fund_from_faucet(take)
-        except Exception as exc:
-            log.warning("cannot take %d from the faucet: %s", take, exc)
+        except (ChainError, Refused) as exc:
+            log.info("cannot take %d from a faucet: %s", take, exc)
             return False
         return True
 
@@ -183,7 +259,8 @@ class TaskNode:
         if need <= 0:
             return None
         if not await self._have_funds(need, take=max(NODE_FUNDS, need)):
-            return f"balance below the minimum stake of {need}"
+            return (f"account {self.chain.account} holds less than the stake of {need} it "
+                    f"needs; fund it")
         try:
             await self.chain.send({"op": "stake", "task_id": view["task_id"], "amount": need})
         except Refused as exc:
@@ -220,11 +297,15 @@ class TaskNode:
 
     # -- reading ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        if self._chain is None:
+            return {"chain": {"kind": self.config.chain, "connected": False,
+                              "error": self.chain_error}}
         return {
             "account": self.chain.account,
-            "ledger": str(self.chain.ledger.path),
+            "chain": {**self.chain.describe(), "connected": True},
             "running": sorted(self.drivers),
             "not_run": dict(self.refused_tasks),
+            "waiting": dict(self.waiting_tasks),
             "tasks": {task_id: {"round": d.current_round, "metrics": dict(d.metrics),
                                 **d.last} for task_id, d in sorted(self.drivers.items())},
         }
@@ -252,7 +333,8 @@ class TaskNode:
                 "window": window if round_now >= 0 else "not started",
                 "my_stake": view["stakes"].get(me, 0), "pool": view["pool"],
                 "running": driver is not None,
-                "not_run": self.refused_tasks.get(view["task_id"]),
+                "not_run": self.refused_tasks.get(view["task_id"])
+                or self.waiting_tasks.get(view["task_id"]),
                 "last_submission": driver.last.get("submission") if driver else None,
                 "last_audit": driver.last.get("audit") if driver else None,
                 "rewards_claimed": driver.metrics["rewards"] if driver else 0,
@@ -261,13 +343,27 @@ class TaskNode:
 
     # -- HTTP ---------------------------------------------------------------------------
     def register(self, api: ControlApi) -> None:
-        api.add_route("/tasks", self._tasks)
-        api.add_route("/tasks/{task_id}", self._task)
-        api.add_route("/tasks/{task_id}/rounds/{n}", self._round)
-        api.add_route("/tasks/{task_id}/{op}", self._operation, methods=("POST",))
-        api.add_route("/wallet", self._wallet)
+        api.add_route("/tasks", self._when_connected(self._tasks))
+        api.add_route("/tasks/{task_id}", self._when_connected(self._task))
+        api.add_route("/tasks/{task_id}/rounds/{n}", self._when_connected(self._round))
+        api.add_route("/tasks/{task_id}/{op}", self._when_connected(self._operation),
+                      methods=("POST",))
+        api.add_route("/wallet", self._when_connected(self._wallet))
         api.add_status("tasks", self.status)
         api.add_metrics(self.metrics)
+
+    def _when_connected(self, handler: Callable[[Request], Awaitable[Response]]
+                        ) -> Callable[[Request], Awaitable[Response]]:
+        """`handler`, answering 503 while the chain is not connected or does not answer."""
+        async def guarded(request: Request) -> Response:
+            if self._chain is None:
+                return _error(503, "chain_unavailable",
+                              self.chain_error or "the chain is not connected yet")
+            try:
+                return await handler(request)
+            except ChainUnavailable as exc:
+                return _error(503, "chain_unavailable", str(exc))
+        return guarded
 
     async def _tasks(self, request: Request) -> Response:
         return _json({"tasks": await self.task_rows()})

@@ -38,11 +38,22 @@ class BootstrapNode:
 
 
 @dataclass(frozen=True)
+class ChainSettings:
+    """Where the testnet settles: "ledger" (the embedded ledger beside the bootstrap node's
+    data dir) or "evm" (a TaskSettlement `contract` reached at `url`)."""
+
+    kind: str = "ledger"
+    url: str | None = None
+    contract: str | None = None
+
+
+@dataclass(frozen=True)
 class Testnet:
     name: str
     network_id: str
     bootstrap: tuple[str, ...] = ()
     bootstrap_node: BootstrapNode | None = None
+    chain: ChainSettings = ChainSettings()
 
     def bootstrap_addrs(self, *, running_bootstrap_node: bool = False) -> list[str]:
         """Addresses a node of this testnet joins. The bootstrap node itself needs only the
@@ -92,7 +103,7 @@ def parse_testnet(name: str, data: dict[str, Any], source: Path) -> Testnet:
     def fail(message: str) -> TestnetError:
         return _invalid(source, message)
 
-    unknown = set(data) - {"network_id", "bootstrap", "bootstrap_node"}
+    unknown = set(data) - {"network_id", "bootstrap", "bootstrap_node", "chain"}
     if unknown:
         raise fail(f"unknown keys {sorted(unknown)}")
     network_id = data.get("network_id")
@@ -119,7 +130,32 @@ def parse_testnet(name: str, data: dict[str, Any], source: Path) -> Testnet:
         for addr in listen_list:
             _check_multiaddr(addr, source, needs_peer_id=False)
         bootstrap_node = BootstrapNode(Path(data_dir), tuple(listen_list))
-    return Testnet(name, network_id, tuple(bootstrap), bootstrap_node)
+    return Testnet(name, network_id, tuple(bootstrap), bootstrap_node,
+                   _chain_settings(data.get("chain"), fail))
+
+
+_EVM_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+
+
+def _chain_settings(table: Any, fail: Any) -> ChainSettings:
+    """The [chain] table: kind = "ledger" | "evm"; an EVM chain needs url and contract."""
+    if table is None:
+        return ChainSettings()
+    if not isinstance(table, dict) or set(table) - {"kind", "url", "contract"}:
+        raise fail("chain must be a table with kind, url and contract")
+    kind = table.get("kind", "ledger")
+    if kind not in ("ledger", "evm"):
+        raise fail(f"chain.kind must be \"ledger\" or \"evm\", not {kind!r}")
+    url, contract = table.get("url"), table.get("contract")
+    if kind == "evm":
+        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+            raise fail("chain.url must be the chain's http(s) JSON-RPC address")
+        if not isinstance(contract, str) or not _EVM_ADDRESS.match(contract):
+            raise fail("chain.contract must be the TaskSettlement's 0x address (40 hex digits)")
+        return ChainSettings(kind, url, contract.lower())
+    if url is not None or contract is not None:
+        raise fail("chain.url and chain.contract are for kind = \"evm\"")
+    return ChainSettings()
 
 
 def _invalid(source: Path, message: str) -> TestnetError:

@@ -256,8 +256,14 @@ class TaskDriver:
             if action.all_invalid:
                 invalid.append(target)
                 continue
+            node = await self.chain.node_of(target)
+            if node is None:  # no node of ours stands behind this account: nothing to check
+                log.info("task %s: %s has no checked node id; its submission is invalid",
+                         self.name, target)
+                invalid.append(target)
+                continue
             result = await run_task_call(
-                self.task.audit, submissions.get(target, ""), r, target,
+                self.task.audit, submissions.get(target, ""), r, node,
                 name=f"{self.name} audit({target})", timeout=deadline, logger=self.ctx.log)
             # our own audit code failing is no verdict against the submitter
             if result.ok and result.value is False:
@@ -296,8 +302,8 @@ class TaskDriver:
         if action.inflate:
             entries = inflated(entries, self.chain.account)
         cid = await self.ctx.put_blob(encode_list(entries))
-        result = await self._send({"op": "submit_distribution", "round": r,
-                                   "root": distribution_root(entries),
+        root = distribution_root(entries, self.chain.leaf_format)
+        result = await self._send({"op": "submit_distribution", "round": r, "root": root,
                                    "total": sum(entries.values()), "cid": cid})
         if result is not None:
             self.metrics["distributions"] += 1
@@ -312,7 +318,7 @@ class TaskDriver:
         entries = await self._honest_list(view, cfg, r)
         if entries is None:
             return  # no verdict without our own list
-        if attempt["root"] != distribution_root(entries) \
+        if attempt["root"] != distribution_root(entries, self.chain.leaf_format) \
                 or attempt["total"] != sum(entries.values()):
             if await self._send({"op": "audit_distribution", "round": r}) is not None:
                 self.summary.parts.append(f"voted against the distribution of round {r}")
@@ -329,15 +335,16 @@ class TaskDriver:
             log.warning("task %s: the distribution list of round %d is unreadable (%s)",
                         self.name, r, exc)
             return
-        if distribution_root(entries) != attempt["root"]:
+        if distribution_root(entries, self.chain.leaf_format) != attempt["root"]:
             log.warning("task %s: the stored list of round %d does not match its root",
                         self.name, r)
             return
         amount = entries.get(self.chain.account)
         if not amount:
             return
+        proof = distribution_proof(entries, self.chain.account, self.chain.leaf_format)
         result = await self._send({"op": "claim", "round": r, "amount": amount,
-                                   "proof": distribution_proof(entries, self.chain.account)})
+                                   "proof": proof})
         if result is not None:
             self.metrics["claims"] += 1
             self.metrics["rewards"] += amount

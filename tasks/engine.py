@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import enum
 from collections import OrderedDict
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -252,14 +252,14 @@ _RINGS: OrderedDict[bytes, tuple[list[str], dict[str, int]]] = OrderedDict()
 _RINGS_KEPT = 64
 
 
-def _ring_positions(seed: bytes, accounts: Iterable[str]) -> tuple[list[str], dict[str, int]]:
-    """The auditor ring of a round: O(n log n) once per round, shared by every caller in the
+def _ring_positions(seed: bytes, submitters: list[str]) -> tuple[list[str], dict[str, int]]:
+    """The auditor ring of a round: O(n) once per round, shared by every caller in the
     process (a simulation runs many nodes' engines). Kept by seed alone: the seed is a hash
     of the round's submissions, so it names the accounts too, and a lookup costs nothing per
     account (a key of all the accounts made every node's lookup O(n), O(n^2) a round)."""
     ring = _RINGS.get(seed)
     if ring is None:
-        order = auditor_order(seed, accounts)
+        order = auditor_order(seed, submitters)
         ring = _RINGS[seed] = order, {account: i for i, account in enumerate(order)}
         if len(_RINGS) > _RINGS_KEPT:
             _RINGS.popitem(last=False)
@@ -267,11 +267,11 @@ def _ring_positions(seed: bytes, accounts: Iterable[str]) -> tuple[list[str], di
 
 
 def audit_targets(view: Mapping[str, Any], account: str, max_auditors: int) -> list[str]:
-    """Whom `account` audits in the round of `view` (chain.assignment.targets_of, memoised)."""
-    submissions = view["submissions"]
-    if account not in submissions:
+    """Whom `account` audits in the round of `view` (chain.assignment.targets_of, memoised).
+    `view["submitters"]` lists the submitters in inclusion order (their indices)."""
+    if account not in view["submissions"]:
         return []
-    order, position = _ring_positions(bytes(view["seed"]), submissions)
+    order, position = _ring_positions(bytes(view["seed"]), list(view["submitters"]))
     k = auditor_count(len(order), max_auditors)
     return ring_targets(order, position[account], k)
 

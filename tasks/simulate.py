@@ -21,7 +21,15 @@ from typing import Any
 import msgpack
 
 from chain.merkle import distribution_proofs, distribution_root
-from chain.rules import Refused, apply, genesis, round_view, task_view
+from chain.rules import (
+    Refused,
+    apply,
+    effective_stake,
+    genesis,
+    rejected_of,
+    round_view,
+    task_view,
+)
 
 from .api import equal_shares
 from .engine import (
@@ -154,7 +162,7 @@ def simulate(
     end_slot = start_slot + (last_round + 1) * round_time
     slot = start_slot
     for slot in range(start_slot, end_slot):
-        stakes = dict(state.tasks[TASK_ID].stakes)
+        task_state = state.tasks[TASK_ID]
         # every node reads the state as of the slot's start
         snapshot_rounds = {r for n in nodes for r in views_needed(cfg, slot, n.record)}
         views = {r: round_view(state, TASK_ID, r, slot) for r in snapshot_rounds}
@@ -166,7 +174,8 @@ def simulate(
                 continue
             needed = views_needed(cfg, slot, n.record)
             p = plan(cfg, slot, n.account, n.record, {r: views[r] for r in needed},
-                     stake=stakes.get(n.account, 0), misbehaviour=n.misbehaviour)
+                     stake=effective_stake(task_state, n.account, slot),
+                     misbehaviour=n.misbehaviour)
             for event in p.events:
                 n.record.note(event)
             for action in p.actions:
@@ -190,7 +199,7 @@ def simulate(
         for target in rs.submissions:
             coverage.append(min(done.get(target, 0), k) / k if k else 1.0)
     repeated = sum(c - 1 for n in nodes for c in n.performed.values() if c > 1)
-    final_view = task_view(state, TASK_ID)  # once: a view sorts every stake
+    final_view = task_view(state, TASK_ID, slot)  # once: a view sorts every stake
     return {
         "nodes": n_nodes,
         "rounds": rounds,
@@ -202,7 +211,8 @@ def simulate(
         "refused_by": {a: dict(c) for a, c in sorted(refused_by.items())},
         "refused_detail": refused_detail[:20],
         "submissions": sum(len(rs.submissions) for rs in t.rounds.values()),
-        "rejected": {r: sorted(rs.rejected) for r, rs in sorted(t.rounds.items()) if rs.rejected},
+        "rejected": {r: sorted(rejected) for r, rs in sorted(t.rounds.items())
+                     if (rejected := rejected_of(t, r, rs))},
         "paid_rounds": sorted(r for r, rs in t.rounds.items() if rs.paid),
         "accepted_attempts": {r: rs.accepted_attempt for r, rs in sorted(t.rounds.items())},
         "audit_coverage": sum(coverage) / len(coverage) if coverage else 1.0,

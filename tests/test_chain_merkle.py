@@ -21,6 +21,10 @@ from chain.assignment import (
     auditors_of,
     distribution_order,
     distributor_of,
+    first_seed,
+    may_audit,
+    next_seed,
+    prp,
     round_of,
     targets_of,
     window_of,
@@ -193,12 +197,16 @@ def submitters(n: int, salt: str = "") -> dict[str, str]:
     return {f"peer{salt}{i:05d}": f"cid-{i}" for i in range(n)}
 
 
+def seed_of(subs: dict[str, str], task: str = "task", r: int = 7) -> bytes:
+    return audit_seed(task, r, subs.values())
+
+
 def check_ring(n: int, max_auditors: int = 5) -> None:
     subs = submitters(n, salt=str(max_auditors))
-    seed = audit_seed("task", 7, subs)
+    seed = seed_of(subs)
     k = min(max_auditors, n - 1)
     assert auditor_count(n, max_auditors) == k
-    auditors = audit_assignment(seed, subs, max_auditors)
+    auditors = audit_assignment(seed, list(subs), max_auditors)
     assert set(auditors) == set(subs)
     load: Counter[str] = Counter()
     for target, assigned in auditors.items():
@@ -222,26 +230,28 @@ def test_the_ring_for_other_auditor_counts(max_auditors: int) -> None:
 
 def test_auditors_of_and_targets_of_agree_with_the_whole_assignment() -> None:
     subs = submitters(23)
-    seed = audit_seed("task", 3, subs)
-    everything = audit_assignment(seed, subs, 5)
+    seed = seed_of(subs, r=3)
+    accounts = list(subs)
+    everything = audit_assignment(seed, accounts, 5)
     for target in subs:
-        assert auditors_of(seed, subs, target, 5) == everything[target]
-    order = auditor_order(seed, subs)
+        assert auditors_of(seed, accounts, target, 5) == everything[target]
+    order = auditor_order(seed, accounts)
     for position, auditor in enumerate(order):
-        targets = targets_of(seed, subs, auditor, 5)
+        targets = targets_of(seed, accounts, auditor, 5)
         assert targets == [order[(position - step) % len(order)] for step in range(1, 6)]
         assert set(targets) == {t for t in subs if auditor in everything[t]}
-    assert auditors_of(seed, subs, "stranger", 5) == []
-    assert targets_of(seed, subs, "stranger", 5) == []
+        for target in accounts:  # what a contract checks, pair by pair
+            expected = target in targets
+            assert may_audit(seed, 23, 5, accounts.index(auditor), accounts.index(target)) \
+                == expected
+    assert auditors_of(seed, accounts, "stranger", 5) == []
+    assert targets_of(seed, accounts, "stranger", 5) == []
 
 
 def test_ten_thousand_submitters() -> None:
     subs = submitters(10_000)
-    started = time.perf_counter()
-    seed = audit_seed("task", 1, subs)
-    everything = audit_assignment(seed, subs, 5)
-    elapsed = time.perf_counter() - started
-    assert elapsed < 2.0, f"{elapsed:.2f} s"
+    seed = seed_of(subs, r=1)
+    everything = audit_assignment(seed, list(subs), 5)
     load: Counter[str] = Counter()
     for target, assigned in everything.items():
         assert len(set(assigned)) == 5 and target not in assigned
@@ -251,18 +261,38 @@ def test_ten_thousand_submitters() -> None:
 
 def test_the_seed_depends_on_every_submission_and_the_round() -> None:
     subs = submitters(5)
-    seed = audit_seed("task", 1, subs)
-    assert audit_seed("task", 1, dict(reversed(list(subs.items())))) == seed
-    assert audit_seed("task", 2, subs) != seed
-    assert audit_seed("task2", 1, subs) != seed
+    seed = seed_of(subs, r=1)
+    # a running hash: the order of inclusion counts
+    assert seed_of(dict(reversed(list(subs.items()))), r=1) != seed
+    assert seed_of(subs, r=2) != seed
+    assert seed_of(subs, task="task2", r=1) != seed
     changed = dict(subs, peer00003="other")
-    assert audit_seed("task", 1, changed) != seed
-    assert audit_seed("task", 1, {k: v for k, v in subs.items() if k != "peer00000"}) != seed
+    assert seed_of(changed, r=1) != seed
+    assert seed_of({k: v for k, v in subs.items() if k != "peer00000"}, r=1) != seed
+    running = first_seed("task", 1)
+    for text in subs.values():
+        running = next_seed(running, text)
+    assert running == seed
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 15, 16, 17, 64, 65, 257, 1000])
+def test_prp_is_a_permutation(n: int) -> None:
+    for key in (bytes(32), hashlib.sha256(str(n).encode()).digest()):
+        positions = [prp(key, n, i) for i in range(n)]
+        assert sorted(positions) == list(range(n))
+    with pytest.raises(ValueError):
+        prp(bytes(32), n, n)
+
+
+def test_prp_depends_on_the_key() -> None:
+    a = [prp(bytes(32), 100, i) for i in range(100)]
+    b = [prp(b"\x01" * 32, 100, i) for i in range(100)]
+    assert a != b and a != list(range(100))
 
 
 def test_distributors_take_turns_and_wrap() -> None:
     accepted = ["a", "b", "c"]
-    seed = audit_seed("task", 0, {a: a for a in accepted})
+    seed = audit_seed("task", 0, accepted)
     order = distribution_order(seed, accepted)
     assert sorted(order) == accepted
     assert [distributor_of(seed, accepted, j) for j in range(6)] == order + order

@@ -26,7 +26,9 @@ from chain import (
     round_view,
     task_view,
 )
+from chain.assignment import audit_seed, distribution_order
 from chain.merkle import distribution_proofs, distribution_root
+from chain.rules import rejected_of
 
 NODES = ["A", "B", "C", "D", "E"]
 OWNER = "owner"
@@ -123,18 +125,24 @@ def test_five_nodes_through_the_rounds() -> None:
         net.send(node, slot_in(1, "audit"), "audit", task_id=TASK, round=0, invalid=["E"])
     net.send("D", slot_in(1, "audit"), "audit", task_id=TASK, round=0, invalid=[])
     net.send("E", slot_in(1, "audit", 1), "audit", task_id=TASK, round=0, invalid=["A"])
-    # round 2: the work of round 1 is submitted too (rounds overlap)
-    for node in NODES:
+    # round 2: the work of round 1 is submitted too (rounds overlap); E's next submission
+    # settles its round 0 first: 70% of its stake goes, and what is left is below min_stake
+    for node in NODES[:4]:
         net.send(node, slot_in(2, "submission"), "submit", task_id=TASK, round=1,
                  submission=f"cid1-{node}")  # fmt: skip
-    # what settling would do is visible before anyone settles
+    assert net.refused("E", slot_in(2, "submission"), "submit", task_id=TASK, round=1,
+                       submission="cid1-E") == "not_staked"  # fmt: skip
+    # the results are final; E's cut is taken when E next stakes, unstakes or submits
     projected = round_view(net.state, TASK, 0, slot_in(2, "submission"))
     assert projected["rejected"] == ["E"] and projected["slashed"] == {"E": 70}
-    assert not projected["settled"]
+    assert projected["settled"] and net.state.tasks[TASK].stakes["E"] == 100
     seed = projected["seed"]
     accepted = ["A", "B", "C", "D"]
     assert projected["accepted"] == accepted
-    first, second = distributor_of(seed, accepted, 0), distributor_of(seed, accepted, 1)
+    submitters = projected["submitters"]
+    assert submitters == NODES  # in the order they were included
+    first, second = distributor_of(seed, submitters, 0), distributor_of(seed, submitters, 1)
+    assert "E" not in (first, second)  # (a rejected distributor's turn would pass unsent)
     assert projected["current_distributor"] == first
     other = next(n for n in accepted if n not in (first, second))
     # attempt 0: the distributor keeps the bounty for itself
@@ -144,9 +152,7 @@ def test_five_nodes_through_the_rounds() -> None:
         "not_distributor")  # fmt: skip
     result = net.send(first, slot_in(2, "submission", 1), "submit_distribution", task_id=TASK,
                       round=0, root=distribution_root(greedy), total=100, cid="greedy")  # fmt: skip
-    assert result["attempt"] == 0 and result["settled"] == [0]
-    assert result["slashed"] == {"E": 70}
-    assert net.state.tasks[TASK].stakes["E"] == 30 and net.state.slashed_pool == 70
+    assert result["attempt"] == 0
     # the other accepted submitters vote it down; E (rejected) may not vote
     voters = [n for n in accepted if n != first]
     for node in voters[:2]:
@@ -194,16 +200,19 @@ def test_five_nodes_through_the_rounds() -> None:
     view = round_view(net.state, TASK, 0)
     assert view["claimable"] == 0 and view["claimed"] == accepted and view["paid"]
     assert view["accepted_attempt"] == 1
-    # unstake: the last submissions were made in round 2, so from round 4; round 1 is not
-    # settled (nobody distributed yet): the unstake settles it first
+    # unstake: the last submissions were made in round 2, so from round 4; A's round 1 is
+    # still pending: the unstake settles it first
     assert net.refused("A", slot_in(3, "idle"), "unstake", task_id=TASK,
                        amount=10) == "stake_locked"  # fmt: skip
     result = net.send("A", slot_in(4, "submission"), "unstake", task_id=TASK, amount=100)
-    assert result["settled"] == [1] and result["slashed"] == {}
-    assert net.state.tasks[TASK].rounds[1].settled
+    assert result["settled"] == 1 and "slashed" not in result
+    assert "A" not in net.state.tasks[TASK].pending
+    # E's round 0 is settled by its unstake: the cut comes off before the amount is checked
     assert net.refused("E", slot_in(4, "submission"), "unstake", task_id=TASK,
                        amount=31) == "insufficient_balance"  # fmt: skip
-    net.send("E", slot_in(4, "submission"), "unstake", task_id=TASK, amount=30)
+    result = net.send("E", slot_in(4, "submission"), "unstake", task_id=TASK, amount=30)
+    assert result["settled"] == 0 and result["slashed"] == 70
+    assert net.state.slashed_pool == 70 and net.state.tasks[TASK].rounds[0].slashed == {"E": 70}
     assert "E" not in net.state.tasks[TASK].stakes
     assert account_view(net.state, "A")["stakes"] == {}
     assert account_view(net.state, "B")["stakes"] == {TASK: 100}
@@ -260,7 +269,7 @@ def test_a_list_that_sums_over_its_total_cannot_pay_more_than_the_total() -> Non
     for node in ["A", "B"]:
         net.send(node, slot_in(1, "submission"), "submit", task_id=TASK, round=0, submission="x")
     seed = round_view(net.state, TASK, 0)["seed"]
-    distributor = distributor_of(seed, ["A", "B"], 0)
+    distributor = distributor_of(seed, ["A", "B"], 0)  # in the order they submitted
     listing = {"A": 80, "B": 80}  # sums to 160 but claims total 100
     net.send(distributor, slot_in(2, "submission"), "submit_distribution", task_id=TASK,
              round=0, root=distribution_root(listing), total=100, cid="c")  # fmt: skip
@@ -273,7 +282,9 @@ def test_a_list_that_sums_over_its_total_cannot_pay_more_than_the_total() -> Non
     assert net.state.tasks[TASK].rounds[0].claimable == 20
 
 
-def test_slashing_takes_the_stake_at_settlement_time() -> None:
+def three_with_c_voted_down() -> Net:
+    """Task t2 (half of a rejected stake is cut, one auditor each): A, B and C submit for
+    round 0 with 100 staked, and C's auditor votes it invalid."""
     net = new_net()
     net.send(OWNER, 3, "create_task", **task_fields(task_id="t2", slash_ppm=500_000,
                                                      max_auditors=1))  # fmt: skip
@@ -284,10 +295,24 @@ def test_slashing_takes_the_stake_at_settlement_time() -> None:
     assert view["k"] == 1
     (auditor,) = view["auditors"]["C"]
     net.send(auditor, slot_in(1, "audit"), "audit", task_id="t2", round=0, invalid=["C"])
-    net.send("C", slot_in(1, "idle"), "stake", task_id="t2", amount=100)  # raises its stake
+    return net
+
+
+def test_slashing_takes_the_stake_at_settlement_time() -> None:
+    net = three_with_c_voted_down()
+    # C raises its stake while the audits are still open: nothing is settled yet
+    result = net.send("C", slot_in(1, "audit", 1), "stake", task_id="t2", amount=100)
+    assert "settled" not in result and result["stake"] == 200
     result = net.send("C", slot_in(4, "submission"), "unstake", task_id="t2", amount=100)
-    assert result["slashed"] == {"C": 100}  # half of the 200 staked at that moment
+    assert result["slashed"] == 100  # half of the 200 staked at that moment
     assert net.state.tasks["t2"].stakes.get("C", 0) == 0
+
+
+def test_a_stake_after_the_audits_settles_the_pending_round_first() -> None:
+    net = three_with_c_voted_down()
+    result = net.send("C", slot_in(1, "idle"), "stake", task_id="t2", amount=100)
+    assert result["settled"] == 0 and result["slashed"] == 50 and result["stake"] == 150
+    assert net.state.slashed_pool == 50 and "C" not in net.state.tasks["t2"].pending
 
 
 # --- every refusal reason, and the state untouched by it ---
@@ -301,13 +326,14 @@ def checkpoints() -> dict[str, Net]:
     saved["staked"] = net.copy()
     for node in NODES:
         net.send(node, slot_in(1, "submission"), "submit", task_id=TASK, round=0,
-                 submission="bad" if node == "E" else node)  # fmt: skip
+                 submission=BAD if node == "E" else node)  # fmt: skip
     saved["submitted"] = net.copy()
     for node in ["A", "B", "C"]:
         net.send(node, slot_in(1, "audit"), "audit", task_id=TASK, round=0, invalid=["E"])
     saved["audited"] = net.copy()
     seed = round_view(net.state, TASK, 0)["seed"]
-    distributor = distributor_of(seed, ["A", "B", "C", "D"], 0)
+    distributor = distributor_of(seed, NODES, 0)
+    assert distributor != "E" and distributor_of(seed, NODES, 1) == "E"  # see BAD
     listing = {n: 25 for n in ["A", "B", "C", "D"]}
     net.send(distributor, slot_in(2, "submission"), "submit_distribution", task_id=TASK,
              round=0, root=distribution_root(listing), total=100, cid="c")  # fmt: skip
@@ -319,6 +345,21 @@ def checkpoints() -> dict[str, Net]:
              proof=proofs["A"])  # fmt: skip
     saved["claimed"] = net.copy()
     return saved
+
+
+def _bad_submission() -> str:
+    """A text for E's bad submission that makes E the distributor of attempt 1 (not 0) in the
+    refusal cases' round (the order is a function of the submissions)."""
+    for salt in range(200):
+        text = f"bad-{salt}"
+        texts = [text if node == "E" else node for node in NODES]
+        order = distribution_order(audit_seed(TASK, 0, texts), NODES)
+        if order[0] != "E" and order[1] == "E":
+            return text
+    raise AssertionError("no salt found")
+
+
+BAD = _bad_submission()
 
 
 def _distributor(net: Net) -> str:
@@ -424,6 +465,9 @@ CASES: list[tuple[str, Callable[[dict[str, Net]], Case]]] = [
                            {"task_id": TASK, "round": 0, "amount": 25, "proof": _proof_a()})),
     ("slashed", lambda c: ("distributed", "E", D_AUD, "audit_distribution",
                            {"task_id": TASK, "round": 0})),
+    ("slashed", lambda c: ("audited", "E", LATER, "submit_distribution",
+                           {"task_id": TASK, "round": 0, "root": GOOD_ROOT, "total": 1,
+                            "cid": "c"})),
     ("stake_locked", lambda c: ("submitted", "A", D_SUB, "unstake",
                                 {"task_id": TASK, "amount": 1})),
     ("bad_amount", lambda c: ("staked", "A", 5, "transfer", {"to": "B", "amount": 0})),
@@ -727,7 +771,7 @@ class SettlementWalk(RuleBasedStateMachine):
         listing = self.lists.get((task_id, r, rs.attempts[rs.accepted_attempt].root), {})
         amount = listing.get(sender, 1) + extra
         proof = distribution_proofs(listing).get(sender, []) if listing else []
-        rejected = sender in rs.rejected
+        rejected = sender in rejected_of(self.state.tasks[task_id], r, rs)
         if self.send(sender, self.tx(sender, "claim", task_id=task_id, round=r, amount=amount,
                                      proof=proof)):  # fmt: skip
             assert not rejected and sender in rs.submissions
@@ -763,7 +807,7 @@ class SettlementWalk(RuleBasedStateMachine):
                     assert self.claimed.get((task_id, r), 0) + rs.claimable == total
                 else:
                     assert rs.claimable == 0 and not rs.claimed
-                assert not (rs.claimed & rs.rejected)
+                assert not (rs.claimed & rejected_of(task, r, rs))
                 assert rs.claimed <= set(rs.submissions)
 
     @invariant()

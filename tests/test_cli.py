@@ -146,12 +146,42 @@ def test_testnet_bootstrap_node_and_members(tmp_path):
     ('network_id = "x"\nbootstrapp = []\n', "unknown keys"),
     ('network_id = "x"\n[bootstrap_node]\ndata_dir = "d"\nlisten = "nope"\n', "not a multiaddr"),
     ('network_id = \n', "cannot read testnet file"),
+    ('network_id = "x"\n[chain]\nkind = "solana"\n', "chain.kind"),
+    ('network_id = "x"\n[chain]\nkind = "evm"\ncontract = "0x' + "1" * 40 + '"\n',
+     "chain.url"),
+    ('network_id = "x"\n[chain]\nkind = "evm"\nurl = "http://127.0.0.1:8545"\n',
+     "chain.contract"),
+    ('network_id = "x"\n[chain]\nurl = "http://127.0.0.1:8545"\n', 'kind = "evm"'),
 ])
 def test_invalid_testnet_files_are_refused(tmp_path, content, fragment):
     path = tmp_path / "bad.toml"
     path.write_text(content)
     with pytest.raises(testnets.TestnetError, match=re.escape(fragment)):
         load_testnet(str(path))
+
+
+def test_a_testnet_file_names_its_evm_chain_and_flags_override_it(tmp_path):
+    from tasknet_node.options import build_tasks_config
+
+    boot_dir = tmp_path / "boot"
+    toml = write_testnet(tmp_path / "net.toml", boot_dir)
+    contract = "0x" + "Ab" * 20
+    with toml.open("a") as f:
+        f.write(f'[chain]\nkind = "evm"\nurl = "http://127.0.0.1:8545"\n'
+                f'contract = "{contract}"\n')
+    net = load_testnet(str(toml))
+    assert (net.chain.kind, net.chain.url, net.chain.contract) == (
+        "evm", "http://127.0.0.1:8545", contract.lower())
+    config = build_tasks_config(cli.run_parser().parse_args(
+        ["--testnet", str(toml), "--bootstrap"]))
+    assert (config.chain, config.chain_url, config.contract) == (
+        "evm", "http://127.0.0.1:8545", contract.lower())
+    config = build_tasks_config(cli.run_parser().parse_args(
+        ["--testnet", str(toml), "--bootstrap", "--chain-url", "http://127.0.0.1:9"]))
+    assert config.chain_url == "http://127.0.0.1:9"
+    config = build_tasks_config(cli.run_parser().parse_args(
+        ["--testnet", str(toml), "--bootstrap", "--chain", "ledger"]))
+    assert config.chain == "ledger" and config.ledger_dir == tmp_path / "ledger"
 
 
 def test_network_flag_must_match_the_testnet(tmp_path):
