@@ -23,12 +23,20 @@ class StorageProver(Protocol):
 
     `digest(partition, challenge)` must be the same on every replica holding the same data:
     e.g. sha256(challenge || the partition's Merkle segment hashes). Replicas converge but are
-    not equal at every instant, so the node should digest a state both sides agree on (the
-    store's partition root as of the round's start, say), not the live data under writes.
+    not equal at every instant, so a task should digest at a moment both sides agree on (the
+    storage task digests at the start of the round, on every replica), not when each looks.
     """
 
     def owned_partitions(self) -> list[int]:
         """The partitions this node replicates, per the current ring."""
+        ...
+
+    def members(self) -> list[str]:
+        """The node ids the current ring places partitions on."""
+        ...
+
+    def partitions_of(self, node_id: str) -> list[int]:
+        """The partitions `node_id` replicates, per the current ring."""
         ...
 
     def replicas_of(self, partition: int) -> list[str]:

@@ -38,6 +38,12 @@ class StoreProver(StorageProver):
     def replicas_of(self, partition: int) -> list[str]:
         return list(self.kv.ring.owners(partition))
 
+    def members(self) -> list[str]:
+        return sorted(self.kv.ring.members)
+
+    def partitions_of(self, node_id: str) -> list[int]:
+        return sorted(self.kv.ring.partitions_of(node_id))
+
     async def digest(self, partition: int, challenge: bytes) -> bytes:
         """sha256 over the challenge and every (key, value) of the partition, in key order,
         leaving out the task namespaces (see VOLATILE_PREFIXES). Values, not CRDT states:

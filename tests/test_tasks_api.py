@@ -292,6 +292,12 @@ class FakeProver:
     def replicas_of(self, partition: int) -> list[str]:
         return list(self.ring.get(partition, []))
 
+    def members(self) -> list[str]:
+        return sorted({n for nodes in self.ring.values() for n in nodes})
+
+    def partitions_of(self, node_id: str) -> list[int]:
+        return sorted(p for p, nodes in self.ring.items() if node_id in nodes)
+
     async def digest(self, partition: int, challenge: bytes) -> bytes:
         return hashlib.sha256(challenge + self.data[self.node][partition]).digest()
 
@@ -333,6 +339,8 @@ async def test_storage_honest_round_passes_every_audit() -> None:
     net = FakeNetwork()
     tasks = {n: _storage_task(net, n, ring, data) for n in nodes}
     for n in nodes:
+        await tasks[n].task(2)  # every replica digests at the round's start
+    for n in nodes:
         sub = await tasks[n].submission(2)
         assert len(sub.encode()) <= 512 and len(parse_submission(sub)) == K
         for auditor in nodes:
@@ -345,11 +353,15 @@ async def test_storage_audit_catches_lost_data_and_foreign_partitions() -> None:
     ring, data = _storage_cluster(nodes)
     net = FakeNetwork()
     honest = {n: _storage_task(net, n, ring, data) for n in nodes}
+    for n in nodes:
+        await honest[n].task(1)
     sub = await honest["a"].submission(1)
     claimed = parse_submission(sub)
     # "a" lost the data of its partitions: its digests differ from the other replicas'
     lossy = {**data, "a": {p: b"lost" for p in data["a"]}}
-    bad = await _storage_task(net, "a", ring, lossy).submission(1)
+    lost = _storage_task(net, "a", ring, lossy)
+    await lost.task(1)
+    bad = await lost.submission(1)
     sharers = {m for p in claimed for m in ring[p] if m != "a"}
     assert sharers
     for auditor in sharers:
@@ -367,6 +379,28 @@ async def test_storage_audit_catches_lost_data_and_foreign_partitions() -> None:
     assert not await honest["b"].audit(format_submission(
         {p: b"\x00" for p in data["a"]}), 1, "a")
     assert not await honest["b"].audit("", 1, "a")
+
+
+async def test_storage_writes_after_the_round_start_do_not_split_honest_replicas() -> None:
+    nodes = ["a", "b", "c", "d", "e"]
+    ring, data = _storage_cluster(nodes)
+    net = FakeNetwork()
+    tasks = {n: _storage_task(net, n, ring, data) for n in nodes}
+    for n in nodes:
+        await tasks[n].task(3)
+    # a user write lands on a's replica of each of its partitions during the round, before
+    # the other replicas have it: a digest taken when each side looks would differ now
+    sub = await tasks["a"].submission(3)
+    for p in parse_submission(sub):
+        data["a"][p] = b"written during the round"
+    late = await _storage_task(net, "a", ring, data).submission(3)  # a fresh node: live digests
+    sharers = {m for p in parse_submission(sub) for m in ring[p] if m != "a"}
+    for auditor in sharers:
+        assert await tasks[auditor].audit(sub, 3, "a")  # round-start digests agree
+        assert not await tasks[auditor].audit(late, 3, "a")  # live ones would not
+    # an auditor without round-start digests (restarted) has no evidence: it accepts
+    restarted = _storage_task(net, "b", ring, data)
+    assert await restarted.audit(late, 3, "a")
 
 
 async def test_storage_auditor_sharing_nothing_accepts() -> None:

@@ -14,15 +14,21 @@
 #   the submitted one -> else invalid;
 # - partitions the auditor does not replicate are skipped: if it shares none, it accepts
 #   (it has nothing to check against; the assignment of auditors is not storage-aware).
-# Limitations: the auditor cannot see the submitter's full set of partitions through the
-# prover, so it does not check that these are the K the challenge picks (only that the
-# submitter owns them); and both sides must digest the same state of a partition (see
-# tasks.api.StorageProver), else honest nodes disagree under concurrent writes.
+# When: every replica digests the partitions at the start of the round (`task(round)`), for
+# its own picks and for every other member's picks it also replicates, and keeps those digests
+# for the submission and the audits. Replicas converge but differ by the writes in flight at
+# any instant; digests taken when each side looks (seconds apart) made honest nodes disagree
+# under a write load, digests taken at one agreed moment differ only by the writes still in
+# flight at that moment (milliseconds of replication, plus the nodes' wake-up jitter).
+# Limitations: the auditor checks that the listed partitions are the submitter's per the ring,
+# not that they are the K the challenge picks; a node restarted within a round has no
+# round-start digests for it: it submits live ones, and as an auditor it skips partitions it
+# has no round-start digest of (no evidence either way).
 from __future__ import annotations
 
 import hashlib
 
-from ..api import StorageProver, Task
+from ..api import StorageProver, Task, TaskContext
 
 K = 4  # partitions proven per round
 DOMAIN = b"tasknet-storage"
@@ -63,6 +69,12 @@ def parse_submission(text: str) -> dict[int, bytes]:
 
 class StorageProof(Task):
     name = "storage"
+    KEEP_ROUNDS = 4  # round-start digests kept: a round's are used in the next round
+
+    def __init__(self, ctx: TaskContext) -> None:
+        super().__init__(ctx)
+        self._digests: dict[int, dict[int, bytes]] = {}  # round -> partition -> digest
+        self._picks: dict[int, list[int]] = {}  # round -> this node's picks at its start
 
     def _prover(self) -> StorageProver:
         prover = self.ctx.storage
@@ -71,13 +83,32 @@ class StorageProof(Task):
         return prover
 
     async def task(self, round: int) -> None:
-        return None  # holding the partitions is the work; the proof is made at submission
+        """Digest, at the start of `round`, the partitions this round's proofs will need on
+        this node: its own picks, and the picks of every other member that it replicates
+        too (it may audit them)."""
+        prover = self._prover()
+        challenge = challenge_of(self.ctx.task_id, round)
+        mine = set(prover.owned_partitions())
+        picks = pick_partitions(challenge, sorted(mine))
+        needed = set(picks)
+        for member in prover.members():
+            if member != self.ctx.node_id:
+                needed |= set(pick_partitions(challenge, prover.partitions_of(member))) & mine
+        self._picks[round] = picks
+        self._digests[round] = {p: await prover.digest(p, challenge) for p in sorted(needed)}
+        for old in [r for r in self._digests if r < round - self.KEEP_ROUNDS]:
+            self._digests.pop(old, None)
+            self._picks.pop(old, None)
 
     async def submission(self, round: int) -> str:
         prover = self._prover()
         challenge = challenge_of(self.ctx.task_id, round)
-        picked = pick_partitions(challenge, prover.owned_partitions())
-        digests = {p: await prover.digest(p, challenge) for p in picked}
+        picked = self._picks.get(round)
+        kept = self._digests.get(round, {})
+        if picked is None:  # restarted since the round began: live digests, the best it has
+            picked = pick_partitions(challenge, prover.owned_partitions())
+        digests = {p: kept[p] if p in kept else await prover.digest(p, challenge)
+                   for p in picked}
         return format_submission(digests)
 
     async def audit(self, submission: str, round: int, submitter: str) -> bool:
@@ -92,12 +123,13 @@ class StorageProof(Task):
             return False
         if not claimed:
             return not any(submitter in prover.replicas_of(p) for p in sorted(mine))
-        challenge = challenge_of(self.ctx.task_id, round)
+        kept = self._digests.get(round, {})
         for p in sorted(claimed):
             if submitter not in prover.replicas_of(p):
                 self.ctx.log.info("storage audit: %s does not replicate %d", submitter, p)
                 return False
-            if p in mine and await prover.digest(p, challenge) != claimed[p]:
-                self.ctx.log.info("storage audit: %s's digest of %d differs", submitter, p)
+            if p in kept and kept[p] != claimed[p]:
+                self.ctx.log.info("storage audit: %s's digest of %d differs from ours at the "
+                                  "start of round %d", submitter, p, round)
                 return False
         return True
