@@ -35,6 +35,7 @@ TASK_OPERATIONS = {
     "stake": "stake AMOUNT more on the task",
     "unstake": "take AMOUNT of stake back (only some rounds after the last submission)",
 }
+TASK_COMMANDS = "create --file TASK.toml | fund|stake|unstake TASK AMOUNT | claim TASK ROUND"
 KV_COMMANDS = {
     "put": "store VALUE under KEY",
     "get": "print KEY's value (null when missing or deleted)",
@@ -69,6 +70,16 @@ def _positive(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be > 0: {text!r}")
+    return value
+
+
+def _round_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
     return value
 
 
@@ -146,6 +157,9 @@ def run_parser() -> argparse.ArgumentParser:
                         help="the EVM chain's JSON-RPC address, e.g. http://127.0.0.1:8545")
     rounds.add_argument("--contract", metavar="ADDRESS",
                         help="the TaskSettlement contract's 0x address on that chain")
+    rounds.add_argument("--task-module", metavar="FILE", action="append", default=[],
+                        help="install the tasks (Task subclasses) a Python file defines, so "
+                        "that this node runs them where the chain has them (repeatable)")
     rounds.add_argument("--no-tasks", action="store_true",
                         help="run the store only, no task rounds")
     rounds.add_argument("--round-time", type=_positive, metavar="S",
@@ -169,13 +183,29 @@ def client_parser(command: str) -> argparse.ArgumentParser:
     return parser
 
 
-def task_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=f"{PROG} task", description="change this node's part in a task "
-                     "(through the node running with --data-dir)")
-    parser.add_argument("operation", choices=list(TASK_OPERATIONS),
-                        help="; ".join(f"{k}: {v}" for k, v in TASK_OPERATIONS.items()))
-    parser.add_argument("task_id", metavar="TASK")
-    parser.add_argument("amount", metavar="AMOUNT", type=_count)
+def task_parser(operation: str | None) -> argparse.ArgumentParser:
+    """The parser of `node.py task OPERATION ...` (create, claim, or an amount operation)."""
+    if operation == "create":
+        parser = _Parser(prog=f"{PROG} task create", description="create a task on the chain "
+                         "from a TOML file (see docs/task-rounds.md: fields and units) and fund "
+                         "its pool, through the node running with --data-dir; the task's code "
+                         "must be installed on that node (built-in, or --task-module)")
+        parser.add_argument("operation", choices=["create"])
+        parser.add_argument("--file", metavar="TASK.toml", required=True)
+    elif operation == "claim":
+        parser = _Parser(prog=f"{PROG} task claim", description="claim this node's reward of "
+                         "ROUND of TASK now (nodes claim by themselves; this is for a round "
+                         "they missed)")
+        parser.add_argument("operation", choices=["claim"])
+        parser.add_argument("task_id", metavar="TASK")
+        parser.add_argument("round", metavar="ROUND", type=_round_number)
+    else:
+        parser = _Parser(prog=f"{PROG} task", description="change this node's part in a task "
+                         f"(through the node running with --data-dir): {TASK_COMMANDS}")
+        parser.add_argument("operation", choices=list(TASK_OPERATIONS),
+                            help="; ".join(f"{k}: {v}" for k, v in TASK_OPERATIONS.items()))
+        parser.add_argument("task_id", metavar="TASK")
+        parser.add_argument("amount", metavar="AMOUNT", type=_count)
     parser.add_argument("--data-dir", metavar="DIR", default="data/node",
                         help="data dir of the running node (default: ./data/node)")
     return parser
@@ -240,11 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args and args[0] in KV_COMMANDS:
             return _kv(args[0], kv_parser(args[0]).parse_args(args[1:]))
         if args and args[0] == "task":
-            task_args = task_parser().parse_args(args[1:])
-            print(json.dumps(call_json(Path(task_args.data_dir), "POST",
-                                       f"/tasks/{quote(task_args.task_id, safe='')}/"
-                                       f"{task_args.operation}", {"amount": task_args.amount})))
-            return 0
+            return _task(task_parser(args[1] if len(args) > 1 else None).parse_args(args[1:]))
         return _run(run_parser().parse_args(args))
     except NodeUnreachable as exc:
         return _fail(str(exc), EXIT_UNREACHABLE)
@@ -255,6 +281,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if message is None:
             raise
         return _fail(message, EXIT_USAGE)
+
+
+def _task(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir)
+    if args.operation == "create":
+        from tasks.taskfile import TaskFileError, read_task_file
+
+        try:
+            spec = read_task_file(Path(args.file))
+        except TaskFileError as exc:
+            raise UsageError(str(exc)) from None
+        answer = call_json(data_dir, "POST", "/tasks", spec)
+    elif args.operation == "claim":
+        answer = call_json(data_dir, "POST", f"/tasks/{quote(args.task_id, safe='')}/claim",
+                           {"round": args.round})
+    else:
+        answer = call_json(data_dir, "POST", f"/tasks/{quote(args.task_id, safe='')}/"
+                           f"{args.operation}", {"amount": args.amount})
+    print(json.dumps(answer))
+    return 0
 
 
 def _client(command: str, args: argparse.Namespace) -> int:

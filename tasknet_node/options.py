@@ -163,4 +163,12 @@ def build_tasks_config(args: argparse.Namespace) -> TasksConfig:
         config.round_time_s = args.round_time
     if args.misbehave:
         config.misbehaviour = Misbehaviour(args.misbehave)
+    if args.task_module:
+        from tasks.builtin import BUILTIN
+        from tasks.loader import TaskModuleError, load_task_modules
+
+        try:
+            config.extra_tasks = load_task_modules(args.task_module, BUILTIN)
+        except TaskModuleError as exc:
+            raise UsageError(str(exc)) from None
     return config

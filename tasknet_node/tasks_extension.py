@@ -12,7 +12,7 @@ import base64
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +24,12 @@ from chain.ledger import Ledger, LedgerAdapter
 from chain.rules import Refused
 from kv import KV
 from p2p import Network
-from tasks.api import CodeHashMismatch, check_code_hash, code_hash
+from tasks.api import CodeHashMismatch, Task, check_code_hash, code_hash
 from tasks.builtin import BUILTIN
 from tasks.context import NodeTaskContext, StoreProver
 from tasks.driver import TaskDriver
 from tasks.engine import Misbehaviour, config_of
+from tasks.taskfile import TaskFileError, check_task_fields, create_fields
 
 from .api import ControlApi, Metric
 from .http import JSONResponse, Request, Response
@@ -59,6 +60,7 @@ class TasksConfig:
     round_time_s: float = 6.0
     slot_ms: int = 250  # for a ledger this node creates
     misbehaviour: Misbehaviour | None = None
+    extra_tasks: dict[str, type[Task]] = field(default_factory=dict)  # --task-module
     min_stake: int = STAKE_PER_TASK
     bounty_per_round: int = BOUNTY_PER_ROUND
 
@@ -131,6 +133,7 @@ class TaskNode:
         self.waiting_tasks: dict[str, str] = {}  # tasks it cannot run yet (funds): why
         self.events: list[dict[str, Any]] = []
         self.chain_error: str | None = None
+        self.installed: dict[str, type[Task]] = {**BUILTIN, **config.extra_tasks}
 
     @property
     def chain(self) -> ChainAdapter:
@@ -210,7 +213,7 @@ class TaskNode:
     async def _driver_for(self, view: dict[str, Any]) -> TaskDriver | None:
         task_id = view["task_id"]
         name = view["config"]["name"]
-        task_class = BUILTIN.get(name)
+        task_class = self.installed.get(name)
         if task_class is None:
             self._refuse(task_id, f"no code installed for task {name!r}")
             return None
@@ -295,6 +298,19 @@ class TaskNode:
             self.say(f"task {name}: created, rounds of {slots['round_time']} slots of "
                      f"{self.chain.slot_ms} ms, bounty {self.config.bounty_per_round} a round")
 
+    async def _claim(self, task_id: str, body: Any) -> Response:
+        r = body.get("round") if isinstance(body, dict) else None
+        if type(r) is not int or r < 0:
+            return _error(400, "bad_request", '"round" must be a whole number')
+        driver = self.drivers.get(task_id)
+        if driver is None:
+            return _error(404, "not_found", f"this node does not run task {task_id!r}")
+        try:
+            amount = await driver.claim_now(r)
+        except Refused as exc:
+            return _error(409, exc.reason, exc.detail)
+        return _json({"ok": True, "round": r, "amount": amount})
+
     # -- reading ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
         if self._chain is None:
@@ -344,6 +360,7 @@ class TaskNode:
     # -- HTTP ---------------------------------------------------------------------------
     def register(self, api: ControlApi) -> None:
         api.add_route("/tasks", self._when_connected(self._tasks))
+        api.add_route("/tasks", self._when_connected(self._create), methods=("POST",))
         api.add_route("/tasks/{task_id}", self._when_connected(self._task))
         api.add_route("/tasks/{task_id}/rounds/{n}", self._when_connected(self._round))
         api.add_route("/tasks/{task_id}/{op}", self._when_connected(self._operation),
@@ -392,14 +409,48 @@ class TaskNode:
                       "rewards_claimed": {t: d.metrics["rewards"]
                                           for t, d in self.drivers.items()}})
 
+    async def _create(self, request: Request) -> Response:
+        """POST /tasks with a task file's fields (tasks/taskfile.py): create it, fund it."""
+        try:
+            spec = check_task_fields(await request.json())
+        except TaskFileError as exc:
+            return _error(400, "bad_request", str(exc))
+        except ValueError:
+            return _error(400, "bad_json", "the body is not JSON")
+        task_class = self.installed.get(spec["name"])
+        if task_class is None:
+            return _error(409, "not_installed", f"no code installed on this node for task "
+                          f"{spec['name']!r} (installed: {sorted(self.installed)})")
+        fields = create_fields(spec, self.chain.slot_ms, await self.chain.now(),
+                               bytes.fromhex(code_hash(task_class)))
+        fund = spec.get("fund", 0)
+        try:
+            if fund and not await self._have_funds(fund, take=fund):
+                return _error(409, "insufficient_balance",
+                              f"account {self.chain.account} cannot fund {fund}")
+            receipt = await self.chain.send({"op": "create_task", **fields})
+            if fund:
+                await self.chain.send({"op": "fund", "task_id": fields["task_id"],
+                                       "amount": fund})
+        except Refused as exc:
+            return _error(409, exc.reason, exc.detail)
+        self.say(f"task {fields['task_id']}: created ({spec['name']}), rounds of "
+                 f"{fields['round_time']} slots, pool {fund}")
+        return _json({"ok": True, "task_id": fields["task_id"], "height": receipt.height,
+                      "config": {k: v for k, v in fields.items() if k != "code_hash"},
+                      "funded": fund})
+
     async def _operation(self, request: Request) -> Response:
         op = request.path_params["op"]
-        if op not in ("fund", "stake", "unstake"):
-            return _error(404, "not_found", f"no operation {op!r}; one of fund, stake, unstake")
+        if op not in ("fund", "stake", "unstake", "claim"):
+            return _error(404, "not_found",
+                          f"no operation {op!r}; one of fund, stake, unstake, claim")
         try:
             body = await request.json()
         except ValueError:
             return _error(400, "bad_json", "the body is not JSON")
+        if op == "claim":
+            return await self._claim(request.path_params["task_id"], body)
         amount = body.get("amount") if isinstance(body, dict) else None
         if type(amount) is not int or amount <= 0:
             return _error(400, "bad_request", '"amount" must be a positive whole number')

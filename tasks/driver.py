@@ -323,33 +323,64 @@ class TaskDriver:
             if await self._send({"op": "audit_distribution", "round": r}) is not None:
                 self.summary.parts.append(f"voted against the distribution of round {r}")
 
-    async def _claim(self, action: Claim, view: dict[str, Any]) -> None:
-        r = action.round
+    async def _my_share(self, r: int, view: dict[str, Any]) -> tuple[int, list[bytes]] | None:
+        """This node's amount in round r's accepted list and its proof; None when the list
+        cannot be read or checked, or does not list this node."""
         attempt = next((a for a in view["attempts"]
                         if a["attempt"] == view["accepted_attempt"]), None)
         if attempt is None:
-            return
+            return None
         try:
             entries = decode_list(await self.ctx.get_blob(attempt["cid"]))
         except (KeyError, ValueError) as exc:
             log.warning("task %s: the distribution list of round %d is unreadable (%s)",
                         self.name, r, exc)
-            return
+            return None
         if distribution_root(entries, self.chain.leaf_format) != attempt["root"]:
             log.warning("task %s: the stored list of round %d does not match its root",
                         self.name, r)
-            return
+            return None
         amount = entries.get(self.chain.account)
         if not amount:
+            return None
+        return amount, distribution_proof(entries, self.chain.account, self.chain.leaf_format)
+
+    async def _claim(self, action: Claim, view: dict[str, Any]) -> None:
+        r = action.round
+        share = await self._my_share(r, view)
+        if share is None:
             return
-        proof = distribution_proof(entries, self.chain.account, self.chain.leaf_format)
+        amount, proof = share
         result = await self._send({"op": "claim", "round": r, "amount": amount,
                                    "proof": proof})
         if result is not None:
-            self.metrics["claims"] += 1
-            self.metrics["rewards"] += amount
-            self.summary.parts.append(f"reward {amount} for round {r}")
-            self.last["claim"] = {"round": r, "amount": amount}
+            self._claimed(r, amount)
+
+    def _claimed(self, r: int, amount: int) -> None:
+        self.metrics["claims"] += 1
+        self.metrics["rewards"] += amount
+        self.summary.parts.append(f"reward {amount} for round {r}")
+        self.last["claim"] = {"round": r, "amount": amount}
+
+    async def claim_now(self, r: int) -> int:
+        """Claim this node's reward of round r at once (an operator's command, for a round
+        the node did not claim by itself); the amount. Refused when there is nothing to."""
+        view = await self.chain.round_view(self.task_id, r)
+        if not view["paid"]:
+            raise Refused("not_ready", f"round {r} is not paid out")
+        if self.chain.account in view["claimed"]:
+            raise Refused("already_claimed", f"already claimed for round {r}")
+        share = await self._my_share(r, view)
+        if share is None:
+            raise Refused("bad_proof", f"round {r}'s list does not pay this node (or cannot "
+                                       "be read from the store)")
+        amount, proof = share
+        await self.chain.send({"op": "claim", "task_id": self.task_id, "round": r,
+                               "amount": amount, "proof": proof})
+        self._claimed(r, amount)
+        self.record.done(Claim(r))
+        self._save_record()
+        return amount
 
 
 def _safe(task_id: str) -> str:
