@@ -413,3 +413,49 @@ async def test_storage_auditor_sharing_nothing_accepts() -> None:
     assert await b.audit(sub, 0, "a")  # b holds neither partition: nothing to compare
     assert await b.audit("", 0, "a")  # nor can it tell that a owns any
     assert not await b.audit("2:00", 0, "a")  # but the ring says a does not own 2
+
+
+# --- task modules and task files ---------------------------------------------------------------
+
+
+def test_task_modules_load_their_tasks_and_refuse_bad_ones(tmp_path: Path) -> None:
+    from tasks.builtin import BUILTIN
+    from tasks.loader import TaskModuleError, load_task_module, load_task_modules
+
+    good = tmp_path / "good.py"
+    good.write_text("from tasks.api import Task\n\nclass Mine(Task):\n    name = 'mine'\n")
+    loaded = load_task_module(good)
+    assert list(loaded) == ["mine"] and code_hash(loaded["mine"])  # its source is hashable
+    cases = {
+        "broken.py": "def (:\n",
+        "empty.py": "x = 1\n",
+        "clash.py": "from tasks.api import Task\n\nclass H(Task):\n    name = 'hello'\n",
+    }
+    for file_name, source in cases.items():
+        path = tmp_path / file_name
+        path.write_text(source)
+        with pytest.raises(TaskModuleError, match=file_name):
+            load_task_modules([str(path)], BUILTIN)
+    with pytest.raises(TaskModuleError, match="no such file"):
+        load_task_module(tmp_path / "missing.py")
+
+
+def test_task_files_are_checked_and_turned_into_slots(tmp_path: Path) -> None:
+    from tasks.taskfile import TaskFileError, create_fields, read_task_file
+
+    path = tmp_path / "t.toml"
+    path.write_text('name = "hello"\nround_time_s = 10\nmin_stake = 5\nbounty_per_round = 7\n'
+                    'audit_window_s = 2.5\nmax_auditors = 3\n')
+    spec = read_task_file(path)
+    fields = create_fields(spec, slot_ms=250, now_slot=1000, code_hash=bytes(32))
+    assert fields["task_id"] == "hello" and fields["round_time"] == 40
+    assert fields["submission_window"] == 16 and fields["audit_window"] == 10
+    assert fields["start_slot"] == 1008 and fields["max_auditors"] == 3
+    for bad, fragment in [('name = "x"\n', "missing"),
+                          (path.read_text() + "colour = 1\n", "unknown fields"),
+                          (path.read_text().replace("= 5", "= -5"), "min_stake"),
+                          (path.read_text().replace("= 10", '= "ten"'), "round_time_s"),
+                          ("name = [", "t.toml")]:
+        path.write_text(bad)
+        with pytest.raises(TaskFileError, match=fragment):
+            read_task_file(path)
