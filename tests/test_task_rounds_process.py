@@ -1,7 +1,8 @@
 # Task rounds end to end with real node processes on one embedded ledger (127.0.0.1): honest
 # nodes are paid for the rounds they submitted in, a node that submits garbage is slashed and
 # unpaid, a node that votes everything invalid harms nobody, a bad distribution list is voted
-# down and a later one pays, a node SIGKILLed mid-round resumes without submitting twice, and
+# down and a later one pays, a node that never submits is simply unpaid,
+# a node SIGKILLed mid-round resumes without submitting twice, and
 # the ledger file verifies afterwards.
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def test_rounds_pay_honest_nodes_and_slash_a_cheat(processes, tmp_path):
     boot = processes.node("n0", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", *common)
     _, addr = wait_for(boot.announced, 30, "the bootstrap node to start")
     modes = {"n1": None, "n2": "wrong-submission", "n3": "false-audit",
-             "n4": "bad-distribution"}
+             "n4": "bad-distribution", "n5": "no-submission"}
     nodes = {"n0": boot}
     for name, mode in modes.items():
         extra = ("--misbehave", mode) if mode else ()
@@ -45,10 +46,12 @@ def test_rounds_pay_honest_nodes_and_slash_a_cheat(processes, tmp_path):
     ids = {name: wait_for(node.announced, 30, f"{name} to start")[0]
            for name, node in nodes.items()}
 
+    workers = {name: peer for name, peer in ids.items() if name != "n5"}  # n5 never submits
+
     def everyone_submitted() -> list[int]:
         task = _state(ledger_dir).tasks.get(TASK)
         return [] if task is None else [
-            r for r, rs in task.rounds.items() if set(ids.values()) <= set(rs.submissions)]
+            r for r, rs in task.rounds.items() if set(workers.values()) <= set(rs.submissions)]
 
     first = min(wait_for(everyone_submitted, 90, "a round every node submitted in"))
 
@@ -93,6 +96,11 @@ def test_rounds_pay_honest_nodes_and_slash_a_cheat(processes, tmp_path):
         for account in honest:
             if account in rs.submissions:
                 assert account in rs.claimed, (r, account)
+    # the node that does not submit is neither paid nor slashed: it is simply not there
+    task = state.tasks[TASK]
+    assert all(ids["n5"] not in rs.submissions for rs in task.rounds.values())
+    assert all(ids["n5"] not in rs.slashed for rs in task.rounds.values())
+    assert task.stakes.get(ids["n5"], 0) >= task.config.min_stake
     # the cheat lost stake to slashing: the slashed pool holds it
     assert state.slashed_pool > 0
     for node in nodes.values():
