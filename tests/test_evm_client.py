@@ -4,17 +4,31 @@
 # overwritten; the peer binding), client.py (funding a fresh wallet, nonces over 20 sends in a
 # row and after another sender used the key, refusals at estimation and on chain decoded from
 # `Refused(uint8)`, a dead or silent node raising ChainUnavailable quickly, a transaction with
-# no receipt in time kept by hash and found later, events, revert data by hand).
+# no receipt in time kept by hash and found later, events, revert data by hand, cached fees
+# the node finds too low fetched again) and its transport, transport.py, against a small local
+# server or a TCP relay in front of anvil (a connection the server closed while idle replaced
+# without resending; a reused one lost before the answer: only what is safe to repeat sent
+# again, once, and a lost eth_sendRawTransaction answer ends in one transaction, or in
+# TxUnconfirmed when the node is then gone; nothing listening or the node gone before the send:
+# "not sent", fast; a server that never answers: the timeout; 8 threads at once each getting
+# its own answers over kept-alive connections; a node restarted on the same port; proxies).
 # The contract used here is a hand-assembled one (poke(code): codes < 256 revert with
 # Refused(code), larger ones emit Poked(code)), so this file does not need TaskSettlement.
 from __future__ import annotations
 
+import http.server
+import ipaddress
+import json
 import os
+import random
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +49,7 @@ from chain.evm.client import (
     decode_revert,
     describe_revert,
 )
+from chain.evm.transport import HttpJsonRpc, TransportError
 from chain.evm.wallet import (
     WALLET_FILE_NAME,
     EvmWallet,
@@ -469,3 +484,411 @@ def test_decode_log_by_hand() -> None:
     with pytest.raises(ValueError):
         client.decode_log({"topics": ["0x" + "22" * 32], "data": "0x"})
     client.close()
+
+
+# --- the transport (chain/evm/transport.py) ---------------------------------------------------
+
+
+class _FakeNode:
+    """A JSON-RPC server on 127.0.0.1 (HTTP/1.1, keep-alive, a thread per connection): the
+    result of "echo" is its params, of anything else the method's name. `drop(n, methods)`:
+    read the n-th request of a connection and close it without answering; `close_after`:
+    close every connection right after answering (without saying so: as if idle too long);
+    `reverse`: answer batches in reverse order. `seen`: every method received, in order."""
+
+    def __init__(self, *, drop: Any = None, close_after: bool = False, reverse: bool = False,
+                 delay: float = 0.0, tls: ssl.SSLContext | None = None) -> None:  # fmt: skip
+        self.drop = drop or (lambda n, methods: False)
+        self.close_after = close_after
+        self.reverse = reverse
+        self.delay = delay
+        self.seen: list[str] = []
+        self.connections = 0
+        self._lock = threading.Lock()
+        node = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            served = 0
+
+            def setup(self) -> None:
+                super().setup()
+                with node._lock:
+                    node.connections += 1
+
+            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                requests = body if isinstance(body, list) else [body]
+                methods = [r["method"] for r in requests]
+                with node._lock:
+                    node.seen.extend(methods)
+                self.served += 1
+                if node.drop(self.served, methods):
+                    self.close_connection = True
+                    return
+                time.sleep(node.delay * random.random())
+                answers = [{"jsonrpc": "2.0", "id": r["id"],
+                            "result": r["params"] if r["method"] == "echo" else r["method"]}
+                           for r in requests]  # fmt: skip
+                if node.reverse:
+                    answers.reverse()
+                data = json.dumps(answers if isinstance(body, list) else answers[0]).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                self.close_connection = node.close_after
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
+        scheme = "http" if tls is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def __enter__(self) -> _FakeNode:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class _Relay:
+    """A TCP relay on 127.0.0.1 to a node's port. `lose_answer_to = "method"`: the next request
+    naming it is passed on, its answer is swallowed and the client's connection closed (the
+    node did get the request); with `refuse_after`, the relay then takes no more
+    connections. `drop_after = "method"`: once the answer to the next request naming it is
+    passed on, the relay closes every connection and takes no more."""
+
+    def __init__(self, port: int) -> None:
+        self.upstream = port
+        self.lose_answer_to: str | None = None
+        self.refuse_after = False
+        self.drop_after: str | None = None
+        self.lost = 0
+        self._socks: list[socket.socket] = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.upstream))
+            self._socks += [client, upstream]
+            state = {"lose": False, "drop": False}
+            threading.Thread(target=self._up, args=(client, upstream, state), daemon=True).start()
+            threading.Thread(target=self._down, args=(client, upstream, state),
+                             daemon=True).start()  # fmt: skip
+
+    def _up(self, client: socket.socket, upstream: socket.socket, state: dict[str, bool]) -> None:
+        while data := _recv(client):
+            if self.lose_answer_to and self.lose_answer_to.encode() in data:
+                self.lose_answer_to, state["lose"] = None, True
+            if self.drop_after and self.drop_after.encode() in data:
+                self.drop_after, state["drop"] = None, True
+            upstream.sendall(data)
+
+    def _down(self, client: socket.socket, upstream: socket.socket, state: dict[str, bool]) -> None:
+        while data := _recv(upstream):
+            if state["lose"]:
+                self.lost += 1
+                if self.refuse_after:
+                    _close(self._listener)  # shutdown: wakes accept(), stops listening
+                _close(client)
+                _close(upstream)
+                return
+            client.sendall(data)
+            if state["drop"]:
+                self.close()
+                return
+
+    def close(self) -> None:
+        _close(self._listener)  # shutdown: wakes accept(), stops listening
+        for sock in self._socks:
+            _close(sock)
+
+
+def _recv(sock: socket.socket) -> bytes:
+    try:
+        return sock.recv(65536)
+    except OSError:
+        return b""
+
+
+def _close(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
+def test_a_connection_closed_while_idle_is_replaced_without_resending() -> None:
+    with _FakeNode(close_after=True) as node:
+        rpc = HttpJsonRpc(node.url, timeout=2.0)
+        for i in range(5):
+            assert rpc.call("echo", [i])["result"] == [i]
+            time.sleep(0.01)  # the server's close arrives while the connection is idle
+        assert node.seen == ["echo"] * 5 and node.connections == 5
+        assert rpc.resends() == 0
+        rpc.close()
+
+
+def test_a_reused_connection_lost_before_the_answer_resends_only_what_may_be_repeated() -> None:
+    # every connection's second request is read and left unanswered (the connection closed)
+    with _FakeNode(drop=lambda n, methods: n == 2) as node:
+        rpc = HttpJsonRpc(node.url, timeout=2.0)
+        assert rpc.call("eth_blockNumber", [])["result"] == "eth_blockNumber"
+        assert rpc.call("eth_getBalance", ["0x00", "latest"])["result"] == "eth_getBalance"
+        assert rpc.resends() == 1  # sent again, once, on a new connection
+        assert node.seen == ["eth_blockNumber", "eth_getBalance", "eth_getBalance"]
+        with pytest.raises(TransportError) as info:  # not safe to repeat: sent once
+            rpc.call("evm_mine", [])
+        assert info.value.sent and rpc.resends() == 1
+        assert node.seen[3:] == ["evm_mine"]
+        # nor a batch with such a request in it
+        assert rpc.batch([("eth_chainId", [])])[0]["result"] == "eth_chainId"
+        with pytest.raises(TransportError):
+            rpc.batch([("eth_chainId", []), ("evm_mine", [])])
+        assert node.seen[4:] == ["eth_chainId", "eth_chainId", "evm_mine"]
+        rpc.close()
+    # a new connection losing the request is not a stale one: no resend
+    with _FakeNode(drop=lambda n, methods: True) as node:
+        rpc = HttpJsonRpc(node.url, timeout=2.0)
+        with pytest.raises(TransportError) as info:
+            rpc.call("eth_blockNumber", [])
+        assert info.value.sent and node.seen == ["eth_blockNumber"] and rpc.resends() == 0
+        rpc.close()
+
+
+def test_concurrent_calls_each_get_their_own_answer() -> None:
+    with _FakeNode(delay=0.002, reverse=True) as node:
+        rpc = HttpJsonRpc(node.url, timeout=5.0)
+
+        def calls(thread: int) -> None:
+            for i in range(40):
+                assert rpc.call("echo", [thread, i])["result"] == [thread, i]
+                answers = rpc.batch([("echo", [thread, i, "a"]), ("echo", [thread, i, "b"])])
+                assert [a["result"] for a in answers] == [[thread, i, "a"], [thread, i, "b"]]
+
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(calls, range(8)))
+        assert len(node.seen) == 8 * 40 * 3
+        assert node.connections <= 8  # kept alive and reused, never two requests at once on one
+        rpc.close()
+
+
+def test_nothing_listening_is_not_sent_and_fast() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rpc = HttpJsonRpc(f"http://127.0.0.1:{port}", timeout=5.0)
+    with pytest.raises(TransportError) as info:
+        rpc.call("eth_sendRawTransaction", ["0x00"])
+    assert not info.value.sent
+    with EvmClient(f"http://127.0.0.1:{port}", EvmWallet.generate(), timeout=5.0) as client:
+        started = time.monotonic()
+        with pytest.raises(ChainUnavailable, match="not sent") as caught:
+            client.send_value(client.address, 1)
+        assert not isinstance(caught.value, TxUnconfirmed)
+        assert time.monotonic() - started < 1
+
+
+def test_a_node_that_accepts_and_never_answers_times_out() -> None:
+    held: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def accept() -> None:
+            while True:
+                try:
+                    held.append(listener.accept()[0])  # read nothing, answer nothing
+                except OSError:
+                    return
+
+        threading.Thread(target=accept, daemon=True).start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        rpc = HttpJsonRpc(url, timeout=0.3)
+        started = time.monotonic()
+        with pytest.raises(TransportError, match="timed out") as info:
+            rpc.call("eth_blockNumber", [])
+        assert info.value.sent and 0.3 <= time.monotonic() - started < 1
+        with EvmClient(url, EvmWallet.generate(), timeout=0.3) as client:
+            started = time.monotonic()
+            with pytest.raises(ChainUnavailable, match="not sent"):
+                client.send_value(client.address, 1)
+            assert time.monotonic() - started < 1
+    for sock in held:
+        sock.close()
+
+
+def test_a_send_whose_answer_was_lost_is_sent_again_as_the_same_bytes(
+    anvil: Anvil, funder: EvmClient
+) -> None:
+    relay = _Relay(anvil.port)
+    wallet = EvmWallet.generate()
+    funder.send_value(wallet.address, ETH)
+    sink = EvmWallet.generate().address
+    with EvmClient(relay.url, wallet, timeout=5.0) as client:
+        client.send_value(sink, 1)  # the connection is open: the next requests reuse it
+        relay.lose_answer_to = "eth_sendRawTransaction"  # the node takes it, the answer is lost
+        receipt = client.send_value(sink, 2)
+        assert relay.lost == 1 and client._rpc.resends() == 1
+        assert client.nonce_of(client.address) == 2  # one transaction, not two
+        assert client.balance(sink) == 3
+        assert client.send_value(sink, 4).block_number == receipt.block_number + 1
+    relay.close()
+
+
+def test_a_lost_answer_then_no_node_is_unconfirmed_not_unsent(
+    anvil: Anvil, funder: EvmClient
+) -> None:
+    relay = _Relay(anvil.port)
+    wallet = EvmWallet.generate()
+    funder.send_value(wallet.address, ETH)
+    sink = EvmWallet.generate().address
+    with EvmClient(relay.url, wallet, timeout=5.0) as client:
+        client.send_value(sink, 1)
+        relay.lose_answer_to = "eth_sendRawTransaction"
+        relay.refuse_after = True  # sending it again finds nothing listening
+        with pytest.raises(TxUnconfirmed) as info:
+            client.send_value(sink, 2)
+        assert not info.value.broadcast and "may have been sent" in str(info.value)
+        receipt = funder.receipt_of(info.value.tx_hash, timeout=5.0)  # the node had it
+        assert receipt is not None and funder.balance(sink) == 3
+    relay.close()
+
+
+def test_a_node_gone_between_the_estimate_and_the_send_is_not_sent(
+    anvil: Anvil, funder: EvmClient
+) -> None:
+    relay = _Relay(anvil.port)
+    wallet = EvmWallet.generate()
+    funder.send_value(wallet.address, ETH)
+    with EvmClient(relay.url, wallet, timeout=5.0) as client:
+        client.send_value(funder.address, 1)
+        relay.drop_after = "eth_estimateGas"  # closed once the estimate is answered
+        with pytest.raises(ChainUnavailable, match="not sent") as info:
+            client.send_value(funder.address, 1)
+        assert not isinstance(info.value, TxUnconfirmed)
+        assert "eth_sendRawTransaction" in str(info.value)
+        assert funder.nonce_of(wallet.address) == 1
+    relay.close()
+
+
+def test_the_same_client_goes_on_after_its_node_restarts(tmp_path: Path) -> None:
+    state = tmp_path / "state.json"
+    with Anvil(state_path=state) as node:
+        port = node.port
+        client = EvmClient(node.url, EvmWallet(node.dev_keys[0]), timeout=5.0)
+        client.send_value(EvmWallet.generate().address, 1)
+    with pytest.raises(ChainUnavailable, match="not sent"):
+        client.send_value(EvmWallet.generate().address, 1)
+    with Anvil(port=port, state_path=state) as node:  # the same port: the pooled one is dead
+        sink = EvmWallet.generate().address
+        client.send_value(sink, 5)
+        assert client.balance(sink) == 5 and client.nonce_of(client.address) == 2
+    client.close()
+
+
+def test_proxies_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    with _FakeNode() as proxy:
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        monkeypatch.setenv("NO_PROXY", "direct.example")
+        rpc = HttpJsonRpc("http://node.example:8545/rpc", timeout=2.0)
+        assert rpc.proxy == ("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))
+        assert rpc.call("echo", [1])["result"] == [1]  # answered by the "proxy"
+        assert HttpJsonRpc("http://direct.example:8545", timeout=2.0).proxy is None
+        monkeypatch.setenv("HTTP_PROXY", "socks5://127.0.0.1:1080")
+        with pytest.raises(ChainError, match="NO_PROXY=node.example"):
+            HttpJsonRpc("http://node.example:8545", timeout=2.0)
+        rpc.close()
+
+
+def test_cached_fees_the_node_finds_too_low_are_fetched_again(
+    anvil: Anvil, funder: EvmClient
+) -> None:
+    client = _funded_client(anvil, funder)
+    sink = EvmWallet.generate().address
+    client.send_value(sink, 1)  # fees fetched and cached
+    low = {"type": 2, "maxFeePerGas": 1, "maxPriorityFeePerGas": 1}
+    client._fees = (time.monotonic(), low)  # as if the base fee had soared since
+    receipt = client.send_value(sink, 2)
+    assert receipt.effective_gas_price > 1 and client._fees[1] != low
+    assert client.nonce_of(client.address) == 2 and client.balance(sink) == 3
+    client.close()
+
+
+def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting it) for a certificate of 127.0.0.1."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tasknet test")])
+    now = datetime.now(UTC)
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(hours=1))
+        .not_valid_after(now + timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, content_commitment=False,
+            key_encipherment=False, data_encipherment=False, key_agreement=False,
+            crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski),
+                       critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(cert_file, key_file)
+    return server, ssl.create_default_context(cafile=str(cert_file))
+
+
+def test_https_keeps_its_connections_and_replaces_closed_ones(tmp_path: Path) -> None:
+    server_tls, client_tls = _self_signed(tmp_path)
+    with _FakeNode(tls=server_tls, drop=lambda n, methods: n == 3) as node:
+        rpc = HttpJsonRpc(node.url, timeout=2.0, context=client_tls)
+        assert [rpc.call("echo", [i])["result"] for i in range(2)] == [[0], [1]]
+        assert node.connections == 1
+        assert rpc.call("eth_chainId", [])["result"] == "eth_chainId"  # lost once, sent again
+        assert rpc.resends() == 1 and node.connections == 2
+        assert node.seen == ["echo", "echo", "eth_chainId", "eth_chainId"]
+        rpc.close()
+        # the system's CAs do not know this certificate: nothing sent
+        with EvmClient(node.url, EvmWallet.generate(), timeout=2.0) as client:
+            with pytest.raises(ChainUnavailable, match="not sent") as info:
+                client.send_value(client.address, 1)
+            assert "CERTIFICATE_VERIFY_FAILED" in str(info.value)
+    with _FakeNode(tls=server_tls, close_after=True) as node:
+        rpc = HttpJsonRpc(node.url, timeout=2.0, context=client_tls)
+        for i in range(3):
+            assert rpc.call("echo", [i])["result"] == [i]
+            time.sleep(0.01)
+        assert node.connections == 3 and rpc.resends() == 0 and len(node.seen) == 3
+        rpc.close()

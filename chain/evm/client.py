@@ -3,8 +3,10 @@
 # estimates, signs, numbers (a local nonce), submits and waits for the receipt, turning the
 # contract's `Refused(uint8)` reverts into `chain.rules.Refused` and transport failures into
 # `chain.adapter.ChainUnavailable`. Also plain value transfers and deploying an artifact.
-# Lives here: the JSON-RPC transport (web3's HTTPProvider on one persistent HTTP session, no
-# retries of its own), fees, gas, nonces, receipts, revert decoding.
+# Lives here: fees (cached for FEE_TTL seconds, refreshed when the node finds them too low),
+# gas, nonces, receipts, revert decoding. The JSON-RPC transport is transport.py (http.client,
+# kept-alive connections, a request sent again only when a reused connection turned out to be
+# closed and the request is safe to repeat); web3 is not used.
 # Must not live here: async code or the rules' meaning (the adapter, chain/evm/adapter.py),
 # key files (wallet.py), processes (anvil.py). A transaction whose fate is unknown is never
 # sent again blindly: `TxUnconfirmed` carries its hash and raw bytes, `receipt_of` checks it.
@@ -19,16 +21,13 @@ from types import TracebackType
 from typing import Any, NamedTuple, Self, cast
 
 import eth_abi
-import requests
-import urllib3.exceptions
 from eth_abi.grammar import ABIType, TupleType, parse
 from eth_utils import keccak
-from web3 import HTTPProvider
-from web3.types import RPCEndpoint
 
 from chain.adapter import ChainError, ChainUnavailable
 from chain.rules import REASON_CODES, Refused
 
+from .transport import HttpJsonRpc, TransportError
 from .wallet import EvmWallet, address_bytes
 
 REFUSED_SELECTOR = keccak(b"Refused(uint8)")[:4]
@@ -38,9 +37,12 @@ DEFAULT_TIMEOUT = 10.0  # seconds one JSON-RPC request may take
 DEFAULT_RECEIPT_TIMEOUT = 120.0  # seconds `send` waits for a receipt
 GAS_FACTOR = 1.2  # gas limit = estimate * GAS_FACTOR + GAS_MARGIN
 GAS_MARGIN = 10_000
+FEE_TTL = 1.0  # seconds the node's gas price and base fee are reused for further sends
 _NONCE_ERRORS = ("nonce too low", "nonce too high", "invalid nonce", "nonce is too low",
                  "replacement transaction underpriced", "replacement fee too low")  # fmt: skip
 _KNOWN_TX_ERRORS = ("already known", "already imported", "known transaction")
+_FEE_ERRORS = ("less than block base fee", "transaction underpriced", "fee cap too low",
+               "feecap too low", "gas price too low", "max fee per gas too low")  # fmt: skip
 
 
 class RpcError(ChainError):
@@ -163,6 +165,10 @@ def _bytes(value: Any) -> bytes:
     return bytes.fromhex(value[2:])
 
 
+def _gas_limit(estimate: Any) -> int:
+    return int(_int(estimate) * GAS_FACTOR) + GAS_MARGIN
+
+
 def _int(value: Any) -> int:
     if isinstance(value, int):
         return value
@@ -192,18 +198,13 @@ def _revert_data(error: Any) -> bytes | None:
 
 
 def _never_reached_node(exc: BaseException) -> bool:
-    """Whether a transport failure happened before the request could reach the node."""
-    if isinstance(exc, requests.ConnectTimeout):
-        return True
+    """Whether a transport failure happened before the request could reach the node: no
+    connection could be made (refused, connect timeout, ...) and no earlier attempt wrote any
+    of it (transport.TransportError.sent)."""
     seen: BaseException | None = exc
     while seen is not None:
-        for arg in (seen, getattr(seen, "reason", None), *getattr(seen, "args", ())):
-            if isinstance(arg, (urllib3.exceptions.NewConnectionError, ConnectionRefusedError)):
-                return True
-            if isinstance(arg, urllib3.exceptions.MaxRetryError) and isinstance(
-                arg.reason, urllib3.exceptions.NewConnectionError
-            ):
-                return True
+        if isinstance(seen, TransportError):
+            return not seen.sent
         seen = seen.__cause__ or seen.__context__
     return False
 
@@ -261,8 +262,9 @@ class EvmClient:
     time (a lock), and wait for their receipts in parallel. Addresses are '0x' + 40 lowercase
     hex digits, in arguments (any case accepted) and in everything returned.
 
-    `timeout`: seconds one JSON-RPC request may take; `receipt_timeout`: seconds `send` waits
-    for inclusion. `sync_send`: submit with eth_sendRawTransactionSync (EIP-7966, anvil has
+    `timeout`: seconds one JSON-RPC request may wait for the node's answer (any one read of
+    it; connecting may take min(timeout, 3 s)); `receipt_timeout`: seconds `send` waits for
+    inclusion. `sync_send`: submit with eth_sendRawTransactionSync (EIP-7966, anvil has
     it), which answers with the receipt, so a send is one round trip instead of a submit and
     polls; for automining chains only: the submit lock is held until inclusion, and a chain
     slower than `timeout` makes every send a TxUnconfirmed. Falls back to polling by itself
@@ -284,14 +286,9 @@ class EvmClient:
         self.timeout = timeout
         self.receipt_timeout = receipt_timeout
         self.sync_send = sync_send
-        self._session = requests.Session()
-        self._provider = HTTPProvider(
-            url,
-            session=self._session,
-            request_kwargs={"timeout": (min(timeout, 3.0), timeout)},
-            exception_retry_configuration=None,  # retrying is ours to decide (never a send)
-        )
+        self._rpc = HttpJsonRpc(url, timeout=timeout)
         self._send_lock = threading.Lock()
+        self._fees: tuple[float, dict[str, int]] | None = None  # (when fetched, fee fields)
         self._nonce: int | None = None
         self._chain_id: int | None = None
         self.contract_address: str | None = None
@@ -309,7 +306,7 @@ class EvmClient:
         return self.wallet.address
 
     def close(self) -> None:
-        self._session.close()
+        self._rpc.close()
 
     def __enter__(self) -> Self:
         return self
@@ -326,18 +323,12 @@ class EvmClient:
 
     def _request(self, method: str, params: list[Any]) -> Any:
         """One JSON-RPC request: its result, RpcError for an error answer, ChainUnavailable
-        (caused by the transport exception) when the node could not be reached in time."""
+        (caused by the transport.TransportError) when the node could not be reached in time,
+        ChainError for an answer that is not JSON-RPC."""
         try:
-            response = cast(
-                dict[str, Any], self._provider.make_request(RPCEndpoint(method), params)
-            )
-        except requests.HTTPError as exc:
-            status = exc.response.status_code if exc.response is not None else "?"
-            raise ChainUnavailable(f"{method}: HTTP {status} from {self.url}") from exc
-        except (requests.RequestException, OSError) as exc:
-            raise ChainUnavailable(f"{method}: cannot reach {self.url}: {exc}") from exc
-        except ValueError as exc:  # not JSON
-            raise ChainError(f"{method}: {self.url} did not answer JSON-RPC: {exc}") from exc
+            response = self._rpc.call(method, params)
+        except TransportError as exc:
+            raise ChainUnavailable(f"{method}: {exc}") from exc
         return self._result(method, response)
 
     def _result(self, method: str, response: Mapping[str, Any]) -> Any:
@@ -360,13 +351,9 @@ class EvmClient:
     def _batch(self, calls: list[tuple[str, list[Any]]]) -> list[Any]:
         """Several requests in one round trip: each item is its result or its RpcError."""
         try:
-            responses = self._provider.make_batch_request([(RPCEndpoint(m), p) for m, p in calls])
-        except requests.HTTPError as exc:
-            raise ChainUnavailable(f"batch: HTTP error from {self.url}: {exc}") from exc
-        except (requests.RequestException, OSError) as exc:
-            raise ChainUnavailable(f"batch: cannot reach {self.url}: {exc}") from exc
-        except ValueError as exc:
-            raise ChainError(f"batch: {self.url} did not answer JSON-RPC: {exc}") from exc
+            responses = self._rpc.batch(calls)
+        except TransportError as exc:
+            raise ChainUnavailable(f"batch: {exc}") from exc
         if not isinstance(responses, list) or len(responses) != len(calls):
             self._result("batch", cast(Mapping[str, Any], responses))  # raises its error
             raise ChainError(f"batch: malformed answer from {self.url}")
@@ -543,16 +530,15 @@ class EvmClient:
         call: dict[str, Any] = {"from": self.address, "data": _hex(data), "value": hex(value)}
         if to is not None:
             call["to"] = _hex(to)
-        gas_limit, fees = self._prepare(label, call, gas)
+        gas_limit, fees, fresh = self._prepare(label, call, gas)
         try:
             chain_id = self.chain_id
         except ChainUnavailable as exc:
             raise ChainUnavailable(f"{label}: not sent: {exc}") from exc
-        tx: dict[str, Any] = {"chainId": chain_id, "value": value, "data": data,
-                              "gas": gas_limit, **fees}  # fmt: skip
+        tx: dict[str, Any] = {"chainId": chain_id, "value": value, "data": data, "gas": gas_limit}
         if to is not None:
             tx["to"] = to
-        tx_hash, raw, included = self._submit(label, tx)
+        tx_hash, raw, included = self._submit(label, tx, fees, fresh)
         if included is not None:
             return self._settle(label, included)
         receipt = self._poll_receipt(label, tx_hash, raw, deadline, raise_on_timeout=True)
@@ -561,47 +547,87 @@ class EvmClient:
 
     def _prepare(
         self, label: str, call: dict[str, Any], gas: int | None
-    ) -> tuple[int, dict[str, int]]:
-        """The gas limit (estimated unless given) and fee fields, in one round trip. A revert
-        at estimation raises Refused / ChainError: nothing is sent."""
-        requests_: list[tuple[str, list[Any]]] = [
+    ) -> tuple[int, dict[str, int], bool]:
+        """The gas limit (estimated unless given), the fee fields and whether they were just
+        fetched, in one round trip: the estimate alone while the fees fetched less than
+        FEE_TTL seconds ago serve again, else a batch of the gas price, the latest block and
+        the estimate. A revert at estimation raises Refused / ChainError: nothing is sent."""
+        cached = self._fees
+        if cached is not None and time.monotonic() - cached[0] < FEE_TTL:
+            if gas is None:
+                try:
+                    gas = _gas_limit(self._request("eth_estimateGas", [call, "pending"]))
+                except ChainUnavailable as exc:
+                    raise ChainUnavailable(f"{label}: not sent: {exc}") from exc
+                except RpcError as exc:
+                    raise self._revert_error(label, exc, "(at estimation: not sent)") from exc
+            return gas, cached[1], False
+        calls: list[tuple[str, list[Any]]] = [
             ("eth_gasPrice", []),
             ("eth_getBlockByNumber", ["latest", False]),
         ]
         if gas is None:
-            requests_.append(("eth_estimateGas", [call, "pending"]))
+            calls.append(("eth_estimateGas", [call, "pending"]))
         try:
-            results = self._batch(requests_)
+            results = self._batch(calls)
         except ChainUnavailable as exc:
             raise ChainUnavailable(f"{label}: not sent: {exc}") from exc
         for result in reversed(results):  # the estimate's revert first
             if isinstance(result, RpcError):
                 raise self._revert_error(label, result, "(at estimation: not sent)") from result
-        price, block = _int(results[0]), results[1]
-        if gas is None:
-            gas = int(_int(results[2]) * GAS_FACTOR) + GAS_MARGIN
-        base = block.get("baseFeePerGas") if isinstance(block, dict) else None
-        if base is None:  # a chain without EIP-1559: a legacy transaction at the node's price
-            return gas, {"gasPrice": price}
-        base_fee = _int(base)
-        tip = max(price - base_fee, 1)
-        # room for two blocks of maximal base fee growth (12.5% each) before it is underpriced
-        return gas, {"type": 2, "maxFeePerGas": 2 * base_fee + tip, "maxPriorityFeePerGas": tip}
+        fees = self._keep_fees(results[0], results[1])
+        return (_gas_limit(results[2]) if gas is None else gas), fees, True
 
-    def _submit(self, label: str, tx: dict[str, Any]) -> tuple[bytes, bytes, dict[str, Any] | None]:
+    def _keep_fees(self, gas_price: Any, block: Any) -> dict[str, int]:
+        """The fee fields for the node's gas price and latest block, kept for FEE_TTL s."""
+        price = _int(gas_price)
+        base = block.get("baseFeePerGas") if isinstance(block, dict) else None
+        fees: dict[str, int]
+        if base is None:  # a chain without EIP-1559: a legacy transaction at the node's price
+            fees = {"gasPrice": price}
+        else:
+            base_fee = _int(base)
+            tip = max(price - base_fee, 1)
+            # room for two blocks of maximal base fee growth (12.5% each) before it is
+            # underpriced; kept FEE_TTL = 1 s, less than a block on most chains (fees the node
+            # then finds too low are fetched again: `_submit`)
+            fees = {"type": 2, "maxFeePerGas": 2 * base_fee + tip, "maxPriorityFeePerGas": tip}
+        self._fees = (time.monotonic(), fees)
+        return fees
+
+    def _fresh_fees(self, label: str) -> dict[str, int]:
+        """The fee fields fetched now (a send the node found underpriced at cached fees)."""
+        try:
+            price, block = self._batch(
+                [("eth_gasPrice", []), ("eth_getBlockByNumber", ["latest", False])]
+            )
+        except ChainUnavailable as exc:
+            raise ChainUnavailable(f"{label}: not sent: {exc}") from exc
+        for result in (price, block):
+            if isinstance(result, RpcError):
+                raise ChainError(f"{label}: not sent: the fees are unknown: {result}") from result
+        return self._keep_fees(price, block)
+
+    def _submit(
+        self, label: str, tx: dict[str, Any], fees: dict[str, int], fresh: bool
+    ) -> tuple[bytes, bytes, dict[str, Any] | None]:
         """Number, sign and submit; (hash, raw, the receipt when `sync_send` got it). The
         local nonce moves on only when the node took the transaction; a nonce the node
-        disagrees with is resynchronised (twice)."""
+        disagrees with is resynchronised (twice); fees from the cache that the node finds
+        too low are fetched again (once). A refusal of a request the transport had to send
+        twice (transport.py) is checked against the node: if it has these bytes, the first
+        copy reached it and the transaction is sent."""
         with self._send_lock:
-            for _ in range(3):
+            for _ in range(4):
                 if self._nonce is None:
                     try:
                         self._nonce = self.nonce_of(self.address, "pending")
                     except ChainUnavailable as exc:
                         raise ChainUnavailable(f"{label}: not sent: {exc}") from exc
-                raw = self.wallet.sign_transaction({**tx, "nonce": self._nonce})
+                raw = self.wallet.sign_transaction({**tx, **fees, "nonce": self._nonce})
                 tx_hash = keccak(raw)
                 included: dict[str, Any] | None = None
+                resends = self._rpc.resends()
                 try:
                     if self.sync_send:
                         included = self._send_sync(raw)
@@ -609,11 +635,16 @@ class EvmClient:
                         self._request("eth_sendRawTransaction", [_hex(raw)])
                 except RpcError as exc:
                     message = exc.message.lower()
-                    if any(m in message for m in _KNOWN_TX_ERRORS):
+                    if any(m in message for m in _KNOWN_TX_ERRORS) or (
+                        self._rpc.resends() != resends and self._taken(label, tx_hash, raw, exc)
+                    ):
                         self._nonce += 1  # these very bytes are in the node's pool already
                         return tx_hash, raw, None
                     if any(m in message for m in _NONCE_ERRORS):
                         self._nonce = None
+                        continue
+                    if not fresh and any(m in message for m in _FEE_ERRORS):
+                        fees, fresh = self._fresh_fees(label), True
                         continue
                     raise self._revert_error(label, exc, "(refused by the node: not sent)") from exc
                 except ChainUnavailable as exc:
@@ -625,10 +656,28 @@ class EvmClient:
                         f"{label}: transaction 0x{tx_hash.hex()} may have been sent: {exc}",
                         tx_hash, raw, broadcast=False,
                     ) from exc  # fmt: skip
+                except ChainError as exc:  # an answer that is not JSON-RPC: taken or not?
+                    self._nonce = None
+                    raise TxUnconfirmed(
+                        f"{label}: transaction 0x{tx_hash.hex()} may have been sent: {exc}",
+                        tx_hash, raw, broadcast=False,
+                    ) from exc  # fmt: skip
                 self._nonce += 1
                 return tx_hash, raw, included
-            raise ChainError(f"{label}: the node kept refusing the nonce; another sender uses "
-                             f"{self.address}?")  # fmt: skip
+            raise ChainError(f"{label}: the node kept refusing the nonce or the fees; another "
+                             f"sender uses {self.address}?")  # fmt: skip
+
+    def _taken(self, label: str, tx_hash: bytes, raw: bytes, refusal: RpcError) -> bool:
+        """Whether the node has the transaction it refused when sent a second time."""
+        try:
+            return self.transaction_known(tx_hash)
+        except ChainUnavailable as exc:
+            self._nonce = None
+            raise TxUnconfirmed(
+                f"{label}: transaction 0x{tx_hash.hex()} may have been sent (sent again on a "
+                f"new connection and refused: {refusal.message}); cannot check: {exc}",
+                tx_hash, raw, broadcast=False,
+            ) from exc  # fmt: skip
 
     def _send_sync(self, raw: bytes) -> dict[str, Any] | None:
         """eth_sendRawTransactionSync (EIP-7966): the receipt in the same round trip; None
@@ -669,10 +718,11 @@ class EvmClient:
                     f"{label}: transaction 0x{tx_hash.hex()} was sent; no receipt after "
                     f"{now - start:.1f} s", tx_hash, raw, broadcast=True,
                 )  # fmt: skip
-            # 2, 4, 8 ms at first (a local chain mines at once), then 10 ms, slower as the wait
-            # grows (a chain with blocks), at most 250 ms
+            # the first poll right after the send, then 0.25, 0.5, 1, 2, 4, 8 ms apart (a
+            # local chain mines within a millisecond), then 10 ms, slower as the wait grows (a
+            # chain with blocks), at most 250 ms
             polls += 1
-            pause = 0.001 * 2**polls if polls <= 3 else 0.01 + 0.02 * (now - start)
+            pause = 0.00025 * 2 ** (polls - 1) if polls <= 6 else 0.01 + 0.02 * (now - start)
             time.sleep(min(deadline - now, pause, 0.25))
 
     def _settle(self, label: str, raw: dict[str, Any]) -> TxReceipt:
