@@ -37,9 +37,9 @@ def _adapter(anvil: Anvil, contract: str, receipt_timeout: float = 0.5) -> EvmAd
     return EvmAdapter(client, Identity.generate(), client.chain_id)
 
 
-@pytest.mark.parametrize("lost", [False, True], ids=["pending", "lost by the node"])
+@pytest.mark.parametrize("fate", ["pending", "lost", "superseded"])
 async def test_an_unconfirmed_send_is_resumed_never_sent_twice(chain: tuple[Anvil, str],
-                                                               lost: bool) -> None:
+                                                               fate: str) -> None:
     anvil, contract = chain
     adapter = _adapter(anvil, contract)
     rpc = adapter.client._request
@@ -48,16 +48,23 @@ async def test_an_unconfirmed_send_is_resumed_never_sent_twice(chain: tuple[Anvi
     fund = {"op": "fund", "task_id": "t", "amount": 5}
     with pytest.raises(TxUnconfirmed) as first:
         await adapter.send(dict(fund))
-    if lost:
+    if fate != "pending":
         await trio.to_thread.run_sync(rpc, "anvil_dropTransaction",
                                       ["0x" + first.value.tx_hash.hex()])
         known = adapter.client.transaction_known
         assert not await trio.to_thread.run_sync(known, first.value.tx_hash)
     await trio.to_thread.run_sync(rpc, "evm_setAutomine", [True])
-    if not lost:
+    if fate == "pending":
         await trio.to_thread.run_sync(rpc, "evm_mine", [])
-    receipt = await adapter.send(dict(fund))  # the same operation: resumed, not sent anew
-    assert receipt.tx_hash == first.value.tx_hash
+    if fate == "superseded":  # another transaction took the lost one's nonce
+        other = EvmClient(anvil.url, adapter.client.wallet)  # same key, nonce from the node
+        await trio.to_thread.run_sync(other.send_value, adapter.account, 1)
+        other.close()
+    receipt = await adapter.send(dict(fund))  # the same operation: resumed, or sent anew
+    if fate == "superseded":  # the lost bytes can never be included: a new transaction
+        assert receipt.tx_hash != first.value.tx_hash
+    else:
+        assert receipt.tx_hash == first.value.tx_hash
     view = await adapter.task("t")
     assert view is not None and view["pool"] == 5  # funded once
     assert adapter.describe()["unconfirmed"] == 0

@@ -331,9 +331,10 @@ class EvmAdapter(ChainAdapter):
         key = _operation_key(tx)
         earlier = self._unconfirmed.get(key)
         try:
+            receipt = None
             if earlier is not None:
                 receipt = await self._run(lambda: self._resume(earlier))
-            else:
+            if receipt is None:  # nothing sent before, or what was sent can never be included
                 receipt = await self._run(lambda: self.client.send(fn, *args, value=value))
         except TxUnconfirmed as exc:
             self._unconfirmed[key] = exc
@@ -353,15 +354,23 @@ class EvmAdapter(ChainAdapter):
             height=receipt.block_number, slot=slot, tx_hash=receipt.tx_hash, result=result
         )
 
-    def _resume(self, earlier: TxUnconfirmed) -> TxReceipt:
+    def _resume(self, earlier: TxUnconfirmed) -> TxReceipt | None:
         """The receipt of a transaction whose fate was unknown: included (its receipt), or
-        rebroadcast and waited for; TxUnconfirmed again when the node still has no answer."""
+        rebroadcast and waited for; TxUnconfirmed again when the node still has no answer;
+        None when the node will never include it (its nonce went to another transaction):
+        then the operation is sent anew."""
         receipt = self.client.receipt_of(earlier.tx_hash)
         if receipt is not None:
             return receipt
         if not self.client.transaction_known(earlier.tx_hash):
             log.info("EVM: resending transaction 0x%s (same bytes)", earlier.tx_hash.hex())
             self.client.rebroadcast(earlier.raw_tx)
+            if not self.client.transaction_known(earlier.tx_hash):
+                receipt = self.client.receipt_of(earlier.tx_hash)  # mined meanwhile?
+                if receipt is None:
+                    log.info("EVM: transaction 0x%s can never be included (its nonce is "
+                             "spent); sending the operation anew", earlier.tx_hash.hex())
+                return receipt
         receipt = self.client.receipt_of(earlier.tx_hash, timeout=self.client.receipt_timeout)
         if receipt is None:
             raise TxUnconfirmed(f"transaction 0x{earlier.tx_hash.hex()} is still not included",
