@@ -10,6 +10,7 @@
 # do those, and hand `apply` the sender and the slot), and any task's own logic.
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -29,7 +30,7 @@ from .assignment import (
     round_of,
     window_of,
 )
-from .merkle import EVM_LEAVES, LEDGER_LEAVES, verify_claim
+from .merkle import EVM_LEAVES, LEDGER_LEAVES, encode_account, verify_claim
 
 # every refusal reason; a contract reverts with its index here (`error Refused(uint8)`)
 REASON_CODES: tuple[str, ...] = (
@@ -216,6 +217,8 @@ class Ring:
     position: dict[str, int]
     k: int
     distributors: list[str]
+    key: bytes  # names this ring: its seed and its submitters in index order
+
 
     def auditors(self, target: str) -> list[str]:
         at = self.position.get(target)
@@ -427,6 +430,7 @@ def ring_of(task: TaskState, r: int, rs: RoundState) -> Ring:
         position={account: i for i, account in enumerate(order)},
         k=auditor_count(len(order), task.config.max_auditors),
         distributors=distribution_order(seed, accounts),
+        key=hashlib.sha256(seed + b"".join(encode_account(a) for a in accounts)).digest(),
     )
     rs.ring_cache = ring
     return ring
@@ -992,6 +996,7 @@ def round_view(state: ChainState, task_id: str, r: int, slot: int | None = None)
         "submissions": _sorted_map(rs.submissions),
         "submitters": list(rs.submissions),  # in inclusion order: a submitter's index
         "seed": ring.seed,
+        "ring_key": ring.key,  # the seed names the texts submitted; this, the submitters too
         "k": ring.k,
         "auditors": {target: ring.auditors(target) for target in sorted(rs.submissions)},
         "votes": {target: sorted(rs.votes[target]) for target in sorted(rs.votes)},

@@ -252,15 +252,16 @@ _RINGS: OrderedDict[bytes, tuple[list[str], dict[str, int]]] = OrderedDict()
 _RINGS_KEPT = 64
 
 
-def _ring_positions(seed: bytes, submitters: list[str]) -> tuple[list[str], dict[str, int]]:
+def _ring_positions(key: bytes, seed: bytes,
+                    submitters: list[str]) -> tuple[list[str], dict[str, int]]:
     """The auditor ring of a round: O(n) once per round, shared by every caller in the
-    process (a simulation runs many nodes' engines). Kept by seed alone: the seed is a hash
-    of the round's submissions, so it names the accounts too, and a lookup costs nothing per
-    account (a key of all the accounts made every node's lookup O(n), O(n^2) a round)."""
-    ring = _RINGS.get(seed)
+    process (a simulation runs many nodes' engines). Kept by the view's ring key, which names
+    the seed and the submitters (the seed alone names only the texts submitted: two rounds
+    of equal texts by other nodes share it), so a lookup costs nothing per account."""
+    ring = _RINGS.get(key)
     if ring is None:
         order = auditor_order(seed, submitters)
-        ring = _RINGS[seed] = order, {account: i for i, account in enumerate(order)}
+        ring = _RINGS[key] = order, {account: i for i, account in enumerate(order)}
         if len(_RINGS) > _RINGS_KEPT:
             _RINGS.popitem(last=False)
     return ring
@@ -271,7 +272,8 @@ def audit_targets(view: Mapping[str, Any], account: str, max_auditors: int) -> l
     `view["submitters"]` lists the submitters in inclusion order (their indices)."""
     if account not in view["submissions"]:
         return []
-    order, position = _ring_positions(bytes(view["seed"]), list(view["submitters"]))
+    order, position = _ring_positions(bytes(view["ring_key"]), bytes(view["seed"]),
+                                      list(view["submitters"]))
     k = auditor_count(len(order), max_auditors)
     return ring_targets(order, position[account], k)
 

@@ -23,6 +23,7 @@ from tasks.engine import (
     Submit,
     SubmitDistribution,
     VoteDistribution,
+    audit_targets,
     config_of,
     next_boundary,
     plan,
@@ -341,3 +342,20 @@ def test_random_networks(net: dict[str, Any]) -> None:
         assert result["audit_coverage"] == 1.0
         for a in honest:
             assert result["submitted_rounds"][a] == list(range(net["rounds"]))
+
+
+def test_rounds_of_equal_texts_by_other_nodes_do_not_share_a_ring() -> None:
+    """The seed names the texts submitted, not who submitted them: a ring cached by seed
+    alone handed one round's ring to another (KeyError, or wrong targets)."""
+    from chain.assignment import targets_of
+
+    first, second = Net(["a", "b", "c", "d"]), Net(["e", "f", "g", "h"])
+    for net in (first, second):
+        for account in net.accounts:
+            net.send(account, {"op": "submit", "task_id": "t", "round": 0,
+                               "submission": "same"}, slot_of(1, 1))
+    for net in (first, second):
+        view = round_view(net.state, "t", 0, slot_of(1, 3))
+        for account in net.accounts:
+            assert audit_targets(view, account, 5) == targets_of(
+                bytes(view["seed"]), net.accounts, account, 5)
