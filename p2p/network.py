@@ -1,5 +1,6 @@
 # The embeddable p2p node: a libp2p host (TCP + Noise + Yamux) with signed GossipSub topics,
-# a live membership view, discovery with redial backoff, and request/response protocols.
+# a live membership view (SWIM over a request/response protocol: p2p/swim.py, swim_net.py),
+# discovery with redial backoff, and request/response protocols.
 # Lives here: wiring py-libp2p together and the trio tasks that drive the sans-IO cores
 # (membership, envelopes, scores). Must not live here: the data store or task logic.
 from __future__ import annotations
@@ -34,9 +35,11 @@ from .envelope import Envelope, EnvelopeError, ReplayGuard, open_envelope, seal
 from .identity import Identity, load_or_create_identity, peer_id_from_public_key
 from .libp2p_fixes import apply_all as apply_libp2p_fixes
 from .libp2p_fixes import refuse_at_the_door, report_faults_to
-from .membership import Member, MemberEvent, MembershipConfig, MemberState, MemberView
+from .membership import Member, MemberEvent, MemberState
 from .rpc import Handler, RpcLimits, RpcService
 from .scoring import PeerScores
+from .swim import SwimConfig
+from .swim_net import SwimLink
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +131,14 @@ def _next_incarnation(config: NetworkConfig) -> int:
     return current
 
 
+def swim_config(config: NetworkConfig) -> SwimConfig:
+    """The membership protocol's settings from the network's: a probe every heartbeat
+    interval, a suspicion that lasts at least dead_after - suspect_after seconds."""
+    period = config.heartbeat_interval
+    return SwimConfig(period=period, probe_timeout=period / 2,
+                      suspicion_floor=max(1.0, config.dead_after - config.suspect_after))
+
+
 def gossipsub_options() -> dict[str, Any]:
     """The arguments of py-libp2p's GossipSub router that every node uses (a fresh dict per
     call; benchmarks/gossip.py builds its raw py-libp2p reference from them too)."""
@@ -188,10 +199,7 @@ class Network:
         self.identity = identity
         self.incarnation = incarnation
         self.peer_id = str(identity.peer_id)
-        self.view = MemberView(
-            self.peer_id,
-            MembershipConfig(suspect_after=config.suspect_after, dead_after=config.dead_after),
-        )
+        self._swim: SwimLink | None = None
         self.scores = PeerScores()
         self.replay_guard = ReplayGuard()
         self.metrics: dict[str, int] = {
@@ -300,10 +308,14 @@ class Network:
                     await pubsub.wait_until_ready()
                     self._nursery = nursery
                     self._rpc.attach(nursery)
+                    # membership no longer rides on gossip, but every node stays subscribed
+                    # to its topic: that is how a stale pubsub stream is noticed
                     membership = await self.subscribe_raw(MEMBERSHIP_TOPIC)
-                    nursery.start_soon(self._membership_loop, membership)
-                    nursery.start_soon(self._heartbeat_loop)
-                    nursery.start_soon(self._failure_detector_loop)
+                    nursery.start_soon(self._drain, membership)
+                    self._swim = SwimLink(self, swim_config(self.config), self._emit)
+                    self._swim.start(nursery, [
+                        (str(info.peer_id), tuple(str(a) for a in info.addrs))
+                        for info in self._bootstrap])
                     nursery.start_soon(self._discovery_loop)
                     try:
                         yield
@@ -311,9 +323,11 @@ class Network:
                         body_error = exc
                         raise
                     finally:
-                        self._stopping = True  # no heartbeat after the announcement
-                        with trio.CancelScope(shield=True, deadline=trio.current_time() + 0.5):
-                            await self._announce_leave()
+                        self._stopping = True
+                        if self.config.leave_on_stop:
+                            with trio.CancelScope(shield=True,
+                                                  deadline=trio.current_time() + 0.5):
+                                await self._swim.leave(0.5)
                 finally:  # a failed start too: py-libp2p's own teardown leaks these
                     await _release_sockets(host)
                     nursery.cancel_scope.cancel()
@@ -368,7 +382,12 @@ class Network:
 
     def _rpc_metrics(self) -> dict[str, int]:
         rpc = self._rpc
-        return {"rpc_served": rpc.served, "rpc_refused": rpc.refused} if rpc else {}
+        metrics = {"rpc_served": rpc.served, "rpc_refused": rpc.refused} if rpc else {}
+        if self._swim is not None:
+            metrics.update(self._swim.metrics)
+            metrics["swim_local_health"] = self._swim.core.local_health
+            metrics.update({f"swim_{k}": v for k, v in self._swim.core.stats.items()})
+        return metrics
 
     @asynccontextmanager
     async def member_events(self) -> AsyncIterator[trio.MemoryReceiveChannel[MemberEvent]]:
@@ -500,10 +519,15 @@ class Network:
         )
 
     # -- membership ----------------------------------------------------------------------
+    @property
+    def view(self) -> SwimLink:
+        """The membership view (members(), get(peer), alive_ids()), once the node runs."""
+        assert self._swim is not None, "network is not running"
+        return self._swim
+
     def heartbeat_every(self) -> float:
-        """This node's heartbeat interval now: slower as the network grows."""
-        members = 1 + len(self.view.alive_ids())
-        return max(self.config.heartbeat_interval, self.config.heartbeat_per_member * members)
+        """The membership protocol's period (one probe per period)."""
+        return self.config.heartbeat_interval
 
     def _replay_allowance_spent(self, forwarder: str, now: float) -> bool:
         """Count a replayed message from `forwarder`; True once it forwarded more than
@@ -516,56 +540,9 @@ class Network:
             del self._replays[next(iter(self._replays))]
         return count + 1 > REPLAYS_ALLOWED
 
-    async def _heartbeat_loop(self) -> None:
-        while not self._stopping:
-            every = self.heartbeat_every()
-            try:
-                await self.publish(
-                    MEMBERSHIP_TOPIC,
-                    {"kind": "alive", "inc": self.incarnation, "addrs": self.addrs,
-                     "every": every},
-                )
-            except Exception:
-                log.exception("heartbeat publish failed")
-            await trio.sleep(every)
-
-    async def _announce_leave(self) -> None:
-        try:
-            kind = "leave" if self.config.leave_on_stop else "stop"
-            await self.publish(MEMBERSHIP_TOPIC, {"kind": kind, "inc": self.incarnation})
-        except Exception:
-            log.debug("leave announcement failed", exc_info=True)
-
-    async def _membership_loop(self, receive: trio.MemoryReceiveChannel[GossipMessage]) -> None:
-        async for message in receive:
-            if message.author == self.peer_id:
-                continue
-            payload = message.payload
-            if not isinstance(payload, dict) or not isinstance(payload.get("inc"), int):
-                self.penalize(message.author, "malformed")
-                continue
-            now = time.monotonic()
-            if payload.get("kind") in ("stop", "leave"):
-                events = self.view.observe_leave(message.author, payload["inc"], now,
-                                                 permanent=payload["kind"] == "leave")
-            else:
-                addrs = payload.get("addrs")
-                if not isinstance(addrs, list) or not all(isinstance(a, str) for a in addrs):
-                    self.penalize(message.author, "malformed")
-                    continue
-                every = payload.get("every", 0.0)
-                if not isinstance(every, (int, float)) or not 0 <= every <= 3600:
-                    self.penalize(message.author, "malformed")
-                    continue
-                events = self.view.observe_heartbeat(
-                    message.author, tuple(addrs[:16]), payload["inc"], now, float(every)
-                )
-            self._emit(events)
-
-    async def _failure_detector_loop(self) -> None:
-        while True:
-            await trio.sleep(self.config.heartbeat_interval / 2)
-            self._emit(self.view.tick(time.monotonic()))
+    async def _drain(self, receive: trio.MemoryReceiveChannel[GossipMessage]) -> None:
+        async for _ in receive:  # nodes of earlier releases gossiped heartbeats here
+            pass
 
     def _emit(self, events: list[MemberEvent]) -> None:
         for event in events:
@@ -578,6 +555,10 @@ class Network:
                     self._redial_at.pop(event.peer_id, None)
                     if self._rpc is not None:  # its old streams died with its old process
                         self._rpc.forget_peer(event.peer_id)
+                    if event.restarted and self._nursery is not None and not self._stopping:
+                        # so may its old connection, which py-libp2p can keep as if alive:
+                        # the next request dials the new process afresh
+                        self._nursery.start_soon(self._disconnect, event.peer_id)
             if event.current is MemberState.DEAD and self._rpc is not None:
                 self._rpc.forget_peer(event.peer_id)
             for send in self._event_listeners:
@@ -633,6 +614,8 @@ class Network:
             with trio.fail_after(5):
                 await self.host.connect(info)
             self._redial_at.pop(peer, None)
+            if self._swim is not None:
+                self._swim.contact(peer, tuple(f"{a}/p2p/{peer}" for a in info.addrs))
         except Exception as exc:
             self.metrics["dial_failures"] += 1
             _, backoff = self._redial_at.get(peer, (0.0, 0.5))
