@@ -11,7 +11,8 @@ import math
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+import traceback
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
@@ -73,6 +74,22 @@ def quiet_libraries() -> None:
 def report(figures: dict[str, Any]) -> None:
     """Print the benchmark's single JSON line."""
     print(json.dumps(figures, sort_keys=True), flush=True)
+
+
+def run_steps(steps: Sequence[tuple[str, Callable[[], None]]]) -> str | None:
+    """Run a benchmark's measurement steps in order, each one whatever happened to the ones
+    before (the figures they store stay reported); each step's time goes to stderr. The
+    first failure, as "name: error", or None."""
+    error = None
+    for name, step in steps:
+        started = time.perf_counter()
+        try:
+            step()
+        except Exception as exc:  # report what was measured, and the first failure
+            traceback.print_exc()
+            error = error or f"{name}: {type(exc).__name__}: {exc}"
+        print(f"{name}: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    return error
 
 
 def finish(name: str, figures: dict[str, Any], error: str | None) -> int:

@@ -107,7 +107,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -119,7 +118,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # first: this file's name would shadow the `chain` package
 
 import eth_abi  # noqa: E402
-from _common import finish, ratio  # noqa: E402
+from _common import finish, ratio, run_steps  # noqa: E402
 from eth_utils import keccak  # noqa: E402
 
 from chain.assignment import audit_seed, distributor_of, targets_of  # noqa: E402
@@ -721,7 +720,6 @@ def main(argv: list[str]) -> int:
         "evm_claimers_per_list": args.claimers, "evm_max_auditors": MAX_AUDITORS,
         "loadavg_1m_start": round(os.getloadavg()[0], 2),
     }
-    error = None
     try:
         out["anvil_version"] = anvil_version()
     except Exception as exc:
@@ -734,14 +732,7 @@ def main(argv: list[str]) -> int:
         ("settle", lambda: _on_anvil({"block_time": 1}, lambda a: measure_settle(
             a, args.settle_nodes, args.settle_window, out), pids)),
     ]
-    for name, step in steps:
-        step_started = time.perf_counter()
-        try:
-            step()
-        except Exception as exc:  # report what was measured, and the first failure
-            traceback.print_exc()
-            error = error or f"{name}: {type(exc).__name__}: {exc}"
-        print(f"{name}: {time.perf_counter() - step_started:.1f}s", file=sys.stderr, flush=True)
+    error = run_steps(steps)
     out["bench_s"] = round(time.perf_counter() - started, 1)
     out["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     return finish("chain", out, error)

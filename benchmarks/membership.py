@@ -41,7 +41,6 @@ import os
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -49,7 +48,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import finish, ratio  # noqa: E402
+from _common import finish, ratio, run_steps  # noqa: E402
 
 from p2p.swim import SwimConfig  # noqa: E402
 from p2p.swim_sim import measure_false_positives, measure_network  # noqa: E402
@@ -143,7 +142,6 @@ def main(argv: list[str]) -> int:
                                  "max_updates", "sync_interval", "gossip_fanout")},
         "loadavg_1m_start": round(os.getloadavg()[0], 2),
     }
-    error = None
     steps: list[tuple[str, Any]] = [
         *[(f"simulate {n}", lambda n=n: measure_simulation(n, seeds_for(n, args.quick), out))
           for n in args.sizes],
@@ -157,14 +155,7 @@ def main(argv: list[str]) -> int:
         out["nodes_note"] = "real node processes not measured (--no-nodes or --quick)"
     else:
         steps.append(("nodes", lambda: measure_real_nodes(REAL_NODES, out)))
-    for name, step in steps:
-        started = time.perf_counter()
-        try:
-            step()
-        except Exception as exc:  # report what was measured, and the first failure
-            traceback.print_exc()
-            error = error or f"{name}: {type(exc).__name__}: {exc}"
-        print(f"{name}: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+    error = run_steps(steps)
     small, large = args.sizes[0], args.sizes[-1]
     for what in ("detect", "converge"):
         a, b = out.get(f"sim_{what}_periods_{large}"), out.get(f"sim_{what}_periods_{small}")

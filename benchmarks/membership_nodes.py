@@ -29,6 +29,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from tasknet_node.datadir import DataDirError, read_api_info  # noqa: E402
+from tasknet_node.procstats import parse_cpu_seconds  # noqa: E402
+
 NODE = str(ROOT / "node.py")
 ANNOUNCE = re.compile(r"^tasknet node (\S+) listening on (\S+)$", re.M)
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -49,12 +55,11 @@ class Node:
 
     def status(self) -> dict[str, Any] | None:
         try:
-            info = json.loads((self.data_dir / "api.json").read_text())
-            url = f"http://{info['host']}:{info['port']}/status"
+            url = read_api_info(self.data_dir).url + "/status"
             with urllib.request.urlopen(url, timeout=5) as response:
                 value: dict[str, Any] = json.loads(response.read())
                 return value
-        except (OSError, ValueError, KeyError):
+        except (DataDirError, OSError, ValueError):
             return None
 
     def states(self) -> dict[str, str]:
@@ -62,8 +67,7 @@ class Node:
         return {m["peer_id"]: m["state"] for m in status["members"]} if status else {}
 
     def cpu_s(self) -> float:
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / TICKS
+        return parse_cpu_seconds(Path(f"/proc/{self.proc.pid}/stat").read_text(), TICKS)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc.poll() is None:

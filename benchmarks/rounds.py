@@ -52,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -60,7 +59,7 @@ from typing import IO, Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from _common import finish, ratio  # noqa: E402
+from _common import finish, ratio, run_steps  # noqa: E402
 
 NODE_SCRIPT = ROOT / "node.py"
 SCRIPT = Path(__file__).resolve()
@@ -593,7 +592,6 @@ def main(argv: list[str]) -> int:
         return 0
     out: dict[str, Any] = {"bench": "rounds", "sim_sizes": args.sim_sizes,
                            "loadavg_1m_start": round(os.getloadavg()[0], 2)}
-    error = None
     with tempfile.TemporaryDirectory(prefix="tasknet-bench-rounds-",
                                      ignore_cleanup_errors=True) as tmp:
         root = Path(tmp)
@@ -612,16 +610,9 @@ def main(argv: list[str]) -> int:
         else:
             steps.append(("nodes", lambda: measure_nodes(root, args.round_time, args.rounds,
                                                          out)))
-        for name, step in steps:
-            started = time.perf_counter()
-            try:
-                step()
-            except Exception as exc:  # report what was measured, and the first failure
-                traceback.print_exc()
-                error = error or f"{name}: {type(exc).__name__}: {exc}"
-                if name == "nodes":
-                    out["round_overhead_ms"] = None
-            print(f"{name}: {time.perf_counter() - started:.1f}s", file=sys.stderr, flush=True)
+        error = run_steps(steps)
+        if error is not None and error.startswith("nodes:"):
+            out["round_overhead_ms"] = None
     out["loadavg_1m_end"] = round(os.getloadavg()[0], 2)
     return finish("rounds", out, error)
 

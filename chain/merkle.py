@@ -188,6 +188,3 @@ def evm_leaf(account: str, amount: int) -> bytes:
     encoded = bytes(12) + bytes.fromhex(raw) + amount.to_bytes(32, "big")
     return keccak256(keccak256(encoded))
 
-
-def verify_evm_claim(account: str, amount: int, proof: Sequence[bytes], root: bytes) -> bool:
-    return verify_claim(EVM_LEAVES, account, amount, proof, root)

@@ -123,7 +123,7 @@ def _check_uint(value: object, what: str, limit: int = MAX_UINT64) -> int:
     return value
 
 
-def _check_amount(value: object, what: str = "amount") -> int:
+def check_amount(value: object, what: str = "amount") -> int:
     """A positive amount: a non-int is malformed, zero, negative or too large a bad_amount."""
     if type(value) is not int:
         raise Refused("malformed", f"{what} must be an int, got {type(value).__name__}")
@@ -526,7 +526,7 @@ def _debit(state: ChainState, sender: str, amount: int) -> None:
 
 def _transfer(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Commit:
     to = _check_account(tx["to"], "to")
-    amount = _check_amount(tx["amount"])
+    amount = check_amount(tx["amount"])
     _debit(state, sender, amount)
 
     def commit() -> dict[str, Any]:
@@ -553,7 +553,7 @@ def _create_task(state: ChainState, sender: str, tx: dict[str, Any], slot: int) 
 
 def _fund(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Commit:
     task = _task(state, tx)
-    amount = _check_amount(tx["amount"])
+    amount = check_amount(tx["amount"])
     _debit(state, sender, amount)
 
     def commit() -> dict[str, Any]:
@@ -566,7 +566,7 @@ def _fund(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Comm
 
 def _stake(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Commit:
     task = _task(state, tx)
-    amount = _check_amount(tx["amount"])
+    amount = check_amount(tx["amount"])
     _debit(state, sender, amount)
     plan = _settlement_of(task, sender, slot)
 
@@ -582,7 +582,7 @@ def _stake(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Com
 def _unstake(state: ChainState, sender: str, tx: dict[str, Any], slot: int) -> Commit:
     task = _task(state, tx)
     cfg = task.config
-    amount = _check_amount(tx["amount"])
+    amount = check_amount(tx["amount"])
     last = task.last_submission_round.get(sender)
     current = round_of(cfg, slot)
     if last is not None and (current is None or current < last + cfg.unstake_delay_rounds):
@@ -781,7 +781,7 @@ def _claim(
 ) -> Commit:
     task = _task(state, tx)
     r = _round_field(tx)
-    amount = _check_amount(tx["amount"])
+    amount = check_amount(tx["amount"])
     proof = tx["proof"]
     if not isinstance(proof, list | tuple) or len(proof) > MAX_PROOF_LENGTH:
         raise Refused("malformed", f"proof must be a list of at most {MAX_PROOF_LENGTH} hashes")

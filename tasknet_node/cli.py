@@ -73,24 +73,22 @@ def _positive(text: str) -> float:
     return value
 
 
-def _round_number(text: str) -> int:
+def _whole_number(text: str, minimum: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0: {text!r}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"must be >= {minimum}: {text!r}")
     return value
+
+
+def _round_number(text: str) -> int:
+    return _whole_number(text, 0)
 
 
 def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1: {text!r}")
-    return value
+    return _whole_number(text, 1)
 
 
 def run_parser() -> argparse.ArgumentParser:

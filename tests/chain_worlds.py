@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -152,6 +153,35 @@ class LedgerWorld(World):
 # --- an EVM chain ------------------------------------------------------------------------------
 
 
+def deploy_settlement(anvil: Any) -> str:
+    """Deploy the committed TaskSettlement on `anvil` from its first dev account; its address."""
+    from chain.evm.adapter import load_artifact
+    from chain.evm.client import EvmClient
+    from chain.evm.wallet import EvmWallet
+
+    with EvmClient(anvil.url, EvmWallet(anvil.dev_keys[0])) as deployer:
+        return deployer.deploy(load_artifact())
+
+
+def settlement_client(anvil: Any, contract: str, key: int, **options: Any) -> Any:
+    """An EvmClient of the contract, signing with anvil's dev account number `key`."""
+    from chain.evm.adapter import load_artifact
+    from chain.evm.client import EvmClient
+    from chain.evm.wallet import EvmWallet
+
+    return EvmClient(anvil.url, EvmWallet(anvil.dev_keys[key]), contract_address=contract,
+                     abi=load_artifact()["abi"], **options)
+
+
+@contextmanager
+def anvil_with_settlement() -> Iterator[tuple[Any, str]]:
+    """A fresh anvil (stopped even on failure) with TaskSettlement deployed on it."""
+    from chain.evm.anvil import Anvil
+
+    with Anvil() as anvil:
+        yield anvil, deploy_settlement(anvil)
+
+
 class EvmWorld(World):
     """A TaskSettlement freshly deployed on a running anvil; the names are anvil's funded dev
     accounts (the first is the deployer). World slot 0 is a little after the chain's time at
@@ -160,24 +190,17 @@ class EvmWorld(World):
     leaf_format = "evm"
 
     def __init__(self, anvil: Any, names: Sequence[str]) -> None:
-        from chain.evm.adapter import EvmAdapter, load_artifact
-        from chain.evm.client import EvmClient
-        from chain.evm.wallet import EvmWallet
+        from chain.evm.adapter import EvmAdapter
 
-        keys = anvil.dev_keys
-        if len(names) > len(keys) - 1:
-            raise ValueError(f"anvil has {len(keys)} dev accounts")
+        if len(names) > len(anvil.dev_keys) - 1:
+            raise ValueError(f"anvil has {len(anvil.dev_keys)} dev accounts")
         self.anvil = anvil
         self.names = list(names)
-        artifact = load_artifact()
-        self.wallets = {name: EvmWallet(keys[i + 1]) for i, name in enumerate(names)}
-        deployer = EvmClient(anvil.url, EvmWallet(keys[0]))
-        self.contract = deployer.deploy(artifact)
-        self.clients = {name: EvmClient(anvil.url, wallet, contract_address=self.contract,
-                                        abi=artifact["abi"])
-                        for name, wallet in self.wallets.items()}
-        latest = deployer.block("latest").timestamp
-        deployer.close()
+        self.contract = deploy_settlement(anvil)
+        self.clients = {name: settlement_client(anvil, self.contract, i + 1)
+                        for i, name in enumerate(names)}
+        self.wallets = {name: client.wallet for name, client in self.clients.items()}
+        latest = self.clients[names[0]].block("latest").timestamp
         self._start = latest + 10
         self._last = latest
         self.observer = EvmAdapter(self.clients[names[0]], Identity.generate(),

@@ -1,6 +1,7 @@
 # Helpers for system tests that run real libp2p nodes on 127.0.0.1 inside one trio run.
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -12,6 +13,14 @@ from p2p import MemberState, Network, NetworkConfig
 
 FAST = {"heartbeat_interval": 0.3, "heartbeat_per_member": 0.05, "suspect_after": 1.5,
         "dead_after": 3.0}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listened on a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def node_config(data_dir: Path, network: str = "test-net", **overrides) -> NetworkConfig:

@@ -8,9 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+from chain_worlds import anvil_with_settlement, settlement_client
 
 from chain.adapter import ChainError
-from chain.evm.adapter import EvmAdapter, load_artifact
+from chain.evm.adapter import EvmAdapter
 from chain.evm.anvil import Anvil
 from chain.evm.client import EvmClient, TxUnconfirmed
 from chain.evm.wallet import EvmWallet
@@ -23,17 +24,12 @@ TASK = {"op": "create_task", "task_id": "t", "name": "t", "code_hash": bytes(32)
 
 @pytest.fixture
 def chain() -> Iterator[tuple[Anvil, str]]:
-    with Anvil() as anvil:
-        deployer = EvmClient(anvil.url, EvmWallet(anvil.dev_keys[0]))
-        try:
-            yield anvil, deployer.deploy(load_artifact())
-        finally:
-            deployer.close()
+    with anvil_with_settlement() as deployed:
+        yield deployed
 
 
 def _adapter(anvil: Anvil, contract: str, receipt_timeout: float = 0.5) -> EvmAdapter:
-    client = EvmClient(anvil.url, EvmWallet(anvil.dev_keys[1]), contract_address=contract,
-                       abi=load_artifact()["abi"], receipt_timeout=receipt_timeout)
+    client = settlement_client(anvil, contract, 1, receipt_timeout=receipt_timeout)
     return EvmAdapter(client, Identity.generate(), client.chain_id)
 
 

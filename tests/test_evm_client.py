@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -732,14 +733,24 @@ def test_a_node_that_accepts_and_never_answers_times_out() -> None:
         sock.close()
 
 
-def test_a_send_whose_answer_was_lost_is_sent_again_as_the_same_bytes(
-    anvil: Anvil, funder: EvmClient
-) -> None:
+@contextmanager
+def _relayed(anvil: Anvil, funder: EvmClient) -> Iterator[tuple[_Relay, EvmClient]]:
+    """A client of a freshly funded wallet that talks to anvil through a relay."""
     relay = _Relay(anvil.port)
     wallet = EvmWallet.generate()
     funder.send_value(wallet.address, ETH)
+    try:
+        with EvmClient(relay.url, wallet, timeout=5.0) as client:
+            yield relay, client
+    finally:
+        relay.close()
+
+
+def test_a_send_whose_answer_was_lost_is_sent_again_as_the_same_bytes(
+    anvil: Anvil, funder: EvmClient
+) -> None:
     sink = EvmWallet.generate().address
-    with EvmClient(relay.url, wallet, timeout=5.0) as client:
+    with _relayed(anvil, funder) as (relay, client):
         client.send_value(sink, 1)  # the connection is open: the next requests reuse it
         relay.lose_answer_to = "eth_sendRawTransaction"  # the node takes it, the answer is lost
         receipt = client.send_value(sink, 2)
@@ -747,17 +758,13 @@ def test_a_send_whose_answer_was_lost_is_sent_again_as_the_same_bytes(
         assert client.nonce_of(client.address) == 2  # one transaction, not two
         assert client.balance(sink) == 3
         assert client.send_value(sink, 4).block_number == receipt.block_number + 1
-    relay.close()
 
 
 def test_a_lost_answer_then_no_node_is_unconfirmed_not_unsent(
     anvil: Anvil, funder: EvmClient
 ) -> None:
-    relay = _Relay(anvil.port)
-    wallet = EvmWallet.generate()
-    funder.send_value(wallet.address, ETH)
     sink = EvmWallet.generate().address
-    with EvmClient(relay.url, wallet, timeout=5.0) as client:
+    with _relayed(anvil, funder) as (relay, client):
         client.send_value(sink, 1)
         relay.lose_answer_to = "eth_sendRawTransaction"
         relay.refuse_after = True  # sending it again finds nothing listening
@@ -766,24 +773,19 @@ def test_a_lost_answer_then_no_node_is_unconfirmed_not_unsent(
         assert not info.value.broadcast and "may have been sent" in str(info.value)
         receipt = funder.receipt_of(info.value.tx_hash, timeout=5.0)  # the node had it
         assert receipt is not None and funder.balance(sink) == 3
-    relay.close()
 
 
 def test_a_node_gone_between_the_estimate_and_the_send_is_not_sent(
     anvil: Anvil, funder: EvmClient
 ) -> None:
-    relay = _Relay(anvil.port)
-    wallet = EvmWallet.generate()
-    funder.send_value(wallet.address, ETH)
-    with EvmClient(relay.url, wallet, timeout=5.0) as client:
+    with _relayed(anvil, funder) as (relay, client):
         client.send_value(funder.address, 1)
         relay.drop_after = "eth_estimateGas"  # closed once the estimate is answered
         with pytest.raises(ChainUnavailable, match="not sent") as info:
             client.send_value(funder.address, 1)
         assert not isinstance(info.value, TxUnconfirmed)
         assert "eth_sendRawTransaction" in str(info.value)
-        assert funder.nonce_of(wallet.address) == 1
-    relay.close()
+        assert funder.nonce_of(client.address) == 1
 
 
 def test_the_same_client_goes_on_after_its_node_restarts(tmp_path: Path) -> None:

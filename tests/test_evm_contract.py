@@ -12,10 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,11 +22,11 @@ from eth_utils import keccak
 from web3 import HTTPProvider, Web3
 from web3.exceptions import ContractCustomError
 
+from chain.evm.anvil import Anvil
 from chain.merkle import MerkleTree
 from chain.rules import REASON_CODES
 
 ROOT = Path(__file__).resolve().parents[1]
-ANVIL = ROOT / "chain/evm/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
 ARTIFACT = ROOT / "chain/evm/TaskSettlement.json"
 GWEI = 10**9
 GAS = 3_000_000
@@ -49,49 +45,6 @@ GAS_BOUNDS = {
 
 
 # --- anvil and the deployed contract ---
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start_anvil() -> tuple[subprocess.Popen[bytes], Web3]:
-    if not ANVIL.exists():
-        pytest.fail(f"{ANVIL} is missing: run `bash scripts/setup`")
-    last_error = ""
-    for _ in range(5):  # another process may take the port between its probe and anvil's bind
-        port = _free_port()
-        errors = tempfile.TemporaryFile()
-        proc = subprocess.Popen(
-            [str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--silent"],
-            stdout=subprocess.DEVNULL,
-            stderr=errors,
-        )
-        w3 = Web3(HTTPProvider(f"http://127.0.0.1:{port}", request_kwargs={"timeout": 10}))
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                if w3.eth.chain_id:
-                    return proc, w3
-            except Exception as exc:  # not listening yet
-                last_error = repr(exc)
-            time.sleep(0.05)
-        _stop(proc)
-        errors.seek(0)
-        last_error = errors.read().decode(errors="replace") or last_error
-        errors.close()
-    pytest.fail(f"anvil did not answer eth_chainId: {last_error}")
-
-
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
 
 
 class Chain:
@@ -176,13 +129,12 @@ def _decode_refusal(data: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def chain() -> Iterator[Chain]:
-    proc, w3 = _start_anvil()
-    try:
-        yield Chain(w3)
-    finally:
-        _stop(proc)
-        if GAS_SEEN:
-            print("\nTaskSettlement gas:", json.dumps(GAS_SEEN, sort_keys=True))
+    with Anvil() as anvil:  # stopped even on failure; a missing binary fails the test
+        try:
+            yield Chain(Web3(HTTPProvider(anvil.url, request_kwargs={"timeout": 10})))
+        finally:
+            if GAS_SEEN:
+                print("\nTaskSettlement gas:", json.dumps(GAS_SEEN, sort_keys=True))
 
 
 # --- the rules in Python, as docs/evm-settlement.md states them ---

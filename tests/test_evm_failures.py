@@ -4,7 +4,6 @@
 # --contract or --chain-url is a usage error (exit 2) before anything starts.
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from chain.evm.anvil import Anvil
 from chain.evm.client import EvmClient
 from chain.evm.wallet import EvmWallet, load_or_create_wallet
 
+from p2p_helpers import free_port
 from process_helpers import NODE, NodeProcess, processes_fixture, wait_for
 
 processes = processes_fixture(NodeProcess)
@@ -22,16 +22,9 @@ processes = processes_fixture(NodeProcess)
 FIRST_CONTRACT = "0x5fbdb2315678afecb367f032d93f642f64180aa3"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def test_the_node_waits_for_a_right_chain_and_keeps_its_store(processes: Any,
                                                               tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     node = processes.node("n0", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0",
                           "--chain", "evm", "--chain-url", url, "--contract", FIRST_CONTRACT,

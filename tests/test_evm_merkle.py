@@ -8,13 +8,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from chain_worlds import anvil_with_settlement, settlement_client
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from chain.evm.adapter import load_artifact
-from chain.evm.anvil import Anvil
 from chain.evm.client import EvmClient
-from chain.evm.wallet import EvmWallet
 from chain.merkle import (
     EVM_LEAVES,
     distribution_proofs,
@@ -28,10 +26,8 @@ SAMPLE_ON_CHAIN = 4
 
 @pytest.fixture(scope="module")
 def contract() -> Iterator[EvmClient]:
-    with Anvil() as anvil:
-        client = EvmClient(anvil.url, EvmWallet(anvil.dev_keys[0]))
-        address = client.deploy(load_artifact())
-        client.use_contract(address, load_artifact()["abi"])
+    with anvil_with_settlement() as (anvil, address):
+        client = settlement_client(anvil, address, 0)
         try:
             yield client
         finally:

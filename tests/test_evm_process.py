@@ -12,8 +12,9 @@ from typing import Any
 
 import pytest
 import trio
+from chain_worlds import anvil_with_settlement, settlement_client
 
-from chain.evm.adapter import GWEI, EvmAdapter, load_artifact
+from chain.evm.adapter import GWEI, EvmAdapter
 from chain.evm.anvil import Anvil
 from chain.evm.client import EvmClient
 from chain.evm.wallet import EvmWallet, load_or_create_wallet
@@ -29,18 +30,13 @@ FUNDING = 10 * 10**18  # wei each node's wallet gets
 
 
 @pytest.fixture
-def evm(tmp_path: Path) -> Iterator[tuple[Anvil, str]]:
-    with Anvil() as anvil:
-        deployer = EvmClient(anvil.url, EvmWallet(anvil.dev_keys[0]))
-        try:
-            yield anvil, deployer.deploy(load_artifact())
-        finally:
-            deployer.close()
+def evm() -> Iterator[tuple[Anvil, str]]:
+    with anvil_with_settlement() as deployed:
+        yield deployed
 
 
 def _observer(anvil: Anvil, contract: str) -> EvmAdapter:
-    client = EvmClient(anvil.url, EvmWallet(anvil.dev_keys[9]), contract_address=contract,
-                       abi=load_artifact()["abi"])
+    client = settlement_client(anvil, contract, 9)
     return EvmAdapter(client, Identity.generate(), client.chain_id)
 
 

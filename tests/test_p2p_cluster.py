@@ -1,5 +1,4 @@
 # System tests of the p2p layer: real libp2p hosts (TCP + Noise + Yamux) on 127.0.0.1.
-import socket
 from contextlib import AsyncExitStack
 
 import trio
@@ -7,7 +6,7 @@ import trio
 from p2p import MemberState, Network, RemoteError
 from p2p.rpc import HandlerError
 
-from p2p_helpers import alive_ids, cluster, node_config, wait_for
+from p2p_helpers import alive_ids, cluster, free_port, node_config, wait_for
 
 
 async def test_six_nodes_find_each_other_gossip_and_talk(tmp_path):
@@ -118,12 +117,6 @@ async def test_graceful_leave_is_seen_as_dead(tmp_path):
 
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def _run_until(cfg, stop: trio.Event, box: list, *, task_status=trio.TASK_STATUS_IGNORED):
     async with Network.start(cfg) as net:
         box.append(net)
@@ -132,7 +125,7 @@ async def _run_until(cfg, stop: trio.Event, box: list, *, task_status=trio.TASK_
 
 
 async def test_nodes_reconnect_after_the_bootstrap_restarts(tmp_path):
-    boot_cfg = node_config(tmp_path / "boot", listen=[f"/ip4/127.0.0.1/tcp/{_free_port()}"])
+    boot_cfg = node_config(tmp_path / "boot", listen=[f"/ip4/127.0.0.1/tcp/{free_port()}"])
     async with trio.open_nursery() as nursery:
         first_stop, box = trio.Event(), []
         await nursery.start(_run_until, boot_cfg, first_stop, box)

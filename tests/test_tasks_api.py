@@ -333,13 +333,23 @@ def test_storage_challenge_and_pick_are_deterministic() -> None:
             parse_submission(bad)
 
 
-async def test_storage_honest_round_passes_every_audit() -> None:
-    nodes = ["a", "b", "c", "d", "e"]
-    ring, data = _storage_cluster(nodes)
+STORAGE_NODES = ["a", "b", "c", "d", "e"]
+
+
+async def _storage_round(r: int) -> tuple[
+        dict[int, list[str]], dict[str, dict[int, bytes]], FakeNetwork, dict[str, StorageProof]]:
+    """Five nodes running the storage task, each past round r's start (its digests taken)."""
+    ring, data = _storage_cluster(STORAGE_NODES)
     net = FakeNetwork()
-    tasks = {n: _storage_task(net, n, ring, data) for n in nodes}
-    for n in nodes:
-        await tasks[n].task(2)  # every replica digests at the round's start
+    tasks = {n: _storage_task(net, n, ring, data) for n in STORAGE_NODES}
+    for n in STORAGE_NODES:
+        await tasks[n].task(r)  # every replica digests at the round's start
+    return ring, data, net, tasks
+
+
+async def test_storage_honest_round_passes_every_audit() -> None:
+    nodes = STORAGE_NODES
+    _, _, _, tasks = await _storage_round(2)
     for n in nodes:
         sub = await tasks[n].submission(2)
         assert len(sub.encode()) <= 512 and len(parse_submission(sub)) == K
@@ -349,12 +359,7 @@ async def test_storage_honest_round_passes_every_audit() -> None:
 
 
 async def test_storage_audit_catches_lost_data_and_foreign_partitions() -> None:
-    nodes = ["a", "b", "c", "d", "e"]
-    ring, data = _storage_cluster(nodes)
-    net = FakeNetwork()
-    honest = {n: _storage_task(net, n, ring, data) for n in nodes}
-    for n in nodes:
-        await honest[n].task(1)
+    ring, data, net, honest = await _storage_round(1)
     sub = await honest["a"].submission(1)
     claimed = parse_submission(sub)
     # "a" lost the data of its partitions: its digests differ from the other replicas'
@@ -382,12 +387,7 @@ async def test_storage_audit_catches_lost_data_and_foreign_partitions() -> None:
 
 
 async def test_storage_writes_after_the_round_start_do_not_split_honest_replicas() -> None:
-    nodes = ["a", "b", "c", "d", "e"]
-    ring, data = _storage_cluster(nodes)
-    net = FakeNetwork()
-    tasks = {n: _storage_task(net, n, ring, data) for n in nodes}
-    for n in nodes:
-        await tasks[n].task(3)
+    ring, data, net, tasks = await _storage_round(3)
     # a user write lands on a's replica of each of its partitions during the round, before
     # the other replicas have it: a digest taken when each side looks would differ now
     sub = await tasks["a"].submission(3)

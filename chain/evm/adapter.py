@@ -119,11 +119,8 @@ def _operation_key(tx: Mapping[str, Any]) -> tuple[Any, ...]:
 
 
 def _wei(amount: Any) -> int:
-    if type(amount) is not int:
-        raise Refused("malformed", f"amount must be an int, got {type(amount).__name__}")
-    if not 0 < amount <= rules.MAX_UINT64:
-        raise Refused("bad_amount", f"amount must be in [1, 2**64), got {amount}")
-    return amount * GWEI
+    """An amount the rules accept (in gwei), in wei."""
+    return rules.check_amount(amount) * GWEI
 
 
 # event -> (the field naming its sender, the rules op, the fields it carries besides task_id)
@@ -193,7 +190,7 @@ class Replica:
         try:
             found = tx_of_event(name, args, self.task_ids)
         except KeyError:
-            self._diverged(name, "an event of a task the replica never saw created")
+            self.diverged(name, "an event of a task the replica never saw created")
             return
         if found is None:
             return
@@ -205,7 +202,7 @@ class Replica:
         try:
             result = rules.apply(state, sender, tx, slot, proof_checked=True)
         except Refused as exc:
-            self._diverged(name, f"the rules refuse what the contract accepted: {exc}")
+            self.diverged(name, f"the rules refuse what the contract accepted: {exc}")
             return
         self.applied += 1
         if tx["op"] == "create_task":
@@ -214,7 +211,7 @@ class Replica:
         if len(self.results) > 4_096:  # only the latest sends look their results up
             self.results.pop(next(iter(self.results)))
 
-    def _diverged(self, name: str, why: str) -> None:
+    def diverged(self, name: str, why: str) -> None:
         self.divergences += 1
         log.error(
             "EVM replica: %s event: %s (contract and rules disagree; views may be wrong)", name, why
@@ -314,7 +311,7 @@ class EvmAdapter(ChainAdapter):
             try:
                 name, args = self.client.decode_log(entry)
             except ValueError as exc:
-                self.replica._diverged("undecodable", str(exc))
+                self.replica.diverged("undecodable", str(exc))
                 continue
             self.replica.feed(name, args, slot, bytes.fromhex(entry["transactionHash"][2:]))
 
