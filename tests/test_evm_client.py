@@ -38,6 +38,7 @@ import pytest
 from eth_utils import keccak
 
 import chain.evm.anvil as anvil_module
+import chain.evm.client as client_module
 from chain.adapter import ChainError, ChainUnavailable
 from chain.evm.anvil import Anvil, AnvilError, dev_keys, find_anvil
 from chain.evm.client import (
@@ -776,8 +777,11 @@ def test_a_lost_answer_then_no_node_is_unconfirmed_not_unsent(
 
 
 def test_a_node_gone_between_the_estimate_and_the_send_is_not_sent(
-    anvil: Anvil, funder: EvmClient
+    anvil: Anvil, funder: EvmClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # the first send's fees must still be cached at the second, so that its estimate goes
+    # alone (on a loaded machine a send can take longer than FEE_TTL)
+    monkeypatch.setattr(client_module, "FEE_TTL", 60.0)
     with _relayed(anvil, funder) as (relay, client):
         client.send_value(funder.address, 1)
         relay.drop_after = "eth_estimateGas"  # closed once the estimate is answered
