@@ -187,7 +187,8 @@ class KV:
         self.metrics = {"writes": 0, "reads": 0, "read_repairs": 0, "hints_delivered": 0,
                         "handoff_keys_sent": 0, "partitions_dropped": 0, "refused_batches": 0,
                         "merge_failures": 0, "type_conflicts": 0, "tombstones_collected": 0,
-                        "hints_expired": 0}
+                        "hints_expired": 0, "not_member_refused": 0,
+                        "authority_refused": 0}
         self.sweeper = TombstoneSweeper(self)
 
     @classmethod
@@ -202,12 +203,13 @@ class KV:
         try:
             async with trio.open_nursery() as nursery:
                 kv._nursery = nursery
-                net.handle(APPLY_PROTOCOL, kv._on_apply)
-                net.handle(OPS_PROTOCOL, kv._on_ops)
-                net.handle(READ_PROTOCOL, kv._on_read)
-                net.handle(AE_PROTOCOL, kv._on_anti_entropy)
-                net.handle(ROOTS_PROTOCOL, kv.handoff.on_roots)
-                net.handle(FOREIGN_PROTOCOL, kv.handoff.on_foreign)
+                # every protocol of the store serves ring members only (see _members_only)
+                for protocol, handler in (
+                        (APPLY_PROTOCOL, kv._on_apply), (OPS_PROTOCOL, kv._on_ops),
+                        (READ_PROTOCOL, kv._on_read), (AE_PROTOCOL, kv._on_anti_entropy),
+                        (ROOTS_PROTOCOL, kv.handoff.on_roots),
+                        (FOREIGN_PROTOCOL, kv.handoff.on_foreign)):
+                    net.handle(protocol, kv._members_only(protocol, handler))
                 nursery.start_soon(kv.writer.run)
                 nursery.start_soon(kv._ring_loop)
                 nursery.start_soon(kv._hint_loop)
@@ -435,8 +437,14 @@ class KV:
     # -- membership and ring -------------------------------------------------------------
     def _ring_members(self) -> set[str]:
         """Members that hold data: everyone known except those who left on purpose. A node
-        that crashed stays in the ring (its writes wait in hints) until it is forgotten."""
-        return {self.me} | {m.peer_id for m in self.net.view.members() if not m.left}
+        that crashed stays in the ring (its writes wait in hints) until it is forgotten.
+        The view holds admitted peers only; this node is a member if the rule admits it
+        (or when it knows nobody else: a ring needs one member, and refusals elsewhere keep
+        a node the network does not admit from holding anyone's data)."""
+        others = {m.peer_id for m in self.net.view.members() if not m.left}
+        if self.net.admits(self.me) or not others:
+            others.add(self.me)
+        return others
 
     def copies(self) -> int:
         """How many replicas each key has: N, or every ring member while the ring has fewer
@@ -710,6 +718,51 @@ class KV:
         self._nursery.start_soon(fn, *args)
 
     # -- handlers ------------------------------------------------------------------------
+    def _members_only(self, protocol: str, handler: Any) -> Any:
+        """Wrap a handler of the store's protocols: only ring members are served. A peer
+        the admission rule admits but this node's ring does not hold yet (it joined a moment
+        ago) is refused without blame; anyone else is refused and scored down."""
+        async def guarded(peer: str, message: Any) -> Any:
+            if peer not in self.ring.members:
+                if self.net.admits(peer):
+                    self.metrics["not_member_refused"] += 1
+                    raise HandlerError("not_member", "not (yet) a member of this node's ring")
+                self.net.refuse_unadmitted(peer, protocol)
+                raise HandlerError("not_admitted", "the network's admission rule does not "
+                                   "admit this peer")
+            return await handler(peer, message)
+        return guarded
+
+    def _check_authority(self, peer: str, direct: list[tuple[bytes, bytes]],
+                         hinted: dict[str, list[tuple[bytes, bytes]]]) -> None:
+        """Write authority over a replication batch from ring member `peer`: each key it
+        sends for this node to store must be replicated by the sender or by this node (an
+        owner hands off to a newcomer, a fallback delivers the hints it held, and rings that
+        differ for a moment still agree on one of the two); a hint it leaves here must be
+        for a ring member that replicates the key, from a replica of that key. Anything else
+        is refused whole: the sender keeps the batch as hints and retries, so a ring that
+        lagged here loses nothing."""
+        ring = self.ring
+        for key, _ in direct:
+            owners = ring.preference_list(key)
+            if peer not in owners and self.me not in owners:
+                self._refuse_authority(peer, f"key {_shown(key)} is replicated by neither "
+                                             f"the sender nor this node")
+        for target, items in hinted.items():
+            if target not in ring.members:
+                self._refuse_authority(peer, f"a hint for {target}, not a ring member")
+            for key, _ in items:
+                owners = ring.preference_list(key)
+                if target not in owners or peer not in owners:
+                    self._refuse_authority(peer, f"a hint of key {_shown(key)} for {target} "
+                                                 f"from a node that does not replicate it")
+
+    def _refuse_authority(self, peer: str, why: str) -> None:
+        self.metrics["authority_refused"] += 1
+        self.metrics["refused_batches"] += 1
+        log.info("refused a replication batch from %s: %s", peer, why)
+        raise HandlerError("authority", why)
+
     async def _on_apply(self, peer: str, data: Any) -> Any:
         try:
             envelope = open_batch(self.net, data, peer)
@@ -731,6 +784,7 @@ class KV:
                 direct.append((key, delta))
             else:
                 hinted.setdefault(hint_for, []).append((key, delta))
+        self._check_authority(peer, direct, hinted)
         try:
             await self.writer.merge(direct)
         except Exception as exc:

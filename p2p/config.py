@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .admission import AdmissionRule
+
 DEFAULT_NETWORK = "tasknet-local"
 
 
@@ -15,6 +17,8 @@ class NetworkConfig:
     listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     bootstrap: list[str] = field(default_factory=list)
     enable_mdns: bool = False
+    # who may hold data and take part in membership (p2p/admission.py); open by default
+    admission: AdmissionRule = field(default_factory=AdmissionRule)
     # membership and failure detection
     heartbeat_interval: float = 1.0
     # every node gossips a heartbeat, so the network's total heartbeat traffic grows with its

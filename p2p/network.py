@@ -30,13 +30,14 @@ from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.tools.anyio_service import background_trio_service
 
+from .admission import GOSSIP_MEMBERS, Admission
 from .config import NetworkConfig
 from .envelope import Envelope, EnvelopeError, ReplayGuard, open_envelope, seal
 from .identity import Identity, load_or_create_identity, peer_id_from_public_key
 from .libp2p_fixes import apply_all as apply_libp2p_fixes
 from .libp2p_fixes import refuse_at_the_door, report_faults_to
 from .membership import Member, MemberEvent, MemberState
-from .rpc import Handler, RpcLimits, RpcService
+from .rpc import Handler, HandlerError, RpcLimits, RpcService
 from .scoring import PeerScores
 from .swim import SwimConfig
 from .swim_net import SwimLink
@@ -201,6 +202,7 @@ class Network:
         self.peer_id = str(identity.peer_id)
         self._swim: SwimLink | None = None
         self.scores = PeerScores()
+        self.admission = Admission(config.admission, self.peer_id)
         self.replay_guard = ReplayGuard()
         self.metrics: dict[str, int] = {
             "gossip_published": 0,
@@ -212,6 +214,8 @@ class Network:
             "dial_failures": 0,
             "banned_refused": 0,  # streams and connections of banned peers refused
             "libp2p_faults": 0,  # errors a peer provoked inside py-libp2p, contained
+            "unadmitted_refused": 0,  # requests of peers the admission rule does not admit
+            "gossip_unadmitted": 0,  # gossip authored by them, dropped (members-only gossip)
         }
         self._seq = time.time_ns() // 1000  # grows across restarts: replay guards stay valid
         self._started = time.monotonic()
@@ -376,6 +380,7 @@ class Network:
             "connected_peers": self.connected_peers(),
             "members": [m.to_dict(now) for m in self.members()],
             "metrics": {**self.metrics, **self._rpc_metrics()},
+            "admission": self.admission.status(),
             "offences": dict(self.scores.offences),
             "peer_scores": self.scores.snapshot(now),
         }
@@ -450,6 +455,10 @@ class Network:
             str(forwarder) in self._blocked or ID(msg.from_id).to_base58() in self._blocked
         ):
             return False  # fault injection: this peer is on the other side of a partition
+        if self._members_only_gossip() and msg.from_id and not self.admits(
+                ID(msg.from_id).to_base58()):
+            self.metrics["gossip_unadmitted"] += 1  # an admitted relay is not to blame
+            return False
         try:
             envelope = open_envelope(
                 msg.data,
@@ -500,11 +509,61 @@ class Network:
                     self._subscribers[topic].remove(send)
 
     # -- request / response --------------------------------------------------------------
-    def handle(self, protocol: str, handler: Handler, *, version: int = 1) -> TProtocol:
+    def handle(self, protocol: str, handler: Handler, *, version: int = 1,
+               members_only: bool = False) -> TProtocol:
         """Serve `protocol` (`/tasknet/<network>/<protocol>/<version>`) with `handler`,
-        an async function (peer_id, message) -> reply."""
+        an async function (peer_id, message) -> reply. With `members_only`, a request from a
+        peer the admission rule does not admit is refused (`not_admitted`) before the
+        handler sees it, and the peer is scored down."""
         assert self._rpc is not None
+        if members_only and self.admission.rule.closed:
+            handler = self._members_only(protocol, handler)
         return self._rpc.handle(protocol, handler, version)
+
+    def _members_only(self, protocol: str, handler: Handler) -> Handler:
+        async def guarded(peer: str, message: Any) -> Any:
+            if not self.admits(peer):
+                self.refuse_unadmitted(peer, protocol)
+                raise HandlerError("not_admitted",
+                                   f"{protocol} is served to admitted members only")
+            return await handler(peer, message)
+        return guarded
+
+    def refuse_unadmitted(self, peer: str, what: str) -> None:
+        """Count and score a request of a peer that is not admitted. Not scored while the
+        gate has no reading yet (stake rule, chain not read): the refusal is then ours."""
+        self.metrics["unadmitted_refused"] += 1
+        log.debug("refused %s from %s: not admitted", what, peer)
+        if self.admission.settled:
+            self.penalize(peer, "unadmitted")
+
+    # -- admission -----------------------------------------------------------------------
+    def admits(self, peer: str) -> bool:
+        """Whether the network's admission rule admits `peer` now (this node: itself)."""
+        return self.admission.admits(peer)
+
+    def set_staked(self, peers: set[str]) -> None:
+        """A new stake reading for the stake admission rule (the node reads the chain)."""
+        if self.admission.set_staked(peers):
+            log.info("admission: %d peers hold the stake now", len(peers))
+            if self._pubsub is not None:
+                self._apply_gossip_policy()
+
+    def _members_only_gossip(self) -> bool:
+        return self.admission.rule.gossip == GOSSIP_MEMBERS
+
+    def _apply_gossip_policy(self) -> None:
+        """Members-only gossip: keep the peers the rule does not admit out of pubsub (no
+        mesh place, nothing they send is read), and let admitted ones back in."""
+        if self._pubsub is None or not self._members_only_gossip():
+            return
+        listed = {str(p) for p in self._pubsub.get_blacklisted_peers()}
+        for peer in self.connected_peers():
+            if not self.admits(peer) and peer not in listed:
+                self._pubsub.add_to_blacklist(ID.from_base58(peer))
+        for peer in listed:
+            if self.admits(peer) and not self.is_banned(peer):
+                self._pubsub.remove_from_blacklist(ID.from_base58(peer))
 
     async def request(
         self, peer_id: str, protocol: str, message: Any, *, version: int = 1,
@@ -654,7 +713,11 @@ class Network:
 
     def _refuse_connection(self, peer: str) -> None:
         """A banned peer got through the door (it had to complete Noise for us to learn who
-        it is): drop the connection at once."""
+        it is): drop the connection at once. A peer the rule does not admit may stay
+        connected, but under members-only gossip it gets no place in pubsub."""
+        if (self._pubsub is not None and self._members_only_gossip()
+                and not self.admits(peer)):
+            self._pubsub.add_to_blacklist(ID.from_base58(peer))
         if self.is_banned(peer) and self._nursery is not None and not self._stopping:
             self.metrics["banned_refused"] += 1
             log.debug("refused a connection from banned peer %s", peer)
@@ -688,6 +751,8 @@ class Network:
         listeners = {str(p) for p in self._pubsub.peer_topics.get(topic, ())}
         grace = max(3.0, 4 * self.heartbeat_every())
         for peer in connected - self._blocked:
+            if self._members_only_gossip() and not self.admits(peer):
+                continue  # kept out of pubsub on purpose: never heard there
             since, strikes = self._connected_since.setdefault(peer, (now, 0))
             member = self.view.get(peer)
             # a member we hold dead although it is connected: its messages do not reach us
@@ -714,7 +779,8 @@ class Network:
         if self._pubsub is None:
             return
         for peer_id in self._pubsub.get_blacklisted_peers():
-            if not self.scores.is_banned(str(peer_id), now):
+            if not self.scores.is_banned(str(peer_id), now) and (
+                    not self._members_only_gossip() or self.admits(str(peer_id))):
                 self._pubsub.remove_from_blacklist(peer_id)
 
     async def _disconnect(self, peer: str) -> None:

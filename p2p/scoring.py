@@ -17,6 +17,8 @@ PENALTIES = {
     "author": 50.0,
     "frame": 10.0,
     "stalled": 5.0,
+    "unadmitted": 10.0,  # asked for a members-only service without being admitted
+    "authority": 10.0,  # wrote keys it does not replicate, hints for non-members
     "fault": 5.0,  # an error it provoked inside py-libp2p (contained, see libp2p_fixes)
 }
 

@@ -43,11 +43,15 @@ def old_member(m: swim.Member, now: float) -> Member:
 
 class RecordSigner:
     """Signs this node's records and checks others' (Ed25519 over the record body, bound to
-    the network id so a record cannot be replayed into another network)."""
+    the network id so a record cannot be replayed into another network). A record of a peer
+    the network's admission rule does not admit is refused like a forged one: such a peer
+    never enters the membership view."""
 
-    def __init__(self, identity: Identity, network_id: str) -> None:
+    def __init__(self, identity: Identity, network_id: str,
+                 admits: Callable[[str], bool] = lambda peer: True) -> None:
         self.identity = identity
         self.domain = RECORD_DOMAIN + network_id.encode() + b"\x00"
+        self._admits = admits
         self._verified: OrderedDict[bytes, swim.RecordInfo] = OrderedDict()
 
     def sign(self, info: swim.RecordInfo) -> bytes:
@@ -55,6 +59,8 @@ class RecordSigner:
         return bytes(msgpack.packb([body, self.identity.sign(self.domain + body)]))
 
     def verify(self, peer_id: str, record: bytes) -> swim.RecordInfo | None:
+        if not self._admits(peer_id):
+            return None
         known = self._verified.get(record)
         if known is not None:
             return known if known.peer_id == peer_id else None
@@ -85,7 +91,7 @@ class SwimLink:
                  emit: Callable[[list[MemberEvent]], None]) -> None:
         self.net = net
         self.emit = emit
-        self.signer = RecordSigner(net.identity, net.config.network_id)
+        self.signer = RecordSigner(net.identity, net.config.network_id, net.admits)
         self.core = swim.Swim(
             net.peer_id, net.addrs, sign_record=self.signer.sign,
             verify_record=self.signer.verify, incarnation=net.incarnation,
@@ -93,20 +99,25 @@ class SwimLink:
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self.metrics = {"swim_sent": 0, "swim_send_failures": 0, "swim_received": 0,
-                        "swim_rejected": 0, "swim_bytes_sent": 0}
+                        "swim_rejected": 0, "swim_bytes_sent": 0, "swim_unadmitted": 0}
 
-    # -- views ----------------------------------------------------------------------------
+    # -- views: members the admission rule admits now (a stake that ran out removes its
+    # peer from the view at once, before the protocol forgets it) ---------------------------
     def members(self) -> list[Member]:
         now = time.monotonic()
-        return [old_member(m, now) for m in self.core.members()]
+        admits = self.net.admits
+        return [old_member(m, now) for m in self.core.members() if admits(m.peer_id)]
 
     def get(self, peer_id: str) -> Member | None:
         m = self.core.get(peer_id)
-        return None if m is None or peer_id == self.net.peer_id else old_member(
-            m, time.monotonic())
+        return None if m is None or peer_id == self.net.peer_id or not self.net.admits(
+            peer_id) else old_member(m, time.monotonic())
 
     def alive_ids(self) -> set[str]:
-        return self.core.alive_ids()
+        ids = self.core.alive_ids()
+        if self.net.admission.rule.closed:
+            ids = {peer for peer in ids if self.net.admits(peer)}
+        return ids
 
     # -- running --------------------------------------------------------------------------
     def start(self, nursery: trio.Nursery, seeds: Iterable[tuple[str, tuple[str, ...]]]) -> None:
@@ -180,6 +191,11 @@ class SwimLink:
         self._wake.set()
 
     async def _on_request(self, caller: str, data: Any) -> Any:
+        if not self.net.admits(caller):
+            # not scored: a node that is about to be admitted (its stake on its way) knocks
+            # here too; it is simply not heard until the rule admits it
+            self.metrics["swim_unadmitted"] += 1
+            return None
         if not isinstance(data, bytes) or len(data) > MAX_MESSAGE:
             self.metrics["swim_rejected"] += 1
             self.net.penalize(caller, "malformed")

@@ -130,6 +130,17 @@ def run_parser() -> argparse.ArgumentParser:
                         help="silence after which a member is suspect (default 3)")
     parser.add_argument("--dead-after", type=_positive, metavar="S",
                         help="silence after which a member is dead (default 8)")
+    admission = parser.add_argument_group(
+        "admission (who may hold data and join membership; default: the testnet file's "
+        "[admission] table, else open)")
+    admission.add_argument("--admission", choices=("open", "allowlist", "stake"),
+                           help="the network's admission rule")
+    admission.add_argument("--allow-peer", action="append", metavar="PEER_ID",
+                           help="a peer id the allowlist admits (repeat for each)")
+    admission.add_argument("--min-stake", type=_count, metavar="AMOUNT",
+                           help="the stake rule's minimum stake")
+    admission.add_argument("--stake-task", metavar="TASK",
+                           help="the task whose stake the stake rule counts")
     store = parser.add_argument_group("key-value store")
     store.add_argument("--replicas", type=_count, metavar="N",
                        help="copies of every key, on N different nodes (default 3)")
@@ -348,6 +359,9 @@ def _run(args: argparse.Namespace) -> int:
     from .runner import run_node
 
     options = build_options(args)
+    if args.no_tasks and options.network.admission.kind == "stake":
+        raise UsageError("the stake admission rule reads stakes off the chain: it needs task "
+                         "rounds (drop --no-tasks)")
     stores: list[Any] = []
     extensions = [kv_extension(build_kv_config(args), on_ready=stores.append)]
     if not args.no_tasks:

@@ -14,6 +14,7 @@ import multiaddr
 
 from kv import Consistency, KVConfig
 from p2p import NetworkConfig
+from p2p.admission import AdmissionError, AdmissionRule
 
 from .errors import UsageError
 from .runner import NodeOptions
@@ -59,6 +60,7 @@ def build_options(args: argparse.Namespace) -> NodeOptions:
             heartbeat_interval=heartbeat_interval,
             suspect_after=suspect_after,
             dead_after=dead_after,
+            admission=_admission(args, testnet),
         )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
@@ -77,6 +79,20 @@ def build_kv_config(args: argparse.Namespace) -> KVConfig:
     if args.anti_entropy_interval is not None:
         config.anti_entropy_interval = args.anti_entropy_interval
     return config
+
+
+def _admission(args: argparse.Namespace, testnet: Testnet | None) -> AdmissionRule:
+    """The admission rule: the flags, else the testnet file's, else open."""
+    kind = getattr(args, "admission", None)
+    if kind is None:
+        if getattr(args, "allow_peer", None) or getattr(args, "min_stake", None):
+            raise UsageError("--allow-peer and --min-stake need --admission")
+        return testnet.admission if testnet is not None else AdmissionRule()
+    try:
+        return AdmissionRule(kind=kind, peers=frozenset(args.allow_peer or ()),
+                             min_stake=args.min_stake or 0, task=args.stake_task)
+    except AdmissionError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _network_id(flag: str | None, testnet: Testnet | None) -> str:

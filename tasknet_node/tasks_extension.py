@@ -24,6 +24,7 @@ from chain.ledger import Ledger, LedgerAdapter
 from chain.rules import Refused
 from kv import KV
 from p2p import Network
+from p2p.admission import STAKE
 from tasks.api import CodeHashMismatch, Task, check_code_hash, code_hash
 from tasks.builtin import BUILTIN
 from tasks.context import NodeTaskContext, StoreProver
@@ -31,6 +32,7 @@ from tasks.driver import TaskDriver
 from tasks.engine import Misbehaviour, config_of
 from tasks.taskfile import TaskFileError, check_task_fields, create_fields
 
+from .admission_check import keep_stake_admission
 from .api import ControlApi, Metric
 from .http import JSONResponse, Request, Response
 from .http import error_response as _error
@@ -171,9 +173,11 @@ class TaskNode:
 
     async def run(self) -> None:
         await self.connect()
-        if self.config.create_builtin:
-            await self._create_builtin_tasks()
         async with trio.open_nursery() as nursery:
+            if self.net.admission.rule.kind == STAKE:
+                nursery.start_soon(keep_stake_admission, self.net, self.chain)
+            if self.config.create_builtin:
+                await self._create_builtin_tasks()
             pause = RETRY_FIRST_S
             while True:
                 try:

@@ -9,7 +9,9 @@
 # file cannot carry it. Instead the table names the bootstrap node's data dir and listen
 # address: `--testnet NAME --bootstrap` runs the bootstrap node there, it writes its full
 # addresses to DATA_DIR/node.json (kept across restarts; its key and port stay the same), and
-# every other `--testnet NAME` node reads them from that file.
+# every other `--testnet NAME` node reads them from that file. An `[admission]` table sets
+# who may hold data and take part in membership (p2p/admission.py: rule = "open",
+# "allowlist" with `peers`, or "stake" with `min_stake` and `task`).
 from __future__ import annotations
 
 import re
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import multiaddr
+
+from p2p.admission import AdmissionError, AdmissionRule
 
 from .datadir import DataDirError, read_node_addrs
 from .errors import NodeError
@@ -54,6 +58,7 @@ class Testnet:
     bootstrap: tuple[str, ...] = ()
     bootstrap_node: BootstrapNode | None = None
     chain: ChainSettings = ChainSettings()
+    admission: AdmissionRule = AdmissionRule()
 
     def bootstrap_addrs(self, *, running_bootstrap_node: bool = False) -> list[str]:
         """Addresses a node of this testnet joins. The bootstrap node itself needs only the
@@ -103,7 +108,7 @@ def parse_testnet(name: str, data: dict[str, Any], source: Path) -> Testnet:
     def fail(message: str) -> TestnetError:
         return _invalid(source, message)
 
-    unknown = set(data) - {"network_id", "bootstrap", "bootstrap_node", "chain"}
+    unknown = set(data) - {"network_id", "bootstrap", "bootstrap_node", "chain", "admission"}
     if unknown:
         raise fail(f"unknown keys {sorted(unknown)}")
     network_id = data.get("network_id")
@@ -130,8 +135,15 @@ def parse_testnet(name: str, data: dict[str, Any], source: Path) -> Testnet:
         for addr in listen_list:
             _check_multiaddr(addr, source, needs_peer_id=False)
         bootstrap_node = BootstrapNode(Path(data_dir), tuple(listen_list))
+    admission = data.get("admission", {})
+    if not isinstance(admission, dict):
+        raise fail("admission must be a table")
+    try:
+        rule = AdmissionRule.from_table(admission)
+    except AdmissionError as exc:
+        raise fail(str(exc)) from None
     return Testnet(name, network_id, tuple(bootstrap), bootstrap_node,
-                   _chain_settings(data.get("chain"), fail))
+                   _chain_settings(data.get("chain"), fail), rule)
 
 
 _EVM_ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")

@@ -23,9 +23,10 @@ FAST_KV = {"anti_entropy_interval": 1.0, "rebalance_interval": 0.5, "hint_interv
 
 
 async def start_kv_node(stack: AsyncExitStack, data_dir: Path, bootstrap: list[str],
-                        **kv_overrides) -> KV:
+                        net_overrides: dict | None = None, **kv_overrides) -> KV:
     net = await stack.enter_async_context(
-        Network.start(node_config(data_dir, bootstrap=bootstrap, **FAST_NET)))
+        Network.start(node_config(data_dir, bootstrap=bootstrap,
+                                  **{**FAST_NET, **(net_overrides or {})})))
     return await stack.enter_async_context(
         KV.start(net, data_dir, KVConfig(**{**FAST_KV, **kv_overrides})))
 

@@ -1,0 +1,236 @@
+# Admission and write authority: a network that declares who may hold data keeps everyone
+# else out of its membership view, its ring, its store's protocols and its pubsub mesh, even
+# when twenty strangers with their own keys connect at once; ring members write only keys
+# they (or the receiver) replicate, and hints only for ring members. The rule's pure parts
+# (validation, the gate, the testnet table) are tested first.
+from __future__ import annotations
+
+import time
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+
+from kv import KV
+from kv.replication import APPLY_PROTOCOL, seal_batch
+from p2p import Network, RemoteError
+from p2p.admission import Admission, AdmissionError, AdmissionRule
+from p2p.identity import Identity, load_or_create_identity
+from tasknet_node import testnets
+
+from kv_helpers import FAST_NET, start_kv_node, wait_for_ring
+from p2p_helpers import node_config, wait_for
+
+PEER_A = str(Identity.generate().peer_id)
+PEER_B = str(Identity.generate().peer_id)
+
+
+# -- the rule and the gate (pure) ------------------------------------------------------------
+@pytest.mark.parametrize("fields, complaint", [
+    ({"kind": "closed"}, "must be one of"),
+    ({"kind": "allowlist"}, "at least one peer id"),
+    ({"kind": "allowlist", "peers": frozenset({"not-a-peer-id"})}, "not a peer id"),
+    ({"kind": "stake", "task": "t"}, "min_stake"),
+    ({"kind": "stake", "min_stake": 10}, "needs the task"),
+    ({"kind": "open", "gossip": "some"}, "gossip policy"),
+])
+def test_an_invalid_rule_is_refused_with_its_reason(fields, complaint):
+    with pytest.raises(AdmissionError, match=complaint):
+        AdmissionRule(**fields)
+
+
+def test_the_gate_admits_by_rule():
+    assert Admission(AdmissionRule(), PEER_A).admits(PEER_B)
+    allow = Admission(AdmissionRule("allowlist", frozenset({PEER_A})), PEER_A)
+    assert allow.admits(PEER_A) and allow.admits_self() and not allow.admits(PEER_B)
+    assert AdmissionRule("allowlist", frozenset({PEER_A})).gossip == "members"
+    assert AdmissionRule().gossip == "all"
+
+
+def test_the_stake_gate_follows_readings_and_forgives_one_period_of_lag():
+    gate = Admission(AdmissionRule("stake", min_stake=5, task="t1"), PEER_A)
+    assert not gate.settled and not gate.admits(PEER_A)  # nothing read yet: nobody
+    assert gate.set_staked({PEER_A})
+    assert gate.settled and gate.admits(PEER_A) and not gate.admits(PEER_B)
+    assert gate.set_staked({PEER_B})  # A's stake went: still admitted for one reading
+    assert gate.admits(PEER_A) and gate.admits(PEER_B)
+    assert not gate.set_staked({PEER_B})
+    assert not gate.admits(PEER_A) and gate.admits(PEER_B)
+
+
+def test_a_testnet_file_declares_its_admission_rule(tmp_path):
+    source = tmp_path / "t.toml"
+    testnet = testnets.parse_testnet("t", {"network_id": "n", "admission": {
+        "rule": "allowlist", "peers": [PEER_A, PEER_B]}}, source)
+    assert testnet.admission.kind == "allowlist"
+    assert testnet.admission.peers == {PEER_A, PEER_B}
+    assert testnets.parse_testnet("t", {"network_id": "n"}, source).admission.kind == "open"
+    with pytest.raises(testnets.TestnetError, match="unknown admission keys"):
+        testnets.parse_testnet("t", {"network_id": "n", "admission": {"rule": "open", "x": 1}},
+                               source)
+    with pytest.raises(testnets.TestnetError, match="min_stake"):
+        testnets.parse_testnet(
+            "t", {"network_id": "n", "admission": {"rule": "stake", "task": "t"}}, source)
+
+
+# -- twenty strangers against an allowlisted network ------------------------------------------
+STRANGERS = 20
+TOPIC = "news"
+
+
+def _identities(base: Path, count: int) -> list[str]:
+    """Create node keys in data dirs before the nodes start, to know their peer ids."""
+    return [str(load_or_create_identity(base / f"member{i}").peer_id) for i in range(count)]
+
+
+async def _attempts(stranger: Network, victim: KV, key: bytes) -> dict[str, str]:
+    """Every store protocol a stranger could use to write, read or compare; the error code
+    each answered (or "served")."""
+    delta = msgpack.packb([1, 1, 2**40, 0, "x", False, msgpack.packb("stolen")])
+    tries = {
+        "kv-apply": seal_batch(stranger, [[key, delta, None]], time.time_ns()),
+        "kv-ops": {"groups": [{"ops": [["put", key, ["stolen"]]], "c": "one"}]},
+        "kv-read": {"keys": [key]},
+        "kv-ae": {"sid": 1, "m": [0]},
+        "kv-roots": {"p": [0]},
+    }
+    codes = {}
+    for protocol, message in tries.items():
+        try:
+            await stranger.request(victim.me, protocol, message, timeout=5)
+            codes[protocol] = "served"
+        except RemoteError as exc:
+            codes[protocol] = exc.code
+    return codes
+
+
+def _mesh(net: Network) -> set[str]:
+    assert net._pubsub is not None
+    mesh = net._pubsub.router.mesh.get(f"/tasknet/{net.config.network_id}/{TOPIC}", set())
+    return {str(peer) for peer in mesh}
+
+
+async def test_twenty_unadmitted_peers_change_no_ring_get_no_data_and_crowd_no_mesh(tmp_path):
+    members = _identities(tmp_path, 3)
+    rule = AdmissionRule("allowlist", frozenset(members))
+    async with AsyncExitStack() as stack:
+        nodes = [await start_kv_node(stack, tmp_path / "member0", [],
+                                     net_overrides={"admission": rule})]
+        for i in (1, 2):
+            nodes.append(await start_kv_node(stack, tmp_path / f"member{i}",
+                                             [nodes[0].net.addrs[0]],
+                                             net_overrides={"admission": rule}))
+        await wait_for_ring(nodes)
+        victim = nodes[0]
+        for i in range(30):
+            await victim.put(f"k{i}", i, consistency="all")
+        keys_before = {kv.me: len(kv.store) for kv in nodes}
+        subscriptions = [await stack.enter_async_context(kv.net.subscribe(TOPIC))
+                         for kv in nodes]
+
+        # twenty strangers, each with its own key, completing Noise, running SWIM and
+        # gossip, all joining through the victim at once
+        strangers: list[Network] = []
+        done = trio.Event()
+
+        async def run_stranger(i: int) -> None:
+            async with Network.start(node_config(tmp_path / f"stranger{i}",
+                                                 bootstrap=[victim.net.addrs[0]], **FAST_NET)
+                                     ) as stranger:
+                strangers.append(stranger)
+                await done.wait()
+
+        crowd = await stack.enter_async_context(trio.open_nursery())
+        stack.callback(done.set)  # (unwound first) every stranger stops, even on failure
+        for i in range(STRANGERS):
+            crowd.start_soon(run_stranger, i)
+        await wait_for(lambda: len(strangers) == STRANGERS, 60, "twenty strangers to start")
+        stranger_ids = {s.peer_id for s in strangers}
+        for stranger in strangers:
+            await stranger.subscribe_raw(TOPIC)
+        await wait_for(lambda: len(stranger_ids & set(victim.net.connected_peers())) >= 10,
+                       30, "the strangers to connect to the victim")
+        # they knock on every store protocol and publish gossip
+        codes = [await _attempts(s, victim, b"k1") for s in strangers[:5]]
+        for stranger in strangers:
+            await stranger.publish(TOPIC, {"from": "a stranger"})
+        # give membership several of its periods to spread whatever the strangers said
+        rounds_seen = victim.net.view.core.stats.get("probes", 0)
+        await wait_for(lambda: victim.net.view.core.stats.get("probes", 0) >= rounds_seen + 5,
+                       30, "five more probe periods on the victim")
+
+        for kv in nodes:
+            assert set(kv.ring.members) == set(members), "a stranger entered a ring"
+            assert {m.peer_id for m in kv.net.view.members()} <= set(members)
+        for answer in codes:
+            assert answer == dict.fromkeys(answer, "not_admitted"), answer
+        assert {kv.me: len(kv.store) for kv in nodes} == keys_before
+        assert await victim.get("k1", consistency="all") == 1
+        assert victim.net.scores.offences.get("unadmitted", 0) >= len(codes) * len(codes[0])
+        assert victim.net.metrics["unadmitted_refused"] >= len(codes) * len(codes[0])
+        assert not any(s.view.members() for s in strangers), "a member answered a stranger"
+
+        # the honest mesh holds members only, and honest gossip still flows
+        await wait_for(lambda: _mesh(victim.net) >= set(members) - {victim.me}, 20,
+                       "the victim's mesh to hold both other members")
+        assert not _mesh(victim.net) & stranger_ids
+        await nodes[1].net.publish(TOPIC, {"from": "member"})
+        with trio.fail_after(10):
+            while True:
+                message = await subscriptions[0].next()
+                assert message.author in members, "gossip of a stranger was delivered"
+                if message.payload == {"from": "member"}:
+                    break
+
+
+# -- write authority among ring members -------------------------------------------------------
+def _key_owned_by_neither(ring, a: str, b: str) -> bytes:
+    for i in range(10_000):
+        key = f"k{i}".encode()
+        owners = ring.preference_list(key)
+        if a not in owners and b not in owners:
+            return key
+    raise AssertionError("no key replicated by neither node")
+
+
+def _key_owned_by_both(ring, a: str, b: str) -> bytes:
+    for i in range(10_000):
+        key = f"k{i}".encode()
+        owners = ring.preference_list(key)
+        if a in owners and b in owners:
+            return key
+    raise AssertionError("no key replicated by both nodes")
+
+
+async def test_a_ring_member_writes_only_what_it_or_the_receiver_replicates(tmp_path):
+    async with AsyncExitStack() as stack:
+        first = await start_kv_node(stack, tmp_path / "n0", [], replicas=2)
+        nodes = [first] + [await start_kv_node(stack, tmp_path / f"n{i}", [first.net.addrs[0]],
+                                               replicas=2) for i in (1, 2, 3)]
+        await wait_for_ring(nodes)
+        victim, member = nodes[0], nodes[1]
+        ring = victim.ring
+        delta = msgpack.packb([1, 1, int(time.time() * 1000), 0, member.me, False,
+                               msgpack.packb("member wrote")])
+
+        async def send(items: list) -> str:
+            try:
+                await member.net.request(victim.me, APPLY_PROTOCOL,
+                                         seal_batch(member.net, items, time.time_ns()), timeout=5)
+                return "served"
+            except RemoteError as exc:
+                return exc.code
+
+        foreign = _key_owned_by_neither(ring, victim.me, member.me)
+        assert await send([[foreign, delta, None]]) == "authority"
+        assert victim.store.get(foreign) is None
+        made_up = str(Identity.generate().peer_id)
+        shared = _key_owned_by_both(ring, victim.me, member.me)
+        assert await send([[shared, delta, made_up]]) == "authority"
+        assert made_up not in victim.hints.pending()
+        assert victim.metrics["authority_refused"] == 2
+        # what it does replicate is taken, as before
+        assert await send([[shared, delta, None]]) == "served"
+        assert victim.store.get(shared) is not None
