@@ -342,9 +342,10 @@ def test_store_flags():
     assert default == KVConfig()
     tuned = build_kv_config(cli.run_parser().parse_args([
         "--bootstrap", "--replicas", "5", "--write-consistency", "all",
-        "--read-consistency", "one", "--anti-entropy-interval", "0.5"]))
+        "--read-consistency", "one", "--anti-entropy-interval", "0.5",
+        "--max-clock-skew", "60"]))
     assert (tuned.replicas, tuned.write_consistency, tuned.read_consistency,
-            tuned.anti_entropy_interval) == (5, "all", "one", 0.5)
+            tuned.anti_entropy_interval, tuned.max_clock_skew_s) == (5, "all", "one", 0.5, 60)
     for bad in (["--replicas", "0"], ["--replicas", "two"], ["--write-consistency", "most"],
-                ["--anti-entropy-interval", "-1"]):
+                ["--anti-entropy-interval", "-1"], ["--max-clock-skew", "0"]):
         assert cli.main(["--bootstrap", *bad]) == 2
