@@ -946,7 +946,7 @@ class KV:
         of states this side received."""
         self._ae_next_sid += 1
         sid = self._ae_next_sid
-        session = Initiator(self.store.tree, self.store.read_segment, partitions)
+        session = Initiator(self.store.tree, self._offered_segment, partitions)
         message: Any = session.start()
         try:
             while message is not None:
@@ -977,7 +977,7 @@ class KV:
             mine = [k for k in self._ae_sessions if k[0] == peer]
             if len(mine) >= MAX_AE_SESSIONS_PER_PEER:
                 del self._ae_sessions[min(mine, key=lambda k: self._ae_sessions[k][1])]
-            entry = (Responder(self.store.tree, self.store.read_segment), now)
+            entry = (Responder(self.store.tree, self._offered_segment), now)
         session = entry[0]
         self._ae_sessions[key] = (session, now)
         try:
@@ -993,6 +993,15 @@ class KV:
             if repaired:
                 await self._merge_quietly(repaired, f"anti-entropy from {peer}")
         return reply
+
+    def _offered_segment(self, partition: int, segment: int) -> list[tuple[bytes, bytes]]:
+        """A segment as anti-entropy offers it: without states beyond the clock skew bound
+        (stored before the bound existed). Peers would refuse them and score this node down;
+        here they read as absent until an operator overrides them."""
+        now_ms = wall_ms()
+        beyond = self.timebound.beyond_or_false
+        return [(k, s) for k, s in self.store.read_segment(partition, segment)
+                if not beyond(s, now_ms)]
 
     def _within_bound(self, states: list[tuple[bytes, bytes]], peer: str, what: str
                       ) -> list[tuple[bytes, bytes]]:

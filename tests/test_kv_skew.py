@@ -12,6 +12,7 @@ import trio
 import crdt
 from crdt import LWWRegister, ORMap, Timestamp
 from kv import OpError, QuorumError
+from kv.ops import Op
 from kv.replication import APPLY_PROTOCOL, Delta, PeerLink, seal_batch
 from kv.writer import GroupCommitWriter, Replace
 from p2p import RemoteError
@@ -75,12 +76,14 @@ async def test_a_forged_far_future_batch_item_is_refused_and_does_not_lock_the_k
         assert await attacker.get(b"nested") == 1
 
 
-async def test_anti_entropy_does_not_spread_a_far_future_state(tmp_path):
+async def test_anti_entropy_does_not_spread_a_far_future_state(tmp_path, monkeypatch):
     async with handles(tmp_path, 3) as nodes:
         holder, a, b = (n.kv for n in nodes)
         await holder.put("other", "valid", consistency="all")
         await seed(holder, b"old", register("from before the fix", FAR))
         await seed(holder, b"old-map", nested_map(FAR))
+        # the holder offers its whole store, as a node without the bound does
+        monkeypatch.setattr(holder, "_offered_segment", holder.store.read_segment)
         # anti-entropy runs every second: both peers meet the holder's states and refuse them
         await wait_for(lambda: a.metrics["skew_refused"] >= 2 and b.metrics["skew_refused"] >= 2,
                        30, "anti-entropy to offer the far-future states to both peers")
@@ -90,6 +93,15 @@ async def test_anti_entropy_does_not_spread_a_far_future_state(tmp_path):
         # the key reads as absent (the only answer is beyond the bound), not as the old value
         assert await a.get(b"old", consistency="all") is None
         assert value_of(holder.store.get(b"old")) == "from before the fix"  # never spread
+        # a node with the bound does not offer such states: its peers never refuse (nor score
+        # it down for) what it keeps from before the bound
+        monkeypatch.undo()
+        refused = {kv.me: kv.metrics["skew_refused"] for kv in (a, b)}
+        since = time.monotonic()
+        await wait_for(lambda: all(max(kv.last_anti_entropy.values(), default=0) > since + 2
+                                   for kv in (holder, a, b)), 30, "two more rounds each")
+        assert {kv.me: kv.metrics["skew_refused"] for kv in (a, b)} == refused
+        assert a.store.get(b"old") is None and b.store.get(b"old") is None
 
 
 async def test_a_refused_replica_write_is_not_acknowledged(tmp_path):
@@ -205,3 +217,18 @@ async def test_a_malformed_batch_is_still_refused_whole(tmp_path):
         with pytest.raises(RemoteError):  # an override flag that is not a bool
             await net.request(victim.me, APPLY_PROTOCOL,
                               seal_batch(net, [[b"k", register(1, 1), None, "yes"]], 2))
+
+
+def test_the_override_travels_with_a_forwarded_op():
+    put = Op("put", b"k", ("v",), True)
+    assert put.to_wire() == ["put", b"k", ["v"], True]
+    assert Op.from_wire(put.to_wire()) == put
+    plain = Op("delete", b"k")
+    assert plain.to_wire() == ["delete", b"k", []]  # what older nodes send and accept
+    assert Op.from_wire(["delete", b"k", []]) == plain and not plain.override_skew
+    for bad in (["incr", b"k", [1], True], ["put", b"k", ["v"], "yes"],
+                ["put", b"k", ["v"], True, 1]):
+        with pytest.raises(OpError):
+            Op.from_wire(bad)
+    assert Delta(b"k", b"d", None, None, True).to_wire() == [b"k", b"d", None, True]
+    assert Delta(b"k", b"d", "p", None).to_wire() == [b"k", b"d", "p"]
