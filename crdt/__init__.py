@@ -19,6 +19,10 @@ replica that missed the deletion merges its old state):
   * ORSet.remove / ORMap.remove / MVRegister.clear: the delta carries the causal context of
     the removed dots; the merged context keeps them from being re-added.
   * Counters cannot be deleted by themselves: put them in an ORMap and remove the key.
+
+latest_wall(encoded) gives the latest wall time (ms) a state carries (its registers'
+timestamps, nested ones included), for a receiver that bounds how far ahead of its own clock
+a peer's state may be.
 """
 from .codec import (
     DEFAULT_MAX_DEPTH,
@@ -39,9 +43,11 @@ from .mvreg import MVRegister
 from .ormap import ORMap
 from .orset import ORSet
 from .pncounter import PNCounter
+from .walltime import latest_wall
 
 __all__ = [
     "DEFAULT_MAX_DEPTH", "DEFAULT_MAX_SIZE", "HLC", "TYPE_NAMES", "ClockDriftError",
     "DecodeError", "GCounter", "LWWRegister", "MVRegister", "ORMap", "ORSet", "PNCounter",
-    "State", "Timestamp", "decode", "encode", "merge_encoded", "new", "state_class",
+    "State", "Timestamp", "decode", "encode", "latest_wall", "merge_encoded", "new",
+    "state_class",
 ]

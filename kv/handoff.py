@@ -22,6 +22,7 @@ from p2p.rpc import HandlerError
 from shard import Ring, diff
 
 from .replication import APPLY_PROTOCOL, seal_batch
+from .timebound import refused_indices
 
 if TYPE_CHECKING:
     from .service import KV
@@ -235,8 +236,8 @@ class Handoff:
             nonlocal failed, next_unacked
             try:
                 batch = seal_batch(kv.net, items, time.time_ns())
-                await kv.net.request(target, APPLY_PROTOCOL, batch,
-                                     timeout=kv.config.request_timeout * 4)
+                reply = await kv.net.request(target, APPLY_PROTOCOL, batch,
+                                             timeout=kv.config.request_timeout * 4)
             except RequestError as exc:
                 if not failed:
                     log.info("handoff to %s failed: %s", target, exc)
@@ -244,6 +245,10 @@ class Handoff:
                 return
             finally:
                 window.release()
+            refused = refused_indices(reply, len(items))
+            if refused:  # states beyond the target's clock skew bound: they stay behind
+                log.info("handoff: %s refused %d states beyond its clock skew bound",
+                         target, len(refused))
             kv.metrics["handoff_keys_sent"] += len(items)
             if "keys_sent" in self.progress:
                 self.progress["keys_sent"] += len(items)

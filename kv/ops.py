@@ -20,6 +20,10 @@ TYPE_OF_OP = {
     "hdel": "ormap",
 }
 
+OVERRIDE_OPS = ("put", "delete")  # the operations an operator may force past the skew bound
+OVERRIDE_HELP = ("overwrite or delete it with override_skew (HTTP: ?override_skew=true; "
+                 "CLI: --override-skew; embedding: override_skew=True)")
+
 # how messages name the types ("key holds a set (orset), not a register (lww)")
 _TYPE_WORDS = {"lww": "a register (lww)", "pncounter": "a counter (pncounter)",
                "orset": "a set (orset)", "ormap": "a map (ormap)", "mvreg": "a multi-value "
@@ -42,18 +46,28 @@ class Op(NamedTuple):  # a tuple: made per key on the batched write path, so it 
     kind: str
     key: bytes
     args: tuple[Any, ...] = ()
+    # an operator's override: a stored state beyond the clock skew bound is replaced, not
+    # merged (kv/timebound.py); only put and delete take it
+    override_skew: bool = False
 
     def to_wire(self) -> list[Any]:
-        return [self.kind, self.key, list(self.args)]
+        wire: list[Any] = [self.kind, self.key, list(self.args)]
+        if self.override_skew:
+            wire.append(True)
+        return wire
 
     @classmethod
     def from_wire(cls, data: Any) -> Op:
-        if not (isinstance(data, list) and len(data) == 3 and isinstance(data[0], str)
-                and isinstance(data[1], bytes) and isinstance(data[2], list)):
-            raise OpError("bad_request", "operation must be [kind, key, args]")
+        if not (isinstance(data, list) and len(data) in (3, 4) and isinstance(data[0], str)
+                and isinstance(data[1], bytes) and isinstance(data[2], list)
+                and (len(data) == 3 or type(data[3]) is bool)):
+            raise OpError("bad_request", "operation must be [kind, key, args(, override)]")
         if data[0] not in TYPE_OF_OP:
             raise OpError("bad_request", f"unknown operation {data[0]!r}")
-        return cls(data[0], data[1], tuple(data[2]))
+        override = len(data) == 4 and data[3]
+        if override and data[0] not in OVERRIDE_OPS:
+            raise OpError("bad_request", f"{data[0]} does not take override_skew")
+        return cls(data[0], data[1], tuple(data[2]), override)
 
 
 def type_name(state: Any) -> str:
@@ -127,7 +141,8 @@ def _stamp(state: Any | None, clock: crdt.HLC, now_ms: int) -> crdt.Timestamp:
     try:
         return clock.observe(seen, now_ms)
     except crdt.ClockDriftError as exc:
-        raise OpError("clock_skew", str(exc)) from None
+        raise OpError("clock_skew", f"the key holds a write from a clock beyond the skew bound "
+                      f"({exc}); an operator may {OVERRIDE_HELP}") from None
 
 
 def _delete_delta(current: Any | None, actor: str, stamp: crdt.Timestamp) -> Any:

@@ -16,6 +16,8 @@ from p2p import Network, RequestError
 from p2p.envelope import Envelope, EnvelopeError, open_envelope, seal
 from p2p.identity import peer_id_from_public_key
 
+from .timebound import refused_indices
+
 log = logging.getLogger(__name__)
 
 APPLY_PROTOCOL = "kv-apply"
@@ -30,6 +32,13 @@ class Delta:
     delta: bytes
     hint_for: str | None
     on_outcome: Outcome | None
+    override: bool = False  # replace the replica's state if it is beyond the skew bound
+
+    def to_wire(self) -> list[Any]:
+        """A kv-apply item: [key, delta, hint_for], plus True for an override."""
+        if self.override:
+            return [self.key, self.delta, self.hint_for, True]
+        return [self.key, self.delta, self.hint_for]
 
 
 def seal_batch(net: Network, items: list[list[Any]], seq: int) -> bytes:
@@ -119,17 +128,23 @@ class PeerLink:
 
     async def _send_batch(self, batch: list[Delta]) -> None:
         self._seq += 1
-        items = [[d.key, d.delta, d.hint_for] for d in batch]
+        items = [d.to_wire() for d in batch]
         try:
-            await self.net.request(self.peer, APPLY_PROTOCOL,
-                                   seal_batch(self.net, items, self._seq))
+            reply = await self.net.request(self.peer, APPLY_PROTOCOL,
+                                           seal_batch(self.net, items, self._seq))
         except RequestError as exc:
             self.failed_batches += 1
             log.info("replication batch of %d to %s failed: %s", len(batch), self.peer, exc)
             self._on_failed(self.peer, batch)
             return
-        self.sent += len(batch)
+        # items the peer refused (beyond its clock skew bound) are not replica writes: they
+        # fail their write and are dropped (a hint would be refused again)
+        refused = refused_indices(reply, len(batch))
+        if refused:
+            log.info("%s refused %d of %d deltas (beyond its clock skew bound); dropped",
+                     self.peer, len(refused), len(batch))
+        self.sent += len(batch) - len(refused)
         self.batches += 1
-        for item in batch:
+        for index, item in enumerate(batch):
             if item.on_outcome is not None:
-                item.on_outcome(True)
+                item.on_outcome(index not in refused)

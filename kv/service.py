@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -32,7 +32,8 @@ from .hints import HintStore
 from .ops import Op, OpError, make_delta, render
 from .replication import APPLY_PROTOCOL, Delta, PeerLink, open_batch, seal_batch
 from .sweeper import TombstoneSweeper
-from .writer import GroupCommitWriter
+from .timebound import TimeBound, apply_reply, refused_indices, wall_ms
+from .writer import GroupCommitWriter, Replace, Replacement
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,14 @@ class KVConfig:
     tombstone_scan_keys: int = 5000  # keys read per sweep round
     # the ring unchanged and every member alive this long before a sweep round may collect
     tombstone_settle_s: float = 60.0
+    # no state from a peer may carry a wall time further ahead of this node's clock than
+    # this (refused, counted in skew_refused, its sender scored down); local writes bound
+    # the timestamps they observe by it too (kv/timebound.py)
+    max_clock_skew_s: float = 300.0
 
     def __post_init__(self) -> None:
+        if not self.max_clock_skew_s > 0:
+            raise ValueError(f"max_clock_skew_s must be > 0, got {self.max_clock_skew_s}")
         if self.anti_entropy_settle_s < 0 or self.anti_entropy_max_deferrals < 0:
             raise ValueError("anti_entropy_settle_s and anti_entropy_max_deferrals must be >= 0")
         # a hint older than a collected tombstone's grace would bring the deleted key back
@@ -168,7 +175,10 @@ class KV:
         self.config = config
         self.me = net.peer_id
         self.writer = GroupCommitWriter(store)
-        self.clock = crdt.HLC()
+        skew_ms = int(config.max_clock_skew_s * 1000)
+        # one bound for both: whatever a peer may send, a local write can overwrite
+        self.clock = crdt.HLC(max_drift_ms=skew_ms)
+        self.timebound = TimeBound(skew_ms)
         self.ring = self._build_ring()
         self._links: dict[str, PeerLink] = {}
         self._forwarders: dict[str, Forwarder] = {}
@@ -187,8 +197,8 @@ class KV:
         self.metrics = {"writes": 0, "reads": 0, "read_repairs": 0, "hints_delivered": 0,
                         "handoff_keys_sent": 0, "partitions_dropped": 0, "refused_batches": 0,
                         "merge_failures": 0, "type_conflicts": 0, "tombstones_collected": 0,
-                        "hints_expired": 0, "not_member_refused": 0,
-                        "authority_refused": 0}
+                        "hints_expired": 0, "skew_refused": 0, "skew_overrides": 0,
+                        "not_member_refused": 0, "authority_refused": 0}
         self.sweeper = TombstoneSweeper(self)
 
     @classmethod
@@ -226,11 +236,17 @@ class KV:
             store.close()
 
     # -- public API ----------------------------------------------------------------------
-    async def put(self, key: str | bytes, value: Any, consistency: str | None = None) -> None:
-        await self._execute(Op("put", _key_bytes(key), (value,)), consistency)
+    async def put(self, key: str | bytes, value: Any, consistency: str | None = None, *,
+                  override_skew: bool = False) -> None:
+        """Write a register. `override_skew`: an operator's write over a state whose wall
+        time is beyond the clock skew bound (stored before the bound existed): each replica
+        replaces such a state instead of merging (a state within the bound merges as usual)."""
+        await self._execute(Op("put", _key_bytes(key), (value,), override_skew), consistency)
 
-    async def delete(self, key: str | bytes, consistency: str | None = None) -> None:
-        await self._execute(Op("delete", _key_bytes(key)), consistency)
+    async def delete(self, key: str | bytes, consistency: str | None = None, *,
+                     override_skew: bool = False) -> None:
+        """Delete a key; `override_skew` as in put()."""
+        await self._execute(Op("delete", _key_bytes(key), (), override_skew), consistency)
 
     async def incr(self, key: str | bytes, amount: int = 1,
                    consistency: str | None = None) -> None:
@@ -359,6 +375,19 @@ class KV:
         return states
 
     def _merge_and_repair(self, key: bytes, answers: dict[str, bytes | None]) -> bytes | None:
+        # answers beyond the clock skew bound are left out of the merge (never written back)
+        # and their replicas repaired with an override from the others; a key whose answers
+        # are all beyond the bound reads as absent until an operator overrides it
+        now_ms = wall_ms()
+        beyond = self.timebound.beyond_or_false
+        skewed = [peer for peer, state in answers.items()
+                  if state is not None and beyond(state, now_ms)]
+        for peer in skewed:
+            del answers[peer]
+        if skewed:
+            self.metrics["skew_refused"] += len(skewed)
+            self.timebound.report(len(skewed), f"of {_shown(key)} answering a read from",
+                                  ", ".join(p[-6:] for p in skewed))
         merged: bytes | None = None
         for peer, state in list(answers.items()):
             if state is None:
@@ -382,6 +411,13 @@ class KV:
                 if state != merged:
                     self.metrics["read_repairs"] += 1
                     self._send_nowait(peer, Delta(key, merged, None, None))
+            for peer in skewed:
+                self.metrics["read_repairs"] += 1
+                self._send_nowait(peer, Delta(key, merged, None, None, override=True))
+        elif skewed:
+            log.warning("%s reads as absent: every replica that answered holds a state beyond "
+                        "the clock skew bound; an operator may overwrite or delete it with "
+                        "override_skew", _shown(key))
         return merged
 
     @property
@@ -597,10 +633,20 @@ class KV:
 
         def mutation(op: Op) -> Any:
             def apply(current: bytes | None) -> bytes | None:
-                state = crdt.decode(current) if current is not None else None
+                # an override over a state beyond the skew bound starts the key afresh
+                replace = (op.override_skew and current is not None
+                           and self.timebound.beyond(current, now_ms))
+                state = crdt.decode(current) if current is not None and not replace else None
                 try:
                     delta = make_delta(op, state, self.me, self.clock, now_ms)
-                    return None if delta is None else crdt.encode(delta)
+                    if delta is None:
+                        return None
+                    if replace:
+                        self.metrics["skew_overrides"] += 1
+                        log.info("%s of %s replaces a state beyond the clock skew bound",
+                                 op.kind, _shown(op.key))
+                        return Replacement(crdt.encode(delta))
+                    return crdt.encode(delta)
                 except OpError:
                     raise
                 except (TypeError, ValueError, OverflowError) as exc:
@@ -632,7 +678,8 @@ class KV:
                     (peer, self._link(peer) if peer in alive else None)
                     for peer in owners(partition) if peer != self.me]
             acks = _Acks(needed, len(targets), group, level is Consistency.ALL)
-            item = Delta(op.key, delta, None, acks)  # the same item goes to every replica
+            # the same item goes to every replica
+            item = Delta(op.key, delta, None, acks, op.override_skew)
             for peer, link in targets:
                 if link is None:
                     self._hint(peer, [item])
@@ -679,7 +726,7 @@ class KV:
             if isinstance(outcome, _Acks) and outcome.primaries_only:
                 outcome(False)  # the hint still goes out; it just cannot confirm an ALL write
                 outcome = None
-            hinted = Delta(item.key, item.delta, target, outcome)
+            hinted = Delta(item.key, item.delta, target, outcome, item.override)
             if holders and self._link(holders[0]).push_nowait(hinted):
                 continue
             self.hints.add(target, [(item.key, item.delta)])
@@ -709,7 +756,9 @@ class KV:
 
     def _send_nowait(self, peer: str, item: Delta) -> None:
         if peer == self.me:
-            self._nursery_soon(self._merge_quietly, [(item.key, item.delta)], "read repair")
+            local: bytes | Replace = (Replace(item.delta, self.timebound.stale_check())
+                                      if item.override else item.delta)
+            self._nursery_soon(self._merge_quietly, [(item.key, local)], "read repair")
         elif not self._link(peer).push_nowait(item):
             log.debug("replication queue to %s is full; anti-entropy will repair", peer)
 
@@ -733,7 +782,7 @@ class KV:
             return await handler(peer, message)
         return guarded
 
-    def _check_authority(self, peer: str, direct: list[tuple[bytes, bytes]],
+    def _check_authority(self, peer: str, direct: Sequence[tuple[bytes, object]],
                          hinted: dict[str, list[tuple[bytes, bytes]]]) -> None:
         """Write authority over a replication batch from ring member `peer`: each key it
         sends for this node to store must be replicated by the sender or by this node (an
@@ -770,21 +819,41 @@ class KV:
             self.metrics["refused_batches"] += 1
             self.net.penalize(peer, exc.reason)
             raise HandlerError("refused", str(exc)) from None
-        direct: list[tuple[bytes, bytes]] = []
+        direct: list[tuple[bytes, bytes | Replace]] = []
         hinted: dict[str, list[tuple[bytes, bytes]]] = {}
-        for item in envelope.payload:
-            if not (isinstance(item, list) and len(item) == 3 and isinstance(item[0], bytes)
-                    and isinstance(item[1], bytes)
-                    and (item[2] is None or isinstance(item[2], str))):
+        refused: list[int] = []  # beyond the clock skew bound: neither stored nor hinted
+        now_ms = wall_ms()
+        stale = None
+        for index, item in enumerate(envelope.payload):
+            if not (isinstance(item, list) and len(item) in (3, 4)
+                    and isinstance(item[0], bytes) and isinstance(item[1], bytes)
+                    and (item[2] is None or isinstance(item[2], str))
+                    and (len(item) == 3 or type(item[3]) is bool)):
                 self.metrics["refused_batches"] += 1
                 self.net.penalize(peer, "malformed")
                 raise HandlerError("refused", "batch item is not [key, delta, hint_for]")
-            key, delta, hint_for = item
+            key, delta, hint_for = item[:3]
+            try:
+                if self.timebound.beyond(delta, now_ms):
+                    refused.append(index)
+                    continue
+            except crdt.DecodeError as exc:
+                self.metrics["refused_batches"] += 1
+                self.net.penalize(peer, "malformed")
+                raise HandlerError("refused", f"batch cannot be merged: {exc}") from None
             if hint_for is None or hint_for == self.me:
-                direct.append((key, delta))
+                if len(item) == 4 and item[3]:  # an override: replace a state beyond the bound
+                    stale = stale or self.timebound.stale_check()
+                    direct.append((key, Replace(delta, stale)))
+                else:
+                    direct.append((key, delta))
             else:
                 hinted.setdefault(hint_for, []).append((key, delta))
         self._check_authority(peer, direct, hinted)
+        if refused:
+            self.metrics["skew_refused"] += len(refused)
+            self.net.penalize(peer, "clock_skew")
+            self.timebound.report(len(refused), "in a replication batch from", peer)
         try:
             await self.writer.merge(direct)
         except Exception as exc:
@@ -793,7 +862,7 @@ class KV:
             raise HandlerError("refused", f"batch cannot be merged: {exc}") from None
         for target, items in hinted.items():
             self.hints.add(target, items)
-        return len(envelope.payload)
+        return apply_reply(len(envelope.payload), refused)
 
     async def _on_ops(self, peer: str, message: Any) -> Any:
         """Groups of ops another coordinator forwarded (each group with its consistency
@@ -868,12 +937,16 @@ class KV:
                 return
             items = [[key, delta, None] for _, key, delta in hints]
             try:
-                await self.net.request(target, APPLY_PROTOCOL,
-                                       seal_batch(self.net, items, time.time_ns()),
-                                       timeout=self.config.request_timeout)
+                reply = await self.net.request(target, APPLY_PROTOCOL,
+                                               seal_batch(self.net, items, time.time_ns()),
+                                               timeout=self.config.request_timeout)
             except RequestError as exc:
                 log.info("hint delivery to %s failed: %s", target, exc)
                 return
+            refused = refused_indices(reply, len(items))
+            if refused:  # delivered, and refused there: retrying would be refused again
+                log.info("%s refused %d hinted writes (beyond its clock skew bound); dropped",
+                         target, len(refused))
             self.hints.remove(target, [hint_id for hint_id, _, _ in hints])
             self.metrics["hints_delivered"] += len(hints)
             log.info("delivered %d hinted writes to %s (%d left)", len(hints), target,
@@ -927,7 +1000,7 @@ class KV:
         of states this side received."""
         self._ae_next_sid += 1
         sid = self._ae_next_sid
-        session = Initiator(self.store.tree, self.store.read_segment, partitions)
+        session = Initiator(self.store.tree, self._offered_segment, partitions)
         message: Any = session.start()
         try:
             while message is not None:
@@ -939,7 +1012,7 @@ class KV:
         except (RequestError, ProtocolError) as exc:
             log.info("anti-entropy with %s failed: %s", peer, exc)
             return 0
-        repaired = self._owned_only(session.received)
+        repaired = self._within_bound(self._owned_only(session.received), peer, "anti-entropy")
         if repaired and await self._merge_quietly(repaired, f"anti-entropy with {peer}"):
             log.info("anti-entropy with %s repaired %d keys here", peer, len(repaired))
         self._quiet.compared(peer, partitions)
@@ -958,7 +1031,7 @@ class KV:
             mine = [k for k in self._ae_sessions if k[0] == peer]
             if len(mine) >= MAX_AE_SESSIONS_PER_PEER:
                 del self._ae_sessions[min(mine, key=lambda k: self._ae_sessions[k][1])]
-            entry = (Responder(self.store.tree, self.store.read_segment), now)
+            entry = (Responder(self.store.tree, self._offered_segment), now)
         session = entry[0]
         self._ae_sessions[key] = (session, now)
         try:
@@ -969,12 +1042,38 @@ class KV:
             raise HandlerError("protocol", str(exc)) from None
         if session.done:
             self._ae_sessions.pop(key, None)
-            repaired = self._owned_only(session.received)
+            repaired = self._within_bound(self._owned_only(session.received), peer,
+                                          "anti-entropy")
             if repaired:
                 await self._merge_quietly(repaired, f"anti-entropy from {peer}")
         return reply
 
-    async def _merge_quietly(self, items: list[tuple[bytes, bytes]], what: str) -> bool:
+    def _offered_segment(self, partition: int, segment: int) -> list[tuple[bytes, bytes]]:
+        """A segment as anti-entropy offers it: without states beyond the clock skew bound
+        (stored before the bound existed). Peers would refuse them and score this node down;
+        here they read as absent until an operator overrides them."""
+        now_ms = wall_ms()
+        beyond = self.timebound.beyond_or_false
+        return [(k, s) for k, s in self.store.read_segment(partition, segment)
+                if not beyond(s, now_ms)]
+
+    def _within_bound(self, states: list[tuple[bytes, bytes]], peer: str, what: str
+                      ) -> list[tuple[bytes, bytes]]:
+        """The states from `peer` within the clock skew bound; the others are refused,
+        counted and logged, and the peer is scored down once. (A malformed state passes: the
+        merge reports it.)"""
+        now_ms = wall_ms()
+        beyond = self.timebound.beyond_or_false
+        kept = [(k, s) for k, s in states if not beyond(s, now_ms)]
+        if len(kept) < len(states):
+            refused = len(states) - len(kept)
+            self.metrics["skew_refused"] += refused
+            self.net.penalize(peer, "clock_skew")
+            self.timebound.report(refused, f"in {what} with", peer)
+        return kept
+
+    async def _merge_quietly(self, items: Sequence[tuple[bytes, bytes | Replace]],
+                             what: str) -> bool:
         """Merge states that background repair brought; a state that cannot merge (a type
         conflict between replicas, a corrupt record) is logged and counted, never fatal."""
         try:

@@ -4,13 +4,15 @@
 # mutation reads the state left by earlier mutations of the same batch), and running the
 # synced disk write in the writer's own thread (diskthread.py) so the event loop keeps serving
 # while the disk syncs.
+# Replacing writes (an operator's override of a state beyond the clock skew bound) are decided
+# here, inside the batch, so nothing lands between the look at the stored state and the write.
 # Must not live here: replication, quorum counting, what operations mean (kv/ops.py).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import trio
 
@@ -25,13 +27,26 @@ log = logging.getLogger(__name__)
 Mutation = Callable[[bytes | None], bytes | None]
 
 
+class Replace(NamedTuple):
+    """A merge item that replaces the stored state when `stale(stored state)` holds, and
+    merges into it as usual otherwise."""
+
+    delta: bytes
+    stale: Callable[[bytes], bool]
+
+
+class Replacement(bytes):
+    """A mutation's delta that replaces the key's current state instead of merging into it."""
+
+
 class WriterStopped(Exception):
     """The writer was stopped (the store is closing) before a job was written."""
 
 
 @dataclass
 class _Job:
-    items: list[tuple[bytes, bytes]] = field(default_factory=list)  # merges: (key, delta)
+    # merges: (key, delta or Replace)
+    items: Sequence[tuple[bytes, bytes | Replace]] = field(default_factory=list)
     mutations: list[tuple[bytes, Mutation]] = field(default_factory=list)
     exclusive: Callable[[], Any] | None = None  # run alone, between batches
     done: trio.Event = field(default_factory=trio.Event)
@@ -56,8 +71,9 @@ class GroupCommitWriter:
         self.writes = 0
         self._disk: DiskThread | None = None  # while run() runs
 
-    async def merge(self, items: list[tuple[bytes, bytes]]) -> None:
-        """Merge deltas into the store; returns once they are durable."""
+    async def merge(self, items: Sequence[tuple[bytes, bytes | Replace]]) -> None:
+        """Merge deltas into the store (or replace stale states: see Replace); returns once
+        they are durable."""
         if items:
             await self._submit(_Job(items=items))
 
@@ -171,10 +187,23 @@ class GroupCommitWriter:
         """What the store plans: deltas to merge as they are, mutations as updates."""
         updates: list[tuple[bytes, Any]] = []
         for job in jobs:
-            updates += job.items
+            for key, item in job.items:
+                updates.append((key, self._replacing(key, item) if type(item) is Replace
+                                else item))
             for key, mutation in job.mutations:
                 updates.append((key, _mutation_update(mutation, job.results)))
         return updates
+
+
+    def _replacing(self, key: bytes, item: Replace) -> Callable[[bytes | None], bytes]:
+        merge = self.store.merge_checked
+
+        def update(current: bytes | None) -> bytes:
+            if current is not None and item.stale(current):
+                log.info("replaced the state of %r: it was beyond the clock skew bound", key)
+                return merge(key, None, item.delta)  # checks the delta, as a merge would
+            return merge(key, current, item.delta)
+        return update
 
 
 def _mutation_update(mutation: Mutation, results: list[Any]
@@ -184,8 +213,12 @@ def _mutation_update(mutation: Mutation, results: list[Any]
             delta = mutation(current)
             # a key's first state is the delta itself: it comes from crdt.encode, so it is
             # already canonical (what merge_encoded(None, delta) would check and repack)
-            new = (delta if current is None or delta is None
-                   else crdt.merge_encoded(current, delta))
+            new: bytes | None
+            if type(delta) is Replacement:
+                new = delta = bytes(delta)
+            else:
+                new = (delta if current is None or delta is None
+                       else crdt.merge_encoded(current, delta))
         except Exception as exc:  # this op is refused; the rest of the batch goes on
             results.append(exc)
             return None

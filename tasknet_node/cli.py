@@ -153,6 +153,9 @@ def run_parser() -> argparse.ArgumentParser:
     store.add_argument("--anti-entropy-interval", type=_positive, metavar="S",
                        help="seconds between anti-entropy rounds with another replica "
                        "(default 10)")
+    store.add_argument("--max-clock-skew", type=_positive, metavar="S",
+                       help="refuse state from peers carrying a time more than S seconds "
+                       "ahead of this node's clock (default 300)")
     rounds = parser.add_argument_group("task rounds")
     rounds.add_argument("--ledger", metavar="DIR",
                         help="the embedded ledger (the chain of a network on one machine) that "
@@ -240,6 +243,11 @@ def kv_parser(command: str) -> argparse.ArgumentParser:
     parser.add_argument("--consistency", choices=CONSISTENCY_LEVELS,
                         help="replicas that must answer (default: the node's "
                         "--read-consistency or --write-consistency)")
+    if command in ("put", "del"):
+        parser.add_argument("--override-skew", action="store_true",
+                            help="operator's override: replicas replace a state of KEY whose "
+                            "time is beyond the clock skew bound (stored before the bound "
+                            "existed) instead of refusing the write with clock_skew")
     parser.add_argument("--data-dir", metavar="DIR", default="data/node",
                         help="data dir of the running node (default: ./data/node)")
     return parser
@@ -328,9 +336,10 @@ def _kv(command: str, args: argparse.Namespace) -> int:
     if command == "get":
         answer = call_json(data_dir, "GET", path + _query(level))
     elif command == "del":
-        answer = call_json(data_dir, "DELETE", path + _query(level))
+        answer = call_json(data_dir, "DELETE", path + _query({**level, **_override(args)}))
     elif command == "put":
-        answer = call_json(data_dir, "PUT", path, {"value": args.value, **level})
+        answer = call_json(data_dir, "PUT", path + _query(_override(args)),
+                           {"value": args.value, **level})
     elif command == "incr":
         answer = call_json(data_dir, "POST", path + "/incr", {"by": args.amount, **level})
     elif command == "hset":
@@ -343,6 +352,10 @@ def _kv(command: str, args: argparse.Namespace) -> int:
                            {"members": args.members, **level})
     print(json.dumps(answer))
     return 0
+
+
+def _override(args: argparse.Namespace) -> dict[str, str]:
+    return {"override_skew": "true"} if args.override_skew else {}
 
 
 def _query(params: dict[str, str]) -> str:

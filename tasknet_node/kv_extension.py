@@ -50,6 +50,10 @@ COUNTERS = (
     ("hints_expired", "hints dropped unsent because they outlived hint_ttl_s"),
     ("tombstones_collected", "register tombstones removed here once every replica confirmed"
                              " them"),
+    ("skew_refused", "states from peers refused: their wall time was beyond the clock skew "
+                     "bound"),
+    ("skew_overrides", "stored states beyond the clock skew bound replaced by an operator's "
+                       "override_skew write"),
 )
 
 
@@ -130,9 +134,11 @@ class KvApi:
             body = await _body(request)
             if "value" not in body:
                 raise ApiError(400, "bad_request", 'expected {"value": ...}')
-            await self.kv.put(key, _value(body["value"]), _write_consistency(request, body))
+            await self.kv.put(key, _value(body["value"]), _write_consistency(request, body),
+                              override_skew=_override_skew(request))
             return _json({"ok": True})
-        await self.kv.delete(key, _consistency(request.query_params.get("consistency")))
+        await self.kv.delete(key, _consistency(request.query_params.get("consistency")),
+                             override_skew=_override_skew(request))
         return _json({"ok": True})
 
     async def operation(self, request: Request) -> Response:
@@ -303,6 +309,17 @@ def _consistency(text: Any) -> str | None:
     except ValueError:
         levels = ", ".join(c.value for c in Consistency)
         raise ApiError(400, "bad_request", f"consistency must be one of {levels}") from None
+
+
+def _override_skew(request: Request) -> bool:
+    """The operator's ?override_skew=true: replace a stored state beyond the clock skew
+    bound (see kv.KV.put)."""
+    text = request.query_params.get("override_skew")
+    if text is None or text in ("false", "0"):
+        return False
+    if text in ("true", "1"):
+        return True
+    raise ApiError(400, "bad_request", "override_skew must be true or false")
 
 
 def _write_consistency(request: Request, body: dict[str, Any]) -> str | None:

@@ -78,6 +78,8 @@ def build_kv_config(args: argparse.Namespace) -> KVConfig:
         config.read_consistency = Consistency(args.read_consistency)
     if args.anti_entropy_interval is not None:
         config.anti_entropy_interval = args.anti_entropy_interval
+    if args.max_clock_skew is not None:
+        config.max_clock_skew_s = args.max_clock_skew
     return config
 
 

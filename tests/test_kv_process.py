@@ -16,7 +16,10 @@ from urllib.parse import quote
 
 import trio
 
+import crdt
+from crdt import LWWRegister, Timestamp
 from kv import KVConfig
+from shard import Keyspace, Store
 from tasknet_node import cli, datadir
 from tasknet_node.kv_extension import report_handoff
 from tasknet_node.options import build_kv_config
@@ -212,6 +215,39 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
         assert not (node.data_dir / "api.json").exists()
 
 
+def test_operator_override_through_the_cli_and_http(processes: Processes, tmp_path: Path):
+    # a node whose store holds far-future registers from before the clock skew bound existed
+    data_dir = tmp_path / "solo"
+    far = crdt.encode(LWWRegister().assign("before", Timestamp(2**64 - 1, 0), "old"))
+    with Store(data_dir / "kv" / "store", merge=crdt.merge_encoded,
+               keyspace=Keyspace(KVConfig().partitions)) as store:
+        store.put_states([(b"stuck", far), (b"gone", far), (b"web", far)])
+    node = processes.node("solo", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", *FAST,
+                          data_dir=data_dir)
+    wait_for(lambda: node.status() is not None, 20, "the node's API")
+    refused = node.cli("put", "stuck", "new")
+    assert refused.returncode == 2 and "clock_skew" in refused.stderr, refused.stderr
+    assert "--override-skew" in refused.stderr  # the message names the way out
+    assert node.cli("del", "gone").returncode == 2
+    assert answer(node.cli("get", "stuck"))["value"] is None  # beyond the bound: absent
+    assert answer(node.cli("put", "stuck", "new", "--override-skew")) == {"ok": True}
+    assert answer(node.cli("get", "stuck"))["value"] == "new"
+    assert answer(node.cli("del", "gone", "--override-skew")) == {"ok": True}
+    api = node.api
+    code, error = api.call("PUT", "/kv/web?override_skew=maybe", {"value": 1})
+    assert code == 400 and error["error"] == "bad_request"
+    code, error = api.call("DELETE", "/kv/web")
+    assert code == 400 and error["error"] == "clock_skew"
+    assert api.call("PUT", "/kv/web?override_skew=true", {"value": 1}) == (200, {"ok": True})
+    assert api.call("GET", "/kv/web") == (200, {"key": "web", "value": 1})
+    assert api.call("DELETE", "/kv/web?override_skew=true") == (200, {"ok": True})
+    assert api.call("GET", "/kv/gone") == (200, {"key": "gone", "value": None})
+    metrics = node.cli("metrics", check=True).stdout
+    assert "tasknet_kv_skew_overrides_total 3" in metrics
+    assert "tasknet_kv_skew_refused_total " in metrics
+    api.close()
+
+
 class Writer(threading.Thread):
     """Single QUORUM puts, round robin over `targets`, each read back (QUORUM) from the next
     target. Records every acknowledged key and every failure with its start time."""
@@ -342,9 +378,10 @@ def test_store_flags():
     assert default == KVConfig()
     tuned = build_kv_config(cli.run_parser().parse_args([
         "--bootstrap", "--replicas", "5", "--write-consistency", "all",
-        "--read-consistency", "one", "--anti-entropy-interval", "0.5"]))
+        "--read-consistency", "one", "--anti-entropy-interval", "0.5",
+        "--max-clock-skew", "60"]))
     assert (tuned.replicas, tuned.write_consistency, tuned.read_consistency,
-            tuned.anti_entropy_interval) == (5, "all", "one", 0.5)
+            tuned.anti_entropy_interval, tuned.max_clock_skew_s) == (5, "all", "one", 0.5, 60)
     for bad in (["--replicas", "0"], ["--replicas", "two"], ["--write-consistency", "most"],
-                ["--anti-entropy-interval", "-1"]):
+                ["--anti-entropy-interval", "-1"], ["--max-clock-skew", "0"]):
         assert cli.main(["--bootstrap", *bad]) == 2
