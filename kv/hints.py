@@ -19,8 +19,12 @@ from pathlib import Path
 import msgpack
 import plyvel
 
+from shard import StoreOpenError, open_leveldb
+
 _SEQ = struct.Struct(">Q")
 _FIRST_FORMAT = b"\x92"  # msgpack array of 2: [key, delta]
+_MOVE_ASIDE = ("move the directory aside and restart: the writes it held for other replicas "
+               "reach them by anti-entropy instead")
 
 
 def wall_ms() -> int:
@@ -30,12 +34,26 @@ def wall_ms() -> int:
 class HintStore:
     def __init__(self, path: Path, clock: Callable[[], int] = wall_ms) -> None:
         """`clock`: wall time in milliseconds (tests pass their own)."""
-        path.mkdir(parents=True, exist_ok=True)
-        self._db = plyvel.DB(str(path), create_if_missing=True)
+        # paranoid checks: a damaged log stops the open (StoreOpenError) instead of losing hints
+        self._db = open_leveldb(str(path), create=True, what="hints database",
+                                advice=_MOVE_ASIDE, paranoid_checks=True)
         self._clock = clock
         self._seq = 0  # the highest sequence of any target (targets sort before sequences)
         self._last_added = 0
         self._counts: dict[str, int] = {}
+        try:
+            self._load()
+        except (plyvel.Error, ValueError, TypeError, IndexError, struct.error) as exc:
+            self._db.close()
+            raise StoreOpenError(f"cannot open hints database {path}: unreadable record "
+                                 f"({exc!r}); {_MOVE_ASIDE}") from exc
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _load(self) -> None:
+        """Counts, the last sequence and the last added time from the stored hints; records of
+        the first format rewritten."""
         legacy: list[tuple[bytes, bytes]] = []
         last_of: dict[str, bytes] = {}  # the newest record of each target
         for key, value in self._db.iterator():
