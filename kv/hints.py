@@ -22,7 +22,6 @@ import plyvel
 from shard import StoreOpenError, open_leveldb
 
 _SEQ = struct.Struct(">Q")
-_FIRST_FORMAT = b"\x92"  # msgpack array of 2: [key, delta]
 _MOVE_ASIDE = ("move the directory aside and restart: the writes it held for other replicas "
                "reach them by anti-entropy instead")
 
@@ -55,17 +54,20 @@ class HintStore:
         """Counts, the last sequence and the last added time from the stored hints; records of
         the first format rewritten."""
         legacy: list[tuple[bytes, bytes]] = []
-        last_of: dict[str, bytes] = {}  # the newest record of each target
         for key, value in self._db.iterator():
             target = key[: -_SEQ.size - 1].decode()
             self._counts[target] = self._counts.get(target, 0) + 1
             self._seq = max(self._seq, _SEQ.unpack(key[-_SEQ.size:])[0])
-            if value[:1] == _FIRST_FORMAT:
+            record = msgpack.unpackb(value)  # every record: later reads must not meet garbage
+            if (not isinstance(record, list) or len(record) not in (2, 3)
+                    or not all(isinstance(part, bytes) for part in record[:2])):
+                raise ValueError(f"hint {key!r} is not [key, delta, added]")
+            if len(record) == 2:
                 legacy.append((key, value))
+            elif type(record[2]) is int:
+                self._last_added = max(self._last_added, record[2])
             else:
-                last_of[target] = value
-        for value in last_of.values():
-            self._last_added = max(self._last_added, msgpack.unpackb(value)[2])
+                raise ValueError(f"hint {key!r} has no added time")
         if legacy:
             opened = self._stamp()
             with self._db.write_batch(sync=True) as batch:

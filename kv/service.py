@@ -891,7 +891,7 @@ class KV:
                 alive = self._alive()
                 work = {peer: left for peer in sorted(self.ring.members)
                         if peer != self.me and peer in alive
-                        and (left := self._shared_partitions(peer) - compared.get(peer, frozenset()))}
+                        and (left := self._shared_partitions(peer) - compared.get(peer, set()))}
                 owned = self._owned_partitions()
                 if not work and compared and owned <= frozenset().union(*compared.values()):
                     break
