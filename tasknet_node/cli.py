@@ -278,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = user_error(exc)
         if message is None:
             raise
+        logging.getLogger(__name__).debug("%s", message, exc_info=exc)  # --log-level debug
         return _fail(message, EXIT_USAGE)
 
 
