@@ -8,7 +8,9 @@
 # added_ms the wall time the hint was stored, never less than the hint stored before it (so
 # hints are in added order within a target and expiry stops at the first young one). Records
 # of the first format, [key, delta], are rewritten on open with the open time as added_ms:
-# their age counts from the upgrade.
+# their age counts from the upgrade. Open reads every record: a damaged database (LevelDB's
+# paranoid checks, or a record that is not a hint) is refused with StoreOpenError, never met
+# later by a delivery or an expiry.
 from __future__ import annotations
 
 import struct
