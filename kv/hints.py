@@ -8,7 +8,9 @@
 # added_ms the wall time the hint was stored, never less than the hint stored before it (so
 # hints are in added order within a target and expiry stops at the first young one). Records
 # of the first format, [key, delta], are rewritten on open with the open time as added_ms:
-# their age counts from the upgrade.
+# their age counts from the upgrade. Open reads every record: a damaged database (LevelDB's
+# paranoid checks, or a record that is not a hint) is refused with StoreOpenError, never met
+# later by a delivery or an expiry.
 from __future__ import annotations
 
 import struct
@@ -19,8 +21,11 @@ from pathlib import Path
 import msgpack
 import plyvel
 
+from shard import StoreOpenError, open_leveldb
+
 _SEQ = struct.Struct(">Q")
-_FIRST_FORMAT = b"\x92"  # msgpack array of 2: [key, delta]
+_MOVE_ASIDE = ("move the directory aside and restart: the writes it held for other replicas "
+               "reach them by anti-entropy instead")
 
 
 def wall_ms() -> int:
@@ -30,24 +35,41 @@ def wall_ms() -> int:
 class HintStore:
     def __init__(self, path: Path, clock: Callable[[], int] = wall_ms) -> None:
         """`clock`: wall time in milliseconds (tests pass their own)."""
-        path.mkdir(parents=True, exist_ok=True)
-        self._db = plyvel.DB(str(path), create_if_missing=True)
+        # paranoid checks: a damaged log stops the open (StoreOpenError) instead of losing hints
+        self._db = open_leveldb(str(path), create=True, what="hints database",
+                                advice=_MOVE_ASIDE, paranoid_checks=True)
         self._clock = clock
         self._seq = 0  # the highest sequence of any target (targets sort before sequences)
         self._last_added = 0
         self._counts: dict[str, int] = {}
+        try:
+            self._load()
+        except (plyvel.Error, ValueError, TypeError, IndexError, struct.error) as exc:
+            self._db.close()
+            raise StoreOpenError(f"cannot open hints database {path}: unreadable record "
+                                 f"({exc!r}); {_MOVE_ASIDE}") from exc
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _load(self) -> None:
+        """Counts, the last sequence and the last added time from the stored hints; records of
+        the first format rewritten."""
         legacy: list[tuple[bytes, bytes]] = []
-        last_of: dict[str, bytes] = {}  # the newest record of each target
         for key, value in self._db.iterator():
             target = key[: -_SEQ.size - 1].decode()
             self._counts[target] = self._counts.get(target, 0) + 1
             self._seq = max(self._seq, _SEQ.unpack(key[-_SEQ.size:])[0])
-            if value[:1] == _FIRST_FORMAT:
+            record = msgpack.unpackb(value)  # every record: later reads must not meet garbage
+            if (not isinstance(record, list) or len(record) not in (2, 3)
+                    or not all(isinstance(part, bytes) for part in record[:2])):
+                raise ValueError(f"hint {key!r} is not [key, delta, added]")
+            if len(record) == 2:
                 legacy.append((key, value))
+            elif type(record[2]) is int:
+                self._last_added = max(self._last_added, record[2])
             else:
-                last_of[target] = value
-        for value in last_of.values():
-            self._last_added = max(self._last_added, msgpack.unpackb(value)[2])
+                raise ValueError(f"hint {key!r} has no added time")
         if legacy:
             opened = self._stamp()
             with self._db.write_batch(sync=True) as batch:

@@ -41,6 +41,8 @@ READ_PROTOCOL = "kv-read"
 AE_PROTOCOL = "kv-ae"
 MAX_AE_SESSIONS_PER_PEER = 4
 ACK_SWEEP_S = 0.05  # how often write waits are checked against their deadline
+REPAIR_WINDOW_S = 300.0  # how long a repair after data loss waits for replicas to compare with
+REPAIR_POLL_S = 0.5  # how often it looks for live replicas it has not compared with yet
 
 
 class Consistency(StrEnum):
@@ -206,10 +208,20 @@ class KV:
     async def start(cls, net: Network, data_dir: Path,
                     config: KVConfig | None = None) -> AsyncIterator[KV]:
         config = config or KVConfig()
+        used_before = (data_dir / "hints").exists()
         store = Store(data_dir / "store", merge=crdt.merge_encoded,
                       keyspace=Keyspace(config.partitions))
-        hints = HintStore(data_dir / "hints")
+        try:
+            hints = HintStore(data_dir / "hints")
+        except BaseException:
+            store.close()
+            raise
         kv = cls(net, store, hints, config)
+        repair = store.opened.needs_repair or (store.opened.state == "new" and used_before)
+        if repair:
+            log.warning("%s; this node repairs its replicas from the others now",
+                        store.opened.describe(store.path) if store.opened.needs_repair else
+                        f"store {store.path} is new in a kv dir used before (moved aside?)")
         try:
             async with trio.open_nursery() as nursery:
                 kv._nursery = nursery
@@ -227,6 +239,8 @@ class KV:
                 nursery.start_soon(kv.handoff.run)
                 nursery.start_soon(kv._ack_sweeper)
                 nursery.start_soon(kv.sweeper.run)
+                if repair:
+                    nursery.start_soon(kv.repair_at_once)
                 try:
                     yield kv
                 finally:
@@ -976,6 +990,48 @@ class KV:
                                   self.store.tree.partition_roots())
             if due:
                 await self.anti_entropy_with(peer, due)
+
+    async def repair_at_once(self, window: float = REPAIR_WINDOW_S) -> None:
+        """After this node's store lost data (or may have: an unclean stop), compare every
+        owned partition with every live replica sharing it now, all peers at once, rather
+        than one peer per anti-entropy round. Peers are taken as membership finds them; done
+        once every owned partition was compared and no live replica is left to compare with,
+        or after `window` seconds (the periodic rounds go on in any case)."""
+        compared: dict[str, frozenset[int]] = {}
+        received = 0
+        started = time.monotonic()
+
+        async def compare(peer: str, partitions: frozenset[int]) -> None:
+            nonlocal received
+            began = time.monotonic()
+            got = await self.anti_entropy_with(peer, partitions)
+            if all(self.last_anti_entropy.get(p, -1.0) >= began for p in partitions):
+                compared[peer] = compared.get(peer, frozenset()) | partitions
+                received += got
+                done = len(self._owned_partitions() & frozenset().union(*compared.values()))
+                log.warning("repair: compared %d partitions with %s; %d of %d owned partitions "
+                            "compared, %d states received", len(partitions), peer, done,
+                            len(self._owned_partitions()), received)
+
+        with trio.move_on_after(window) as scope:
+            while True:
+                alive = self._alive()
+                work = {peer: left for peer in sorted(self.ring.members)
+                        if peer != self.me and peer in alive
+                        and (left := self._shared_partitions(peer) - compared.get(peer, set()))}
+                owned = self._owned_partitions()
+                if not work and compared and owned <= frozenset().union(*compared.values()):
+                    break
+                async with trio.open_nursery() as nursery:
+                    for peer, partitions in work.items():
+                        nursery.start_soon(compare, peer, partitions)
+                await trio.sleep(REPAIR_POLL_S)
+        if scope.cancelled_caught:
+            log.warning("repair: not every owned partition was compared within %.0f s (%d states "
+                        "received); periodic anti-entropy goes on", window, received)
+        else:
+            log.warning("repair: done in %.1f s: every owned partition compared with its live "
+                        "replicas, %d states received", time.monotonic() - started, received)
 
     def _ring_cache(self) -> dict[str, frozenset[int]]:
         """Partition sets derived from the current ring, computed once per ring."""

@@ -6,10 +6,10 @@ from .keyspace import Keyspace
 from .merkle import HashTree, entry_hash
 from .quiet import QuietPartitions
 from .ring import OwnerChange, Ring, diff
-from .store import CorruptRecord, Merge, Store, StoreError
+from .store import CorruptRecord, Merge, OpenReport, Store, StoreError, StoreOpenError, open_leveldb
 
 __all__ = [
     "CorruptRecord", "HashTree", "Initiator", "Keyspace", "Merge", "OwnerChange",
-    "ProtocolError", "QuietPartitions", "Responder", "Ring", "Store", "StoreError", "diff",
-    "entry_hash",
+    "OpenReport", "ProtocolError", "QuietPartitions", "Responder", "Ring", "Store", "StoreError",
+    "StoreOpenError", "diff", "entry_hash", "open_leveldb",
 ]

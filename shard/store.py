@@ -13,10 +13,19 @@
 # open() loads the snapshot and deletes it (synced) before any write, so it is used only after a
 # clean close. After a crash there is no snapshot and open() rebuilds the tree by one full scan:
 # the data is the only truth on disk, and no crash can leave the tree out of step with it.
+# LevelDB drops the tail of a truncated .log without an error, so close() also leaves a small
+# file beside the data (CLOSE_RECORD: the key count and a digest of the tree), written atomically
+# after the snapshot; open() reads and removes it before any write and compares it with what it
+# finds: `Store.opened` says whether the store is new, was closed cleanly, was not (a kill or a
+# crash: unknown), or lost data. Opening refuses a damaged directory with StoreOpenError (one
+# line: the directory, what is wrong, what to do); `open_leveldb` does that for other LevelDBs.
 # Not thread-safe: one owner (one trio task or one thread) at a time.
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
@@ -49,6 +58,132 @@ LEVELDB_OPTIONS: dict[str, Any] = {
 
 class StoreError(Exception):
     """The store cannot be opened or read or written (the message says which and why)."""
+
+
+class StoreOpenError(StoreError):
+    """A LevelDB directory cannot be opened: it is damaged or is not what it should be. The
+    message is one line naming the directory, what is wrong and what the operator can do."""
+
+
+CLOSE_RECORD = "tasknet-closed.json"
+MOVE_ASIDE = ("move the directory aside and restart: the node refills its replicas from the "
+              "others by anti-entropy")
+_TABLE_LINE = re.compile(rb"^\s*(\d+):(\d+)\[", re.M)  # leveldb.sstables: " number:size[..."
+_LEVELDB_FILE = re.compile(r"^(\d+\.(log|ldb|sst)|MANIFEST-\d+)$")
+
+
+def open_leveldb(path: str, *, create: bool, what: str, advice: str = MOVE_ASIDE,
+                 **options: Any) -> Any:
+    """plyvel.DB(path) with `options`, or StoreOpenError if the directory is damaged: LevelDB
+    refuses it, its CURRENT file is gone while its data files are there (LevelDB would start
+    an empty database beside them), or a table file is shorter than LevelDB's manifest says
+    (LevelDB would notice only when reading it). `what` names the database in messages."""
+    def fail(problem: str) -> StoreOpenError:
+        return StoreOpenError(f"cannot open {what} {path}: {problem}; {advice}")
+
+    try:
+        names = os.listdir(path)
+    except FileNotFoundError:
+        names = []
+    except OSError as exc:
+        raise fail(exc.strerror or str(exc)) from None
+    if "CURRENT" not in names and any(_LEVELDB_FILE.match(n) for n in names):
+        raise fail("its CURRENT file is missing (LevelDB files are there without it)")
+    try:
+        if create:
+            os.makedirs(path, exist_ok=True)
+        db = plyvel.DB(path, create_if_missing=create, **options)
+    except (plyvel.Error, OSError) as exc:
+        message = _describe(exc)
+        if "lock" in message.lower():  # not damage: another process has it open
+            raise StoreOpenError(f"cannot open {what} {path}: {message}") from exc
+        raise fail(message) from exc
+    try:
+        tables = db.get_property(b"leveldb.sstables") or b""
+        for number, size in _TABLE_LINE.findall(tables):
+            name = f"{int(number):06d}.ldb"
+            if not os.path.exists(os.path.join(path, name)):
+                name = f"{int(number):06d}.sst"  # the name older LevelDB versions wrote
+            try:
+                found = os.path.getsize(os.path.join(path, name))
+            except OSError as exc:
+                raise fail(f"table {name}: {exc.strerror or exc}") from None
+            if found != int(size):
+                raise fail(f"table {name} holds {found} bytes where LevelDB wrote {int(size)} "
+                           "(truncated or overwritten)")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+@dataclass(frozen=True)
+class OpenReport:
+    """How a store was found at open. `state`: "new" (created now), "clean" (as its last
+    clean close left it), "unclean" (not closed cleanly since it was last opened: a kill or a
+    crash; whether writes were lost is unknown), "lost" (closed cleanly, but found holding
+    other data than it closed with: LevelDB dropped records)."""
+
+    state: str
+    found_keys: int
+    expected_keys: int | None = None
+
+    @property
+    def needs_repair(self) -> bool:
+        return self.state in ("unclean", "lost")
+
+    def describe(self, path: str) -> str:
+        if self.state == "lost":
+            return (f"store {path} lost data since its last clean close: {self.expected_keys} "
+                    f"keys expected, {self.found_keys} found")
+        if self.state == "unclean":
+            return (f"store {path} was not closed cleanly (the node was killed or crashed): "
+                    f"{self.found_keys} keys found, whether writes were lost is unknown")
+        return f"store {path}: {self.found_keys} keys ({self.state})"
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _tree_digest(snapshot: bytes) -> str:
+    return hashlib.blake2s(snapshot).hexdigest()
+
+
+def _take_close_record(path: str) -> dict[str, Any] | None:
+    """The record of the last clean close (None: there is none or it is unreadable), removed
+    from disk for good before the store is written: a later kill leaves no record behind."""
+    file = os.path.join(path, CLOSE_RECORD)
+    try:
+        with open(file, "rb") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    os.unlink(file)
+    _fsync_dir(path)
+    try:
+        record = json.loads(text)
+    except ValueError:
+        return None
+    if (not isinstance(record, dict) or type(record.get("keys")) is not int
+            or not isinstance(record.get("tree"), str)):
+        return None
+    return record
+
+
+def _write_close_record(path: str, keys: int, snapshot: bytes) -> None:
+    file = os.path.join(path, CLOSE_RECORD)
+    tmp = file + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(json.dumps({"keys": keys, "tree": _tree_digest(snapshot)}).encode())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, file)
+    _fsync_dir(path)
 
 
 class CorruptRecord(StoreError):
@@ -97,20 +232,27 @@ class Store:
         self.path = os.fspath(path)
         self.keyspace = keyspace if keyspace is not None else Keyspace()
         self._merge = merge
+        existed = os.path.exists(os.path.join(self.path, "CURRENT"))
+        self._db = open_leveldb(self.path, create=create, what="store", **{
+            **LEVELDB_OPTIONS, "bloom_filter_bits": bloom_bits, "lru_cache_size": cache_bytes,
+            "write_buffer_size": write_buffer})
         try:
-            if create:
-                os.makedirs(self.path, exist_ok=True)
-            self._db = plyvel.DB(self.path, create_if_missing=create, **{
-                **LEVELDB_OPTIONS, "bloom_filter_bits": bloom_bits, "lru_cache_size": cache_bytes,
-                "write_buffer_size": write_buffer})
-        except (plyvel.Error, OSError) as exc:
-            raise StoreError(f"cannot open store at {self.path}: {_describe(exc)}") from exc
-        try:
+            record = _take_close_record(self.path)
             self._check_meta()
-            self.tree = self._load_tree()
+            self.tree, snapshot = self._load_tree()
+        except OSError as exc:
+            self._db.close()
+            raise StoreOpenError(f"cannot open store {self.path}: {exc}") from exc
         except BaseException:
             self._db.close()
             raise
+        found = self.tree.total()
+        if record is None:
+            self.opened = OpenReport("unclean" if existed else "new", found)
+        elif _tree_digest(snapshot or self.tree.to_bytes()) != record["tree"]:
+            self.opened = OpenReport("lost", found, record["keys"])
+        else:
+            self.opened = OpenReport("clean", found, record["keys"])
 
     def _error(self, action: str, exc: BaseException) -> StoreError:
         return StoreError(f"{action} failed in store {self.path}: {_describe(exc)}")
@@ -129,7 +271,8 @@ class Store:
         except plyvel.Error as exc:
             raise self._error("metadata read", exc) from exc
 
-    def _load_tree(self) -> HashTree:
+    def _load_tree(self) -> tuple[HashTree, bytes | None]:
+        """The hash tree, and the snapshot it was loaded from (None: built by a scan)."""
         try:
             snapshot = self._db.get(_TREE_KEY)
             if snapshot is not None:
@@ -138,10 +281,10 @@ class Store:
             raise self._error("tree snapshot read", exc) from exc
         if snapshot is not None:
             try:
-                return HashTree.from_bytes(self.keyspace, snapshot)
+                return HashTree.from_bytes(self.keyspace, snapshot), snapshot
             except ValueError:
                 pass  # unusable snapshot: the scan below is always right
-        return self._scan()
+        return self._scan(), None
 
     def rebuild_tree(self) -> None:
         """Recompute the hash tree and counts by a full scan (what open does after a crash)."""
@@ -160,12 +303,17 @@ class Store:
         """Save the hash tree snapshot and close; closing twice is harmless."""
         if self._db.closed:
             return
+        snapshot = self.tree.to_bytes()
         try:
-            self._db.put(_TREE_KEY, self.tree.to_bytes(), sync=True)
+            self._db.put(_TREE_KEY, snapshot, sync=True)
         except plyvel.Error as exc:
             raise self._error("tree snapshot write", exc) from exc
         finally:
             self._db.close()
+        try:
+            _write_close_record(self.path, self.tree.total(), snapshot)
+        except OSError as exc:
+            raise StoreError(f"close record write failed in store {self.path}: {exc}") from exc
 
     @property
     def closed(self) -> bool:

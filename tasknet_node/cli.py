@@ -297,6 +297,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = user_error(exc)
         if message is None:
             raise
+        logging.getLogger(__name__).debug("%s", message, exc_info=exc)  # --log-level debug
         return _fail(message, EXIT_USAGE)
 
 
@@ -407,8 +408,9 @@ def user_error(exc: BaseException) -> str | None:
     if isinstance(exc, NodeError):
         return str(exc)
     from p2p import ConfigError, IdentityError  # already loaded if a node was started
+    from shard import StoreOpenError  # a damaged LevelDB in the data dir
 
-    if isinstance(exc, ConfigError | IdentityError):
+    if isinstance(exc, ConfigError | IdentityError | StoreOpenError):
         return str(exc)
     if isinstance(exc, BaseExceptionGroup):
         messages = [user_error(inner) for inner in exc.exceptions]

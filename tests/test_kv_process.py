@@ -1,10 +1,12 @@
 # System tests of the KV store inside `node.py` processes on 127.0.0.1: the key-value CLI
 # commands end to end, the HTTP contract (errors, limits, metrics, the status section), and
-# no acknowledged write lost when a node is SIGKILLed during writes and comes back. Every
+# no acknowledged write lost when a node is SIGKILLed during writes and comes back, and a
+# node whose store lost data while it was stopped says so and is refilled at once. Every
 # process is killed in the fixture's teardown, whatever happens in the test. Also, in this
 # process: the store's command-line flags and the handoff progress lines.
 import http.client
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -78,10 +80,10 @@ class Node(NodeProcess):
 processes = processes_fixture(Node)
 
 
-def start_cluster(processes: Processes, size: int) -> list[Node]:
-    boot = processes.node("n0", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", *FAST)
+def start_cluster(processes: Processes, size: int, flags: list[str] = FAST) -> list[Node]:
+    boot = processes.node("n0", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", *flags)
     addr = wait_for(boot.addr, 20, "the bootstrap node's address")
-    nodes = [boot] + [processes.node(f"n{i}", "--join", addr, *FAST) for i in range(1, size)]
+    nodes = [boot] + [processes.node(f"n{i}", "--join", addr, *flags) for i in range(1, size)]
     wait_for(lambda: all(n.peer_id() for n in nodes), 20, "every node's start line")
     wait_for_everyone(nodes, 30)
     return nodes
@@ -353,6 +355,41 @@ def test_no_acknowledged_write_lost_when_a_node_is_killed(processes: Processes):
     assert len(owned) > len(keys) // 2  # N=3 of 4 nodes: about 3/4 of the keys
     code, reply = again.api.call("POST", "/kv-read", {"keys": owned, "consistency": "one"})
     assert code == 200 and reply["values"] == [acked[k] for k in owned]
+
+
+def test_store_that_lost_data_while_stopped_is_repaired_at_once(processes: Processes):
+    # periodic anti-entropy far off: only the repair at start can refill the store in time
+    flags = [*FAST, "--anti-entropy-interval", "600"]
+    a, _, victim = start_cluster(processes, 3, flags)
+    values = {f"kept-{i}": i for i in range(300)}
+    assert a.api.call("POST", "/kv-batch", {"put": values, "consistency": "quorum"})[0] == 200
+
+    def held(node: Node) -> int:
+        return int(node.api.call("GET", "/kv-status")[1]["keys"])
+
+    wait_for(lambda: held(victim) == 300, 30, "the victim to hold every key")
+    victim.proc.send_signal(signal.SIGINT)
+    assert victim.proc.wait(30) == 0
+    # a log truncated while the node is stopped: LevelDB drops its tail without an error
+    store = victim.data_dir / "kv" / "store"
+    log = max(store.glob("*.log"), key=lambda f: f.name)
+    log.write_bytes(log.read_bytes()[: log.stat().st_size * 3 // 100])
+
+    again = processes.node("n2-again", "--join", a.addr(), *flags, data_dir=victim.data_dir)
+    wait_for(again.peer_id, 20, "the restarted node's start line")
+    restarted = time.monotonic()
+    warning = wait_for(lambda: re.search(r"WARNING .*store .* lost data since its last clean "
+                                         r"close: (\d+) keys expected, (\d+) found; this node "
+                                         r"repairs its replicas", again.stderr()),
+                       20, "the warning about the lost data")
+    assert int(warning.group(1)) == 300 and int(warning.group(2)) < 200, warning.group(0)
+    wait_for(lambda: held(again) == 300, 60, "the restarted node's own store refilled")
+    assert time.monotonic() - restarted < 60
+    wait_for(lambda: "repair: done" in again.stderr(), 30, "the repair's last progress line")
+    assert "repair: compared" in again.stderr()
+    for key, value in values.items():  # its own replica, not a quorum read
+        local = again.api.call("GET", f"/kv-local/{quote(key)}")[1]
+        assert local["present"] and local["value"] == value, local
 
 
 async def test_handoff_progress_lines(autojump_clock):

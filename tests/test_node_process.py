@@ -1,6 +1,7 @@
 # System tests of `node.py` as real processes on 127.0.0.1: a bootstrap node and two others
 # form a network; a node killed with SIGKILL is marked dead and rejoins with its identity;
-# SIGTERM and SIGINT stop nodes cleanly; bad starts fail with one line and exit code 2.
+# SIGTERM and SIGINT stop nodes cleanly; bad starts (a damaged LevelDB in the data dir among
+# them) fail with one line and exit code 2.
 # Every process is killed in the fixture's teardown, whatever happens in the test.
 import json
 import os
@@ -9,10 +10,18 @@ import socket
 import stat
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
+import plyvel
+
+import crdt
+from kv import KVConfig
+from kv.hints import HintStore
+from shard import Keyspace, Store
 from tasknet_node import datadir
 from tasknet_node.gcpolicy import YOUNG_THRESHOLD
+from tasknet_node.kv_extension import KV_DIR
 from tasknet_node.procstats import parse_status
 
 from process_helpers import ROOT, NodeProcess, Processes, processes_fixture, wait_for
@@ -135,6 +144,87 @@ def test_bad_starts_exit_2_with_one_line(processes: Processes, tmp_path: Path):
         assert node.stdout() == "", case
     assert (corrupt / "node.key").read_text() == "tasknet-ed25519-seed-v1\nnot-hex\n"
     assert not (tmp_path / "d1" / "api.json").exists()
+
+
+def _flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def _newest(directory: Path, pattern: str) -> Path:
+    return max(directory.glob(pattern), key=lambda f: f.name)
+
+
+def _store_with_keys(data_dir: Path, compact: bool = False) -> Path:
+    """A node's store with 3,000 keys, closed cleanly; with `compact`, all of it in tables."""
+    path = data_dir / KV_DIR / "store"
+    with Store(path, crdt.merge_encoded, Keyspace(KVConfig().partitions)) as store:
+        store.apply_deltas([(b"k%d" % i, crdt.encode(crdt.GCounter({"w": i + 1})))
+                            for i in range(3000)])
+    if compact:
+        db = plyvel.DB(str(path))
+        db.compact_range()
+        db.close()
+    return path
+
+
+def _hints_with_items(data_dir: Path) -> Path:
+    path = data_dir / KV_DIR / "hints"
+    hints = HintStore(path)
+    hints.add("some-peer", [(b"k%d" % i, b"delta") for i in range(300)])
+    hints.close()
+    return path
+
+
+def _truncate_largest_table(path: Path) -> str:
+    table = max(path.glob("*.ldb"), key=lambda t: t.stat().st_size)
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    return table.name
+
+
+def _garbage_hint(path: Path) -> None:
+    db = plyvel.DB(str(path))
+    db.put(b"some-peer\x00" + bytes(8), b"\xc1 not msgpack")
+    db.close()
+
+
+# each: (what to do to a fresh data dir, returning the directory and the text the error
+# line must hold besides it)
+DAMAGE: dict[str, Callable[[Path], tuple[Path, str]]] = {
+    "flipped byte in the store's log": lambda d: (
+        (p := _store_with_keys(d)), _flip_a_byte(_newest(p, "*.log")) or "Corruption"),
+    "truncated store table": lambda d: (
+        (p := _store_with_keys(d, compact=True)), _truncate_largest_table(p)),
+    "garbage CURRENT": lambda d: (
+        (p := _store_with_keys(d)), (p / "CURRENT").write_bytes(b"\x00garbage") and "CURRENT"),
+    "missing CURRENT": lambda d: (
+        (p := _store_with_keys(d)), (p / "CURRENT").unlink() or "CURRENT file is missing"),
+    "flipped byte in the hints' log": lambda d: (
+        (p := _hints_with_items(d)), _flip_a_byte(_newest(p, "*.log")) or "Corruption"),
+    "unreadable hint": lambda d: (
+        (p := _hints_with_items(d)), _garbage_hint(p) or "unreadable record"),
+}
+
+
+def test_damaged_leveldb_exits_2_with_one_line_naming_it(processes: Processes, tmp_path: Path):
+    damaged = {}
+    for i, (case, damage) in enumerate(DAMAGE.items()):
+        data_dir = tmp_path / f"damaged-{i}"
+        damaged[case] = (data_dir, *damage(data_dir))
+    started = {case: processes.node(f"damaged-{i}", "--bootstrap", "--listen",
+                                    "/ip4/127.0.0.1/tcp/0", "--network", NET, "--no-tasks",
+                                    data_dir=data_dir)
+               for i, (case, (data_dir, _, _)) in enumerate(damaged.items())}
+    for case, node in started.items():
+        assert wait_exit(node.proc, 30) == 2, f"{case}: {node.stderr()}"
+    for case, node in started.items():
+        _, path, text = damaged[case]
+        err = node.stderr()
+        assert err.startswith("node.py: error: ") and err.count("\n") == 1, f"{case}: {err}"
+        assert str(path) in err and text in err, f"{case}: {err}"
+        assert "move the directory aside and restart" in err, f"{case}: {err}"
+        assert "Traceback" not in err and node.stdout() == "", case
 
 
 def test_embedding_example_runs_and_exits(processes: Processes):

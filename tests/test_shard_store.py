@@ -15,7 +15,7 @@ import pytest
 import crdt
 from shard.keyspace import Keyspace
 from shard.merkle import HashTree
-from shard.store import CorruptRecord, Store, StoreError
+from shard.store import CLOSE_RECORD, CorruptRecord, Store, StoreError, StoreOpenError
 
 ROOT = Path(__file__).resolve().parent.parent
 KEYSPACE = Keyspace(partitions=16, segments=4, salt=b"store-tests")
@@ -196,6 +196,69 @@ def test_corrupt_table_is_a_store_error(tmp_path: Path) -> None:
         table.write_bytes(bytes(data))
     with pytest.raises(StoreError, match="(?i)corruption"):
         Store(tmp_path / "db", crdt.merge_encoded, KEYSPACE)
+
+
+def test_truncated_table_is_refused_at_open_naming_it(tmp_path: Path) -> None:
+    # LevelDB itself notices a short table only when a read reaches it (and a store that
+    # loads its tree snapshot reads none at open)
+    _make_store(tmp_path / "db")
+    db = plyvel.DB(str(tmp_path / "db"))
+    db.compact_range()
+    db.close()
+    table = max((tmp_path / "db").glob("*.ldb"), key=lambda t: t.stat().st_size)
+    table.write_bytes(table.read_bytes()[: table.stat().st_size // 2])
+    with pytest.raises(StoreOpenError, match=f"table {table.name} holds .*truncated"):
+        Store(tmp_path / "db", crdt.merge_encoded, KEYSPACE)
+
+
+def test_missing_current_file_is_refused(tmp_path: Path) -> None:
+    # without CURRENT, LevelDB would start an empty database beside the old files
+    _make_store(tmp_path / "db")
+    (tmp_path / "db" / "CURRENT").unlink()
+    with pytest.raises(StoreOpenError, match="CURRENT file is missing.*move the directory"):
+        Store(tmp_path / "db", crdt.merge_encoded, KEYSPACE)
+
+
+def test_open_reports_new_clean_unclean_and_lost(tmp_path: Path) -> None:
+    path = tmp_path / "db"
+    with Store(path, crdt.merge_encoded, KEYSPACE) as store:
+        assert store.opened.state == "new" and not store.opened.needs_repair
+        store.apply_deltas([(b"x%d" % i, gc(i + 1)) for i in range(2000)])
+    assert (path / CLOSE_RECORD).exists()
+    with Store(path, crdt.merge_encoded, KEYSPACE) as store:
+        assert (store.opened.state, store.opened.expected_keys, store.opened.found_keys) == \
+            ("clean", 2000, 2000)
+        assert not (path / CLOSE_RECORD).exists()  # gone while open: a kill leaves none
+    _kill_while_open(path)
+    with Store(path, crdt.merge_encoded, KEYSPACE) as store:
+        assert store.opened.state == "unclean" and store.opened.needs_repair
+        assert "not closed cleanly" in store.opened.describe(store.path)
+        store.apply_deltas([(b"y%d" % i, gc(i + 1)) for i in range(500)])  # in the log only
+    # closed cleanly, then the log loses its tail: LevelDB drops it without a word
+    (log,) = path.glob("*.log")
+    log.write_bytes(log.read_bytes()[: log.stat().st_size * 3 // 100])
+    with Store(path, crdt.merge_encoded, KEYSPACE) as store:
+        assert store.opened.state == "lost" and store.opened.needs_repair
+        assert store.opened.expected_keys == 2600
+        assert 2100 <= store.opened.found_keys == len(store) < 2600
+        assert f"2600 keys expected, {len(store)} found" in store.opened.describe(store.path)
+    with Store(path, crdt.merge_encoded, KEYSPACE) as store:
+        assert store.opened.state == "clean"  # what is left is what was closed
+
+
+def _kill_while_open(path: Path) -> None:
+    """Open the store in another process, write 100 keys and exit without closing it."""
+    script = textwrap.dedent("""
+        import os, sys
+        sys.path.insert(0, sys.argv[2])
+        from shard.keyspace import Keyspace
+        from shard.store import Store
+        store = Store(sys.argv[1], lambda old, delta: delta,
+                      Keyspace(partitions=16, segments=4, salt=b"store-tests"))
+        store.apply_deltas([(b"after-%d" % i, b"five") for i in range(100)])
+        os._exit(0)  # no close(): no new snapshot
+    """)
+    subprocess.run([sys.executable, "-c", script, str(path), str(ROOT)], check=True)
 
 
 def test_unusable_paths_are_store_errors(tmp_path: Path) -> None:
