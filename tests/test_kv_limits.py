@@ -65,6 +65,25 @@ async def test_limits_that_could_not_replicate_are_a_config_error(tmp_path):
             await stack.enter_async_context(KV.start(net, tmp_path / "small-frames", KVConfig()))
 
 
+async def test_writes_that_would_outgrow_a_replication_item_are_refused(tmp_path):
+    async with handles(tmp_path, 2, replicas=2, max_value_bytes=8192,
+                       max_batch_bytes=16384) as nodes:
+        kv = nodes[0].kv
+        # small arguments, a large delta: every member of a set carries a dot
+        with pytest.raises(OpError) as refused:
+            await kv.sadd("tags", *range(400))
+        assert refused.value.code == "too_large" and "change" in str(refused.value)
+        # each write within the limits, but the state they leave would not be
+        for field in ("a", "b"):
+            await kv.hset("profile", field, "x" * 7000)
+        with pytest.raises(OpError) as grown:
+            await kv.hset("profile", "c", "x" * 7000)
+        assert grown.value.code == "too_large" and "grow" in str(grown.value)
+        await kv.hdel("profile", "a")  # removals always pass; then there is room again
+        await kv.hset("profile", "c", "x" * 7000)
+        assert sorted(await nodes[1].kv.get("profile")) == ["b", "c"]
+
+
 def _largest_value(config: KVConfig, fill: str) -> str:
     """The largest string a put accepts: its encoded arguments are exactly max_value_bytes."""
     value = fill * (config.max_value_bytes - 6)  # array header 1 + str32 header 5
