@@ -47,6 +47,10 @@ COUNTERS = (
     ("hints_delivered", "hinted writes delivered to the replica they were meant for"),
     ("handoff_keys_sent", "states streamed to new owners after ring changes"),
     ("hints_expired", "hints dropped unsent because they outlived hint_ttl_s"),
+    ("hints_dropped", "hints dropped unsent because the replica refused them or no frame "
+                      "can carry them"),
+    ("replayed_batches", "replication batches refused as replayed or outside the replay "
+                         "window"),
     ("tombstones_collected", "register tombstones removed here once every replica confirmed"
                              " them"),
 )
