@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from collections import deque
 from collections.abc import Callable
 from functools import partial
@@ -235,7 +234,7 @@ class Handoff:
         async def send(seq: int, items: list[list[Any]]) -> None:
             nonlocal failed, next_unacked
             try:
-                batch = seal_batch(kv.net, items, time.time_ns())
+                batch = seal_batch(kv.net, items, kv.next_batch_seq())
                 reply = await kv.net.request(target, APPLY_PROTOCOL, batch,
                                              timeout=kv.config.request_timeout * 4)
             except RequestError as exc:

@@ -1,12 +1,24 @@
 # Operations of the replicated KV store and the CRDT type each one implies.
 # Lives here (sans-IO): turning a user operation into a delta against the current state of a
 # key, and rendering a state as the plain value a user reads. Time and actor are arguments.
+# Also here: the size limits every op meets wherever it enters (the embedding API, HTTP, and
+# ops forwarded by peers): check_op on arrival, check_growth when it is applied.
 # Must not live here: storage, networking, quorum logic.
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import msgpack
+
 import crdt
+
+MAX_KEY_BYTES = 1024
+MAX_VALUE_BYTES = 1024 * 1024  # an op's encoded (msgpack) arguments: a value, members, a field
+# a put's or hset's delta beyond its encoded arguments: timestamp, actor, type (measured: 72
+# and 189 bytes). A set's delta is larger: a dot per member (check_growth bounds it).
+DELTA_OVERHEAD_BYTES = 1024
+# ops that only take away: never refused for size (a key too large to grow can still shrink)
+REMOVALS = frozenset({"delete", "srem", "hdel"})
 
 # The CRDT type a key gets from the first operation that writes it. A key keeps its type:
 # an operation of another type fails with WrongType until the key is deleted.
@@ -68,6 +80,47 @@ class Op(NamedTuple):  # a tuple: made per key on the batched write path, so it 
         if override and data[0] not in OVERRIDE_OPS:
             raise OpError("bad_request", f"{data[0]} does not take override_skew")
         return cls(data[0], data[1], tuple(data[2]), override)
+
+
+def shown_key(key: bytes) -> str:
+    """A key for messages: as the user wrote it (quoted text), not as Python bytes."""
+    return repr(key.decode(errors="backslashreplace")[:64])
+
+
+def check_op(op: Op, max_key_bytes: int, max_value_bytes: int) -> int:
+    """The size of `op`'s encoded arguments; OpError "too_large" if its key or arguments are
+    larger than the store takes, "bad_value" if its arguments cannot be encoded. The one check
+    of these limits: coordinators run it on every op they are given, replicas on every op a
+    peer forwards."""
+    if len(op.key) > max_key_bytes:
+        raise OpError("too_large", f"key of {len(op.key)} bytes, limit {max_key_bytes}")
+    try:
+        size = len(msgpack.packb(op.args, use_bin_type=True))
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise OpError("bad_value",
+                      f"value of {shown_key(op.key)} cannot be stored: {exc}") from None
+    if size > max_value_bytes:
+        raise OpError("too_large", f"value of {shown_key(op.key)} is {size} bytes, limit "
+                      f"{max_value_bytes}")
+    return size
+
+
+def check_growth(op: Op, current: bytes | None, delta: bytes, max_item_bytes: int) -> None:
+    """Refuse (OpError "too_large") an op whose delta, or the state it leaves, would not fit
+    with its key in one replication item of `max_item_bytes`: such a state could never be
+    replicated, handed off or read back whole. (A set's members carry a dot each, so the
+    delta of a small-valued sadd can be many times its arguments.) Removals always pass."""
+    if op.kind in REMOVALS:
+        return
+    room = max_item_bytes - len(op.key)
+    if len(delta) > room:
+        raise OpError("too_large", f"{op.kind} of {shown_key(op.key)} makes a {len(delta)}-byte "
+                      f"change, limit {room}")
+    if current is not None and len(current) + len(delta) > room:
+        grown = len(crdt.merge_encoded(current, delta))
+        if grown > room and grown > len(current):
+            raise OpError("too_large", f"{op.kind} would grow {shown_key(op.key)} to {grown} "
+                          f"bytes, limit {room}")
 
 
 def type_name(state: Any) -> str:

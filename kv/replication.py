@@ -1,6 +1,11 @@
 # Outgoing replication: per-peer queues of deltas, sent in signed batches over direct streams.
 # Lives here: batching with backpressure (a bounded queue per peer), one Ed25519 signature
-# per batch, and the outcome callbacks (acked / failed) that quorum counting listens to.
+# per batch, and the outcome callbacks (acked / failed) that quorum counting listens to; the
+# batch envelope (sealing, and opening with the replay guard: every batch a node sends has a
+# sequence from next_timed_seq, the receiver takes each (sender, seq) once and none older or
+# newer than TIMED_REPLAY_WINDOW_US from its clock: batches of releases before the guard, whose
+# sequences were counters, are refused); the size arithmetic that keeps any batch within a
+# frame, and dropping the one item that alone cannot fit one.
 # Must not live here: choosing targets (the coordinator) or storing anything.
 from __future__ import annotations
 
@@ -12,8 +17,8 @@ from typing import Any
 
 import trio
 
-from p2p import Network, RequestError
-from p2p.envelope import Envelope, EnvelopeError, open_envelope, seal
+from p2p import ConfigError, Network, RequestError
+from p2p.envelope import Envelope, EnvelopeError, TimedReplayGuard, open_envelope, seal
 from p2p.identity import peer_id_from_public_key
 
 from .timebound import refused_indices
@@ -24,6 +29,31 @@ APPLY_PROTOCOL = "kv-apply"
 BATCH_CHANNEL = "kv.batch"
 
 Outcome = Callable[[bool], None]
+
+# a batch item's encoding beyond its key and delta: [key, delta, hint_for], hint_for a peer id
+ITEM_OVERHEAD_BYTES = 128
+# a sealed batch beyond its items: the signed envelope (network id aside) and the request
+# frame around it
+ENVELOPE_OVERHEAD_BYTES = 512
+
+
+def check_frame_room(max_batch_bytes: int, max_items: int, network_id: str,
+                     max_frame_size: int) -> None:
+    """ConfigError unless a batch of `max_items` items whose keys and deltas add up to
+    `max_batch_bytes` fits in a frame once sealed (the write path keeps every key and delta
+    within `max_batch_bytes`, so every write then replicates)."""
+    needed = (max_batch_bytes + max_items * ITEM_OVERHEAD_BYTES + ENVELOPE_OVERHEAD_BYTES
+              + len(network_id.encode()))
+    if needed > max_frame_size:
+        raise ConfigError(f"kv max_batch_bytes ({max_batch_bytes}) with {max_items} items "
+                          f"needs frames of {needed} bytes once sealed; max_frame_size is "
+                          f"{max_frame_size}")
+
+
+def fits_frame(net: Network, sealed: bytes) -> bool:
+    """Whether a sealed batch can be sent in one request frame (the request id and headers
+    around it take less than 32 bytes)."""
+    return len(sealed) + 32 <= net.config.max_frame_size
 
 
 @dataclass
@@ -45,8 +75,10 @@ def seal_batch(net: Network, items: list[list[Any]], seq: int) -> bytes:
     return seal(net.identity, net.config.network_id, BATCH_CHANNEL, seq, items)
 
 
-def open_batch(net: Network, data: Any, sender: str) -> Envelope:
-    """Verify a batch: signed by `sender` (the Noise-authenticated peer) for this network."""
+def open_batch(net: Network, data: Any, sender: str, guard: TimedReplayGuard,
+               now_us: int) -> Envelope:
+    """Verify a batch: signed by `sender` (the Noise-authenticated peer) for this network, and
+    not seen before (`guard`, at wall time `now_us`): EnvelopeError "replayed" if it was."""
     if not isinstance(data, bytes):
         raise EnvelopeError("malformed", "batch is not bytes")
     envelope = open_envelope(data, network=net.config.network_id, channel=BATCH_CHANNEL,
@@ -55,6 +87,7 @@ def open_batch(net: Network, data: Any, sender: str) -> Envelope:
         raise EnvelopeError("author", "batch signed by another peer than the sender")
     if not isinstance(envelope.payload, list):
         raise EnvelopeError("malformed", "batch payload is not a list")
+    guard.check_and_record(envelope.author, envelope.seq, now_us)
     return envelope
 
 
@@ -67,7 +100,8 @@ class PeerLink:
     waits until the drainer has taken a batch."""
 
     def __init__(self, net: Network, peer: str, max_batch: int, max_bytes: int, queue: int,
-                 on_failed: Callable[[str, list[Delta]], None]) -> None:
+                 on_failed: Callable[[str, list[Delta]], None],
+                 next_seq: Callable[[], int]) -> None:
         self.net = net
         self.peer = peer
         self.max_batch = max_batch
@@ -77,10 +111,11 @@ class PeerLink:
         self._items_wanted: trio.Event | None = None  # set by a push: the drainer waits
         self._room_wanted: trio.Event | None = None  # set by the drainer: a pusher waits
         self._on_failed = on_failed
-        self._seq = 0
+        self._next_seq = next_seq  # the node's batch sequences (shared by all its senders)
         self.sent = 0  # deltas acknowledged
         self.batches = 0  # batches acknowledged
         self.failed_batches = 0
+        self.oversized = 0  # items dropped because alone they do not fit in a frame
 
     @property
     def backlog(self) -> int:
@@ -127,11 +162,18 @@ class PeerLink:
             await self._send_batch(batch)
 
     async def _send_batch(self, batch: list[Delta]) -> None:
-        self._seq += 1
         items = [d.to_wire() for d in batch]
+        sealed = seal_batch(self.net, items, self._next_seq())
+        if not fits_frame(self.net, sealed):
+            if len(batch) > 1:  # cannot happen with a checked config; never send it whole
+                half = len(batch) // 2
+                await self._send_batch(batch[:half])
+                await self._send_batch(batch[half:])
+                return
+            self._drop_oversized(batch[0], len(sealed))
+            return
         try:
-            reply = await self.net.request(self.peer, APPLY_PROTOCOL,
-                                           seal_batch(self.net, items, self._seq))
+            reply = await self.net.request(self.peer, APPLY_PROTOCOL, sealed)
         except RequestError as exc:
             self.failed_batches += 1
             log.info("replication batch of %d to %s failed: %s", len(batch), self.peer, exc)
@@ -148,3 +190,14 @@ class PeerLink:
         for index, item in enumerate(batch):
             if item.on_outcome is not None:
                 item.on_outcome(index not in refused)
+
+    def _drop_oversized(self, item: Delta, size: int) -> None:
+        """A state too large for any frame (grown by merges past what one write may make):
+        it could never be delivered, and retrying or hinting it would block what follows.
+        Anti-entropy and reads are what is left to bring it (and fail as visibly)."""
+        self.oversized += 1
+        log.warning("dropped a replication item for %s (key %r): %d bytes sealed do not fit "
+                    "in a %d-byte frame", self.peer, item.key[:64], size,
+                    self.net.config.max_frame_size)
+        if item.on_outcome is not None:
+            item.on_outcome(False)

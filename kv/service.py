@@ -17,20 +17,38 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import trio
 
 import crdt
-from p2p import Network, RequestError
-from p2p.envelope import EnvelopeError
+from p2p import ConfigError, Network, RemoteError, RequestError
+from p2p.envelope import EnvelopeError, TimedReplayGuard, next_timed_seq
 from p2p.rpc import HandlerError
 from shard import Initiator, Keyspace, ProtocolError, QuietPartitions, Responder, Ring, Store
 
 from .forwarding import MAX_OPS_PER_REQUEST, OPS_PROTOCOL, UNREACHABLE, Forwarder
-from .handoff import FOREIGN_PROTOCOL, ROOTS_PROTOCOL, Handoff
+from .handoff import CHUNK_KEYS, FOREIGN_PROTOCOL, ROOTS_PROTOCOL, Handoff
 from .hints import HintStore
-from .ops import Op, OpError, make_delta, render
-from .replication import APPLY_PROTOCOL, Delta, PeerLink, open_batch, seal_batch
+from .ops import (
+    DELTA_OVERHEAD_BYTES,
+    MAX_KEY_BYTES,
+    MAX_VALUE_BYTES,
+    Op,
+    OpError,
+    check_growth,
+    check_op,
+    make_delta,
+    render,
+    shown_key,
+)
+from .replication import (
+    APPLY_PROTOCOL,
+    Delta,
+    PeerLink,
+    check_frame_room,
+    fits_frame,
+    open_batch,
+    seal_batch,
+)
 from .sweeper import TombstoneSweeper
 from .timebound import TimeBound, apply_reply, refused_indices, wall_ms
 from .writer import GroupCommitWriter, Replace, Replacement
@@ -76,10 +94,14 @@ class KVConfig:
     anti_entropy_max_deferrals: int = 5
     rebalance_interval: float = 2.0
     max_batch: int = 512
-    # replication, hint and handoff batches stay below this many bytes (frames are 4 MiB)
+    # replication, hint and handoff batches stay below this many bytes (frames are 4 MiB:
+    # KV.start checks that a full batch fits one), and so does every key with the delta a
+    # write makes of it or the state it leaves (larger: the write is refused as too_large)
     max_batch_bytes: int = 2 * 1024 * 1024
-    # one operation's arguments (a value, members, a field) may not encode larger than this
-    max_value_bytes: int = 1024 * 1024
+    # one operation's key, and its arguments (a value, members, a field) encoded, may not be
+    # larger than these (too_large), wherever the op comes from
+    max_key_bytes: int = MAX_KEY_BYTES
+    max_value_bytes: int = MAX_VALUE_BYTES
     queue_per_peer: int = 20_000
     # a register tombstone is collected once its delete is this old and every replica holds
     # it or nothing; hints older than hint_ttl_s are dropped (anti-entropy repairs instead)
@@ -103,6 +125,13 @@ class KVConfig:
         if not 0 < self.hint_ttl_s <= self.tombstone_grace_s:
             raise ValueError(f"hint_ttl_s ({self.hint_ttl_s}) must be > 0 and <= "
                              f"tombstone_grace_s ({self.tombstone_grace_s})")
+        # the largest write must make a delta that fits in a batch (and so in a frame)
+        largest = self.max_key_bytes + self.max_value_bytes + DELTA_OVERHEAD_BYTES
+        if largest > self.max_batch_bytes:
+            raise ConfigError(f"max_key_bytes ({self.max_key_bytes}) + max_value_bytes "
+                              f"({self.max_value_bytes}) + {DELTA_OVERHEAD_BYTES} bytes of "
+                              f"CRDT overhead exceed max_batch_bytes ({self.max_batch_bytes}): "
+                              "the largest write could not be replicated")
 
 
 class _AckGroup:
@@ -158,9 +187,7 @@ class _Routes:
         self.targets: dict[int, list[tuple[str, PeerLink | None]]] = {}
 
 
-def _shown(key: bytes) -> str:
-    """A key for messages: as the user wrote it (quoted text), not as Python bytes."""
-    return repr(key.decode(errors="backslashreplace"))
+_shown = shown_key
 
 
 def _key_bytes(key: str | bytes) -> bytes:
@@ -199,8 +226,12 @@ class KV:
         self.metrics = {"writes": 0, "reads": 0, "read_repairs": 0, "hints_delivered": 0,
                         "handoff_keys_sent": 0, "partitions_dropped": 0, "refused_batches": 0,
                         "merge_failures": 0, "type_conflicts": 0, "tombstones_collected": 0,
-                        "hints_expired": 0, "skew_refused": 0, "skew_overrides": 0,
+                        "hints_expired": 0, "hints_dropped": 0, "refused_ops": 0,
+                        "skew_refused": 0, "skew_overrides": 0,
                         "not_member_refused": 0, "authority_refused": 0}
+        # kv-apply batches: this node's sequences, and the guard against replayed ones
+        self._batch_seq = 0
+        self.replay_guard = TimedReplayGuard()
         self.sweeper = TombstoneSweeper(self)
 
     @classmethod
@@ -209,6 +240,8 @@ class KV:
                     config: KVConfig | None = None) -> AsyncIterator[KV]:
         config = config or KVConfig()
         used_before = (data_dir / "hints").exists()
+        check_frame_room(config.max_batch_bytes, max(config.max_batch, CHUNK_KEYS),
+                         net.config.network_id, net.config.max_frame_size)
         store = Store(data_dir / "store", merge=crdt.merge_encoded,
                       keyspace=Keyspace(config.partitions))
         try:
@@ -465,7 +498,9 @@ class KV:
             "metrics": {**self.metrics, "write_batches": self.writer.batches,
                         "local_writes": self.writer.writes,
                         "replication_batches": sum(k.batches for k in self._links.values()),
-                        "replication_deltas": sum(k.sent for k in self._links.values())},
+                        "replication_deltas": sum(k.sent for k in self._links.values()),
+                        "replayed_batches": self.replay_guard.refused,
+                        "oversized_dropped": sum(k.oversized for k in self._links.values())},
         }
 
     def partition_status(self) -> list[dict[str, Any]]:
@@ -545,14 +580,7 @@ class KV:
         mutators = self._routes(alive).mutators if not avoid else {}  # per partition
         partition_of = self.ring.partition_of
         for op in ops:
-            try:
-                size = len(msgpack.packb(op.args, use_bin_type=True))
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise OpError("bad_value",
-                              f"value of {_shown(op.key)} cannot be stored: {exc}") from None
-            if size > self.config.max_value_bytes:
-                raise OpError("bad_value", f"value of {_shown(op.key)} is {size} bytes, more "
-                              f"than {self.config.max_value_bytes}")
+            size = check_op(op, self.config.max_key_bytes, self.config.max_value_bytes)
             partition = partition_of(op.key)
             if partition in mutators:
                 mutator = mutators[partition]
@@ -609,7 +637,8 @@ class KV:
         if not failed:
             return
         code, message = failed[0]
-        if len(ops) == 1 and code in ("wrong_type", "bad_request", "bad_value", "clock_skew"):
+        if len(ops) == 1 and code in ("wrong_type", "bad_request", "bad_value", "clock_skew",
+                                         "too_large"):
             raise OpError(code, message)
         raise QuorumError(f"{len(failed)} of {len(ops)} ops failed at {mutator}; first: "
                           f"{code}: {message}")
@@ -655,12 +684,15 @@ class KV:
                     delta = make_delta(op, state, self.me, self.clock, now_ms)
                     if delta is None:
                         return None
+                    encoded = crdt.encode(delta)
+                    check_growth(op, None if replace else current, encoded,
+                                 self.config.max_batch_bytes)
                     if replace:
                         self.metrics["skew_overrides"] += 1
                         log.info("%s of %s replaces a state beyond the clock skew bound",
                                  op.kind, _shown(op.key))
-                        return Replacement(crdt.encode(delta))
-                    return crdt.encode(delta)
+                        return Replacement(encoded)
+                    return encoded
                 except OpError:
                     raise
                 except (TypeError, ValueError, OverflowError) as exc:
@@ -762,7 +794,7 @@ class KV:
         if link is None:
             link = PeerLink(self.net, peer, self.config.max_batch, self.config.max_batch_bytes,
                             self.config.queue_per_peer,
-                            self._on_link_failed)
+                            self._on_link_failed, self.next_batch_seq)
             self._links[peer] = link
             assert self._nursery is not None
             self._nursery.start_soon(link.run)
@@ -775,6 +807,12 @@ class KV:
             self._nursery_soon(self._merge_quietly, [(item.key, local)], "read repair")
         elif not self._link(peer).push_nowait(item):
             log.debug("replication queue to %s is full; anti-entropy will repair", peer)
+
+    def next_batch_seq(self) -> int:
+        """The sequence of the next kv-apply batch this node sends (any sender of it): unique
+        and increasing across restarts, near the wall time in microseconds."""
+        self._batch_seq = next_timed_seq(self._batch_seq, time.time_ns() // 1000)
+        return self._batch_seq
 
     def _nursery_soon(self, fn: Any, *args: Any) -> None:
         assert self._nursery is not None
@@ -828,7 +866,8 @@ class KV:
 
     async def _on_apply(self, peer: str, data: Any) -> Any:
         try:
-            envelope = open_batch(self.net, data, peer)
+            envelope = open_batch(self.net, data, peer, self.replay_guard,
+                                  time.time_ns() // 1000)
         except EnvelopeError as exc:
             self.metrics["refused_batches"] += 1
             self.net.penalize(peer, exc.reason)
@@ -899,17 +938,36 @@ class KV:
         except (OpError, ValueError) as exc:
             raise HandlerError("bad_request", str(exc)) from None
         replies: list[list[Any]] = [[] for _ in groups]
+        refusals = [self._screen_ops(peer, ops) for ops, _ in groups]
 
         async def run(index: int, ops: list[Op], level: Consistency) -> None:
-            outcomes = await self._apply_and_replicate(ops, level)
-            replies[index] = [None if o is None else
-                              [o.code if isinstance(o, OpError) else "quorum", str(o)]
-                              for o in outcomes]
+            refused = refusals[index]
+            outcomes = iter(await self._apply_and_replicate(
+                [op for i, op in enumerate(ops) if i not in refused], level))
+            replies[index] = [refused[i] if i in refused else _outcome(next(outcomes))
+                              for i in range(len(ops))]
 
         async with trio.open_nursery() as nursery:  # one group commit for all groups
             for index, (ops, level) in enumerate(groups):
                 nursery.start_soon(run, index, ops, level)
         return replies
+
+    def _screen_ops(self, peer: str, ops: list[Op]) -> dict[int, list[Any]]:
+        """The ops of a forwarded group that break the size limits, by index, with the error
+        that answers each. An honest coordinator refuses those itself (check_op), so the peer
+        is penalized once per group that carries any."""
+        refused: dict[int, list[Any]] = {}
+        for index, op in enumerate(ops):
+            try:
+                check_op(op, self.config.max_key_bytes, self.config.max_value_bytes)
+            except OpError as exc:
+                refused[index] = [exc.code, str(exc)]
+        if refused:
+            self.metrics["refused_ops"] += len(refused)
+            first = next(iter(refused.values()))
+            log.warning("refused %d forwarded ops from %s: %s", len(refused), peer, first[1])
+            self.net.penalize(peer, "oversized" if first[0] == "too_large" else "malformed")
+        return refused
 
     async def _on_read(self, peer: str, message: Any) -> Any:
         keys = message.get("keys") if isinstance(message, dict) else None
@@ -945,26 +1003,58 @@ class KV:
                     await self._deliver_hints(target)
 
     async def _deliver_hints(self, target: str) -> None:
+        """Deliver the hints for `target`, oldest first, until none are left or it stops
+        answering. No hint blocks the ones behind it: one that alone is larger than a batch
+        goes alone, and one that can never be delivered (larger than a frame, or refused by
+        the target) is dropped with a warning; anti-entropy is then its repair path."""
         while True:
             hints = self.hints.take(target, self.config.max_batch, self.config.max_batch_bytes)
             if not hints:
                 return
-            items = [[key, delta, None] for _, key, delta in hints]
+            if not await self._deliver_hint_batch(target, hints):
+                return
+            log.info("delivered %d hinted writes to %s (%d left)", len(hints), target,
+                     self.hints.pending().get(target, 0))
+
+    async def _deliver_hint_batch(self, target: str,
+                                  hints: list[tuple[bytes, bytes, bytes]]) -> bool:
+        """Send `hints` in one batch, or, if the target refuses it, in halves down to the one
+        it refuses (dropped); False when the target could not be reached (kept for later)."""
+        sealed = seal_batch(self.net, [[key, delta, None] for _, key, delta in hints],
+                            self.next_batch_seq())
+        why = ""
+        if not fits_frame(self.net, sealed):
+            why = f"{len(sealed)} bytes sealed do not fit in a frame"
+        else:
             try:
-                reply = await self.net.request(target, APPLY_PROTOCOL,
-                                               seal_batch(self.net, items, time.time_ns()),
+                reply = await self.net.request(target, APPLY_PROTOCOL, sealed,
                                                timeout=self.config.request_timeout)
+            except RemoteError as exc:
+                if exc.code != "refused":
+                    log.info("hint delivery to %s failed: %s", target, exc)
+                    return False
+                why = f"refused: {exc.message}"
             except RequestError as exc:
                 log.info("hint delivery to %s failed: %s", target, exc)
-                return
-            refused = refused_indices(reply, len(items))
+                return False
+        if not why:
+            refused = refused_indices(reply, len(hints))
             if refused:  # delivered, and refused there: retrying would be refused again
                 log.info("%s refused %d hinted writes (beyond its clock skew bound); dropped",
                          target, len(refused))
             self.hints.remove(target, [hint_id for hint_id, _, _ in hints])
-            self.metrics["hints_delivered"] += len(hints)
-            log.info("delivered %d hinted writes to %s (%d left)", len(hints), target,
-                     self.hints.pending().get(target, 0))
+            self.metrics["hints_delivered"] += len(hints) - len(refused)
+            self.metrics["hints_dropped"] += len(refused)
+            return True
+        if len(hints) > 1:
+            half = len(hints) // 2
+            return (await self._deliver_hint_batch(target, hints[:half])
+                    and await self._deliver_hint_batch(target, hints[half:]))
+        self.hints.remove(target, [hints[0][0]])
+        self.metrics["hints_dropped"] += 1
+        log.warning("dropped a hint for %s (key %r) that can never be delivered (%s); "
+                    "anti-entropy will repair it", target, hints[0][1][:64], why)
+        return True
 
     # -- anti-entropy --------------------------------------------------------------------
     async def _anti_entropy_loop(self) -> None:
@@ -1152,3 +1242,10 @@ class KV:
         ring must not bring back a partition this node has since handed off."""
         mine = self._owned_partitions()
         return [(k, s) for k, s in states if self.ring.partition_of(k) in mine]
+
+
+def _outcome(result: OpError | QuorumError | None) -> list[Any] | None:
+    """One op's answer to a kv-ops request: None (applied with its quorum) or [code, why]."""
+    if result is None:
+        return None
+    return [result.code if isinstance(result, OpError) else "quorum", str(result)]

@@ -1,9 +1,13 @@
 # Signed envelopes: the wire form of every message that claims an author.
 # Lives here (sans-IO): sealing a payload with an Ed25519 signature, opening and checking one
-# (size, protocol version, network, channel, signature) and the per-author replay guard.
+# (size, protocol version, network, channel, signature) and the per-author replay guards:
+# ReplayGuard for counted sequences (gossip), TimedReplayGuard for sequences that are
+# microsecond wall times (requests that several tasks of one sender have in flight at once).
 # Must not live here: sockets, clocks, libp2p objects. Callers pass in everything.
 from __future__ import annotations
 
+import heapq
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,6 +17,7 @@ from .identity import Identity, verify_signature
 
 PROTOCOL_VERSION = 1
 REPLAY_WINDOW = 256
+TIMED_REPLAY_WINDOW_US = 600_000_000  # 10 minutes either side of the receiver's clock
 
 
 class EnvelopeError(ValueError):
@@ -120,3 +125,69 @@ class ReplayGuard:
 
     def forget(self, author: bytes) -> None:
         self._authors.pop(author, None)
+
+
+def next_timed_seq(last: int, now_us: int) -> int:
+    """The sequence after `last` for a sender whose wall clock reads `now_us` (microseconds):
+    unique and increasing, across restarts too, and close to the wall time (a
+    TimedReplayGuard refuses sequences far from its own clock)."""
+    return max(last + 1, now_us)
+
+
+@dataclass
+class _TimedWindow:
+    floor: int = -1  # every sequence at or below it is refused
+    heap: list[int] = field(default_factory=list)  # the sequences remembered, smallest first
+    seen: set[int] = field(default_factory=set)
+
+
+@dataclass
+class TimedReplayGuard:
+    """Accepts each (author, seq) once, for sequences that are the sender's wall time in
+    microseconds (next_timed_seq). A sequence more than `window_us` before or after the
+    receiver's clock is refused, so only the sequences of the last window are remembered;
+    within it any order is accepted (requests of one sender in flight at once overtake each
+    other). Memory is bounded: per author at most `per_author` sequences (past that the
+    smallest is forgotten and everything up to it refused: an honest request overtaken by that
+    many others of its sender is refused, and retried by its sender) and at most `max_authors`
+    authors (the least recently heard forgotten first: it could then replay its own messages
+    of the last window once). Nodes that sent counted sequences (small numbers) are refused."""
+
+    window_us: int = TIMED_REPLAY_WINDOW_US
+    per_author: int = 4096
+    max_authors: int = 1024
+    refused: int = 0
+    _authors: OrderedDict[bytes, _TimedWindow] = field(default_factory=OrderedDict)
+
+    def check_and_record(self, author: bytes, seq: int, now_us: int) -> None:
+        try:
+            self._check_and_record(author, seq, now_us)
+        except EnvelopeError:
+            self.refused += 1
+            raise
+
+    def _check_and_record(self, author: bytes, seq: int, now_us: int) -> None:
+        oldest = now_us - self.window_us
+        if seq < oldest:
+            raise EnvelopeError("replayed", f"sequence {seq} is {(now_us - seq) // 10**6} s old, "
+                                f"older than the replay window of {self.window_us // 10**6} s")
+        if seq > now_us + self.window_us:
+            raise EnvelopeError("replayed", f"sequence {seq} is {(seq - now_us) // 10**6} s "
+                                "ahead of this node's clock, beyond the replay window")
+        state = self._authors.get(author)
+        if state is None:
+            if len(self._authors) >= self.max_authors:
+                self._authors.popitem(last=False)
+            state = self._authors[author] = _TimedWindow()
+        else:
+            self._authors.move_to_end(author)
+        while state.heap and state.heap[0] < oldest:  # the age bound refuses these now
+            state.seen.discard(heapq.heappop(state.heap))
+        if seq <= state.floor or seq in state.seen:
+            raise EnvelopeError("replayed", f"sequence {seq} was already seen")
+        heapq.heappush(state.heap, seq)
+        state.seen.add(seq)
+        if len(state.heap) > self.per_author:
+            forgotten = heapq.heappop(state.heap)
+            state.seen.discard(forgotten)
+            state.floor = max(state.floor, forgotten)

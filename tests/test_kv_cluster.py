@@ -221,9 +221,9 @@ async def test_garbage_and_forged_replication_batches_are_refused(tmp_path):
         bad_batches = [
             os.urandom(200),  # not an envelope
             seal(forger, net.config.network_id, "kv.batch", 1, good_item),  # not the sender
-            seal_batch(net, "not a list", 2),
-            seal_batch(net, [[key, b"\xc1garbage", None]], 3),  # undecodable delta
-            seal_batch(net, [["str-key", b"x", None]], 4),
+            seal_batch(net, "not a list", attacker.next_batch_seq()),
+            seal_batch(net, [[key, b"\xc1garbage", None]], attacker.next_batch_seq()),
+            seal_batch(net, [["str-key", b"x", None]], attacker.next_batch_seq()),
             msgpack.packb([1, b"body", b"sig"]),
         ]
         for batch in bad_batches:
@@ -322,7 +322,7 @@ async def test_large_values_travel_in_byte_bounded_batches(tmp_path):
         assert all(not n.kv.hints.pending() for n in nodes)
         with pytest.raises(OpError) as refused:
             await nodes[1].kv.put("huge", "y" * (2 * 1024 * 1024))
-        assert refused.value.code == "bad_value"
+        assert refused.value.code == "too_large"
         with pytest.raises(OpError) as overflow:
             await nodes[1].kv.put("too-big-int", 2**70)
         assert overflow.value.code == "bad_value"

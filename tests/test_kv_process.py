@@ -169,7 +169,7 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
         (("PUT", "/kv/k", {"nothing": 1}), 400, "bad_request"),
         (("PUT", "/kv/k", {"value": 2**64}), 400, "bad_value"),
         (("PUT", "/kv/k", {"value": "x" * 1_100_000}), 413, "too_large"),
-        (("PUT", "/kv/" + "k" * 1100, {"value": 1}), 400, "bad_request"),
+        (("PUT", "/kv/" + "k" * 1100, {"value": 1}), 413, "too_large"),
         (("GET", "/kv/k?consistency=most"), 400, "bad_request"),
         (("POST", "/kv/visits/incr", {"by": "2"}), 400, "bad_request"),
         (("POST", "/kv/visits/sadd", {"members": ["m"]}), 400, "wrong_type"),
