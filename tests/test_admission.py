@@ -90,7 +90,7 @@ async def _attempts(stranger: Network, victim: KV, key: bytes) -> dict[str, str]
     each answered (or "served")."""
     delta = msgpack.packb([1, 1, 2**40, 0, "x", False, msgpack.packb("stolen")])
     tries = {
-        "kv-apply": seal_batch(stranger, [[key, delta, None]], time.time_ns()),
+        "kv-apply": seal_batch(stranger, [[key, delta, None]], time.time_ns() // 1000),
         "kv-ops": {"groups": [{"ops": [["put", key, ["stolen"]]], "c": "one"}]},
         "kv-read": {"keys": [key]},
         "kv-ae": {"sid": 1, "m": [0]},
@@ -217,8 +217,8 @@ async def test_a_ring_member_writes_only_what_it_or_the_receiver_replicates(tmp_
 
         async def send(items: list) -> str:
             try:
-                await member.net.request(victim.me, APPLY_PROTOCOL,
-                                         seal_batch(member.net, items, time.time_ns()), timeout=5)
+                batch = seal_batch(member.net, items, member.next_batch_seq())
+                await member.net.request(victim.me, APPLY_PROTOCOL, batch, timeout=5)
                 return "served"
             except RemoteError as exc:
                 return exc.code

@@ -3,6 +3,7 @@
 # read answers), never stored or spread, and does not lock the key; a refused replica write is
 # not acknowledged; a far-future state stored before the bound existed is replaced by an
 # operator's override_skew write on every replica, and a straggler heals on the next read.
+import itertools
 import time
 from functools import partial
 
@@ -59,7 +60,8 @@ async def test_a_forged_far_future_batch_item_is_refused_and_does_not_lock_the_k
             [b"hinted", register("evil", FAR), honest.me],  # to be held as a hint
             [b"also-fine", register("ok2", now_ms() - 1000), honest.me],
         ]
-        reply = await net.request(victim.me, APPLY_PROTOCOL, seal_batch(net, items, 1))
+        reply = await net.request(victim.me, APPLY_PROTOCOL,
+                                  seal_batch(net, items, attacker.next_batch_seq()))
         assert reply == {"n": 5, "refused": [0, 2, 3]}
         assert victim.store.get(b"locked") is None and victim.store.get(b"nested") is None
         assert value_of(victim.store.get(b"fine")) == "ok"  # the valid items were applied
@@ -133,7 +135,8 @@ async def test_reply_accounting_of_refused_items(tmp_path):
         receiver.handle(APPLY_PROTOCOL, on_apply)
         failed: list[list[Delta]] = []
         link = PeerLink(sender, receiver.peer_id, 512, 1 << 20, 100,
-                        lambda peer, batch: failed.append(batch))
+                        lambda peer, batch: failed.append(batch),
+                        itertools.count(time.time_ns() // 1000).__next__)
         outcomes: dict[int, list[bool]] = {0: [], 1: []}
 
         def item(batch: int, i: int) -> Delta:
@@ -212,11 +215,13 @@ async def test_a_malformed_batch_is_still_refused_whole(tmp_path):
         net = attacker.net
         items = [[b"fine", register("ok", now_ms()), None], [b"bad", b"\x97\x01\x01", None]]
         with pytest.raises(RemoteError):
-            await net.request(victim.me, APPLY_PROTOCOL, seal_batch(net, items, 1))
+            await net.request(victim.me, APPLY_PROTOCOL,
+                              seal_batch(net, items, attacker.next_batch_seq()))
         assert victim.store.get(b"fine") is None
         with pytest.raises(RemoteError):  # an override flag that is not a bool
             await net.request(victim.me, APPLY_PROTOCOL,
-                              seal_batch(net, [[b"k", register(1, 1), None, "yes"]], 2))
+                              seal_batch(net, [[b"k", register(1, 1), None, "yes"]],
+                                         attacker.next_batch_seq()))
 
 
 def test_the_override_travels_with_a_forwarded_op():
