@@ -361,17 +361,7 @@ def test_clean_close_saves_the_tree_for_the_next_open(tmp_path: Path) -> None:
 
 def test_snapshot_is_not_reused_after_an_unclean_exit(tmp_path: Path) -> None:
     _make_store(tmp_path / "db")  # closed cleanly: a snapshot exists
-    script = textwrap.dedent("""
-        import os, sys
-        sys.path.insert(0, sys.argv[2])
-        from shard.keyspace import Keyspace
-        from shard.store import Store
-        store = Store(sys.argv[1], lambda old, delta: delta,
-                      Keyspace(partitions=16, segments=4, salt=b"store-tests"))
-        store.apply_deltas([(b"after-%d" % i, b"five") for i in range(100)])
-        os._exit(0)  # no close(): no new snapshot
-    """)
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "db"), str(ROOT)], check=True)
+    _kill_while_open(tmp_path / "db")
     with Store(tmp_path / "db", crdt.merge_encoded, KEYSPACE) as reopened:
         assert reopened.get(b"after-7") == b"five"
         assert reopened.tree == HashTree.build(KEYSPACE, _stored_items(reopened))
