@@ -212,7 +212,8 @@ class ORMap(CausalState[Fields]):
 
     Mutators, each -> delta: update(actor, key, type_name, fn) where fn receives the key's
     current nested state (empty if absent) and returns a delta of that type made with the
-    nested type's own mutators (e.g. `lambda s: s.add(actor, "x")`); remove(key). See the
+    nested type's own mutators (e.g. `lambda s: s.add(actor, "x")`); remove(key), and
+    remove_many(keys) for many keys in one delta. See the
     module header for what happens when they are concurrent.
     """
 
@@ -262,6 +263,13 @@ class ORMap(CausalState[Fields]):
     def remove(self, key: str) -> ORMap:
         """Delta removing everything seen under `key` (empty delta if the key is absent)."""
         own = {field: store for field, store in self._entries.items() if field[0] == key}
+        return ORMap._make({}, CausalContext.from_dots(fields_dots(own)))
+
+    def remove_many(self, keys: Iterable[str]) -> ORMap:
+        """One delta removing every key in `keys` (the join of their remove deltas), in time
+        linear in the map's fields and the keys given."""
+        removed = set(keys)
+        own = {field: store for field, store in self._entries.items() if field[0] in removed}
         return ORMap._make({}, CausalContext.from_dots(fields_dots(own)))
 
 

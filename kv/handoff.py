@@ -3,7 +3,9 @@
 # Lives here: who sends which partition to a newcomer (the owner that left the partition's
 # preference list, else the first owner that stayed), the cheap check that an owner already
 # holds a partition (its partition root equals ours), pipelined chunk streams, and the drop of a
-# partition once every owner confirmed it and no write raced the transfer.
+# partition once every owner confirmed it and no write raced the transfer. States beyond the
+# clock skew bound (stored before the bound existed) are not sent: the target would refuse
+# them and score this node down; they read as absent, and go with the partition's drop.
 # Must not live here: the write path, storage internals (shard/), the wire format of replication
 # batches (replication.py), the ring itself (the KV keeps it in step with membership).
 from __future__ import annotations
@@ -21,7 +23,7 @@ from p2p.rpc import HandlerError
 from shard import Ring, diff
 
 from .replication import APPLY_PROTOCOL, seal_batch
-from .timebound import refused_indices
+from .timebound import refused_indices, wall_ms
 
 if TYPE_CHECKING:
     from .service import KV
@@ -222,7 +224,9 @@ class Handoff:
                       on_done: Callable[[str, int], None]) -> None:
         """Send every state of `partitions` to `target` in signed batches, IN_FLIGHT at a
         time; `on_done(target, partition)` once every batch carrying the partition was
-        merged durably there (a partition not confirmed is sent again next round)."""
+        merged durably there (a partition not confirmed is sent again next round). States
+        beyond the clock skew bound are left out, counted and logged once per partition: the
+        partition counts as handed off without them."""
         kv = self.kv
         window = trio.Semaphore(IN_FLIGHT)
         failed = False
@@ -269,10 +273,15 @@ class Handoff:
                 nursery.start_soon(send, sent, chunk)
                 chunk, size = [], 0
 
+            beyond = kv.timebound.beyond_or_false
             for partition in partitions:
                 if failed:
                     break
+                now_ms, withheld = wall_ms(), 0
                 for key, state in list(kv.store.iterate(partition)):
+                    if beyond(state, now_ms):
+                        withheld += 1
+                        continue
                     item = len(key) + len(state) + 8
                     if chunk and (len(chunk) >= CHUNK_KEYS
                                   or size + item > kv.config.max_batch_bytes):
@@ -281,6 +290,11 @@ class Handoff:
                             break
                     chunk.append([key, state, None])
                     size += item
+                if withheld:
+                    kv.metrics["handoff_skew_withheld"] += withheld
+                    log.info("handoff: %d state(s) of partition %d not sent to %s: beyond the "
+                             "clock skew bound (they read as absent; an operator may override "
+                             "them)", withheld, partition, target)
                 finished.append((sent + 1 if chunk else sent, partition))
             if chunk and not failed:
                 await flush()

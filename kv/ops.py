@@ -17,6 +17,9 @@ MAX_VALUE_BYTES = 1024 * 1024  # an op's encoded (msgpack) arguments: a value, m
 # a put's or hset's delta beyond its encoded arguments: timestamp, actor, type (measured: 72
 # and 189 bytes). A set's delta is larger: a dot per member (check_growth bounds it).
 DELTA_OVERHEAD_BYTES = 1024
+# members one sadd or srem may name (too_large beyond): one op is applied in one step of the
+# event loop, so its cost is bounded here as well as by its size in bytes
+MAX_MEMBERS_PER_OP = 10_000
 # ops that only take away: never refused for size (a key too large to grow can still shrink)
 REMOVALS = frozenset({"delete", "srem", "hdel"})
 
@@ -89,11 +92,14 @@ def shown_key(key: bytes) -> str:
 
 def check_op(op: Op, max_key_bytes: int, max_value_bytes: int) -> int:
     """The size of `op`'s encoded arguments; OpError "too_large" if its key or arguments are
-    larger than the store takes, "bad_value" if its arguments cannot be encoded. The one check
-    of these limits: coordinators run it on every op they are given, replicas on every op a
-    peer forwards."""
+    larger than the store takes or it names more than MAX_MEMBERS_PER_OP members, "bad_value"
+    if its arguments cannot be encoded. The one check of these limits: coordinators run it on
+    every op they are given, replicas on every op a peer forwards."""
     if len(op.key) > max_key_bytes:
         raise OpError("too_large", f"key of {len(op.key)} bytes, limit {max_key_bytes}")
+    if len(op.args) > MAX_MEMBERS_PER_OP:
+        raise OpError("too_large", f"{op.kind} of {shown_key(op.key)} names {len(op.args)} "
+                      f"members, limit {MAX_MEMBERS_PER_OP} per operation")
     try:
         size = len(msgpack.packb(op.args, use_bin_type=True))
     except (TypeError, ValueError, OverflowError) as exc:
@@ -154,9 +160,9 @@ def make_delta(op: Op, current: Any | None, actor: str, clock: crdt.HLC,
             raise OpError("bad_request", "increment must be an integer")
         return state.increment(actor, amount) if amount >= 0 else state.decrement(actor, -amount)
     if op.kind == "sadd":
-        return _apply_each(state, op.args, lambda s, m: s.add(actor, m))
+        return state.add_many(actor, _members(op.args))
     if op.kind == "srem":
-        return _apply_each(state, op.args, lambda s, m: s.remove(m))
+        return state.remove_many(_members(op.args))
     if op.kind == "hset":
         field, value = op.args
         if not isinstance(field, str):
@@ -169,17 +175,13 @@ def make_delta(op: Op, current: Any | None, actor: str, clock: crdt.HLC,
     raise OpError("bad_request", f"unknown operation {op.kind!r}")
 
 
-def _apply_each(state: Any, members: tuple[Any, ...], mutator: Any) -> Any:
-    """One delta for several members: each mutation sees the ones before it (so two adds by
-    one actor get two distinct dots)."""
+def _members(members: tuple[Any, ...]) -> tuple[Any, ...]:
+    # one delta for all of them, made by the types' bulk mutators in linear time (merging
+    # one member's delta after another into the state is quadratic: seconds of event loop
+    # for a few thousand members)
     if not members:
         raise OpError("bad_request", "no members given")
-    delta = None
-    for member in members:
-        step = mutator(state, member)
-        state = state.merge(step)
-        delta = step if delta is None else delta.merge(step)
-    return delta
+    return members
 
 
 def _is_deleted(state: Any) -> bool:
@@ -212,11 +214,9 @@ def _delete_delta(current: Any | None, actor: str, stamp: crdt.Timestamp) -> Any
         value = current.value()
         return current.decrement(actor, value) if value >= 0 else current.increment(actor, -value)
     if kind == "orset":
-        return _apply_each(current, tuple(current.value()), lambda s, m: s.remove(m)) \
-            if current.value() else crdt.new("orset")
+        return current.remove_many(current.value())
     if kind == "ormap":
-        return _apply_each(current, tuple(current.value()), lambda s, f: s.remove(f)) \
-            if current.value() else crdt.new("ormap")
+        return current.remove_many(current.keys())
     raise OpError("wrong_type", f"cannot delete a {kind}")
 
 

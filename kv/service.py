@@ -227,7 +227,7 @@ class KV:
                         "handoff_keys_sent": 0, "partitions_dropped": 0, "refused_batches": 0,
                         "merge_failures": 0, "type_conflicts": 0, "tombstones_collected": 0,
                         "hints_expired": 0, "hints_dropped": 0, "refused_ops": 0,
-                        "skew_refused": 0, "skew_overrides": 0,
+                        "skew_refused": 0, "skew_overrides": 0, "handoff_skew_withheld": 0,
                         "not_member_refused": 0, "authority_refused": 0}
         # kv-apply batches: this node's sequences, and the guard against replayed ones
         self._batch_seq = 0

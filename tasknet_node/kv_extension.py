@@ -55,6 +55,8 @@ COUNTERS = (
                              " them"),
     ("skew_refused", "states from peers refused: their wall time was beyond the clock skew "
                      "bound"),
+    ("handoff_skew_withheld", "states beyond the clock skew bound a handoff did not send (peers"
+                              " would refuse them; they read as absent)"),
     ("skew_overrides", "stored states beyond the clock skew bound replaced by an operator's "
                        "override_skew write"),
 )

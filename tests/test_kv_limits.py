@@ -12,7 +12,7 @@ import pytest
 import crdt
 from kv import KV, KVConfig, OpError
 from kv.forwarding import OPS_PROTOCOL
-from kv.ops import Op, make_delta
+from kv.ops import MAX_MEMBERS_PER_OP, Op, make_delta
 from kv.replication import APPLY_PROTOCOL, Delta, seal_batch
 from p2p import ConfigError, Network, RemoteError
 from p2p.envelope import TIMED_REPLAY_WINDOW_US, EnvelopeError, TimedReplayGuard
@@ -51,6 +51,28 @@ async def test_oversized_ops_forwarded_by_a_peer_are_refused_and_the_peer_penali
         for key, value in ((b"big-value", big_value), (long_key, 1)):
             with pytest.raises(OpError) as refused:
                 await attacker.put(key, value)
+            assert refused.value.code == "too_large"
+
+
+async def test_ops_naming_more_members_than_the_cap_are_refused_from_a_peer_too(tmp_path):
+    async with handles(tmp_path, 3) as nodes:
+        victim, attacker = nodes[0].kv, nodes[1].kv
+        over = list(range(MAX_MEMBERS_PER_OP + 1))
+        ops = [["sadd", b"tags", over], ["srem", b"tags", over],
+               ["sadd", b"tags", list(range(MAX_MEMBERS_PER_OP))]]
+        replies = await attacker.net.request(victim.me, OPS_PROTOCOL,
+                                             {"groups": [{"c": "one", "ops": ops}]})
+        (group,) = replies
+        for refused_op in group[:2]:
+            assert refused_op[0] == "too_large" and f"limit {MAX_MEMBERS_PER_OP}" in refused_op[1]
+        assert group[2] is None  # at the cap: applied
+        assert victim.metrics["refused_ops"] == 2
+        assert victim.net.scores.offences.get("oversized") == 1 and _score(victim, attacker.me) < 0
+        assert len(await victim.get("tags")) == MAX_MEMBERS_PER_OP
+        # an honest coordinator refuses them itself, with the same error
+        for refused_call in (attacker.sadd, attacker.srem):
+            with pytest.raises(OpError) as refused:
+                await refused_call("tags", *over)
             assert refused.value.code == "too_large"
 
 

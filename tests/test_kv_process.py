@@ -174,6 +174,7 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
         (("POST", "/kv/visits/incr", {"by": "2"}), 400, "bad_request"),
         (("POST", "/kv/visits/sadd", {"members": ["m"]}), 400, "wrong_type"),
         (("POST", "/kv/tags/sadd", {"members": []}), 400, "bad_request"),
+        (("POST", "/kv/tags/sadd", {"members": list(range(10_001))}), 413, "too_large"),
         (("POST", "/kv/tags/frob", {}), 404, "not_found"),
         (("POST", "/kv-batch", {"put": []}), 400, "bad_request"),
         (("POST", "/kv-read", {"keys": [1]}), 400, "bad_request"),

@@ -2,7 +2,8 @@
 # a peer's far-future register is refused on every way in (replication batches, anti-entropy,
 # read answers), never stored or spread, and does not lock the key; a refused replica write is
 # not acknowledged; a far-future state stored before the bound existed is replaced by an
-# operator's override_skew write on every replica, and a straggler heals on the next read.
+# operator's override_skew write on every replica, and a straggler heals on the next read;
+# a handoff leaves such a stored state behind instead of getting its sender scored down.
 import itertools
 import time
 from functools import partial
@@ -19,7 +20,7 @@ from kv.writer import GroupCommitWriter, Replace
 from p2p import RemoteError
 from shard import Keyspace, Store
 
-from kv_helpers import handles, wait_for
+from kv_helpers import foreign_keys, handles, join, wait_for
 from p2p_helpers import alive_ids, cluster
 
 FAR = 2**64 - 1  # the wall time of a forged register (ms)
@@ -104,6 +105,42 @@ async def test_anti_entropy_does_not_spread_a_far_future_state(tmp_path, monkeyp
                                    for kv in (holder, a, b)), 30, "two more rounds each")
         assert {kv.me: kv.metrics["skew_refused"] for kv in (a, b)} == refused
         assert a.store.get(b"old") is None and b.store.get(b"old") is None
+
+
+async def test_handoff_leaves_far_future_states_behind_and_completes(tmp_path):
+    # no anti-entropy: what the newcomer gets, it gets from the handoff
+    quiet = {"anti_entropy_interval": 3600.0}
+    async with handles(tmp_path, 3, **quiet) as nodes:
+        written = {f"k{i}": i for i in range(300)}
+        await nodes[0].kv.put_many(written, consistency="all")
+        future = [f"future-{i}".encode() for i in range(20)]
+        for node in nodes:  # N = 3 of 3 nodes: every node holds every key
+            for key in future:  # stored before the bound existed
+                await seed(node.kv, key, register("from the future", FAR))
+        senders = [n.kv for n in nodes]
+        newcomer = await join(nodes, tmp_path / "node3", **quiet)
+        kvs = [*senders, newcomer]
+        owned = [k.encode() for k in written
+                 if newcomer.me in newcomer.ring.preference_list(k.encode())]
+        owned_future = [k for k in future if newcomer.me in newcomer.ring.preference_list(k)]
+        assert owned and owned_future
+
+        def handed_off() -> bool:
+            return (all(newcomer.store.get(k) is not None for k in owned)
+                    and not any(kv.handoff_progress for kv in kvs)
+                    and all(foreign_keys(kv) == 0 for kv in kvs))
+
+        # every old owner handed its partitions off and dropped them, far-future states too
+        await wait_for(handed_off, 120, "the handoff to the newcomer and the drops")
+        # the senders are honest: nothing was refused, nobody was scored down for it
+        assert "clock_skew" not in newcomer.net.scores.offences
+        assert newcomer.metrics["skew_refused"] == 0
+        assert all(newcomer.net.scores.score(kv.me, time.monotonic()) >= 0 for kv in senders)
+        assert all(newcomer.store.get(k) is None for k in owned_future)
+        assert sum(kv.metrics["handoff_skew_withheld"] for kv in senders) >= len(owned_future)
+        assert sum(kv.metrics["handoff_keys_sent"] for kv in senders) > 0
+        assert await newcomer.get_many([k.decode() for k in owned]) == [
+            written[k.decode()] for k in owned]
 
 
 async def test_a_refused_replica_write_is_not_acknowledged(tmp_path):
