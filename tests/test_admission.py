@@ -13,7 +13,7 @@ import msgpack
 import pytest
 import trio
 
-from kv import KV
+from kv import KV, NotAdmitted
 from kv.replication import APPLY_PROTOCOL, seal_batch
 from p2p import Network, RemoteError
 from p2p.admission import Admission, AdmissionError, AdmissionRule
@@ -183,6 +183,27 @@ async def test_twenty_unadmitted_peers_change_no_ring_get_no_data_and_crowd_no_m
                 assert message.author in members, "gossip of a stranger was delivered"
                 if message.payload == {"from": "member"}:
                     break
+
+
+async def test_a_node_the_rule_does_not_admit_neither_reads_nor_writes(tmp_path):
+    # a one-node network under the stake rule: before the first stake reading and whenever
+    # a reading leaves it out, its store refuses reads and writes (it would otherwise keep a
+    # ring of its own and hand what it stored to the network once admitted)
+    rule = AdmissionRule("stake", min_stake=5, task="t")
+    async with AsyncExitStack() as stack:
+        kv = await start_kv_node(stack, tmp_path / "n", [], net_overrides={"admission": rule})
+        with pytest.raises(NotAdmitted, match="no reading of the stakes"):
+            await kv.put("k", 1)
+        kv.net.set_staked({kv.me})
+        await kv.put("k", 1)
+        assert await kv.get("k") == 1
+        kv.net.set_staked(set())
+        kv.net.set_staked(set())  # past the period of grace of the reading before
+        with pytest.raises(NotAdmitted, match="stake of at least 5 on task t"):
+            await kv.put_many({"a": 1, "b": 2})
+        with pytest.raises(NotAdmitted):
+            await kv.get_many(["k"])
+        assert len(kv.store) == 1
 
 
 # -- write authority among ring members -------------------------------------------------------

@@ -147,6 +147,25 @@ def test_only_staked_nodes_are_members_and_a_stake_admits(processes: Any,
     code, answer, err = _kv(staked["n0"], "get", "s/1")
     assert code == 0 and answer["value"] == "mine", (code, answer, err)
 
+    # `node.py status` shows the admission state
+    shown = json.loads(stranger.cli("status", check=True).stdout)["admission"]
+    assert shown["rule"] == "stake" and shown["settled"] and not shown["self_admitted"]
+    assert shown["describe"] == f"stake of at least {MIN_STAKE} on task {TASK}"
+
+    # a staked node killed and restarted admits nobody until it reads the stakes again,
+    # then takes its place in the ring again and serves
+    n2 = staked["n2"]
+    n2.proc.send_signal(signal.SIGKILL)
+    n2.proc.wait()
+    nodes["n2"] = staked["n2"] = n2 = processes.node("n2-again", "--join", addr, *staking,
+                                                     data_dir=n2.data_dir)
+    for name, node in staked.items():
+        wait_for(lambda node=node: {p for p, s in _members(node).items() if s == "alive"}
+                 == three and _ring(node) == 3, 60, f"{name} to hold the restarted node")
+    code, answer, err = _kv(n2, "get", "s/1", "--consistency", "all")
+    assert code == 0 and answer["value"] == "mine", (code, answer, err)
+    assert ids["n3"] not in _members(n2)
+
     for node in nodes.values():
         node.proc.send_signal(signal.SIGTERM)
     for node in nodes.values():
