@@ -144,6 +144,10 @@ def test_only_staked_nodes_are_members_and_a_stake_admits(processes: Any,
              "the stranger to see that it is not admitted")
     code, answer, err = _kv(stranger, "get", "s/1")
     assert code == 2 and "not_admitted" in err, (code, err)
+    # its operator read each change once (not a line every recheck period)
+    out = stranger.stdout()
+    assert out.count("admission: this node is admitted") == 1, out
+    assert out.count(f"admission: this node holds less than {MIN_STAKE}") == 2, out
     code, answer, err = _kv(staked["n0"], "get", "s/1")
     assert code == 0 and answer["value"] == "mine", (code, answer, err)
 
