@@ -76,6 +76,12 @@ class QuorumError(Exception):
     """Fewer replicas than the consistency level asks for answered in time."""
 
 
+class NotAdmitted(Exception):
+    """The network's admission rule does not admit this node (yet): it neither coordinates
+    reads and writes nor holds data, so that nothing it stored while outside the network
+    flows in by handoff once it is admitted."""
+
+
 @dataclass
 class KVConfig:
     replicas: int = 3
@@ -337,6 +343,7 @@ class KV:
                          ) -> list[bytes | None]:
         """Ask every live replica of the keys (one request per replica), merge the answers of
         each key once R replicas gave one, and repair replicas that answered stale."""
+        self._check_admitted()
         level = Consistency(consistency or self.config.read_consistency)
         needed = level.needed(self.copies())
         wanted: dict[str, list[int]] = {}
@@ -520,6 +527,14 @@ class KV:
         return rows
 
     # -- membership and ring -------------------------------------------------------------
+    def _check_admitted(self) -> None:
+        admission = self.net.admission
+        if admission.rule.closed and not admission.admits_self():
+            why = ("no reading of the stakes off the chain yet" if not admission.settled
+                   else f"the rule asks for {admission.rule.describe()}")
+            raise NotAdmitted(f"this node is not admitted to the network ({why}): it neither "
+                              f"reads nor writes the store")
+
     def _ring_members(self) -> set[str]:
         """Members that hold data: everyone known except those who left on purpose. A node
         that crashed stays in the ring (its writes wait in hints) until it is forgotten.
@@ -572,6 +587,7 @@ class KV:
                            *, avoid: frozenset[str] = frozenset()) -> None:
         """Run operations: each goes to the first reachable replica of its key, which applies
         it (as the CRDT actor) and replicates it; returns when every op has W acks."""
+        self._check_admitted()
         level = Consistency(consistency or self.config.write_consistency)
         groups: dict[str, list[Op]] = {}
         sizes: dict[str, list[int]] = {}  # per group, each op's encoded arguments in bytes

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import trio
 
@@ -30,11 +31,15 @@ async def staked_nodes(chain: ChainAdapter, task_id: str, min_stake: int) -> set
     return peers
 
 
-async def keep_stake_admission(net: Network, chain: ChainAdapter) -> None:
-    """Re-read the stakes every recheck period for as long as the node runs."""
+async def keep_stake_admission(net: Network, chain: ChainAdapter,
+                               say: Callable[[str], None] | None = None) -> None:
+    """Re-read the stakes every recheck period for as long as the node runs; say whether
+    this node is admitted after the first reading and whenever that changes (not every
+    period: a node waiting for its stake would repeat it forever)."""
     rule = net.admission.rule
     assert rule.task is not None
     said_missing = False
+    was_admitted: bool | None = None
     while True:
         try:
             peers = await staked_nodes(chain, rule.task, rule.min_stake)
@@ -51,8 +56,14 @@ async def keep_stake_admission(net: Network, chain: ChainAdapter) -> None:
             else:
                 said_missing = False
             net.set_staked(peers)
-            if not net.admits(net.peer_id):
-                log.warning("admission: this node holds less than %d on task %s: the "
-                            "network does not admit it (it holds no data)", rule.min_stake,
-                            rule.task)
+            admitted = net.admits(net.peer_id)
+            if admitted != was_admitted:
+                line = (f"admission: this node is admitted ({len(peers)} nodes hold the "
+                        f"stake)" if admitted else
+                        f"admission: this node holds less than {rule.min_stake} on task "
+                        f"{rule.task}: the network does not admit it (it holds no data)")
+                log.log(logging.INFO if admitted else logging.WARNING, "%s", line)
+                if say is not None:
+                    say(line)
+            was_admitted = admitted
         await trio.sleep(rule.recheck_s)

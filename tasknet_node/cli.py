@@ -141,6 +141,9 @@ def run_parser() -> argparse.ArgumentParser:
                            help="the stake rule's minimum stake")
     admission.add_argument("--stake-task", metavar="TASK",
                            help="the task whose stake the stake rule counts")
+    admission.add_argument("--admission-recheck", type=_positive, metavar="S",
+                           help="seconds between two readings of the stakes off the chain "
+                           "(stake rule; default 30)")
     store = parser.add_argument_group("key-value store")
     store.add_argument("--replicas", type=_count, metavar="N",
                        help="copies of every key, on N different nodes (default 3)")

@@ -21,7 +21,7 @@ import trio
 
 import crdt
 from crdt.values import pack_value
-from kv import KV, Consistency, KVConfig, OpError, QuorumError
+from kv import KV, Consistency, KVConfig, NotAdmitted, OpError, QuorumError
 from kv.ops import render
 from p2p import Network, RequestError
 
@@ -254,6 +254,8 @@ def _classify(exc: BaseException) -> tuple[int, str]:
         return (0, "") if (0, "") in kinds else kinds[0]
     if isinstance(exc, QuorumError):
         return 503, "quorum"
+    if isinstance(exc, NotAdmitted):
+        return 403, "not_admitted"
     if isinstance(exc, OpError):
         return (413 if exc.code == "too_large" else 400), exc.code
     if isinstance(exc, RequestError):

@@ -87,12 +87,20 @@ def _admission(args: argparse.Namespace, testnet: Testnet | None) -> AdmissionRu
     """The admission rule: the flags, else the testnet file's, else open."""
     kind = getattr(args, "admission", None)
     if kind is None:
-        if getattr(args, "allow_peer", None) or getattr(args, "min_stake", None):
-            raise UsageError("--allow-peer and --min-stake need --admission")
+        given = [flag for flag, name in (("--allow-peer", "allow_peer"),
+                                         ("--min-stake", "min_stake"),
+                                         ("--stake-task", "stake_task"),
+                                         ("--admission-recheck", "admission_recheck"))
+                 if getattr(args, name, None)]
+        if given:
+            raise UsageError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} "
+                             f"--admission")
         return testnet.admission if testnet is not None else AdmissionRule()
+    recheck = getattr(args, "admission_recheck", None)
     try:
         return AdmissionRule(kind=kind, peers=frozenset(args.allow_peer or ()),
-                             min_stake=args.min_stake or 0, task=args.stake_task)
+                             min_stake=args.min_stake or 0, task=args.stake_task,
+                             **({"recheck_s": recheck} if recheck is not None else {}))
     except AdmissionError as exc:
         raise UsageError(str(exc)) from None
 

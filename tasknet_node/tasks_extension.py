@@ -175,7 +175,7 @@ class TaskNode:
         await self.connect()
         async with trio.open_nursery() as nursery:
             if self.net.admission.rule.kind == STAKE:
-                nursery.start_soon(keep_stake_admission, self.net, self.chain)
+                nursery.start_soon(keep_stake_admission, self.net, self.chain, self.say)
             if self.config.create_builtin:
                 await self._create_builtin_tasks()
             pause = RETRY_FIRST_S

@@ -13,12 +13,13 @@ import msgpack
 import pytest
 import trio
 
-from kv import KV
+from kv import KV, NotAdmitted
 from kv.replication import APPLY_PROTOCOL, seal_batch
 from p2p import Network, RemoteError
 from p2p.admission import Admission, AdmissionError, AdmissionRule
 from p2p.identity import Identity, load_or_create_identity
 from tasknet_node import testnets
+from tasknet_node.admission_check import keep_stake_admission
 
 from kv_helpers import FAST_NET, start_kv_node, wait_for_ring
 from p2p_helpers import node_config, wait_for
@@ -183,6 +184,75 @@ async def test_twenty_unadmitted_peers_change_no_ring_get_no_data_and_crowd_no_m
                 assert message.author in members, "gossip of a stranger was delivered"
                 if message.payload == {"from": "member"}:
                     break
+
+
+async def test_a_node_the_rule_does_not_admit_neither_reads_nor_writes(tmp_path):
+    # a one-node network under the stake rule: before the first stake reading and whenever
+    # a reading leaves it out, its store refuses reads and writes (it would otherwise keep a
+    # ring of its own and hand what it stored to the network once admitted)
+    rule = AdmissionRule("stake", min_stake=5, task="t")
+    async with AsyncExitStack() as stack:
+        kv = await start_kv_node(stack, tmp_path / "n", [], net_overrides={"admission": rule})
+        with pytest.raises(NotAdmitted, match="no reading of the stakes"):
+            await kv.put("k", 1)
+        kv.net.set_staked({kv.me})
+        await kv.put("k", 1)
+        assert await kv.get("k") == 1
+        kv.net.set_staked(set())
+        kv.net.set_staked(set())  # past the period of grace of the reading before
+        with pytest.raises(NotAdmitted, match="stake of at least 5 on task t"):
+            await kv.put_many({"a": 1, "b": 2})
+        with pytest.raises(NotAdmitted):
+            await kv.get_many(["k"])
+        assert len(kv.store) == 1
+
+
+class _StakesChain:
+    """The two reads the stake loop makes of a chain (accounts are their nodes' peer ids)."""
+
+    def __init__(self) -> None:
+        self.stakes: dict[str, int] | None = None  # None: the task is not on the chain
+
+    async def task(self, task_id: str) -> dict | None:
+        return None if self.stakes is None else {"stakes": dict(self.stakes)}
+
+    async def node_of(self, account: str) -> str:
+        return account
+
+
+class _GateOnly:
+    """What the stake loop uses of a Network: its gate."""
+
+    def __init__(self, rule: AdmissionRule) -> None:
+        self.peer_id = PEER_A
+        self.admission = Admission(rule, PEER_A)
+
+    def set_staked(self, peers: set[str]) -> None:
+        self.admission.set_staked(peers)
+
+    def admits(self, peer: str) -> bool:
+        return self.admission.admits(peer)
+
+
+async def test_the_stake_reading_says_once_per_change_whether_the_node_is_admitted(
+        autojump_clock):
+    rule = AdmissionRule("stake", min_stake=5, task="t", recheck_s=10.0)
+    net, chain, said = _GateOnly(rule), _StakesChain(), []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(keep_stake_admission, net, chain, said.append)
+        await trio.sleep(55)  # the task is not there yet: five readings
+        chain.stakes = {PEER_A: 4, PEER_B: 5}
+        await trio.sleep(50)
+        chain.stakes = {PEER_A: 5, PEER_B: 5}
+        await trio.sleep(50)
+        assert net.admits(PEER_A) and net.admits(PEER_B)
+        chain.stakes = {PEER_B: 9}  # unstaked: out after the period of grace
+        await trio.sleep(50)
+        nursery.cancel_scope.cancel()
+    assert not net.admits(PEER_A)
+    assert [line.split(":")[1].strip() for line in said] == [
+        "this node holds less than 5 on task t", "this node is admitted (2 nodes hold the "
+        "stake)", "this node holds less than 5 on task t"], said
 
 
 # -- write authority among ring members -------------------------------------------------------

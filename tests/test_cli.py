@@ -57,6 +57,15 @@ def test_defaults_depend_on_the_role():
             member.network.dead_after) == (0.2, 1.0, 2.0)
 
 
+def test_admission_flags_declare_the_rule():
+    stake = options_for("--bootstrap", "--admission", "stake", "--min-stake", "5",
+                        "--stake-task", "t", "--admission-recheck", "2.5").network.admission
+    assert (stake.kind, stake.min_stake, stake.task, stake.recheck_s) == ("stake", 5, "t", 2.5)
+    assert options_for("--bootstrap", "--admission", "stake", "--min-stake", "5",
+                       "--stake-task", "t").network.admission.recheck_s == 30.0
+    assert options_for("--bootstrap").network.admission.kind == "open"
+
+
 @pytest.mark.parametrize("text, expected", [
     ("127.0.0.1:0", ("127.0.0.1", 0)),
     ("localhost:8080", ("localhost", 8080)),
@@ -80,6 +89,15 @@ def test_api_address_parses(text, expected):
     (["--testnet", "no-such-net"], "unknown testnet 'no-such-net'"),
     (["--testnet", "../etc"], "unknown testnet"),
     ([], "nothing to join"),
+    (["--bootstrap", "--no-tasks", "--admission", "stake", "--min-stake", "5",
+      "--stake-task", "t"], "needs task rounds (drop --no-tasks)"),
+    (["--bootstrap", "--min-stake", "5"], "--min-stake needs --admission"),
+    (["--bootstrap", "--stake-task", "t", "--admission-recheck", "2"],
+     "--stake-task and --admission-recheck need --admission"),
+    (["--bootstrap", "--admission", "stake", "--stake-task", "t"], "min_stake"),
+    (["--bootstrap", "--admission", "stake", "--min-stake", "5"], "needs the task"),
+    (["--bootstrap", "--admission", "stake", "--min-stake", "5", "--stake-task", "t",
+      "--admission-recheck", "0"], "must be > 0"),
 ])
 def test_bad_arguments_give_one_line_and_exit_code_2(capsys, argv, fragment):
     code, out, err = run_main(capsys, *argv)
