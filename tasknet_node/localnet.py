@@ -45,6 +45,7 @@ CHAIN_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 10.0  # nodes stop in under 2 s (runner.py); anvil dumps its state
 POLL_S = 0.2
 MAX_NODES = 32
+EXIT_INTERRUPTED = 130  # as a shell reports a process that SIGINT ended
 
 Say = Callable[[str], None]
 
@@ -231,14 +232,28 @@ def up(base: Path, nodes: int, *, chain: str = "ledger", admission: str = "open"
     try:
         return _up(base, nodes, chain, admission, base_port, say)
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt):
-            say("interrupted: stopping what was started")
-        else:
-            say("stopping what was started")
-        down(base, say)
+        # stop what was started; a second Ctrl-C must not cut that short (down has deadlines)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        tell = _never_failing(say)  # the output may be what failed (a closed pipe)
+        tell(("interrupted" if interrupted else "failed") + ": stopping what was started")
+        down(base, tell)
+        if interrupted:
+            return EXIT_INTERRUPTED
         raise
     finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, previous)
+
+
+def _never_failing(say: Say) -> Say:
+    def tell(line: str) -> None:
+        try:
+            say(line)
+        except OSError:
+            pass
+    return tell
 
 
 def _interrupt(signum: int, frame: FrameType | None) -> None:
