@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -201,11 +202,27 @@ def _recorded(base: Path) -> Iterator[Recorded]:
 def _spawn(command: list[str], log: Path, pid_file: Path) -> subprocess.Popen[bytes]:
     """Start `command` detached (a session of its own: a Ctrl-C in this terminal does not
     reach it, and it outlives this process), its output in `log`, its pid in `pid_file`."""
-    with log.open("wb") as out:
+    with log.open("wb") as out, _interrupts_deferred():  # never a process without pid file
         proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=out,
                                 stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    pid_file.write_text(f"{proc.pid}\n")
+        pid_file.write_text(f"{proc.pid}\n")
     return proc
+
+
+@contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C or SIGTERM that arrives inside the block until its end (then raise
+    KeyboardInterrupt). The started process does not inherit this: exec resets handlers."""
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if held:
+        raise KeyboardInterrupt
 
 
 def _tail(path: Path, lines: int = 15) -> str:
