@@ -100,7 +100,8 @@ def run_parser() -> argparse.ArgumentParser:
         + "; ".join(f"'{PROG} {c} --data-dir DIR' to {h}" for c, h in CLIENT_COMMANDS.items())
         + "; and the key-value commands "
         + ", ".join(f"'{PROG} {c} KEY ...'" for c in KV_COMMANDS)
-        + f" ('{PROG} put --help' and so on for theirs).",
+        + f" ('{PROG} put --help' and so on for theirs); '{PROG} localnet up|status|down' "
+        "runs a whole local testnet.",
     )
     role = parser.add_mutually_exclusive_group()
     role.add_argument("--bootstrap", action="store_true",
@@ -291,6 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _kv(args[0], kv_parser(args[0]).parse_args(args[1:]))
         if args and args[0] == "task":
             return _task(task_parser(args[1] if len(args) > 1 else None).parse_args(args[1:]))
+        if args and args[0] == "localnet":
+            from .localnet import main as localnet
+
+            return localnet(args[1:], _Parser)
         return _run(run_parser().parse_args(args))
     except NodeUnreachable as exc:
         return _fail(str(exc), EXIT_UNREACHABLE)

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Protocol
 
 from chain.evm.adapter import load_artifact
 from chain.evm.anvil import Anvil
@@ -48,11 +49,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class DevChain(Protocol):
+    """A local chain with funded dev accounts: an `Anvil` started here, or one that another
+    process runs (`node.py localnet up --chain evm`)."""
+
+    @property
+    def url(self) -> str: ...
+
+    @property
+    def dev_keys(self) -> tuple[bytes, ...]: ...
+
+
 def say(line: str) -> None:
     print(line, flush=True)
 
 
-def deploy_once(anvil: Anvil, base: Path) -> str:
+def deploy_once(anvil: DevChain, base: Path) -> str:
     """The contract's address: the one recorded in `base`, if the chain still has it, else a
     new deployment (recorded)."""
     record = base / DEPLOYMENT_FILE
@@ -87,7 +99,7 @@ def write_testnet(base: Path, url: str, contract: str, p2p_port: int) -> Path:
     return path
 
 
-def fund_wallets(anvil: Anvil, data_dirs: list[Path]) -> None:
+def fund_wallets(anvil: DevChain, data_dirs: list[Path]) -> None:
     """Create each node's wallet.key and top it up to NODE_FUNDS_WEI from a dev account."""
     for i, data_dir in enumerate(data_dirs):
         data_dir.mkdir(parents=True, exist_ok=True)
