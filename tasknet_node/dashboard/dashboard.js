@@ -95,8 +95,9 @@ function renderStore(kv, partitions, states) {
   const ae = kv.anti_entropy;
   show("kv-ae-oldest", ae.oldest_s_ago, duration(ae.oldest_s_ago));
   show("kv-ae-newest", ae.newest_s_ago, duration(ae.newest_s_ago));
-  const handoff = kv.handoff;
-  show("kv-handoff", handoff ? handoff.partitions_left : 0, handoff
+  const handoff = kv.handoff || {}; // {} when nothing is being handed off
+  const handingOff = handoff.partitions_left !== undefined;
+  show("kv-handoff", handingOff ? handoff.partitions_left : 0, handingOff
     ? `${handoff.partitions_left} partitions left, ${handoff.keys_sent} keys sent` : "none");
   const warning = el("kv-warning");
   warning.hidden = !kv.warning;
