@@ -13,6 +13,7 @@ import re
 import shutil
 import signal
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -101,12 +102,18 @@ def get_json(base: str, path: str) -> Any:
         return json.loads(response.read())
 
 
-def put_key(base: str, key: str, value: Any) -> None:
+def put_key(base: str, key: str, value: Any) -> bool:
+    """Write one key; False while the store answers 503 (replicas still connecting)."""
     request = urllib.request.Request(base + f"/kv/{key}", method="PUT",
                                      data=json.dumps({"value": value}).encode(),
                                      headers={"content-type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        assert response.status == 200
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status == 200
+    except urllib.error.HTTPError as exc:
+        if exc.code == 503:
+            return False
+        raise
 
 
 def page_values(driver: Any) -> dict[str, Any]:
@@ -170,7 +177,7 @@ def test_dashboard_matches_the_api_and_follows_the_cluster(
                 and status["kv"]["ring_members"] == 3
         wait_for(everyone_alive, 60, "three alive members in the ring")
         for i in range(25):
-            put_key(base, f"dash-{i}", i)
+            wait_for(lambda i=i: put_key(base, f"dash-{i}", i), 30, f"key dash-{i} written")
 
         browser.get(base + "/")
         assert browser.title == "tasknet node"

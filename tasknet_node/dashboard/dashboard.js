@@ -190,18 +190,23 @@ function renderChart(taskId, rewards, current) {
   svg.replaceChildren(...parts);
 }
 
-async function renderRounds(taskId, current, rewards) {
+async function renderRounds(taskId, current, rewards, account) {
   if (current === null) {
     replaceRows(el("round-rows"), []);
+    show("wallet-unclaimed", 0);
     return;
   }
   const wanted = [];
   for (let r = current; r >= Math.max(0, current - CHART_ROUNDS + 1); r -= 1) wanted.push(r);
   const views = await Promise.all(wanted.map((r) => roundView(taskId, r, current).catch(() => null)));
   const rows = [];
+  let unclaimed = 0; // paid rounds that owe this node a reward it has not claimed yet
   wanted.forEach((r, i) => {
     const view = views[i];
     if (!view) return;
+    if (view.paid && (view.accepted || []).includes(account) && !view.claimed.includes(account)) {
+      unclaimed += 1;
+    }
     const row = document.createElement("tr");
     row.dataset.round = String(r);
     cell(row, r, "num");
@@ -216,6 +221,7 @@ async function renderRounds(taskId, current, rewards) {
     rows.push(row);
   });
   replaceRows(el("round-rows"), rows);
+  show("wallet-unclaimed", unclaimed);
 }
 
 async function renderTasks(tasksStatus) {
@@ -259,7 +265,7 @@ async function renderTasks(tasksStatus) {
   if (!chosen) return;
   const rewards = (running[chosen.task_id] || {}).rewards_by_round || {};
   renderChart(chosen.task_id, rewards, chosen.round);
-  await renderRounds(chosen.task_id, chosen.round, rewards);
+  await renderRounds(chosen.task_id, chosen.round, rewards, tasksStatus.account);
 }
 
 // -- the loop ------------------------------------------------------------------------------------
