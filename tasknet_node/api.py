@@ -2,7 +2,8 @@
 # trio).
 # Lives here: the route and metric registry other packages extend (`ControlApi.add_route`,
 # `ControlApi.add_metrics`, `ControlApi.add_status`), the built-in endpoints (/status,
-# /peers, /metrics, /publish), the Prometheus text rendering, and binding + serving the socket.
+# /peers, /metrics, /publish; the dashboard at / from tasknet_node.dashboard), the Prometheus
+# text rendering, and binding + serving the socket.
 # Must not live here: node lifecycle (runner.py) or argument parsing (cli.py).
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import trio
 
 from p2p import MemberState, Network
 
+from .dashboard import register_dashboard
 from .errors import NodeError
 from .http import HttpApp, JSONResponse, Request, Response, Route, serve_http
 
@@ -68,6 +70,7 @@ class ControlApi:
         self.add_route("/peers", self._peers)
         self.add_route("/metrics", self._metrics)
         self.add_route("/publish", self._publish, methods=("POST",))
+        register_dashboard(self)
 
     def add_route(self, path: str, endpoint: Endpoint, methods: Sequence[str] = ("GET",)) -> None:
         """Serve `path` (a pattern such as "/kv/{key:path}"; `{name}` matches one path

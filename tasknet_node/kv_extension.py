@@ -24,6 +24,7 @@ from crdt.values import pack_value
 from kv import KV, Consistency, KVConfig, NotAdmitted, OpError, QuorumError
 from kv.ops import render
 from p2p import Network, RequestError
+from shard import Ring
 
 from .api import ControlApi, Metric
 from .http import JSONResponse, Request, Response
@@ -205,7 +206,8 @@ class KvApi:
 
     async def partitions(self, request: Request) -> Response:
         # one snapshot: the rows and the total are read in the same step of the event loop
-        return _json({"keys": len(self.kv.store), "partitions": self.kv.partition_status()})
+        return _json({"keys": len(self.kv.store), "partitions": self.kv.partition_status(),
+                      "ring": ring_shares(self.kv.ring)})
 
     async def local(self, request: Request) -> Response:
         """Debugging: what this node's own store holds for a key, without asking replicas."""
@@ -230,6 +232,19 @@ class KvApi:
                      "hinted writes held here for replicas that were down")
         yield Metric("kv_replication_backlog", status["replication_backlog"], "gauge",
                      "deltas queued for other replicas")
+
+
+def ring_shares(ring: Ring) -> dict[str, dict[str, int]]:
+    """Per ring member, how many partitions it replicates and of how many it is the primary
+    (the whole ring as this node sees it; the dashboard's ring table)."""
+    shares = {member: {"partitions": 0, "primary": 0} for member in sorted(ring.members)}
+    for partition in range(ring.partitions):
+        owners = ring.owners(partition)
+        for owner in owners:
+            shares[owner]["partitions"] += 1
+        if owners:
+            shares[owners[0]]["primary"] += 1
+    return shares
 
 
 def _guarded(handler: Endpoint) -> Endpoint:

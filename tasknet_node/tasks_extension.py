@@ -327,6 +327,8 @@ class TaskNode:
             "not_run": dict(self.refused_tasks),
             "waiting": dict(self.waiting_tasks),
             "tasks": {task_id: {"round": d.current_round, "metrics": dict(d.metrics),
+                                "rewards_by_round": {str(r): amount for r, amount
+                                                     in sorted(d.rewards_by_round.items())},
                                 **d.last} for task_id, d in sorted(self.drivers.items())},
         }
 

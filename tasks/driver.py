@@ -53,6 +53,7 @@ DONE_REFUSALS = frozenset({"already_submitted", "already_voted", "already_paid",
                            "already_claimed", "distribution_exists", "outside_window"})
 MAX_WAIT_S = 2.0  # the longest the loop sleeps without looking at the chain again
 GARBAGE_SUBMISSION = "not-a-proof"
+REWARDS_KEPT = 50  # rounds of rewards_by_round a driver keeps for the status
 
 
 def encode_list(entries: Mapping[str, int]) -> bytes:
@@ -105,6 +106,8 @@ class TaskDriver:
             "chain_unavailable": 0,
         }
         self.last: dict[str, Any] = {}  # last submission, audit results, claims (status)
+        # what this node claimed, by round, for the latest REWARDS_KEPT rounds (status)
+        self.rewards_by_round: dict[int, int] = {}
 
     # -- record -----------------------------------------------------------------------------
     def _load_record(self) -> Record:
@@ -361,6 +364,9 @@ class TaskDriver:
         self.metrics["rewards"] += amount
         self.summary.parts.append(f"reward {amount} for round {r}")
         self.last["claim"] = {"round": r, "amount": amount}
+        self.rewards_by_round[r] = self.rewards_by_round.get(r, 0) + amount
+        for old in sorted(self.rewards_by_round)[:-REWARDS_KEPT]:
+            del self.rewards_by_round[old]
 
     async def claim_now(self, r: int) -> int:
         """Claim this node's reward of round r at once (an operator's command, for a round
