@@ -12,6 +12,7 @@
 # as this path is.
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -49,7 +50,15 @@ TIMEOUT_CHECK_S = 1.0  # how late past its deadline a stalled connection may be 
 TIMEOUT_ANSWER_S = 5.0  # for the 408 to a client that stalled inside a request
 RECEIVE_BYTES = 65536
 REQUESTS_BETWEEN_YIELDS = 16
-MAX_CONNECTIONS = 512
+MAX_CONNECTIONS = 512  # past it, the connection idle the longest is closed
+# accept() errors that say the system is out of a resource: wait, then accept again (as
+# trio's serve_listeners does); and the errors of one connection that failed before it
+# could be accepted (as trio's SocketListener ignores)
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_CONNECTION_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+    "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name))
+MAX_JSON_DEPTH = 100  # arrays and objects nested in a JSON body; deeper is refused
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::(path|str))?}")
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 
@@ -70,8 +79,41 @@ class Request:
         yield self._body
 
     async def json(self) -> Any:
-        """The body as JSON; ValueError if it is not."""
-        return json.loads(self._body)
+        """The body as JSON; ValueError if it is not, or nests deeper than MAX_JSON_DEPTH."""
+        return parse_json(self._body)
+
+    @property
+    def media_type(self) -> str:
+        """The Content-Type without its parameters, in lower case (media types are
+        case-insensitive): "" if none was sent."""
+        return self.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def parse_json(data: bytes, **options: Any) -> Any:
+    """`data` as JSON (`options` go to json.loads); ValueError if it is not, or if its arrays
+    and objects nest deeper than MAX_JSON_DEPTH (deep enough, json.loads would run out of
+    stack)."""
+    try:
+        value = json.loads(data, **options)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _nests_deeper(value):
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _nests_deeper(value: Any) -> bool:
+    """Whether arrays and objects in `value` nest more than MAX_JSON_DEPTH levels (walked
+    without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return True
+        stack.extend((child, depth) for child in children if isinstance(child, dict | list))
+    return False
 
 
 class Response:
@@ -165,31 +207,36 @@ class HttpApp:
 async def serve_http(app: HttpApp, sock: socket.socket,
                      *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `app` on the bound, listening `sock` (which this takes over and closes) until
-    cancelled; every connection lives in this call's nursery."""
+    cancelled; every connection lives in this call's nursery. At MAX_CONNECTIONS, a new
+    connection closes the one idle the longest (idle: waiting for its next request's head),
+    so idle keep-alive connections cannot lock clients out; when none is
+    idle, accepting waits until a connection ends. A failed accept is retried after a pause
+    when the system is out of file descriptors or memory, at once when only that one
+    connection failed; any other error (the socket is broken) ends the call."""
     sock.setblocking(False)
     server = _Server(app)
-    limit = trio.Semaphore(MAX_CONNECTIONS)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.watch_deadlines)
             task_status.started()
             while True:
-                await limit.acquire()
+                await trio.lowlevel.wait_readable(sock.fileno())
+                if len(server.connections) >= MAX_CONNECTIONS and not server.close_idlest():
+                    await server.wait_for_room()
+                    continue
                 try:
-                    await trio.lowlevel.wait_readable(sock.fileno())
                     conn, _ = sock.accept()
                 except BlockingIOError:  # another accept took it, or a spurious wake
-                    limit.release()
                     continue
-                except OSError as exc:  # out of file descriptors or memory: wait, then go on
-                    limit.release()
-                    log.warning("control API: accept failed: %s", exc)
-                    await trio.sleep(ACCEPT_RETRY_S)
-                    continue
-                except BaseException:
-                    limit.release()
+                except OSError as exc:
+                    if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                        log.warning("control API: accept failed: %s", exc)
+                        await trio.sleep(ACCEPT_RETRY_S)
+                        continue
+                    if exc.errno in ACCEPT_CONNECTION_ERRNOS:
+                        continue
                     raise
-                nursery.start_soon(server.serve_connection, conn, limit)
+                nursery.start_soon(server.serve_connection, conn)
     finally:
         close(sock)
 
@@ -199,13 +246,15 @@ class _Gone(Exception):
 
 
 class _Server:
-    """The live connections, and the one task that enforces their deadlines: a connection
-    sets a float per phase (cheaper than a cancel scope with a deadline per request), and
-    a connection past it is cancelled within TIMEOUT_CHECK_S."""
+    """The live connections, which of them are idle, and the one task that enforces their
+    deadlines: a connection sets a float per phase (cheaper than a cancel scope with a
+    deadline per request), and a connection past it is cancelled within TIMEOUT_CHECK_S."""
 
     def __init__(self, app: HttpApp) -> None:
         self.app = app
         self.connections: set[_Connection] = set()
+        self.idle: dict[_Connection, None] = {}  # in the order they became idle
+        self.room = trio.Event()  # set when a connection ends
         self.check_every = min(TIMEOUT_CHECK_S, app.head_timeout / 4, app.body_timeout / 4)
 
     async def watch_deadlines(self) -> None:
@@ -216,8 +265,27 @@ class _Server:
                 if connection.deadline < now:
                     connection.scope.cancel()
 
-    async def serve_connection(self, sock: socket.socket, limit: trio.Semaphore) -> None:
-        connection = _Connection(self.app, sock)
+    def close_idlest(self) -> bool:
+        """Close the connection idle the longest, if any is idle (it ends silently at once:
+        it has no request under way)."""
+        if not self.idle:
+            return False
+        connection = next(iter(self.idle))
+        self._forget(connection)
+        connection.scope.cancel()
+        return True
+
+    async def wait_for_room(self) -> None:
+        self.room = trio.Event()
+        await self.room.wait()
+
+    def _forget(self, connection: _Connection) -> None:
+        self.connections.discard(connection)
+        self.idle.pop(connection, None)
+        connection.server = None
+
+    async def serve_connection(self, sock: socket.socket) -> None:
+        connection = _Connection(self.app, sock, self)
         self.connections.add(connection)
         try:
             try:
@@ -232,8 +300,8 @@ class _Server:
         except Exception:  # a bug here must cost one connection, never the node
             log.exception("control API: connection failed")
         finally:
-            self.connections.discard(connection)
-            limit.release()
+            self._forget(connection)
+            self.room.set()
             close(sock)
 
 
@@ -241,9 +309,11 @@ class _Connection:
     """One client connection, on a non-blocking socket driven directly (sockio.py); its
     bytes are parsed by http_parser.RequestParser."""
 
-    def __init__(self, app: HttpApp, sock: socket.socket) -> None:
+    def __init__(self, app: HttpApp, sock: socket.socket, server: _Server | None = None
+                 ) -> None:
         self.app = app
         self.sock = sock
+        self.server = server  # None once the server let go of it
         self.parser = RequestParser(app.max_body)
         self.events: deque[Event] = deque()
         self.http10_keep_alive = False
@@ -277,7 +347,7 @@ class _Connection:
     async def run(self) -> None:
         with self.scope:
             await self._serve_requests()
-        timed_out = self.scope.cancel_called
+        timed_out = self.scope.cancel_called and self.server is not None  # not closed as idle
         if timed_out and not self.answering and (self.request_started
                                                  or self.parser.in_message):
             self.deadline = math.inf
@@ -297,7 +367,15 @@ class _Connection:
             self.deadline = trio.current_time() + app.head_timeout
             self.request_started = False
             try:
-                head = await self._next_event()
+                if self.events or self.server is None:
+                    head = await self._next_event()
+                else:  # idle until the next request's first bytes
+                    self.server.idle[self] = None
+                    try:
+                        head = await self._next_event()
+                    finally:
+                        if self.server is not None:
+                            self.server.idle.pop(self, None)
                 if head is None:
                     return  # clean close between requests
                 assert isinstance(head, Head), head
