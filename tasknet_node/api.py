@@ -128,7 +128,7 @@ class ControlApi:
     async def _publish(self, request: Request) -> Response:
         # A JSON content type cannot be sent cross-origin without a CORS preflight, which this
         # API never grants: a web page cannot make the node publish.
-        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        if request.media_type != "application/json":
             return _error(415, "send the message as application/json")
         try:
             body = await request.json()
@@ -142,6 +142,8 @@ class ControlApi:
             return _error(400, f"cannot publish to topic {topic!r}")
         try:
             await self.net.publish(topic, body["payload"])
+        except UnicodeEncodeError:  # a lone surrogate (a JSON \ud800 escape) in topic or payload
+            return _error(400, "topic and payload must be valid Unicode (no lone surrogates)")
         except ValueError as exc:
             return _error(413, str(exc))
         return JSONResponse({"published": True, "topic": topic})

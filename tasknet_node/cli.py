@@ -20,16 +20,19 @@ from urllib.parse import quote, urlencode
 
 from .client import ApiRefused, NodeUnreachable, call_json, get, get_json
 from .errors import NodeError, UsageError
+from .tables import render_peers, render_status, render_tasks
 
 PROG = "node.py"
 CLIENT_COMMANDS = {
-    "status": "print the node's status as JSON: peer id, addresses, network, members, metrics",
-    "peers": "print connected peers and known members with their state as JSON",
+    "status": "print the node's status: peer id, addresses, network, store, chain, members "
+              "(--json: all of it, metrics included, as JSON)",
+    "peers": "print connected peers and known members with their state (--json: as JSON)",
     "metrics": "print the node's metrics in Prometheus text format",
-    "tasks": "print the tasks on the chain with this node's part in each as JSON: round, "
-             "window, stake, last submission, audit results, rewards",
+    "tasks": "print the tasks on the chain with this node's part in each: round, window, "
+             "stake, last submission, audit results, rewards (--json: as JSON)",
     "wallet": "print this node's account, free balance and stakes as JSON",
 }
+TABLES = {"status": render_status, "peers": render_peers, "tasks": render_tasks}
 TASK_OPERATIONS = {
     "fund": "add AMOUNT from this node's balance to the task's bounty pool",
     "stake": "stake AMOUNT more on the task",
@@ -196,6 +199,9 @@ def client_parser(command: str) -> argparse.ArgumentParser:
     parser = _Parser(prog=f"{PROG} {command}", description=CLIENT_COMMANDS[command])
     parser.add_argument("--data-dir", metavar="DIR", default="data/node",
                         help="data dir of the running node (default: ./data/node)")
+    if command in TABLES:
+        parser.add_argument("--json", action="store_true",
+                            help="print the node's JSON answer instead of a table")
     return parser
 
 
@@ -333,8 +339,12 @@ def _client(command: str, args: argparse.Namespace) -> int:
     data_dir = Path(args.data_dir)
     if command == "metrics":
         sys.stdout.write(get(data_dir, "/metrics").decode())
+        return 0
+    answer = get_json(data_dir, f"/{command}")
+    if getattr(args, "json", False) or command not in TABLES or not isinstance(answer, dict):
+        print(json.dumps(answer, indent=2))
     else:
-        print(json.dumps(get_json(data_dir, f"/{command}"), indent=2))
+        print(TABLES[command](answer))
     return 0
 
 

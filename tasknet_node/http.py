@@ -1,35 +1,47 @@
 # A small HTTP/1.1 server for the node's local control API, on non-blocking sockets under trio.
-# Lives here: request parsing (request line, headers, Content-Length and chunked bodies,
-# Expect: 100-continue, keep-alive and pipelining), limits and timeouts against clients that
-# send garbage or stall, routing by path pattern and method, the Host check against DNS
-# rebinding, and the Request/Response types endpoints use.
-# Must not live here: any endpoint (api.py and the extensions register them) or socket binding.
+# Lives here: the connection loop over the sans-IO request parser (http_parser.py: request
+# line, headers, Content-Length and chunked bodies, the head and body limits), Expect:
+# 100-continue, keep-alive and pipelining, timeouts against clients that stall, the bound on
+# connections, routing by path pattern and method, the Host check against DNS rebinding, and
+# the Request/Response types endpoints use.
+# Must not live here: any endpoint (api.py and the extensions register them), socket binding,
+# or byte-level parsing (http_parser.py).
 #
 # Why not an ASGI stack: a control API request costs well under a tenth of the CPU here that
 # it costs through a general ASGI server and framework, and single-key writes are as cheap
 # as this path is.
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import re
 import socket
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import parse_qsl, unquote
 
 import trio
 
+from .http_parser import (
+    DEFAULT_MAX_BODY,
+    EndOfMessage,
+    Event,
+    Head,
+    HttpError,
+    Refused,
+    RequestParser,
+)
 from .sockio import close, receive_some, send_all
+
+__all__ = ["HttpApp", "HttpError", "JSONResponse", "Request", "Response", "Route",
+           "error_response", "serve_http"]
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD_BYTES = 64 * 1024
-MAX_HEADERS = 100
-DEFAULT_MAX_BODY = 64 * 1024 * 1024
 HEAD_TIMEOUT_S = 30.0  # a request head (or a keep-alive connection's next one) must arrive
 BODY_TIMEOUT_S = 60.0
 SEND_TIMEOUT_S = 30.0  # a client that stops reading its answer loses the connection
@@ -38,21 +50,17 @@ TIMEOUT_CHECK_S = 1.0  # how late past its deadline a stalled connection may be 
 TIMEOUT_ANSWER_S = 5.0  # for the 408 to a client that stalled inside a request
 RECEIVE_BYTES = 65536
 REQUESTS_BETWEEN_YIELDS = 16
-MAX_CONNECTIONS = 512
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # used with fullmatch
-_CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control bytes but HTAB
-_DIGITS = re.compile(r"[0-9]{1,18}")
-_HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
+MAX_CONNECTIONS = 512  # past it, the connection idle the longest is closed
+# accept() errors that say the system is out of a resource: wait, then accept again (as
+# trio's serve_listeners does); and the errors of one connection that failed before it
+# could be accepted (as trio's SocketListener ignores)
+ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+ACCEPT_CONNECTION_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENOPROTOOPT", "EHOSTDOWN", "ENONET",
+    "EHOSTUNREACH", "EOPNOTSUPP", "ENETUNREACH") if hasattr(errno, name))
+MAX_JSON_DEPTH = 100  # arrays and objects nested in a JSON body; deeper is refused
 _PARAM = re.compile(r"{([a-zA-Z_][a-zA-Z0-9_]*)(?::(path|str))?}")
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
-
-
-class HttpError(Exception):
-    """A request the server refuses before any endpoint sees it."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -71,8 +79,41 @@ class Request:
         yield self._body
 
     async def json(self) -> Any:
-        """The body as JSON; ValueError if it is not."""
-        return json.loads(self._body)
+        """The body as JSON; ValueError if it is not, or nests deeper than MAX_JSON_DEPTH."""
+        return parse_json(self._body)
+
+    @property
+    def media_type(self) -> str:
+        """The Content-Type without its parameters, in lower case (media types are
+        case-insensitive): "" if none was sent."""
+        return self.headers.get("content-type", "").split(";")[0].strip().lower()
+
+
+def parse_json(data: bytes, **options: Any) -> Any:
+    """`data` as JSON (`options` go to json.loads); ValueError if it is not, or if its arrays
+    and objects nest deeper than MAX_JSON_DEPTH (deep enough, json.loads would run out of
+    stack)."""
+    try:
+        value = json.loads(data, **options)
+    except RecursionError:
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _nests_deeper(value):
+        raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
+
+
+def _nests_deeper(value: Any) -> bool:
+    """Whether arrays and objects in `value` nest more than MAX_JSON_DEPTH levels (walked
+    without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)] if isinstance(value, dict | list) else []
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            return True
+        stack.extend((child, depth) for child in children if isinstance(child, dict | list))
+    return False
 
 
 class Response:
@@ -166,31 +207,36 @@ class HttpApp:
 async def serve_http(app: HttpApp, sock: socket.socket,
                      *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
     """Serve `app` on the bound, listening `sock` (which this takes over and closes) until
-    cancelled; every connection lives in this call's nursery."""
+    cancelled; every connection lives in this call's nursery. At MAX_CONNECTIONS, a new
+    connection closes the one idle the longest (idle: waiting for its next request's head),
+    so idle keep-alive connections cannot lock clients out; when none is
+    idle, accepting waits until a connection ends. A failed accept is retried after a pause
+    when the system is out of file descriptors or memory, at once when only that one
+    connection failed; any other error (the socket is broken) ends the call."""
     sock.setblocking(False)
     server = _Server(app)
-    limit = trio.Semaphore(MAX_CONNECTIONS)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.watch_deadlines)
             task_status.started()
             while True:
-                await limit.acquire()
+                await trio.lowlevel.wait_readable(sock.fileno())
+                if len(server.connections) >= MAX_CONNECTIONS and not server.close_idlest():
+                    await server.wait_for_room()
+                    continue
                 try:
-                    await trio.lowlevel.wait_readable(sock.fileno())
                     conn, _ = sock.accept()
                 except BlockingIOError:  # another accept took it, or a spurious wake
-                    limit.release()
                     continue
-                except OSError as exc:  # out of file descriptors or memory: wait, then go on
-                    limit.release()
-                    log.warning("control API: accept failed: %s", exc)
-                    await trio.sleep(ACCEPT_RETRY_S)
-                    continue
-                except BaseException:
-                    limit.release()
+                except OSError as exc:
+                    if exc.errno in ACCEPT_CAPACITY_ERRNOS:
+                        log.warning("control API: accept failed: %s", exc)
+                        await trio.sleep(ACCEPT_RETRY_S)
+                        continue
+                    if exc.errno in ACCEPT_CONNECTION_ERRNOS:
+                        continue
                     raise
-                nursery.start_soon(server.serve_connection, conn, limit)
+                nursery.start_soon(server.serve_connection, conn)
     finally:
         close(sock)
 
@@ -200,13 +246,15 @@ class _Gone(Exception):
 
 
 class _Server:
-    """The live connections, and the one task that enforces their deadlines: a connection
-    sets a float per phase (cheaper than a cancel scope with a deadline per request), and
-    a connection past it is cancelled within TIMEOUT_CHECK_S."""
+    """The live connections, which of them are idle, and the one task that enforces their
+    deadlines: a connection sets a float per phase (cheaper than a cancel scope with a
+    deadline per request), and a connection past it is cancelled within TIMEOUT_CHECK_S."""
 
     def __init__(self, app: HttpApp) -> None:
         self.app = app
         self.connections: set[_Connection] = set()
+        self.idle: dict[_Connection, None] = {}  # in the order they became idle
+        self.room = trio.Event()  # set when a connection ends
         self.check_every = min(TIMEOUT_CHECK_S, app.head_timeout / 4, app.body_timeout / 4)
 
     async def watch_deadlines(self) -> None:
@@ -217,8 +265,27 @@ class _Server:
                 if connection.deadline < now:
                     connection.scope.cancel()
 
-    async def serve_connection(self, sock: socket.socket, limit: trio.Semaphore) -> None:
-        connection = _Connection(self.app, sock)
+    def close_idlest(self) -> bool:
+        """Close the connection idle the longest, if any is idle (it ends silently at once:
+        it has no request under way)."""
+        if not self.idle:
+            return False
+        connection = next(iter(self.idle))
+        self._forget(connection)
+        connection.scope.cancel()
+        return True
+
+    async def wait_for_room(self) -> None:
+        self.room = trio.Event()
+        await self.room.wait()
+
+    def _forget(self, connection: _Connection) -> None:
+        self.connections.discard(connection)
+        self.idle.pop(connection, None)
+        connection.server = None
+
+    async def serve_connection(self, sock: socket.socket) -> None:
+        connection = _Connection(self.app, sock, self)
         self.connections.add(connection)
         try:
             try:
@@ -233,31 +300,43 @@ class _Server:
         except Exception:  # a bug here must cost one connection, never the node
             log.exception("control API: connection failed")
         finally:
-            self.connections.discard(connection)
-            limit.release()
+            self._forget(connection)
+            self.room.set()
             close(sock)
 
 
 class _Connection:
-    """One client connection, on a non-blocking socket driven directly (sockio.py)."""
+    """One client connection, on a non-blocking socket driven directly (sockio.py); its
+    bytes are parsed by http_parser.RequestParser."""
 
-    def __init__(self, app: HttpApp, sock: socket.socket) -> None:
+    def __init__(self, app: HttpApp, sock: socket.socket, server: _Server | None = None
+                 ) -> None:
         self.app = app
         self.sock = sock
-        self.buffer = bytearray()
+        self.server = server  # None once the server let go of it
+        self.parser = RequestParser(app.max_body)
+        self.events: deque[Event] = deque()
         self.http10_keep_alive = False
         self.scope = trio.CancelScope()  # cancelled only by _Server, past `deadline`
         self.deadline = math.inf  # of the current phase
         self.request_started = False  # a stall now gets a 408, not a silent close
         self.answering = False  # a stall now (the client stopped reading) just closes
 
-    async def _receive(self) -> bool:
-        try:
-            chunk = await receive_some(self.sock, RECEIVE_BYTES)
-        except OSError:
-            raise _Gone from None
-        self.buffer += chunk
-        return bool(chunk)
+    async def _next_event(self) -> Event | None:
+        """The next parser event, receiving as needed; None once the client closed between
+        requests."""
+        while not self.events:
+            try:
+                chunk = await receive_some(self.sock, RECEIVE_BYTES)
+            except OSError:
+                raise _Gone from None
+            self.events.extend(self.parser.feed(chunk))
+            if not chunk and not self.events:
+                return None
+        event = self.events.popleft()
+        if isinstance(event, Refused):
+            raise HttpError(event.status, event.message)
+        return event
 
     async def _send_all(self, data: bytes) -> None:
         try:
@@ -268,8 +347,9 @@ class _Connection:
     async def run(self) -> None:
         with self.scope:
             await self._serve_requests()
-        timed_out = self.scope.cancel_called
-        if timed_out and not self.answering and (self.request_started or self.buffer):
+        timed_out = self.scope.cancel_called and self.server is not None  # not closed as idle
+        if timed_out and not self.answering and (self.request_started
+                                                 or self.parser.in_message):
             self.deadline = math.inf
             with trio.move_on_after(TIMEOUT_ANSWER_S):
                 await self._send(Response("request timed out\n", 408), keep_alive=False,
@@ -287,22 +367,35 @@ class _Connection:
             self.deadline = trio.current_time() + app.head_timeout
             self.request_started = False
             try:
-                head = await self._read_head()
+                if self.events or self.server is None:
+                    head = await self._next_event()
+                else:  # idle until the next request's first bytes
+                    self.server.idle[self] = None
+                    try:
+                        head = await self._next_event()
+                    finally:
+                        if self.server is not None:
+                            self.server.idle.pop(self, None)
                 if head is None:
                     return  # clean close between requests
+                assert isinstance(head, Head), head
                 self.request_started = True
-                request, keep_alive, has_body, body_reader = self._parse_head(head)
+                self.http10_keep_alive = head.http10  # must be said in the answer
+                keep_alive = head.keep_alive
+                request = Request(head.method, head.path, head.query, head.headers)
                 target = app.resolve(request)
                 if isinstance(target, Response):
                     # refused before its body was read: the connection cannot go on
                     # unless there is no body
-                    await self._answer(target, keep_alive and not has_body, head=False)
-                    if keep_alive and not has_body:
+                    if not head.has_body:
+                        await self._read_body(False)
+                    await self._answer(target, keep_alive and not head.has_body, head=False)
+                    if keep_alive and not head.has_body:
                         continue
                     return
-                if has_body:
+                if head.has_body:
                     self.deadline = trio.current_time() + app.body_timeout
-                    request._body = await body_reader()
+                request._body = await self._read_body(head.expect_continue)
             except HttpError as exc:
                 await self._answer(Response(f"{exc}\n", exc.status), keep_alive=False,
                                    head=False)
@@ -323,121 +416,20 @@ class _Connection:
         await self._send(response, keep_alive, head)
         self.answering = False
 
-    async def _read_until(self, separator: bytes, too_long: HttpError) -> bytes | None:
-        """The bytes before `separator` (both taken out of the buffer); `too_long` if more
-        than MAX_HEAD_BYTES come first; None if the client closed before it came."""
-        start = 0
-        while True:
-            end = self.buffer.find(separator, start)
-            if end > MAX_HEAD_BYTES or (end < 0 and len(self.buffer) > MAX_HEAD_BYTES):
-                raise too_long
-            if end >= 0:
-                found = bytes(self.buffer[:end])
-                del self.buffer[:end + len(separator)]
-                return found
-            start = max(0, len(self.buffer) - len(separator) + 1)
-            if not await self._receive():
-                return None
-
-    async def _read_head(self) -> bytes | None:
-        head = await self._read_until(b"\r\n\r\n", HttpError(431, "request head too large"))
-        if head is None and self.buffer.strip():
-            raise HttpError(400, "connection closed inside a request head")
-        return head
-
-    def _parse_head(self, head: bytes
-                    ) -> tuple[Request, bool, bool, Callable[[], Awaitable[bytes]]]:
-        """(request without its body, keep the connection alive?, a body follows?, the
-        reader of that body)."""
-        lines = head.lstrip(b"\r\n").split(b"\r\n")
-        parts = lines[0].split(b" ")
-        if len(parts) != 3 or not _TOKEN.fullmatch(parts[0]) \
-                or not parts[2].startswith(b"HTTP/"):
-            raise HttpError(400, "malformed request line")
-        if parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-            raise HttpError(505, "only HTTP/1.0 and HTTP/1.1 are served")
-        if len(lines) - 1 > MAX_HEADERS:
-            raise HttpError(431, "too many headers")
-        if _CONTROL.search(parts[1]):
-            raise HttpError(400, "control characters in the request target")
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            name, colon, value = line.partition(b":")
-            if not colon or not _TOKEN.fullmatch(name) or _CONTROL.search(value):
-                raise HttpError(400, "malformed header line")
-            key = name.decode("ascii").lower()
-            if key in headers and key in ("content-length", "host", "transfer-encoding"):
-                raise HttpError(400, f"repeated {key} header")
-            headers[key] = value.strip(b" \t").decode("latin-1")
-        target = parts[1].decode("latin-1")
-        if not target.startswith("/"):
-            raise HttpError(400, "request target must be a path")
-        raw_path, _, query = target.partition("?")
-        request = Request(parts[0].decode("ascii"), unquote(raw_path),
-                          dict(parse_qsl(query, keep_blank_values=True)), headers)
-        tokens = {t.strip() for t in headers.get("connection", "").lower().split(",")}
-        http11 = parts[2] == b"HTTP/1.1"
-        keep_alive = "close" not in tokens if http11 else "keep-alive" in tokens
-        self.http10_keep_alive = keep_alive and not http11  # must be said in the answer
-        has_body, reader = self._body_reader(headers, http11)
-        return request, keep_alive, has_body, reader
-
-    def _body_reader(self, headers: dict[str, str], http11: bool
-                     ) -> tuple[bool, Callable[[], Awaitable[bytes]]]:
-        encoding = headers.get("transfer-encoding")
-        expect = http11 and headers.get("expect", "").lower() == "100-continue"
-        if encoding is not None:
-            if "content-length" in headers:  # ambiguous framing: the way to smuggle requests
-                raise HttpError(400, "both content-length and transfer-encoding")
-            if encoding.lower() != "chunked":
-                raise HttpError(501, f"transfer-encoding {encoding!r} is not supported")
-            return True, lambda: self._read_chunked(expect)
-        length_text = headers.get("content-length", "0")
-        if not _DIGITS.fullmatch(length_text):
-            raise HttpError(400, "malformed content-length")
-        length = int(length_text)
-        if length > self.app.max_body:
-            raise HttpError(413, f"body larger than {self.app.max_body} bytes")
-        return length > 0, lambda: self._read_exactly(length, expect)
-
-    async def _continue(self, expect: bool) -> None:
-        if expect and not self.buffer:
+    async def _read_body(self, expect_continue: bool) -> bytes:
+        """The request's body, up to its end; "100 Continue" first if the client waits for
+        it and has sent none of the body yet."""
+        if expect_continue and not self.events:
             await self._send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
-
-    async def _read_exactly(self, length: int, expect: bool) -> bytes:
-        if length == 0:
-            return b""
-        await self._continue(expect)
-        while len(self.buffer) < length:
-            if not await self._receive():
-                raise HttpError(400, "connection closed inside a request body")
-        body = bytes(self.buffer[:length])
-        del self.buffer[:length]
-        return body
-
-    async def _read_line(self) -> bytes:
-        line = await self._read_until(b"\r\n", HttpError(400, "malformed chunked body"))
-        if line is None:
-            raise HttpError(400, "connection closed inside a request body")
-        return line
-
-    async def _read_chunked(self, expect: bool) -> bytes:
-        await self._continue(expect)
         body = bytearray()
         while True:
-            size_text = (await self._read_line()).split(b";")[0].strip()
-            if not _HEX.fullmatch(size_text):
-                raise HttpError(400, "malformed chunk size")
-            size = int(size_text, 16)
-            if size < 0 or len(body) + size > self.app.max_body:
-                raise HttpError(413, f"body larger than {self.app.max_body} bytes")
-            if size == 0:
-                while await self._read_line():  # trailers, up to the empty line
-                    pass
+            event = await self._next_event()
+            if event is None:
+                raise HttpError(400, "connection closed inside a request body")
+            if isinstance(event, EndOfMessage):
                 return bytes(body)
-            body += await self._read_exactly(size, False)
-            if await self._read_line():
-                raise HttpError(400, "malformed chunk")
+            assert isinstance(event, bytes), event
+            body += event
 
     async def _send(self, response: Response, keep_alive: bool, head: bool) -> None:
         status = response.status_code

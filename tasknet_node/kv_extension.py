@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -27,7 +26,7 @@ from p2p import Network, RequestError
 from shard import Ring
 
 from .api import ControlApi, Metric
-from .http import JSONResponse, Request, Response
+from .http import JSONResponse, Request, Response, parse_json
 from .http import error_response as _error
 from .runner import NodeExtension, Say, print_line
 
@@ -308,6 +307,11 @@ def _jsonable(value: Any) -> Any:
 def _key(text: str) -> str:
     if not text:
         raise ApiError(400, "bad_request", "empty key")
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate, which JSON's \ud800 escapes can carry
+        raise ApiError(400, "bad_request", "key is not valid Unicode (a lone surrogate)"
+                       ) from None
     return text
 
 
@@ -350,9 +354,10 @@ def _reject_constant(name: str) -> Any:
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    """The JSON object a request carries. The content type must say JSON: a web page cannot
-    send that cross-origin without a CORS preflight, which this API never grants."""
-    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+    """The JSON object a request carries, nested at most MAX_JSON_DEPTH levels. The content
+    type must say JSON: a web page cannot send that cross-origin without a CORS preflight,
+    which this API never grants."""
+    if request.media_type != "application/json":
         raise ApiError(415, "unsupported_media_type", "send the body as application/json")
     chunks = []
     size = 0
@@ -362,8 +367,8 @@ async def _body(request: Request) -> dict[str, Any]:
             raise ApiError(413, "too_large", f"body larger than {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
     try:
-        body = json.loads(b"".join(chunks), parse_constant=_reject_constant)
-    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
+        body = parse_json(b"".join(chunks), parse_constant=_reject_constant)
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError, nesting too deep
         raise ApiError(400, "bad_json", f"body is not JSON: {exc}") from None
     if not isinstance(body, dict):
         raise ApiError(400, "bad_json", "body must be a JSON object")

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2p import Member, MemberEvent, MemberState, Network
-from tasknet_node import cli, datadir, testnets
+from tasknet_node import cli, datadir, tables, testnets
 from tasknet_node.api import ControlApi, Metric, bind_socket, render_prometheus, serve_api
 from tasknet_node.http import JSONResponse, Request, Response
 from tasknet_node.options import build_options, parse_host_port
@@ -438,3 +438,36 @@ def test_libp2p_log_level_reaches_the_nodes_log():
         for lg, level, propagate in saved:
             lg.setLevel(level)
             lg.propagate = propagate
+
+
+def test_tables_align_columns_and_show_missing_fields_as_dashes():
+    answer = {"tasks": [
+        {"task_id": "echo-1", "name": "echo", "round": 12, "window": "submission",
+         "my_stake": 100, "pool": 5000, "running": True,
+         "last_submission": {"round": 12, "value": "x"},
+         "last_audit": {"round": 11, "audited": 3, "valid": 2}, "rewards_claimed": 40},
+        {"task_id": "t2", "name": "sum", "round": None, "window": "not started",
+         "my_stake": 0, "pool": 7, "running": False, "not_run": "no code installed"},
+    ]}
+    lines = tables.render_tasks(answer).splitlines()
+    assert lines[0].split() == ["TASK", "NAME", "ROUND", "WINDOW", "MY", "STAKE", "POOL",
+                                "SUBMITTED", "AUDITED", "REWARDS", "RUNNING"]
+    # every column starts where its header does; numbers are right-aligned under it
+    assert lines[1].index("echo ") == lines[2].index("sum ") == lines[0].index("NAME")
+    assert lines[1].index("submission") == lines[0].index("WINDOW")
+    assert lines[1][:lines[0].index("POOL") + 4].endswith("5000")
+    assert lines[2][:lines[0].index("POOL") + 4].endswith("   7")
+    assert "round 11: 2/3 valid" in lines[1] and lines[2].endswith("no: no code installed")
+    assert lines[2].split()[2] == "-"  # no round yet
+    assert tables.render_tasks({"tasks": []}) == "no tasks on the chain"
+    # a status without the store's or the chain's sections still renders
+    text = tables.render_status({"peer_id": "12D3KooWX", "members": []})
+    assert text.splitlines()[0].split() == ["peer", "id", "12D3KooWX"]
+    assert "kv" not in text and "\nnetwork      -\n" in text
+
+
+def test_table_commands_take_json(capsys):
+    for command in cli.TABLES:
+        args = cli.client_parser(command).parse_args(["--json"])
+        assert args.json is True
+        assert cli.client_parser(command).parse_args([]).json is False

@@ -1,14 +1,34 @@
 # The control API's HTTP/1.1 server (tasknet_node/http.py) on a real loopback socket, spoken
 # to byte by byte: keep-alive and pipelining, bodies (Content-Length, chunked, Expect:
-# 100-continue), routing, the Host check, and what garbage, oversized and stalled clients get.
+# 100-continue), routing, the Host check, and what garbage, oversized and stalled clients get;
+# idle connections past the connection bound, failing accepts; and a real node's control API
+# against hostile bodies (deep JSON, lone surrogates, upper-case media types).
+import errno
 import json
+import os
+import resource
 import socket
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 
+import httpx
 import pytest
 import trio
 
-from tasknet_node.http import HttpApp, JSONResponse, Request, Response, Route, serve_http
+from tasknet_node.api import ControlApi, bind_socket, serve_api
+from tasknet_node.http import (
+    MAX_CONNECTIONS,
+    MAX_JSON_DEPTH,
+    HttpApp,
+    JSONResponse,
+    Request,
+    Response,
+    Route,
+    serve_http,
+)
+from tasknet_node.kv_extension import KvApi
+
+from kv_helpers import start_kv_node
 
 DEADLINE_S = 10
 
@@ -261,3 +281,164 @@ async def test_a_pipelining_client_cannot_starve_another_connection():
                 assert answered.count(b"HTTP/1.1 404 ") == pipelined
         finally:
             a.close()
+
+
+# -- hostile clients against a real node's control API ------------------------------------
+@asynccontextmanager
+async def node_api(tmp_path):
+    """A real node (libp2p on 127.0.0.1, its KV store on LevelDB, one replica per key) with
+    its control API served on a free loopback port; an httpx client for it."""
+    async with AsyncExitStack() as stack:
+        kv = await start_kv_node(stack, tmp_path / "node", [], replicas=1)
+        api = ControlApi(kv.net)
+        KvApi(kv).register(api)
+        sock = bind_socket("127.0.0.1", 0)
+        port = sock.getsockname()[1]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(serve_api, api, sock)
+            try:
+                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                    yield client
+            finally:
+                nursery.cancel_scope.cancel()
+
+
+def nested(depth: int) -> bytes:
+    return b'{"value": ' + b"[" * (depth - 1) + b"]" * (depth - 1) + b"}"
+
+
+async def test_hostile_bodies_get_400_not_500(tmp_path):
+    json_type = {"content-type": "application/json"}
+    async with node_api(tmp_path) as client:
+        # nesting: up to MAX_JSON_DEPTH levels is parsed (and the value left to the store,
+        # which holds 16 levels), deeper (even far past the depth that exhausts json's
+        # recursion) is bad_json
+        assert (await client.put("/kv/deep", content=nested(16),
+                                 headers=json_type)).status_code == 200
+        answer = await client.put("/kv/deep", content=nested(MAX_JSON_DEPTH), headers=json_type)
+        assert answer.status_code == 400 and answer.json()["error"] == "bad_value"
+        for depth in (MAX_JSON_DEPTH + 1, 990, 5000):
+            answer = await client.put("/kv/deep", content=nested(depth), headers=json_type)
+            assert answer.status_code == 400, (depth, answer.text)
+            assert answer.json()["error"] == "bad_json"
+            assert f"deeper than {MAX_JSON_DEPTH}" in answer.json()["message"]
+        deep_publish = b'{"topic": "t", "payload": ' + b"[" * 3000 + b"]" * 3000 + b"}"
+        assert (await client.post("/publish", content=deep_publish,
+                                  headers=json_type)).status_code == 400
+        # a lone surrogate (a JSON \ud800 escape) in a key or topic is the client's error
+        for path, body in (("/kv-batch", rb'{"put": {"a\ud800": 1}}'),
+                           ("/kv-read", rb'{"keys": ["\udfff"]}'),
+                           ("/publish", rb'{"topic": "t\ud800", "payload": 1}'),
+                           ("/publish", rb'{"topic": "t", "payload": "\ud800"}')):
+            answer = await client.post(path, content=body, headers=json_type)
+            assert answer.status_code == 400, (path, body, answer.status_code, answer.text)
+        # media types are case-insensitive
+        shouted = {"content-type": "APPLICATION/JSON; Charset=UTF-8"}
+        assert (await client.put("/kv/loud", content=b'{"value": 1}',
+                                 headers=shouted)).status_code == 200
+        assert (await client.get("/kv/loud")).json()["value"] == 1
+        published = await client.post("/publish", content=b'{"topic": "t", "payload": 1}',
+                                       headers={"content-type": "Application/Json"})
+        assert published.status_code == 200, published.text
+        assert (await client.put("/kv/loud", content=b'{"value": 1}',
+                                 headers={"content-type": "text/plain"})).status_code == 415
+        assert (await client.get("/status")).status_code == 200
+
+
+@contextmanager
+def open_files_allowed(wanted: int) -> Iterator[None]:
+    """The soft RLIMIT_NOFILE raised to `wanted` (within the hard limit) for the block."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if target <= soft:
+        yield
+        return
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_idle_keep_alive_connections_cannot_lock_the_api_out():
+    idle_count = 1000
+    assert idle_count > MAX_CONNECTIONS
+    idle: list[socket.socket] = []
+    with open_files_allowed(4 * idle_count):
+        try:
+            async with server() as port:
+                # every one connected (accepted, or its handshake waits for the server to
+                # make room in the listen backlog): past MAX_CONNECTIONS that is only done
+                # once the server closes idle ones, not the 30 s head timeout later
+                with trio.fail_after(DEADLINE_S):
+                    for _ in range(idle_count):
+                        sock = socket.socket()
+                        idle.append(sock)
+                        sock.setblocking(False)
+                        sock.connect_ex(("127.0.0.1", port))
+                        await trio.lowlevel.wait_writable(sock)
+                async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+                    with trio.fail_after(3):
+                        await stream.send_all(request("GET", "/kv/status"))
+                        assert (await read_response(stream, bytearray()))[0] == 200
+        finally:
+            for sock in idle:
+                sock.close()
+
+
+class FlakyListener(socket.socket):
+    """A listening socket whose next accepts fail with the errnos in `failures`."""
+
+    failures: list[int]
+
+    def accept(self):  # type: ignore[override]
+        if self.failures:
+            code = self.failures.pop(0)
+            raise OSError(code, os.strerror(code))
+        return super().accept()
+
+
+def flaky_listener(*failures: int) -> FlakyListener:
+    sock = FlakyListener()
+    sock.failures = list(failures)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    return sock
+
+
+async def test_accept_retries_after_capacity_and_aborted_connection_errors():
+    app = HttpApp([Route("/kv/{key:path}", echo, frozenset({"GET"}))])
+    sock = flaky_listener(errno.EMFILE, errno.ECONNABORTED, errno.ENOBUFS)
+    port = sock.getsockname()[1]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(serve_http, app, sock)
+        async with await trio.open_tcp_stream("127.0.0.1", port) as stream:
+            await stream.send_all(request("GET", "/kv/a"))
+            assert (await read_response(stream, bytearray()))[0] == 200
+        assert sock.failures == []
+        nursery.cancel_scope.cancel()
+
+
+def leaf_errors(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in leaf_errors(inner)]
+    return [exc]
+
+
+async def test_accept_gives_up_on_an_error_that_is_not_about_capacity():
+    # say the socket was closed under the server: accepting again can only fail again
+    app = HttpApp([Route("/kv/{key:path}", echo, frozenset({"GET"}))])
+    sock = flaky_listener(*[errno.EBADF] * 1000)
+    client = socket.create_connection(sock.getsockname())  # makes the socket readable
+    try:
+        with trio.fail_after(DEADLINE_S):
+            try:
+                await serve_http(app, sock)
+            except BaseException as exc:  # noqa: B036  (the nursery may group it)
+                errors = leaf_errors(exc)
+            else:
+                errors = []
+        assert [getattr(e, "errno", None) for e in errors] == [errno.EBADF], errors
+        assert len(sock.failures) == 999  # tried once, not in a loop
+    finally:
+        client.close()

@@ -148,7 +148,7 @@ def test_cli_commands_and_http_contract(processes: Processes, tmp_path: Path):
                              str(tmp_path / "nobody")], capture_output=True, text=True)
     assert nobody.returncode == 1 and "no node is running" in nobody.stderr
 
-    status = answer(a.cli("status"))
+    status = answer(a.cli("status", "--json"))
     assert status["kv"]["partitions_owned"] == status["kv"]["partitions"]  # N=3 of 3 nodes
     assert status["kv"]["keys"] == 8 and status["kv"]["hints_pending"] == {}
 

@@ -5,6 +5,7 @@
 # Every process is killed in the fixture's teardown, whatever happens in the test.
 import json
 import os
+import re
 import signal
 import socket
 import stat
@@ -61,7 +62,7 @@ def test_network_of_processes_kill_restart_and_stop(processes: Processes, tmp_pa
     wait_for(lambda: all(n.states() == everyone for n in nodes), 20,
              "all three nodes to list each other alive")
     for node, peer_id in zip(nodes, everyone, strict=True):
-        status = json.loads(node.cli("status", check=True).stdout)
+        status = json.loads(node.cli("status", "--json", check=True).stdout)
         assert status["peer_id"] == peer_id and status["network"] == NET
         assert all(a.endswith(f"/p2p/{peer_id}") for a in status["addrs"])
         assert {m["peer_id"]: m["state"] for m in status["members"]} == everyone
@@ -75,6 +76,18 @@ def test_network_of_processes_kill_restart_and_stop(processes: Processes, tmp_pa
         assert process["rss_anon_mb"] + process["rss_file_mb"] <= process["rss_mb"] + 0.2
         assert process["threads"] >= 1 and process["open_fds"] >= 3
     assert f"member {first_id} joined" in boot.stdout()
+    # by default status and peers print tables: the node's fields, a row per member
+    text = boot.cli("status", check=True).stdout
+    assert text.splitlines()[0].split() == ["peer", "id", boot_id]
+    assert f"\nnetwork {NET}\n" in re.sub(" +", " ", text) and "3 alive" in text
+    rows = {line.split()[0]: line.split() for line in text.splitlines()
+            if line.startswith("12D3")}
+    assert set(rows) == set(everyone) and all(row[1] == "alive" for row in rows.values())
+    peers = boot.cli("peers", check=True).stdout.splitlines()
+    assert peers[0] == "2 connected, 2 other members known"
+    assert peers[2].split()[:3] == ["PEER", "ID", "STATE"]
+    assert sorted(line.split()[:3] for line in peers[3:]) == sorted(
+        [peer, "alive", "yes"] for peer in (first_id, second_id))
 
     # SIGKILL: no goodbye; the others' failure detectors must find out
     first.proc.send_signal(signal.SIGKILL)
