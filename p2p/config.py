@@ -33,6 +33,12 @@ class NetworkConfig:
     # on stop, announce a permanent leave (data owners hand off) instead of a restartable stop
     leave_on_stop: bool = False
     max_redial_backoff: float = 30.0
+    # every node signs its gossip with the libp2p pubsub signature (so js-libp2p and other
+    # implementations accept it). Gossip without one comes from nodes of the previous release,
+    # which do not sign: accepted while this is True, so a network upgrades node by node. The
+    # next release turns it off (then only signed gossip is accepted); a bad signature is
+    # refused either way.
+    accept_unsigned_gossip: bool = True
     # limits
     max_gossip_size: int = 1024 * 1024
     max_frame_size: int = 4 * 1024 * 1024

@@ -37,6 +37,7 @@ from .identity import Identity, load_or_create_identity, peer_id_from_public_key
 from .libp2p_fixes import apply_all as apply_libp2p_fixes
 from .libp2p_fixes import refuse_at_the_door, report_faults_to
 from .membership import Member, MemberEvent, MemberState
+from .pubsub_signing import SigningPubsub, is_signed, signature_valid
 from .rpc import Handler, HandlerError, RpcLimits, RpcService
 from .scoring import PeerScores
 from .swim import SwimConfig
@@ -216,6 +217,7 @@ class Network:
             "libp2p_faults": 0,  # errors a peer provoked inside py-libp2p, contained
             "unadmitted_refused": 0,  # requests of peers the admission rule does not admit
             "gossip_unadmitted": 0,  # gossip authored by them, dropped (members-only gossip)
+            "gossip_unsigned_refused": 0,  # without a libp2p signature, refused by the config
         }
         self._seq = time.time_ns() // 1000  # grows across restarts: replay guards stay valid
         self._started = time.monotonic()
@@ -269,10 +271,11 @@ class Network:
             connection_config=ConnectionConfig(min_connections=0, low_watermark=0),
         )
         gossipsub = GossipSub(**gossipsub_options())
-        pubsub = Pubsub(
+        # signs what it publishes; what it receives is checked in _validate (a signature is
+        # required only once accept_unsigned_gossip is off)
+        pubsub = SigningPubsub(
             host,
             gossipsub,
-            strict_signing=False,  # every payload is inside our own signed envelope
             max_inbound_rpc_size=self.config.max_gossip_size * 2,
         )
         # py-libp2p numbers a node's messages from 1 at every start, so after a restart its
@@ -458,6 +461,23 @@ class Network:
         if self._members_only_gossip() and msg.from_id and not self.admits(
                 ID(msg.from_id).to_base58()):
             self.metrics["gossip_unadmitted"] += 1  # an admitted relay is not to blame
+            return False
+        if is_signed(msg):
+            if not signature_valid(msg):
+                self.metrics["gossip_rejected"] += 1
+                log.warning("refused gossip on %s forwarded by %s: bad libp2p signature",
+                            topic, forwarder)
+                # nodes of the previous release relay without checking the signature, so
+                # while they may be around only the origin itself is to blame
+                origin = forwarder.to_bytes() == msg.from_id
+                if forwarder != self.host.get_id() and (
+                        origin or not self.config.accept_unsigned_gossip):
+                    self.penalize(str(forwarder), "forged")
+                return False
+        elif not self.config.accept_unsigned_gossip:
+            # a node of the previous release (or a relay of its gossip): not an offence
+            self.metrics["gossip_unsigned_refused"] += 1
+            log.debug("refused unsigned gossip on %s forwarded by %s", topic, forwarder)
             return False
         try:
             envelope = open_envelope(

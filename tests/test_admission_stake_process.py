@@ -152,7 +152,7 @@ def test_only_staked_nodes_are_members_and_a_stake_admits(processes: Any,
     assert code == 0 and answer["value"] == "mine", (code, answer, err)
 
     # `node.py status` shows the admission state
-    shown = json.loads(stranger.cli("status", check=True).stdout)["admission"]
+    shown = json.loads(stranger.cli("status", "--json", check=True).stdout)["admission"]
     assert shown["rule"] == "stake" and shown["settled"] and not shown["self_admitted"]
     assert shown["describe"] == f"stake of at least {MIN_STAKE} on task {TASK}"
 

@@ -1,0 +1,122 @@
+# Interop with a real js-libp2p peer (tests/interop/js/peer.mjs: `libp2p` 3, `@libp2p/gossipsub`
+# 17 with its default StrictSign policy) over TCP, Noise and Yamux on 127.0.0.1: the js peer
+# accepts the gossip tasknet publishes (it carries the libp2p pubsub signature), and tasknet
+# accepts the signed gossip the js peer publishes, even with unsigned gossip refused.
+# Needs Node.js and `npm ci --prefix tests/interop/js` (bash scripts/setup); without them the
+# test fails, it never skips.
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.peer.id import ID
+
+from p2p import Network
+from p2p.envelope import open_envelope, seal
+from p2p.identity import Identity
+
+from p2p_helpers import node_config, wait_for
+
+JS_DIR = Path(__file__).resolve().parent / "interop" / "js"
+NETWORK = "test-net"
+TOPIC = "news"
+FULL_TOPIC = f"/tasknet/{NETWORK}/{TOPIC}"
+
+
+class JsPeer:
+    """The js-libp2p peer as a process: its stdout (JSON lines) in a file, commands on stdin."""
+
+    def __init__(self, base: Path, dial: str, seed: bytes) -> None:
+        node = shutil.which("node")
+        assert node is not None, "Node.js is missing: install it and run bash scripts/setup"
+        assert (JS_DIR / "node_modules" / "@libp2p" / "gossipsub").is_dir(), (
+            "the js-libp2p test peer is not installed: run bash scripts/setup "
+            "(npm ci --prefix tests/interop/js)")
+        self.out, self.err = base / "js-peer.out", base / "js-peer.err"
+        with self.out.open("w") as stdout, self.err.open("w") as stderr:
+            self.proc = subprocess.Popen(
+                [node, str(JS_DIR / "peer.mjs"), "--dial", dial, "--topic", FULL_TOPIC,
+                 "--seed", seed.hex()],
+                stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, cwd=JS_DIR, text=True)
+
+    def events(self, kind: str) -> list[dict[str, Any]]:
+        events = []
+        for line in self.out.read_text().splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line still being written
+            if event.get("event") == kind:
+                events.append(event)
+        return events
+
+    def alive(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"the js peer exited ({self.proc.returncode}): "
+                                 f"{self.err.read_text()[-2000:]}")
+        return True
+
+    def publish(self, data: bytes) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"publish": data.hex()}) + "\n")
+        self.proc.stdin.flush()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+
+
+def in_mesh(net: Network, peer: str) -> bool:
+    assert net._pubsub is not None
+    mesh = getattr(net._pubsub.router, "mesh", {})
+    return ID.from_base58(peer) in mesh.get(FULL_TOPIC, set())
+
+
+async def test_js_libp2p_peer_and_tasknet_accept_each_others_gossip(tmp_path):
+    js_identity = Identity.generate()
+    js_id = str(js_identity.peer_id)
+    # the next release's setting: only signed gossip is accepted
+    config = node_config(tmp_path / "tasknet", NETWORK, accept_unsigned_gossip=False)
+    async with Network.start(config) as net, net.subscribe(TOPIC) as sub:
+        js = JsPeer(tmp_path, net.addrs[0], bytes(js_identity.signing_key))
+        try:
+            await wait_for(lambda: js.alive() and js.events("ready"), 30, "the js peer to start")
+            assert js.events("ready")[0]["peer_id"] == js_id
+            await wait_for(lambda: js.alive() and js_id in net.connected_peers(), 15,
+                           "the js peer to connect")
+            await wait_for(lambda: js.alive() and in_mesh(net, js_id)
+                           and any(e["peer"] == net.peer_id and e["topic"] == FULL_TOPIC
+                                   for e in js.events("graft")),
+                           15, "tasknet and the js peer to graft each other on the topic")
+
+            # tasknet -> js: js's StrictSign validation accepts the message
+            await net.publish(TOPIC, {"hello": "js"})
+            await wait_for(lambda: js.alive() and js.events("message"), 10,
+                           "the js peer to receive tasknet's gossip")
+            message = js.events("message")[0]
+            assert (message["type"], message["from"], message["topic"]) == (
+                "signed", net.peer_id, FULL_TOPIC)
+            assert len(bytes.fromhex(message["seqno"])) == 8
+            envelope = open_envelope(bytes.fromhex(message["data"]), network=NETWORK,
+                                     channel=TOPIC, max_size=config.max_gossip_size)
+            assert envelope.payload == {"hello": "js"}
+
+            # js -> tasknet: a tasknet envelope of the js peer's key, published (and signed
+            # with the libp2p pubsub signature) by js-libp2p
+            js.publish(seal(js_identity, NETWORK, TOPIC, 1, {"hello": "tasknet"}))
+            with trio.fail_after(10):
+                got = await sub.next()
+                while got.author == net.peer_id:  # tasknet's own message, delivered locally
+                    got = await sub.next()
+            assert (got.author, got.payload) == (js_id, {"hello": "tasknet"})
+            assert net.metrics["gossip_rejected"] == 0
+            assert not net.status()["offences"]
+        finally:
+            js.kill()
