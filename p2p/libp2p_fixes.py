@@ -417,7 +417,66 @@ def teardown_banned_peers_safely() -> None:
     Pubsub._teardown_if_connected = _teardown_banned_peer  # type: ignore[method-assign]
 
 
+_pubsub_stream_handler_of_libp2p = Pubsub.stream_handler
+
+
+def _registered_stream_is_live(pubsub: Pubsub, peer_id: ID) -> bool:
+    """Whether the stream pubsub writes to `peer_id` on still sits on an open connection."""
+    stream = pubsub.peers.get(peer_id)
+    muxed = getattr(stream, "muxed_conn", None)
+    return stream is not None and not getattr(muxed, "is_closed", False)
+
+
+async def _pubsub_stream_handler_reannouncing(self: Pubsub, stream: INetStream) -> None:
+    """py-libp2p's reading of a peer's pubsub stream, after telling the peer our
+    subscriptions again when the stream is not its first.
+
+    A peer announces its subscriptions once, on the stream it opens after connecting. When
+    one side's stream to the other dies while the peer stays connected (a reconnect racing
+    the old connection's close, or a stream rebuilt on purpose) py-libp2p forgets the peer's
+    subscriptions and opens a new stream to it, but the peer, whose own stream is fine, never
+    announces again: the first side then never counts it as a listener of any topic and
+    publishes nothing to it. Seen on a testnet after a partition healed: peers judged the
+    healed node silent and reconnected every few seconds for over a minute. A new stream
+    from a peer we already write to is that case, so our subscriptions go out again (an
+    announcement the peer holds already changes nothing there). And when the stream we
+    write on sits on a connection that has closed (a fresh connection arrived before the old
+    one's close was handled, so py-libp2p kept the old stream), it is replaced by one on the
+    open connection, which carries our subscriptions."""
+    peer_id = stream.muxed_conn.peer_id
+    queue = self.peer_queues.get(peer_id)
+    if peer_id in self.peers and not _registered_stream_is_live(self, peer_id):
+        self._handle_dead_peer(peer_id)  # reopens a stream (with our hello) while connected
+    elif queue is not None and not queue.closed:
+        queue.push(self.get_hello_packet())
+    await _pubsub_stream_handler_of_libp2p(self, stream)
+
+
+_handle_new_peer_of_libp2p = Pubsub._handle_new_peer
+
+
+async def _handle_new_peer_replacing_stale(self: Pubsub, peer_id: ID) -> None:
+    """py-libp2p's opening of a pubsub stream to a peer that connected, which it skips when
+    it holds a stream for the peer already, even one on a connection that has closed since
+    (the new connection's notice can come before the old one's close is handled, and that
+    handler then keeps the peer because it is connected). Such a stream is dropped here, and
+    py-libp2p opens one on the open connection."""
+    if peer_id in self.peers and not _registered_stream_is_live(self, peer_id):
+        self._handle_dead_peer(peer_id)  # schedules the new stream while connected
+        return
+    await _handle_new_peer_of_libp2p(self, peer_id)
+
+
+def reannounce_on_new_pubsub_streams() -> None:
+    """Install `_pubsub_stream_handler_reannouncing` and `_handle_new_peer_replacing_stale`
+    on py-libp2p's Pubsub (idempotent); a Pubsub registers its stream handler when it is
+    built, so this goes first."""
+    Pubsub.stream_handler = _pubsub_stream_handler_reannouncing  # type: ignore[method-assign]
+    Pubsub._handle_new_peer = _handle_new_peer_replacing_stale  # type: ignore[method-assign]
+
+
 def apply_all() -> None:
+    reannounce_on_new_pubsub_streams()
     contain_task_errors()
     contain_stream_handler_errors()
     teardown_banned_peers_safely()

@@ -218,6 +218,8 @@ class Network:
             "unadmitted_refused": 0,  # requests of peers the admission rule does not admit
             "gossip_unadmitted": 0,  # gossip authored by them, dropped (members-only gossip)
             "gossip_unsigned_refused": 0,  # without a libp2p signature, refused by the config
+            "silent_rebuilds": 0,  # pubsub streams rebuilt with connected peers not heard
+            "silent_disconnects": 0,  # connections dropped because a rebuild did not help
         }
         self._seq = time.time_ns() // 1000  # grows across restarts: replay guards stay valid
         self._started = time.monotonic()
@@ -758,10 +760,19 @@ class Network:
                 self._nursery.start_soon(self._disconnect, peer)
 
     async def _reset_silent_peers(self, now: float) -> None:
-        """Repair gossip with connected peers we do not hear from. py-libp2p can keep a
-        stale pubsub stream for a peer that restarted; then neither side hears the other
-        although both are connected. First the pubsub stream is rebuilt; if that does not
-        help, the connection is dropped so that a redial starts afresh."""
+        """Repair gossip with connected peers we do not hear from, without dropping a
+        connection that carries requests. py-libp2p can keep a stale pubsub stream for a peer
+        that restarted or reconnected, or hold no subscription of it; then it is not counted
+        as a listener although it is connected. Its pubsub stream is rebuilt (which makes the
+        peer announce its subscriptions again: p2p/libp2p_fixes.py), once per grace period
+        while it stays unheard. A connected member the membership view holds dead is
+        reconciled with at once (a healed partition). The connection is dropped only when a
+        repair did not help and the view does not hold the peer alive: requests do not reach
+        it either (a dead peer's half-open connection), so a redial can only help. A member
+        the view holds alive answers requests, and the store's reads and writes run on that
+        connection: dropping it would break them, and the redial races py-libp2p's own
+        cleanup into the same silence (seen on a testnet as reconnects every 5 s after a
+        heal)."""
         assert self._pubsub is not None
         connected = set(self.connected_peers())
         for peer in list(self._connected_since):
@@ -775,25 +786,55 @@ class Network:
                 continue  # kept out of pubsub on purpose: never heard there
             since, strikes = self._connected_since.setdefault(peer, (now, 0))
             member = self.view.get(peer)
-            # a member we hold dead although it is connected: its messages do not reach us
-            unheard = member is not None and member.state is MemberState.DEAD
-            if peer in listeners and not unheard:
+            held_dead = member is not None and member.state is MemberState.DEAD
+            heard = peer in listeners and self._pubsub_stream_open(peer)
+            if heard and not held_dead:
                 self._connected_since[peer] = (now, 0)
                 continue
             if now - since < grace:
                 continue
-            log.info("not hearing %s for %.0fs while connected; %s", peer, now - since,
-                     "reconnecting" if strikes else "rebuilding its gossip stream")
             self._connected_since[peer] = (now, strikes + 1)
-            if strikes:
+            alive = member is not None and member.state is MemberState.ALIVE
+            if strikes and not alive:
+                log.info("not hearing %s for %.0fs while connected, nor holding it alive; "
+                         "reconnecting", peer, now - since)
+                self.metrics["silent_disconnects"] += 1
                 await self._disconnect(peer)
-            else:
+                continue
+            if held_dead and member is not None and self._swim is not None:
+                log.info("holding %s dead for %.0fs while connected; reconciling membership",
+                         peer, now - since)
+                self._swim.contact(peer, member.addrs)
+            if not heard:
+                log.info("not hearing %s for %.0fs while connected; rebuilding its gossip "
+                         "stream", peer, now - since)
+                self.metrics["silent_rebuilds"] += 1
                 self._rebuild_pubsub_stream(peer)
 
+    def _pubsub_stream_open(self, peer: str) -> bool:
+        """Whether pubsub writes to `peer` on a stream whose connection is open."""
+        assert self._pubsub is not None
+        stream = self._pubsub.peers.get(ID.from_base58(peer))
+        return stream is not None and not getattr(stream.muxed_conn, "is_closed", False)
+
     def _rebuild_pubsub_stream(self, peer: str) -> None:
-        rebuild = getattr(self._pubsub, "_handle_dead_peer", None)
-        if rebuild is not None:  # drops the stream; py-libp2p reopens it while connected
-            rebuild(ID.from_base58(peer))
+        """Drop our pubsub stream to `peer` and the subscriptions we hold of it; py-libp2p
+        opens a new stream while connected, and the peer, seeing it, announces its
+        subscriptions again. The old stream is reset so that the peer stops reading it."""
+        assert self._pubsub is not None
+        peer_id = ID.from_base58(peer)
+        old = self._pubsub.peers.get(peer_id)
+        self._pubsub._handle_dead_peer(peer_id)
+        if old is not None and self._nursery is not None and not self._stopping:
+            self._nursery.start_soon(self._reset_stream, old)
+
+    @staticmethod
+    async def _reset_stream(stream: INetStream) -> None:
+        with trio.move_on_after(1.0):
+            try:
+                await stream.reset()
+            except Exception:
+                log.debug("reset of an old pubsub stream failed", exc_info=True)
 
     def _lift_expired_bans(self, now: float) -> None:
         if self._pubsub is None:
