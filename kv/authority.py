@@ -1,8 +1,8 @@
 # Who may ask what of this node's store: admission of this node itself, and the checks of
 # incoming requests before any handler runs or stores anything.
 # Lives here: NotAdmitted for a node the network's rule does not admit, serving ring members
-# only, and the write authority over a replication batch (which keys and hints a sender may
-# leave here).
+# only (and nobody once the store is closing), and the write authority over a replication
+# batch (which keys and hints a sender may leave here).
 # Must not live here: the admission rule itself (p2p/), opening and merging batches
 # (kv/writes.py), the ring (kv/placement.py).
 from __future__ import annotations
@@ -28,6 +28,9 @@ class Authority:
         self.net = net
         self.placement = placement
         self.metrics = metrics
+        # set by KV.start as the store begins to close: requests are answered `unavailable`
+        # (a fault of this node, nobody blamed) instead of reaching a closed store
+        self.closing = False
 
     def check_admitted(self) -> None:
         """NotAdmitted unless the network's admission rule admits this node."""
@@ -41,8 +44,11 @@ class Authority:
     def members_only(self, protocol: str, handler: Handler) -> Handler:
         """Wrap a handler of the store's protocols: only ring members are served. A peer
         the admission rule admits but this node's ring does not hold yet (it joined a moment
-        ago) is refused without blame; anyone else is refused and scored down."""
+        ago) is refused without blame; anyone else is refused and scored down. Once the store
+        is closing, every request is answered `unavailable`."""
         async def guarded(peer: str, message: Any) -> Any:
+            if self.closing:
+                raise HandlerError("unavailable", "this node's store is closing")
             if peer not in self.placement.ring.members:
                 if self.net.admits(peer):
                     self.metrics["not_member_refused"] += 1

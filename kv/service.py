@@ -146,6 +146,7 @@ class KV:
                 try:
                     yield kv
                 finally:
+                    kv.authority.closing = True
                     nursery.cancel_scope.cancel()
         finally:
             hints.close()

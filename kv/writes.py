@@ -421,19 +421,20 @@ class Writes:
             if exc.where == "delta":  # what the peer sent cannot merge: its fault
                 raise self._refuse_batch(peer, "malformed",
                                          f"batch cannot be merged: {exc}") from None
-            raise self._unavailable(peer, exc) from None  # this node's stored state is corrupt
+            # this node's stored state is corrupt
+            raise self._unavailable(peer, "a replication batch", exc) from None
         except Exception as exc:  # this node's disk, its writer stopped, a shutdown
-            raise self._unavailable(peer, exc) from None
+            raise self._unavailable(peer, "a replication batch", exc) from None
         for target, items in hinted.items():
             self.hints.add(target, items)
         return apply_reply(len(envelope.payload), refused)
 
-    def _unavailable(self, peer: str, exc: Exception) -> HandlerError:
-        """A batch this node could not store for a fault of its own: nobody is blamed; the
-        sender keeps it (as hints) and sends it again."""
-        log.warning("a replication batch from %s was not stored (a fault of this node): %s",
-                    peer, exc)
-        return HandlerError("unavailable", f"this node could not store the batch: {exc}")
+    def _unavailable(self, peer: str, what: str, exc: Exception) -> HandlerError:
+        """A request this node could not serve for a fault of its own: nobody is blamed. The
+        sender of a batch keeps it (as hints) and sends it again; forwarded ops fail their
+        quorum at the coordinator."""
+        log.warning("%s from %s was not stored (a fault of this node): %s", what, peer, exc)
+        return HandlerError("unavailable", f"this node could not store {what}: {exc}")
 
     async def on_ops(self, peer: str, message: Any) -> Any:
         """Groups of ops another coordinator forwarded (each group with its consistency
@@ -465,9 +466,12 @@ class Writes:
             replies[index] = [refused[i] if i in refused else _outcome(next(outcomes))
                               for i in range(len(ops))]
 
-        async with trio.open_nursery() as nursery:  # one group commit for all groups
-            for index, (ops, level) in enumerate(groups):
-                nursery.start_soon(run, index, ops, level)
+        try:
+            async with trio.open_nursery() as nursery:  # one group commit for all groups
+                for index, (ops, level) in enumerate(groups):
+                    nursery.start_soon(run, index, ops, level)
+        except Exception as exc:  # the group commit failed: this node's disk, writer, shutdown
+            raise self._unavailable(peer, "forwarded ops", exc) from None
         return replies
 
     def _screen_ops(self, peer: str, ops: list[Op]) -> dict[int, list[Any]]:
