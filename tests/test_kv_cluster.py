@@ -274,6 +274,30 @@ async def test_a_local_disk_fault_answers_unavailable_and_blames_no_peer(tmp_pat
         assert await receiver.get("k", consistency="all") == "second"
 
 
+async def test_forwarded_ops_meeting_a_local_disk_fault_answer_unavailable(tmp_path,
+                                                                           monkeypatch):
+    async with handles(tmp_path, 4) as nodes:
+        kvs = [n.kv for n in nodes]
+        coordinator = kvs[0]
+        # a key this node does not replicate: its write is forwarded to the first replica
+        key = next(k for k in (f"k{i}" for i in range(1000))
+                   if coordinator.me not in coordinator.ring.preference_list(k.encode()))
+        mutator = next(kv for kv in kvs
+                       if kv.me == coordinator.ring.preference_list(key.encode())[0])
+
+        def disk_full(batch):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(mutator.store, "write_filled", disk_full)
+        offences_before = dict(mutator.net.scores.offences)
+        with pytest.raises(QuorumError, match="unavailable"):
+            await coordinator.put(key, "v")
+        assert mutator.net.scores.offences == offences_before
+        monkeypatch.undo()
+        await coordinator.put(key, "v")
+        assert await coordinator.get(key) == "v"
+
+
 async def test_quorum_reads_fail_clearly_when_too_few_replicas(tmp_path):
     async with handles(tmp_path, 3) as nodes:
         await nodes[0].kv.put("k", 1, consistency="all")
