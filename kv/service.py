@@ -24,6 +24,7 @@ import trio
 
 import crdt
 from p2p import Network
+from p2p.envelope import TimedReplayGuard
 from shard import Keyspace, Ring, Store
 
 from .authority import Authority
@@ -258,7 +259,7 @@ class KV:
         return self.writes.next_batch_seq()
 
     @property
-    def replay_guard(self) -> Any:
+    def replay_guard(self) -> TimedReplayGuard:
         """The guard against replayed kv-apply batches."""
         return self.writes.replay_guard
 

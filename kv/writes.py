@@ -24,6 +24,7 @@ import crdt
 from p2p import Network
 from p2p.envelope import EnvelopeError, TimedReplayGuard, next_timed_seq
 from p2p.rpc import HandlerError
+from shard import Ring
 from shard.store import CorruptRecord
 
 from .authority import Authority
@@ -77,7 +78,8 @@ class Writes:
         self._ack_deadlines: deque[tuple[float, trio.Event]] = deque()  # in deadline order
         # per partition, the replica that applies its ops, and where this node sends what it
         # applies (see _routes); valid for one ring and one set of live members
-        self._route_cache: tuple[Any, frozenset[str], _Routes] = (None, frozenset(), _Routes())
+        self._route_cache: tuple[Ring | None, frozenset[str], _Routes] = (
+            None, frozenset(), _Routes())
         # kv-apply batches: this node's sequences, and the guard against replayed ones
         self._batch_seq = 0
         self.replay_guard = TimedReplayGuard()
