@@ -1,5 +1,20 @@
-# tasknet's replicated key-value store (`node.kv`): see service.KV.
-from .ops import OpError
-from .service import KV, Consistency, KVConfig, NotAdmitted, QuorumError
+# tasknet's replicated key-value store (`node.kv`): see service.KV, and the map of its rooms
+# in service.py's header. The settings and errors load without trio or p2p (the CLI imports
+# them); KV loads the service on first use.
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["KV", "Consistency", "KVConfig", "NotAdmitted", "OpError", "QuorumError"]
+from .config import Consistency, KVConfig, NotAdmitted, QuorumError
+from .ops import OpError
+
+if TYPE_CHECKING:
+    from .service import KV, LocalState
+
+__all__ = ["KV", "Consistency", "KVConfig", "LocalState", "NotAdmitted", "OpError",
+           "QuorumError"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("KV", "LocalState"):
+        from . import service
+        return getattr(service, name)
+    raise AttributeError(f"module 'kv' has no attribute {name!r}")

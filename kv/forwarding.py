@@ -3,7 +3,7 @@
 # wait at the same time travel in one request (one frame, one reply) instead of one each.
 # Lives here: the per-replica queue, cutting requests by op count and bytes, and spreading
 # each request's per-op outcomes back to the calls that made them.
-# Must not live here: what an op does or how quorum is counted (service.py runs them).
+# Must not live here: what an op does or how quorum is counted (kv/writes.py runs them).
 from __future__ import annotations
 
 import logging
@@ -15,6 +15,7 @@ import trio
 
 from p2p import Network, PeerUnreachable, RemoteError, RequestError
 
+from .config import Consistency
 from .ops import Op
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class Forwarder:
         self._queue: deque[_Chunk] = deque()
         self._wake = trio.Event()
 
-    async def submit(self, ops: list[Op], arg_sizes: list[int], level: str) -> list[Outcome]:
+    async def submit(self, ops: list[Op], arg_sizes: list[int],
+                     level: Consistency) -> list[Outcome]:
         """Run `ops` at the replica; one outcome per op (see `Outcome`, `UNREACHABLE`).
         `arg_sizes`: each op's encoded arguments in bytes (the coordinator measured them)."""
         call = _Call([None] * len(ops))
@@ -69,12 +71,12 @@ class Forwarder:
             wire = op.to_wire()
             op_size = len(op.key) + arg_size + OP_OVERHEAD_BYTES
             if chunk and (size + op_size > self.max_bytes or len(chunk) >= MAX_OPS_PER_REQUEST):
-                self._queue.append(_Chunk(call, offset, level, chunk, size))
+                self._queue.append(_Chunk(call, offset, level.value, chunk, size))
                 call.pending += 1
                 chunk, size, offset = [], 0, index
             chunk.append(wire)
             size += op_size
-        self._queue.append(_Chunk(call, offset, level, chunk, size))
+        self._queue.append(_Chunk(call, offset, level.value, chunk, size))
         call.pending += 1
         self._wake.set()
         await call.done.wait()

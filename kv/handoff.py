@@ -7,26 +7,26 @@
 # clock skew bound (stored before the bound existed) are not sent: the target would refuse
 # them and score this node down; they read as absent, and go with the partition's drop.
 # Must not live here: the write path, storage internals (shard/), the wire format of replication
-# batches (replication.py), the ring itself (the KV keeps it in step with membership).
+# batches (replication.py), the ring itself (kv/placement.py keeps it in step with membership).
 from __future__ import annotations
 
 import logging
 from collections import deque
 from collections.abc import Callable
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from p2p import RequestError
+from p2p import Network, RequestError
 from p2p.rpc import HandlerError
-from shard import Ring, diff
+from shard import Ring, Store, diff
 
+from .config import KVConfig
+from .placement import Placement
 from .replication import APPLY_PROTOCOL, seal_batch
-from .timebound import refused_indices, wall_ms
-
-if TYPE_CHECKING:
-    from .service import KV
+from .timebound import TimeBound, refused_indices, wall_ms
+from .writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,17 @@ class Handoff:
     """The handoff work of one KV node: pushes to newcomers planned at ring changes, and the
     partitions this node holds but no longer owns."""
 
-    def __init__(self, kv: KV) -> None:
-        self.kv = kv
+    def __init__(self, net: Network, store: Store, writer: GroupCommitWriter,
+                 placement: Placement, config: KVConfig, metrics: dict[str, int],
+                 timebound: TimeBound, next_batch_seq: Callable[[], int]) -> None:
+        self.net = net
+        self.store = store
+        self.writer = writer
+        self.placement = placement
+        self.config = config
+        self.metrics = metrics
+        self.timebound = timebound
+        self.next_batch_seq = next_batch_seq
         # (partition, newcomer) -> owners that left the partition and will send it themselves
         self.pushes: dict[tuple[int, str], tuple[str, ...]] = {}
         self.progress: dict[str, Any] = {}
@@ -54,13 +63,12 @@ class Handoff:
         the ring hands it off anyway (it must, before it may drop it), so it sends; only when
         there is none (the ring grew past fewer than N nodes, or an owner was removed) does
         the first owner that stayed push it."""
-        kv = self.kv
-        if len(kv.store):
+        if len(self.store):
             for partition, (before, after) in diff(old, new).items():
-                if not kv.store.count(partition):
+                if not self.store.count(partition):
                     continue
                 staying = [p for p in before if p in after]
-                if not staying or staying[0] != kv.me:
+                if not staying or staying[0] != self.placement.me:
                     continue
                 leaving = tuple(p for p in before if p not in after and p in new.members)
                 for newcomer in after:
@@ -71,10 +79,10 @@ class Handoff:
     # -- the loop --------------------------------------------------------------------------
     async def run(self) -> None:
         while True:
-            with trio.move_on_after(self.kv.config.rebalance_interval):
+            with trio.move_on_after(self.config.rebalance_interval):
                 await self._wake.wait()
             self._wake = trio.Event()
-            alive = self.kv._alive()
+            alive = self.placement.alive()
             await self._push_to_newcomers(alive)
             await self._hand_off_foreign(alive)
 
@@ -82,10 +90,10 @@ class Handoff:
         """Pushes this node is responsible for: a newcomer that already holds what this node
         holds (equal partition roots) needs nothing; otherwise the partition is sent unless
         an owner that left it is alive to send it."""
-        kv = self.kv
         by_newcomer: dict[str, list[int]] = {}
         for partition, newcomer in sorted(self.pushes):
-            if newcomer not in kv.ring.owners(partition) or not kv.store.count(partition):
+            if (newcomer not in self.placement.ring.owners(partition)
+                    or not self.store.count(partition)):
                 self.pushes.pop((partition, newcomer), None)
             elif newcomer in alive:
                 by_newcomer.setdefault(newcomer, []).append(partition)
@@ -108,22 +116,21 @@ class Handoff:
         """Partitions held here that this node no longer owns go to those of their owners
         that do not hold them already (all owners at once, one pipelined stream each), then
         are dropped, each once every owner confirmed and no write raced the transfer."""
-        kv = self.kv
         foreign = self.foreign_partitions()
         if not foreign:
             self.progress = {}
             return
-        keys = sum(kv.store.count(p) for p in foreign)
+        keys = sum(self.store.count(p) for p in foreign)
         self.progress = {"partitions_left": len(foreign), "keys_left": keys, "keys_sent": 0}
         log.info("handoff: %d partitions (%d keys) this node no longer owns", len(foreign), keys)
-        owners = {p: kv.ring.owners(p) for p in foreign}
+        owners = {p: self.placement.ring.owners(p) for p in foreign}
         ready = [p for p in foreign if all(o in alive for o in owners[p])]
         per_target: dict[str, list[int]] = {}
         for partition in ready:  # every owner must be able to confirm before a drop
             for owner in owners[partition]:
                 per_target.setdefault(owner, []).append(partition)
         # taken before any owner is asked: a write after this point makes the drop wait
-        roots = {p: kv.store.tree.partition_root(p) for p in ready}
+        roots = {p: self.store.tree.partition_root(p) for p in ready}
         confirmed: dict[int, int] = dict.fromkeys(ready, 0)
         drops, droppable = trio.open_memory_channel[int](len(ready) + 1)
         dropped = 0
@@ -152,9 +159,9 @@ class Handoff:
                             batch.append(droppable.receive_nowait())
                         except (trio.WouldBlock, trio.EndOfChannel):
                             break
-                    done = await kv.writer.exclusive(partial(self._drop_unchanged, batch, roots))
+                    done = await self.writer.exclusive(partial(self._drop_unchanged, batch, roots))
                     dropped += done
-                    kv.metrics["partitions_dropped"] += done
+                    self.metrics["partitions_dropped"] += done
                     self.progress["partitions_left"] = len(foreign) - dropped
 
         async with trio.open_nursery() as nursery:
@@ -171,12 +178,11 @@ class Handoff:
         """Drop the partitions unchanged since `roots` was taken and still not owned here.
         Runs between two write batches (writer.exclusive): nothing lands between the check
         and the drop. One synced write at the end covers the whole batch of drops."""
-        kv = self.kv
         unchanged = [p for p in partitions
-                     if kv.store.tree.partition_root(p) == roots[p]
-                     and kv.me not in kv.ring.owners(p)]
+                     if self.store.tree.partition_root(p) == roots[p]
+                     and self.placement.me not in self.placement.ring.owners(p)]
         for i, partition in enumerate(unchanged):
-            kv.store.drop_partition(partition, sync=i == len(unchanged) - 1)
+            self.store.drop_partition(partition, sync=i == len(unchanged) - 1)
         return len(unchanged)
 
     # -- wire --------------------------------------------------------------------------------
@@ -185,10 +191,9 @@ class Handoff:
         """The partitions whose root at `target` differs from ours (`roots`, or the current
         ones); None if the target could not be asked. Equal roots mean the target durably
         holds every state this node holds of the partition."""
-        kv = self.kv
         try:
-            theirs = await kv.net.request(target, ROOTS_PROTOCOL, {"p": partitions},
-                                          timeout=kv.config.request_timeout)
+            theirs = await self.net.request(target, ROOTS_PROTOCOL, {"p": partitions},
+                                            timeout=self.config.request_timeout)
         except RequestError as exc:
             log.info("handoff: roots from %s failed: %s", target, exc)
             return None
@@ -196,14 +201,14 @@ class Handoff:
             log.info("handoff: %s answered a malformed roots reply", target)
             return None
         mine = roots if roots is not None else {
-            p: kv.store.tree.partition_root(p) for p in partitions}
+            p: self.store.tree.partition_root(p) for p in partitions}
         return [p for p, root in zip(partitions, theirs, strict=True) if root != mine[p]]
 
     def foreign_partitions(self) -> list[int]:
         """Partitions this node holds data of but no longer owns (still to hand off)."""
-        kv = self.kv
-        mine = kv._owned_partitions()
-        return [p for p in range(kv.ring.partitions) if p not in mine and kv.store.count(p)]
+        mine = self.placement.owned_partitions()
+        return [p for p in range(self.placement.ring.partitions)
+                if p not in mine and self.store.count(p)]
 
     async def on_foreign(self, peer: str, message: Any) -> Any:
         """The partitions this node still has to hand off (the tombstone sweep of other
@@ -212,7 +217,7 @@ class Handoff:
 
     async def on_roots(self, peer: str, message: Any) -> Any:
         """A peer asks for our partition roots (to learn whether we hold what it holds)."""
-        store = self.kv.store
+        store = self.store
         wanted = message.get("p") if isinstance(message, dict) else None
         if (not isinstance(wanted, list) or len(wanted) > store.keyspace.partitions
                 or not all(type(p) is int and 0 <= p < store.keyspace.partitions
@@ -227,7 +232,6 @@ class Handoff:
         merged durably there (a partition not confirmed is sent again next round). States
         beyond the clock skew bound are left out, counted and logged once per partition: the
         partition counts as handed off without them."""
-        kv = self.kv
         window = trio.Semaphore(IN_FLIGHT)
         failed = False
         acked: set[int] = set()
@@ -238,9 +242,9 @@ class Handoff:
         async def send(seq: int, items: list[list[Any]]) -> None:
             nonlocal failed, next_unacked
             try:
-                batch = seal_batch(kv.net, items, kv.next_batch_seq())
-                reply = await kv.net.request(target, APPLY_PROTOCOL, batch,
-                                             timeout=kv.config.request_timeout * 4)
+                batch = seal_batch(self.net, items, self.next_batch_seq())
+                reply = await self.net.request(target, APPLY_PROTOCOL, batch,
+                                               timeout=self.config.request_timeout * 4)
             except RequestError as exc:
                 if not failed:
                     log.info("handoff to %s failed: %s", target, exc)
@@ -252,7 +256,7 @@ class Handoff:
             if refused:  # states beyond the target's clock skew bound: they stay behind
                 log.info("handoff: %s refused %d states beyond its clock skew bound",
                          target, len(refused))
-            kv.metrics["handoff_keys_sent"] += len(items)
+            self.metrics["handoff_keys_sent"] += len(items)
             if "keys_sent" in self.progress:
                 self.progress["keys_sent"] += len(items)
             acked.add(seq)
@@ -273,25 +277,25 @@ class Handoff:
                 nursery.start_soon(send, sent, chunk)
                 chunk, size = [], 0
 
-            beyond = kv.timebound.beyond_or_false
+            beyond = self.timebound.beyond_or_false
             for partition in partitions:
                 if failed:
                     break
                 now_ms, withheld = wall_ms(), 0
-                for key, state in list(kv.store.iterate(partition)):
+                for key, state in list(self.store.iterate(partition)):
                     if beyond(state, now_ms):
                         withheld += 1
                         continue
                     item = len(key) + len(state) + 8
                     if chunk and (len(chunk) >= CHUNK_KEYS
-                                  or size + item > kv.config.max_batch_bytes):
+                                  or size + item > self.config.max_batch_bytes):
                         await flush()
                         if failed:
                             break
                     chunk.append([key, state, None])
                     size += item
                 if withheld:
-                    kv.metrics["handoff_skew_withheld"] += withheld
+                    self.metrics["handoff_skew_withheld"] += withheld
                     log.info("handoff: %d state(s) of partition %d not sent to %s: beyond the "
                              "clock skew bound (they read as absent; an operator may override "
                              "them)", withheld, partition, target)

@@ -2,7 +2,7 @@
 # Lives here: a LevelDB of its own (beside the main store) keyed by target peer and arrival
 # sequence, written with sync so an acknowledged hint survives a crash, and the expiry of hints
 # older than a given age.
-# Must not live here: deciding when to deliver or what age is too old (the KV service does).
+# Must not live here: deciding when to deliver or what age is too old (kv/repair.py does).
 #
 # Layout: key = target + b"\x00" + 8-byte sequence; value = msgpack [key, delta, added_ms],
 # added_ms the wall time the hint was stored, never less than the hint stored before it (so

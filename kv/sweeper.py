@@ -9,29 +9,36 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
 
 import trio
 
-from p2p import RequestError
-from shard import Ring
+from p2p import Network, RequestError
+from shard import Ring, Store
 
-from .handoff import FOREIGN_PROTOCOL
+from .config import KVConfig
+from .handoff import FOREIGN_PROTOCOL, Handoff
+from .placement import Placement
+from .reads import READ_CHUNK, Reads
 from .tombstones import Verdict, decide, is_candidate
-
-if TYPE_CHECKING:
-    from .service import KV
+from .writer import GroupCommitWriter
 
 log = logging.getLogger(__name__)
-
-READ_CHUNK = 1024  # keys per read request (the read handler's limit)
 
 
 class TombstoneSweeper:
     """Collects this node's copies of register tombstones that every replica confirmed."""
 
-    def __init__(self, kv: KV) -> None:
-        self.kv = kv
+    def __init__(self, net: Network, store: Store, writer: GroupCommitWriter,
+                 placement: Placement, reads: Reads, handoff: Handoff, config: KVConfig,
+                 metrics: dict[str, int]) -> None:
+        self.net = net
+        self.store = store
+        self.writer = writer
+        self.placement = placement
+        self.reads = reads
+        self.handoff = handoff
+        self.config = config
+        self.metrics = metrics
         self._cursor = 0  # the next partition to read
         self._ring: Ring | None = None
         self._calm_since: float | None = None
@@ -39,7 +46,7 @@ class TombstoneSweeper:
 
     async def run(self) -> None:
         while True:
-            await trio.sleep(self.kv.config.tombstone_sweep_interval)
+            await trio.sleep(self.config.tombstone_sweep_interval)
             self.rounds += 1
             if self.calm(time.monotonic()):
                 await self.sweep_once(time.time_ns() // 1_000_000)
@@ -49,21 +56,20 @@ class TombstoneSweeper:
         had nothing to hand off, for `tombstone_settle_s`: by then a member that came back has
         received its hints and handed its foreign partitions to their owners, so an older
         write it held has reached the replicas the sweep asks."""
-        kv = self.kv
-        steady = (kv.ring is self._ring and set(kv.ring.members) <= kv._alive()
-                  and not kv.handoff_progress)
+        ring = self.placement.ring
+        steady = (ring is self._ring and set(ring.members) <= self.placement.alive()
+                  and not self.handoff.progress)
         if not steady:
-            self._ring, self._calm_since = kv.ring, None
+            self._ring, self._calm_since = ring, None
             return False
         if self._calm_since is None:
             self._calm_since = now
-        return now - self._calm_since >= kv.config.tombstone_settle_s
+        return now - self._calm_since >= self.config.tombstone_settle_s
 
     async def sweep_once(self, now_ms: int) -> int:
         """One round: read up to `tombstone_scan_keys` keys, settle the candidates found;
         returns how many tombstones were removed here."""
-        kv = self.kv
-        ring = kv.ring
+        ring = self.placement.ring
         candidates = await self._scan(now_ms)
         if not candidates:
             return 0
@@ -74,7 +80,7 @@ class TombstoneSweeper:
             if verdict is Verdict.COLLECT:
                 collect.append((key, tombstone))
             elif verdict is Verdict.REPAIR:  # send the tombstone to the stale replicas
-                kv._merge_and_repair(key, dict(answer))
+                self.reads.merge_and_repair(key, dict(answer))
         if not collect:
             return 0
         held_elsewhere = await self._foreign_anywhere(ring)
@@ -86,12 +92,12 @@ class TombstoneSweeper:
 
         def delete_unchanged() -> int:
             # between two write batches: a write that landed since the question keeps its key
-            if kv.ring is not ring:
+            if self.placement.ring is not ring:
                 return 0
-            return len(kv.store.delete_if(collect, sync=False))
+            return len(self.store.delete_if(collect, sync=False))
 
-        collected: int = await kv.writer.exclusive(delete_unchanged)
-        kv.metrics["tombstones_collected"] += collected
+        collected: int = await self.writer.exclusive(delete_unchanged)
+        self.metrics["tombstones_collected"] += collected
         if collected:
             log.info("collected %d tombstones confirmed by every replica", collected)
         return collected
@@ -100,11 +106,10 @@ class TombstoneSweeper:
         """Tombstones older than the grace period, from the next owned partitions (one range
         read each, skipped cheaply when not owned or empty), until the key budget is spent or
         every partition was looked at once; yields to other tasks between partitions."""
-        kv = self.kv
-        store, owned = kv.store, kv._owned_partitions()
+        store, owned = self.store, self.placement.owned_partitions()
         partitions = store.keyspace.partitions
-        grace_ms = int(kv.config.tombstone_grace_s * 1000)
-        budget = kv.config.tombstone_scan_keys
+        grace_ms = int(self.config.tombstone_grace_s * 1000)
+        budget = self.config.tombstone_scan_keys
         found: list[tuple[bytes, bytes]] = []
         for _ in range(partitions):
             if budget <= 0:
@@ -123,15 +128,14 @@ class TombstoneSweeper:
         would bring the old value back after a collection), or None if a member did not say.
         Asked after the replicas answered: a handoff that ends in between has delivered its
         states to the replicas, whose answers then already counted them."""
-        kv = self.kv
-        held: set[int] = set(kv.handoff.foreign_partitions())
+        held: set[int] = set(self.handoff.foreign_partitions())
         silent = False
 
         async def ask(member: str) -> None:
             nonlocal silent
             try:
-                reply = await kv.net.request(member, FOREIGN_PROTOCOL, {},
-                                             timeout=kv.config.request_timeout)
+                reply = await self.net.request(member, FOREIGN_PROTOCOL, {},
+                                             timeout=self.config.request_timeout)
             except RequestError as exc:
                 log.info("tombstone sweep: %s did not say what it still hands off: %s",
                          member, exc)
@@ -144,14 +148,13 @@ class TombstoneSweeper:
 
         async with trio.open_nursery() as nursery:
             for member in ring.members:
-                if member != kv.me:
+                if member != self.placement.me:
                     nursery.start_soon(ask, member)
         return None if silent else held
 
     async def _ask(self, ring: Ring, keys: list[bytes]) -> list[dict[str, bytes | None]]:
         """What every replica of each key holds; a replica that does not answer for a key
         (failed, timed out, reply too large, malformed) is absent from that key's answers."""
-        kv = self.kv
         answers: list[dict[str, bytes | None]] = [{} for _ in keys]
         wanted: dict[str, list[int]] = {}
         for index, key in enumerate(keys):
@@ -159,7 +162,7 @@ class TombstoneSweeper:
                 wanted.setdefault(peer, []).append(index)
 
         async def ask(peer: str, indices: list[int]) -> None:
-            states = await kv.read_states(peer, [keys[i] for i in indices])
+            states = await self.reads.read_states(peer, [keys[i] for i in indices])
             if states is None:
                 return
             for i, state in zip(indices, states, strict=True):

@@ -4,7 +4,8 @@
 # replaces a stored state that is beyond the bound (data stored before the bound existed).
 # Lives here: the check itself, the "replace if beyond the bound" update the group commit runs,
 # the kv-apply reply that names refused items, and a rate-limited log of refusals.
-# Must not live here: the handlers that call it (service.py), what latest_wall reads (crdt/).
+# Must not live here: the handlers that call it (kv/writes.py, kv/reads.py, kv/repair.py),
+# what latest_wall reads (crdt/).
 from __future__ import annotations
 
 import logging

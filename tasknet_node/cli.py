@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 from urllib.parse import quote, urlencode
 
+from kv.config import Consistency  # loads neither trio nor p2p
+
 from .client import ApiRefused, NodeUnreachable, call_json, get, get_json
 from .errors import NodeError, UsageError
 from .tables import render_peers, render_status, render_tasks
@@ -49,7 +51,7 @@ KV_COMMANDS = {
     "hset": "set FIELD of the map KEY to VALUE",
     "hdel": "remove FIELD from the map KEY",
 }
-CONSISTENCY_LEVELS = ["one", "quorum", "all"]  # kv.Consistency; kv is not imported: it loads trio
+CONSISTENCY_LEVELS = [level.value for level in Consistency]
 LOG_LEVELS = ["debug", "info", "warning", "error", "critical"]
 THIRD_PARTY_LOGGERS = ("libp2p", "multiaddr")
 EXIT_USAGE = 2

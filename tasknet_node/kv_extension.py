@@ -212,12 +212,12 @@ class KvApi:
         """Debugging: what this node's own store holds for a key, without asking replicas."""
         key = _key(request.path_params["key"])
         raw = key.encode()
-        state = self.kv.store.get(raw)
+        state, replicas = self.kv.local_state(raw)
         return _json({
             "key": key,
             "present": state is not None,
             "value": render(crdt.decode(state)) if state is not None else None,
-            "replicas": self.kv.ring.preference_list(raw),
+            "replicas": replicas,
         })
 
     def metrics(self) -> Iterator[Metric]:
@@ -324,11 +324,11 @@ def _value(value: Any) -> Any:
     return value
 
 
-def _consistency(text: Any) -> str | None:
+def _consistency(text: Any) -> Consistency | None:
     if text is None:
         return None
     try:
-        return Consistency(text).value
+        return Consistency(text)
     except ValueError:
         levels = ", ".join(c.value for c in Consistency)
         raise ApiError(400, "bad_request", f"consistency must be one of {levels}") from None
@@ -345,7 +345,7 @@ def _override_skew(request: Request) -> bool:
     raise ApiError(400, "bad_request", "override_skew must be true or false")
 
 
-def _write_consistency(request: Request, body: dict[str, Any]) -> str | None:
+def _write_consistency(request: Request, body: dict[str, Any]) -> Consistency | None:
     return _consistency(body.get("consistency", request.query_params.get("consistency")))
 
 

@@ -1,4 +1,5 @@
 # System tests of the replicated KV store: real nodes (libp2p on 127.0.0.1, LevelDB dirs).
+import errno
 import os
 import time
 from collections import Counter
@@ -10,7 +11,7 @@ import trio
 import crdt
 from kv import OpError, QuorumError
 from kv.replication import APPLY_PROTOCOL, seal_batch
-from p2p import RequestError
+from p2p import RemoteError, RequestError
 from p2p.envelope import seal
 from p2p.identity import Identity
 
@@ -238,6 +239,63 @@ async def test_garbage_and_forged_replication_batches_are_refused(tmp_path):
         assert await honest.get(key) == "safe"
         await honest.put("still-works", 1)
         assert await victim.get("still-works") == 1
+
+
+async def test_a_local_disk_fault_answers_unavailable_and_blames_no_peer(tmp_path, monkeypatch):
+    async with handles(tmp_path, 2) as nodes:
+        receiver, sender = nodes[0].kv, nodes[1].kv
+        await sender.put("k", "first", consistency="all")
+        state = sender.store.get(b"k")
+        assert state is not None and receiver.store.get(b"k") == state
+
+        def disk_full(batch):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        # the receiver's disk fails under its own writer: the batch it is sent is sound
+        monkeypatch.setattr(receiver.store, "write_filled", disk_full)
+        await sender.put("k", "second", consistency="one")
+        newer = sender.store.get(b"k")
+        offences_before = dict(receiver.net.scores.offences)
+        score_before = receiver.net.scores.score(sender.me, time.monotonic())
+        with pytest.raises(RemoteError) as refused:
+            await sender.net.request(receiver.me, APPLY_PROTOCOL,
+                                     seal_batch(sender.net, [[b"k", newer, None]],
+                                                sender.next_batch_seq()))
+        assert refused.value.code == "unavailable"
+        assert receiver.net.scores.offences == offences_before
+        assert receiver.net.scores.score(sender.me, time.monotonic()) >= score_before
+        assert receiver.metrics["refused_batches"] == 0
+        # the disk is back: the same state, sent again, is stored, and the peer still served
+        monkeypatch.undo()
+        await sender.net.request(receiver.me, APPLY_PROTOCOL,
+                                 seal_batch(sender.net, [[b"k", newer, None]],
+                                            sender.next_batch_seq()))
+        assert receiver.store.get(b"k") == newer
+        assert await receiver.get("k", consistency="all") == "second"
+
+
+async def test_forwarded_ops_meeting_a_local_disk_fault_answer_unavailable(tmp_path,
+                                                                           monkeypatch):
+    async with handles(tmp_path, 4) as nodes:
+        kvs = [n.kv for n in nodes]
+        coordinator = kvs[0]
+        # a key this node does not replicate: its write is forwarded to the first replica
+        key = next(k for k in (f"k{i}" for i in range(1000))
+                   if coordinator.me not in coordinator.ring.preference_list(k.encode()))
+        mutator = next(kv for kv in kvs
+                       if kv.me == coordinator.ring.preference_list(key.encode())[0])
+
+        def disk_full(batch):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(mutator.store, "write_filled", disk_full)
+        offences_before = dict(mutator.net.scores.offences)
+        with pytest.raises(QuorumError, match="unavailable"):
+            await coordinator.put(key, "v")
+        assert mutator.net.scores.offences == offences_before
+        monkeypatch.undo()
+        await coordinator.put(key, "v")
+        assert await coordinator.get(key) == "v"
 
 
 async def test_quorum_reads_fail_clearly_when_too_few_replicas(tmp_path):

@@ -166,7 +166,7 @@ async def test_a_hint_that_can_never_be_delivered_does_not_block_the_ones_behind
         assert holder.metrics["hints_dropped"] == 2
         assert target.store.get(b"garbage") is None and target.store.get(b"huge") is None
         # a state too large for any frame queued for replication is dropped, not hinted
-        holder._link(target.me).push_nowait(Delta(b"huge-state", b"y" * (frame + 1), None,
+        holder.writes.link(target.me).push_nowait(Delta(b"huge-state", b"y" * (frame + 1), None,
                                                   None))
         await holder.put("behind-it", 1, consistency="all")
         await wait_for(lambda: holder.status()["metrics"]["oversized_dropped"] == 1, 10,

@@ -86,7 +86,7 @@ async def test_anti_entropy_does_not_spread_a_far_future_state(tmp_path, monkeyp
         await seed(holder, b"old", register("from before the fix", FAR))
         await seed(holder, b"old-map", nested_map(FAR))
         # the holder offers its whole store, as a node without the bound does
-        monkeypatch.setattr(holder, "_offered_segment", holder.store.read_segment)
+        monkeypatch.setattr(holder.repair, "offered_segment", holder.store.read_segment)
         # anti-entropy runs every second: both peers meet the holder's states and refuse them
         await wait_for(lambda: a.metrics["skew_refused"] >= 2 and b.metrics["skew_refused"] >= 2,
                        30, "anti-entropy to offer the far-future states to both peers")
