@@ -42,10 +42,12 @@ async def start_kv_cluster(stack: AsyncExitStack, base: Path, size: int,
     return nodes
 
 
-async def wait_for_ring(nodes: list[KV], timeout: float = 20) -> None:
+async def wait_for_ring(nodes: list[KV], timeout: float = 20) -> float:
+    """Wait until every node holds every other alive and in its ring; returns the wait."""
     everyone = {kv.me for kv in nodes}
-    await wait_for(lambda: all(alive_ids(kv.net) >= everyone and set(kv.ring.members) == everyone
-                               for kv in nodes), timeout, "every node alive in every ring")
+    return await wait_for(
+        lambda: all(alive_ids(kv.net) >= everyone and set(kv.ring.members) == everyone
+                    for kv in nodes), timeout, "every node alive in every ring")
 
 
 def foreign_keys(kv: KV) -> int:
