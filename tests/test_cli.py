@@ -4,18 +4,17 @@
 import json
 import logging
 import re
-from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
+from api_helpers import served
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from p2p import Member, MemberEvent, MemberState, Network
 from tasknet_node import cli, datadir, tables, testnets
-from tasknet_node.api import ControlApi, Metric, bind_socket, render_prometheus, serve_api
+from tasknet_node.api import ControlApi, Metric, render_prometheus
 from tasknet_node.http import JSONResponse, Request, Response
 from tasknet_node.options import build_options, parse_host_port
 from tasknet_node.runner import describe_member_event
@@ -321,19 +320,6 @@ def test_prometheus_refuses_clashing_kinds_and_bad_names():
 
 
 # -- control API -------------------------------------------------------------------------
-@asynccontextmanager
-async def served(api: ControlApi):
-    """`api` served on a free loopback port; an httpx client for it."""
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    async with trio.open_nursery() as nursery:
-        await nursery.start(serve_api, api, sock)
-        try:
-            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-                yield client
-        finally:
-            nursery.cancel_scope.cancel()
-
 
 async def test_control_api_endpoints_and_extensions(tmp_path):
     async with Network.start(node_config(tmp_path / "n", "api-test")) as net:

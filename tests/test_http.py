@@ -11,11 +11,11 @@ import socket
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
 
-import httpx
 import pytest
 import trio
+from api_helpers import served
 
-from tasknet_node.api import ControlApi, bind_socket, serve_api
+from tasknet_node.api import ControlApi
 from tasknet_node.http import (
     MAX_CONNECTIONS,
     MAX_JSON_DEPTH,
@@ -292,15 +292,8 @@ async def node_api(tmp_path):
         kv = await start_kv_node(stack, tmp_path / "node", [], replicas=1)
         api = ControlApi(kv.net)
         KvApi(kv).register(api)
-        sock = bind_socket("127.0.0.1", 0)
-        port = sock.getsockname()[1]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(serve_api, api, sock)
-            try:
-                async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-                    yield client
-            finally:
-                nursery.cancel_scope.cancel()
+        async with served(api) as client:
+            yield client
 
 
 def nested(depth: int) -> bytes:
