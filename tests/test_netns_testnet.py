@@ -22,6 +22,7 @@ from typing import Any
 from urllib.parse import quote
 
 from netns_helpers import Lab, lab_fixture
+
 from process_helpers import NodeProcess, Processes, processes_fixture, wait_for
 
 P2P_PORT = 4101
@@ -216,10 +217,17 @@ def violations(lab: Lab, ids: list[str], writers: list[Writer]) -> list[str]:
     for w in writers:
         for name, counts in w.incrs.items():
             counters.setdefault(name, Counter()).update(counts)
-    keys = sorted(puts) + sorted(counters)
-    states = local_states(lab, keys)
+    return check(local_states(lab, sorted(puts) + sorted(counters)), ids, puts, counters)
+
+
+def check(states: list[dict[str, dict[str, Any]]], ids: list[str],
+          puts: dict[str, tuple[str, str]], counters: dict[str, Counter[str]]) -> list[str]:
+    """The checker proper: `states[i][key]` is node i's /kv-local answer for `key`. Every
+    acknowledged PUT is held with its value by every replica of its key, a PUT of unknown
+    outcome by all of them or none, no replica holds a value never written, replicas agree,
+    and every counter lies within [acknowledged, acknowledged + unknown] increments."""
     found = []
-    for key in keys:
+    for key in [*puts, *counters]:
         views = {tuple(sorted(s[key]["replicas"])) for s in states}
         if len(views) != 1:
             found.append(f"{key}: nodes disagree on its replicas: {views}")
@@ -242,6 +250,32 @@ def violations(lab: Lab, ids: list[str], writers: list[Writer]) -> list[str]:
                 if not isinstance(v, int) or not low <= v <= high:
                     found.append(f"{key}: node {i} counts {v}, expected within [{low}, {high}]")
     return found
+
+
+def test_checker_finds_each_kind_of_violation():
+    ids = ["A", "B", "C", "D"]
+
+    def local(value: Any, replicas: tuple[str, ...] = ("A", "B", "C")) -> dict[str, Any]:
+        return {"present": value is not None, "value": value, "replicas": list(replicas)}
+
+    def states(**keys: list[Any]) -> list[dict[str, dict[str, Any]]]:
+        return [{k: local(v[i]) for k, v in keys.items()} for i in range(4)]
+
+    puts = {"k": ("v", ACK), "u": ("w", UNKNOWN)}
+    counters = {"c": Counter({ACK: 3, UNKNOWN: 2, FAIL: 5})}
+    good = states(k=["v"] * 4, u=[None, None, None, "w"], c=[4, 4, 4, None])
+    assert check(good, ids, puts, counters) == []
+    for bad, expect in [
+        (states(k=["v", None, "v", "v"], u=[None] * 4, c=[4] * 4), "acknowledged"),
+        (states(k=["v"] * 4, u=["w", None, None, None], c=[4] * 4), "replicas differ"),
+        (states(k=["v"] * 4, u=["x"] * 4, c=[4] * 4), "never written"),
+        (states(k=["v"] * 4, u=[None] * 4, c=[2] * 4), "within [3, 5]"),
+        (states(k=["v"] * 4, u=[None] * 4, c=[6] * 4), "within [3, 5]"),
+    ]:
+        found = check(bad, ids, puts, counters)
+        assert found and all(expect in f or "replicas differ" in f for f in found), found
+    split = good[:3] + [{**good[3], "k": local("v", ("A", "B", "D"))}]
+    assert any("disagree" in f for f in check(split, ids, puts, counters))
 
 
 def converged(nodes: list[Node]) -> bool:
