@@ -181,23 +181,25 @@ class Writer(threading.Thread):
         self.api = Api(host, timeout=4)
         self.puts: dict[str, tuple[str, str]] = {}  # key -> (value, outcome)
         self.incrs: dict[str, Counter[str]] = {f"ctr-w{i}": Counter(), "ctr-all": Counter()}
-        self.log: list[tuple[str, str]] = []  # (phase, outcome)
+        self.log: list[tuple[str, str, float]] = []  # (phase at the start, outcome, seconds)
 
     def run(self) -> None:
         j = 0
         while not self.stop.is_set() and j < 100_000:
             key = f"w{self.i}-{j}"
             value = f"{key}:{random.getrandbits(32):08x}"
-            got = outcome(self.api, "PUT", f"/kv/{key}", {"value": value})
-            self.puts[key] = (value, got)
-            self.log.append((self.phase[0], got))
+            self.puts[key] = (value, self.op("PUT", f"/kv/{key}", {"value": value}))
             for counter in self.incrs:
-                got = outcome(self.api, "POST", f"/kv/{counter}/incr", {"by": 1})
-                self.incrs[counter][got] += 1
-                self.log.append((self.phase[0], got))
+                self.incrs[counter][self.op("POST", f"/kv/{counter}/incr", {"by": 1})] += 1
             j += 1
             self.stop.wait(0.15)  # a modest rate: five nodes share two cores
         self.api.close()
+
+    def op(self, method: str, path: str, body: Any) -> str:
+        phase, started = self.phase[0], time.monotonic()
+        got = outcome(self.api, method, path, body)
+        self.log.append((phase, got, time.monotonic() - started))
+        return got
 
 
 def local_states(lab: Lab, keys: list[str]) -> list[dict[str, dict[str, Any]]]:
@@ -311,12 +313,17 @@ def test_faults_lose_no_acknowledged_write(lab5: Lab, processes: Processes):
     for w in writers:
         w.start()
 
+    phases: list[str] = []
+
     def hold(name: str, seconds: float) -> None:
+        if name not in phases:
+            phases.append(name)
         phase[0] = name
         stop.wait(seconds)  # the fault lasts this long (not a wait for a condition)
 
     try:
         hold("warmup", 3)
+        phases.append("kill")
         phase[0] = "kill"
         nodes[killed].proc.send_signal(signal.SIGKILL)
         nodes[killed].proc.wait(10)
@@ -324,6 +331,7 @@ def test_faults_lose_no_acknowledged_write(lab5: Lab, processes: Processes):
         nodes[killed] = start_node(processes, lab5, testnet, killed, f"n{killed}-again")
         assert wait_for(nodes[killed].peer_id, 30, "the restarted node") == ids[killed]
         hold("restarted", 3)
+        phases.append("pause")
         phase[0] = "pause"
         nodes[paused].proc.send_signal(signal.SIGSTOP)
         try:
@@ -359,17 +367,28 @@ def test_faults_lose_no_acknowledged_write(lab5: Lab, processes: Processes):
         found = violations(lab5, ids, writers)
     settle_s = time.monotonic() - started - faults_s
 
-    table: dict[str, Counter[str]] = {}
+    table = {name: Counter[str]() for name in phases}
+    slowest = dict.fromkeys(phases, 0.0)
     for w in writers:
-        for name, got in w.log:
-            table.setdefault(name, Counter())[got] += 1
+        for name, got, seconds in w.log:
+            table[name][got] += 1
+            slowest[name] = max(slowest[name], seconds)
     print(f"faults {faults_s:.0f}s, settled in {settle_s:.0f}s")
     for name, counts in table.items():
         print(f"  {name:10} ack {counts[ACK]:4}  fail {counts[FAIL]:4}  "
-              f"unknown {counts[UNKNOWN]:4}")
+              f"unknown {counts[UNKNOWN]:4}  slowest {slowest[name]:.1f}s")
     total = sum(table.values(), Counter())
     assert total[ACK] >= 200, (schedule, table)
     assert not found, f"{schedule}: {len(found)} violations: {found[:20]}"
+    # and a client sees the same through every node: all acknowledged values, read at ALL
+    acked = {k: v for w in writers for k, (v, got) in w.puts.items() if got == ACK}
+    keys = sorted(acked)
+    for i in range(5):
+        code, reply = Api(lab5.addrs[i], 30).call(
+            "POST", "/kv-read", {"keys": keys, "consistency": "all"})
+        assert code == 200, (i, reply)
+        lost = [k for k, got in zip(keys, reply["values"], strict=True) if got != acked[k]]
+        assert not lost, f"{schedule}: node {i} reads {len(lost)} acknowledged keys wrong"
     # the faults really happened: the nemesis's drops met traffic
     assert sum(lab5.dropped(i) for i in range(5)) > 0
     assert all(n.proc.poll() is None for n in nodes), "a node died"
