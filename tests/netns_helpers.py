@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from collections.abc import Iterable, Iterator
 
 import pytest
@@ -195,3 +196,41 @@ def lab_fixture(size: int):  # type: ignore[no-untyped-def]
         finally:
             made.teardown()
     return lab
+
+
+_RECEIVE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 9999))
+s.settimeout(float(sys.argv[2]))
+print("ready", flush=True)
+try:
+    print(s.recv(100).decode(), flush=True)
+except TimeoutError:
+    print("nothing", flush=True)
+"""
+_SEND = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(5):
+    s.sendto(b"hello", (sys.argv[1], 9999))
+    time.sleep(0.05)
+"""
+
+
+def udp_reaches(lab: Lab, src: int, dst: int, wait_s: float = 0.7) -> bool:
+    """Whether a UDP datagram sent from node `src`'s namespace arrives in node `dst`'s (one
+    direction only, unlike a TCP connection)."""
+    receiver = subprocess.Popen([*lab.exec_prefix(dst), sys.executable, "-c", _RECEIVE,
+                                 lab.addrs[dst], str(wait_s)],
+                                stdout=subprocess.PIPE, text=True)
+    try:
+        assert receiver.stdout is not None
+        assert receiver.stdout.readline().strip() == "ready"
+        subprocess.run([*lab.exec_prefix(src), sys.executable, "-c", _SEND, lab.addrs[dst]],
+                       check=True, timeout=30)
+        answer = receiver.stdout.readline().strip()
+        return answer == "hello"
+    finally:
+        receiver.kill()
+        receiver.wait()

@@ -14,6 +14,7 @@ import json
 import os
 import random
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from netns_helpers import Lab, lab_fixture
+from netns_helpers import Lab, lab_fixture, udp_reaches
 
 from process_helpers import NodeProcess, Processes, processes_fixture, wait_for
 
@@ -134,6 +135,32 @@ def assert_namespace_addresses(nodes: list[Node], lab: Lab) -> None:
             assert all(a.startswith(f"/ip4/{by_id[member['peer_id']]}/") for a in addrs), \
                 member
             assert not any("127.0.0.1" in a for a in addrs), member
+
+
+def test_faults_cut_what_they_say_and_teardown_leaves_nothing():
+    lab = Lab(3)
+    try:
+        lab.create()
+        assert udp_reaches(lab, 0, 1) and udp_reaches(lab, 1, 0)
+        lab.block(0, 1)  # one way
+        assert not udp_reaches(lab, 0, 1)
+        assert udp_reaches(lab, 1, 0) and udp_reaches(lab, 0, 2) and udp_reaches(lab, 2, 1)
+        lab.heal()
+        assert udp_reaches(lab, 0, 1)
+        lab.partition({0}, {1, 2})
+        assert not udp_reaches(lab, 0, 2) and not udp_reaches(lab, 2, 0)
+        assert udp_reaches(lab, 1, 2)
+        lab.heal()
+        lab.link_down(2)
+        assert not udp_reaches(lab, 0, 2) and udp_reaches(lab, 0, 1)
+        lab.heal()
+        assert udp_reaches(lab, 0, 2) and udp_reaches(lab, 2, 0)
+    finally:
+        lab.teardown()
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    assert not any(n in names for n in lab.names)
+    assert lab.bridge not in links and not any(p in links for p in lab.ports)
 
 
 def test_three_namespaces_form_a_network_through_a_testnet_file(lab3: Lab,
