@@ -183,19 +183,20 @@ ACK, FAIL, UNKNOWN = "ok", "fail", "unknown"
 SETTLE_S = 60.0
 
 
-def outcome(api: Api, method: str, path: str, body: Any) -> str:
-    """ok: acknowledged. fail: certainly not applied (refused connection, 4xx).
-    unknown: maybe applied (a timeout, a reset, a 503: the store's quorum errors say a write
-    may or may not have been applied)."""
+def outcome(api: Api, method: str, path: str, body: Any) -> tuple[str, str]:
+    """(outcome, why). ok: acknowledged. fail: certainly not applied (refused connection,
+    4xx). unknown: maybe applied (a timeout, a reset, a 503: the store's quorum errors say a
+    write may or may not have been applied)."""
     try:
-        code, _ = api.call(method, path, body)
+        code, reply = api.call(method, path, body)
     except ConnectionRefusedError:
-        return FAIL
-    except OSError:
-        return UNKNOWN
+        return FAIL, "refused"
+    except OSError as exc:
+        return UNKNOWN, type(exc).__name__
     if code == 200:
-        return ACK
-    return FAIL if 400 <= code < 500 else UNKNOWN
+        return ACK, ""
+    why = f"{code} {reply.get('error') if isinstance(reply, dict) else reply}"
+    return (FAIL if 400 <= code < 500 else UNKNOWN), why
 
 
 class Writer(threading.Thread):
@@ -209,6 +210,7 @@ class Writer(threading.Thread):
         self.puts: dict[str, tuple[str, str]] = {}  # key -> (value, outcome)
         self.incrs: dict[str, Counter[str]] = {f"ctr-w{i}": Counter(), "ctr-all": Counter()}
         self.log: list[tuple[str, str, float]] = []  # (phase at the start, outcome, seconds)
+        self.why: Counter[tuple[str, str]] = Counter()  # (phase, why) of each op not acked
 
     def run(self) -> None:
         j = 0
@@ -224,8 +226,10 @@ class Writer(threading.Thread):
 
     def op(self, method: str, path: str, body: Any) -> str:
         phase, started = self.phase[0], time.monotonic()
-        got = outcome(self.api, method, path, body)
+        got, why = outcome(self.api, method, path, body)
         self.log.append((phase, got, time.monotonic() - started))
+        if why:
+            self.why[phase, why] += 1
         return got
 
 
@@ -403,7 +407,9 @@ def test_faults_lose_no_acknowledged_write(lab5: Lab, processes: Processes):
     print(f"faults {faults_s:.0f}s, settled in {settle_s:.0f}s")
     for name, counts in table.items():
         print(f"  {name:10} ack {counts[ACK]:4}  fail {counts[FAIL]:4}  "
-              f"unknown {counts[UNKNOWN]:4}  slowest {slowest[name]:.1f}s")
+              f"unknown {counts[UNKNOWN]:4}  slowest {slowest[name]:.1f}s  " + ", ".join(
+                  f"{why} x{n}" for (p, why), n in sum((w.why for w in writers), Counter()).items()
+                  if p == name))
     total = sum(table.values(), Counter())
     assert total[ACK] >= 200, (schedule, table)
     assert not found, f"{schedule}: {len(found)} violations: {found[:20]}"
