@@ -69,6 +69,8 @@ class Node(NodeProcess):
         return announced[0] if announced else None
 
 
+# tests ask for the lab before `processes`: pytest tears fixtures down in reverse, so the
+# nodes are killed before their namespaces are deleted
 lab3 = lab_fixture(3)
 lab5 = lab_fixture(5)
 processes = processes_fixture(Node)
