@@ -1,5 +1,6 @@
-# Helpers for tests that run `node.py` as real processes on 127.0.0.1: starting them with
-# their output in files, reading their start line and /status, polling with a deadline, and
+# Helpers for tests that run `node.py` as real processes (on 127.0.0.1, or inside a network
+# namespace through a command prefix: tests/netns_helpers.py): starting them with their
+# output in files, reading their start line and /status, polling with a deadline, and
 # killing every one of them at teardown.
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -70,23 +71,28 @@ class Processes(Generic[N]):
         self.node_class = node_class
         self.started: list[subprocess.Popen] = []
 
-    def spawn(self, name: str, *args: str) -> tuple[subprocess.Popen, Path, Path]:
+    def spawn(self, name: str, *args: str,
+              prefix: Sequence[str] = ()) -> tuple[subprocess.Popen, Path, Path]:
+        """Python running `args`; `prefix` goes before it (such as `ip netns exec NS`, which
+        execs, so the process is Python itself and signals reach it)."""
         out, err = self.base / f"{name}.out", self.base / f"{name}.err"
         with out.open("a") as stdout, err.open("a") as stderr:
-            proc = subprocess.Popen([sys.executable, *args], stdin=subprocess.DEVNULL,
+            proc = subprocess.Popen([*prefix, sys.executable, *args], stdin=subprocess.DEVNULL,
                                     stdout=stdout, stderr=stderr, cwd=self.base)
         self.started.append(proc)
         return proc, out, err
 
-    def node(self, name: str, *args: str, data_dir: Path | None = None) -> N:
+    def node(self, name: str, *args: str, data_dir: Path | None = None,
+             prefix: Sequence[str] = ()) -> N:
         data_dir = data_dir or self.base / name
-        proc, out, err = self.spawn(name, NODE, "--data-dir", str(data_dir), *args)
+        proc, out, err = self.spawn(name, NODE, "--data-dir", str(data_dir), *args,
+                                    prefix=prefix)
         return self.node_class(proc, data_dir, out, err)
 
     def kill_all(self) -> None:
         for proc in self.started:
             if proc.poll() is None:
-                proc.kill()
+                proc.kill()  # SIGKILL also ends a process stopped with SIGSTOP
             proc.wait()
 
 
