@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .codec import Reader, State, check_actor, counts_ok, sorted_counts
+from .codec import MAX_UINT64, Reader, State, check_actor, counts_ok, sorted_counts
 
 
 def check_amount(n: object) -> int:
@@ -117,6 +117,19 @@ class GCounter(State):
     def merge_docs(cls, current: list[Any], incoming: list[Any], reader: Reader) -> list[Any]:
         if len(current) == 3 and len(incoming) == 3:
             mine, theirs = current[2], incoming[2]
+            if type(theirs) is dict and len(theirs) == 1 and counts_ok(mine):
+                # the common delta, one actor's new total: counts_ok and merge_wire_counts
+                # inlined for it
+                for actor, n in theirs.items():
+                    if type(actor) is str and actor and type(n) is int and 0 < n <= MAX_UINT64:
+                        held = mine.get(actor)
+                        if held is not None and n <= held:
+                            return current  # [TAG, VERSION, mine]: the type was checked
+                        joined = mine.copy()
+                        joined[actor] = n
+                        if held is None and mine and actor < next(reversed(mine)):
+                            joined = sorted_counts(joined)
+                        return [cls.TAG, cls.VERSION, joined]
             if counts_ok(mine) and counts_ok(theirs):
                 return [cls.TAG, cls.VERSION, merge_wire_counts(mine, theirs)]
         return super().merge_docs(current, incoming, reader)

@@ -358,13 +358,21 @@ class Store:
         current = before.copy()
         updated: dict[bytes, bytes | None] = {}
         results: list[bytes | None] = []
-        merge = self.merge_checked
+        merge = self._merge
+        append = results.append
         for (key, update), stored in zip(items, stored_keys, strict=True):
-            # a delta is merged here rather than through a closure per item: replicas merge
+            # a delta is merged here, by the merge function itself (what merge_checked does,
+            # inlined), rather than through a closure or a method per item: replicas merge
             # hundreds of them per batch
-            new = (update(current[stored]) if callable(update)
-                   else merge(key, current[stored], update))
-            results.append(new)
+            old = current[stored]
+            if callable(update):
+                new = update(old)
+            else:
+                try:
+                    new = merge(old, update)
+                except Exception as exc:
+                    raise CorruptRecord(key, self._blame(old), exc) from exc
+            append(new)
             if new is not None:
                 current[stored] = updated[stored] = new
         return PlannedWrite(_changes(before, updated), results)
