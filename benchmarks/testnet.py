@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,8 +218,10 @@ def main(argv: list[str]) -> int:
         "pubsub_delivery": "not measured: no node subscribes to a topic /publish accepts, "
                            "and the API has no subscribe endpoint",
     }
-    steps = [(f"nodes_{n}", lambda n=n: measure(n, args.idle_s, timeout, figures))
-             for n in args.size_list]
+    def size(n: int) -> Callable[[], None]:
+        return lambda: measure(n, args.idle_s, timeout, figures)
+
+    steps = [(f"nodes_{n}", size(n)) for n in args.size_list]
 
     def project() -> None:
         for n in PROJECT_SIZES:
