@@ -1,0 +1,36 @@
+# Smoke test of benchmarks/testnet.py: with 3 nodes in network namespaces (needs root and
+# iproute2; fails, never skips, without) it prints one JSON line whose figures are present
+# and consistent, with the SWIM model's projection, and leaves no node process and no
+# namespace behind. No speed is checked; the figures come from full-size runs.
+from __future__ import annotations
+
+import subprocess
+
+from bench_helpers import processes_mentioning, run_benchmark, run_script
+
+
+def test_quick_run_reports_every_figure_and_leaves_nothing() -> None:
+    figures = run_benchmark("testnet.py", "--sizes", "3", "--quick", timeout=60)
+    assert "error" not in figures, figures
+    assert figures["bench"] == "testnet" and figures["sizes"] == [3]
+    assert 0 < figures["converge_s_3"] < 60
+    p50, p99 = figures["join_spread_s_p50_3"], figures["join_spread_s_p99_3"]
+    assert 0 <= p50 <= p99 < 60
+    idle, most = figures["idle_bytes_per_s_per_node_3"], figures["idle_bytes_per_s_per_node_3_max"]
+    assert 0 < idle <= most  # the nodes probe each other while idle
+    for n in (3, 100, 1000):
+        assert figures[f"model_idle_bytes_per_s_per_node_{n}"] > 0
+    model = figures["model_idle_bytes_per_s_per_node_3"]
+    assert abs(figures["measured_model_ratio_3"] * model - idle) <= 0.01 * idle
+    assert "not measured" in figures["pubsub_delivery"]
+    assert not processes_mentioning("tasknet-testnet-"), "a node process was left running"
+    names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
+                           check=True).stdout
+    assert figures["netns_prefix"].startswith("tnet")
+    assert figures["netns_prefix"] not in names, "a namespace was left behind"
+
+
+def test_benchmark_takes_its_arguments() -> None:
+    done = run_script("testnet.py", "--help", timeout=30)
+    for flag in ("--sizes", "--idle-s", "--quick"):
+        assert flag in done.stdout, flag
