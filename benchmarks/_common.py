@@ -62,6 +62,20 @@ def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 
 
+def wait_for(condition: Callable[[], Any], timeout: float, what: str,
+             step: float = 0.5) -> Any:
+    """Poll `condition` every `step` seconds until it returns something true (returned);
+    TimeoutError naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(step)
+
+
 def ratio(ours: float, reference: float) -> float:
     return round(ours / reference, 3) if reference > 0 else 0.0
 

@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from _common import wait_for  # noqa: E402
+
 from tasknet_node.datadir import DataDirError, read_api_info  # noqa: E402
 from tasknet_node.procstats import parse_cpu_seconds  # noqa: E402
 
@@ -78,17 +80,6 @@ class Node:
             self.proc.kill()
             self.proc.wait()
         self.out.close()
-
-
-def wait_for(condition: Any, timeout: float, what: str, step: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
 
 
 def measure(n: int, idle_s: float, converge_timeout: float = 300.0) -> dict[str, Any]:

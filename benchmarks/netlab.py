@@ -17,6 +17,8 @@ import re
 import subprocess
 from collections.abc import Iterable
 
+from tasknet_node.client import process_exists
+
 SUBNET_OCTETS = "10.77"
 BRIDGE_HOST = 254  # the bridge's own address: 10.77.X.254
 _OURS = re.compile(r"^tn(?:et|b|v)(\d+)")
@@ -45,28 +47,18 @@ def _run(*cmd: str, check: bool) -> subprocess.CompletedProcess:
     return done
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def remove_leftovers() -> None:
     """Delete the namespaces and links of earlier runs whose test process is gone."""
     for line in _ip("netns", "list").stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         match = _OURS.match(name)
-        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not process_exists(int(match.group(1))):
             _ip("netns", "delete", name, check=False)
     for line in _ip("-o", "link", "show").stdout.splitlines():
         parts = line.split(":")
         name = parts[1].strip().split("@")[0] if len(parts) > 1 else ""
         match = _OURS.match(name)
-        if match and int(match.group(1)) != os.getpid() and not _alive(int(match.group(1))):
+        if match and int(match.group(1)) != os.getpid() and not process_exists(int(match.group(1))):
             _ip("link", "delete", name, check=False)
 
 

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _common import finish, percentile, ratio, run_steps  # noqa: E402
+from _common import finish, percentile, ratio, run_steps, wait_for  # noqa: E402
 from netlab import Lab  # noqa: E402
 
 from p2p.swim import SwimConfig  # noqa: E402
@@ -104,17 +104,6 @@ class Node:
             self.proc.wait()
 
 
-def wait_for(condition: Any, timeout: float, what: str, step: float = POLL_S) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(step)
-
-
 def model_bytes_per_s(n: int, idle_periods: float = 20.0) -> float:
     """Idle membership bytes a node sends per second in the SWIM simulation of a converged
     network of n nodes, with the benchmark's timing (as p2p.network.swim_config makes it)."""
@@ -138,7 +127,7 @@ def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any]) -> None:
                 f'[bootstrap_node]\ndata_dir = "{base / "n0"}"\n'
                 f'listen = "/ip4/{lab.addrs[0]}/tcp/{P2P_PORT}"\n')
             nodes.append(Node(lab, base, testnet, 0))
-            wait_for(nodes[0].peer_id, 60, "the bootstrap node's start line")
+            wait_for(nodes[0].peer_id, 60, "the bootstrap node's start line", POLL_S)
             for i in range(1, n):
                 nodes.append(Node(lab, base, testnet, i))
             announced: dict[int, float] = {}
@@ -163,7 +152,7 @@ def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any]) -> None:
                         spread[j] = now - announced[j]
                 return all(set(ids) <= s for s in seen)
 
-            wait_for(converged, timeout, f"all {n} nodes to see all alive")
+            wait_for(converged, timeout, f"all {n} nodes to see all alive", POLL_S)
             out[f"converge_s_{n}"] = round(time.monotonic() - last_start, 2)
             times = list(spread.values())
             out[f"join_spread_s_p50_{n}"] = round(percentile(times, 50), 2)

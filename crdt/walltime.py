@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from .codec import _DEFAULT_READER, DEFAULT_MAX_SIZE, MAX_DEPTH_LIMIT, MAX_UINT64, _unpack
+from .codec import (
+    _DEFAULT_READER,
+    DEFAULT_MAX_SIZE,
+    MAX_DEPTH_LIMIT,
+    MAX_UINT64,
+    TYPE_NAMES,
+    _unpack,
+)
 from .errors import DecodeError
 from .lww import LWWRegister
 from .ormap import _TAG_OF, ORMap
@@ -19,6 +26,8 @@ _LWW, _MAP = LWWRegister.TAG, ORMap.TAG
 _FIELD_LWW, _FIELD_MAP = _TAG_OF["lww"], _TAG_OF["ormap"]
 # fixarray of 7 holding [lww tag, version, wall, ...]: the bytes every written register
 # starts with; its wall follows as a msgpack unsigned int (first byte, then how many more)
+# tags of the types that carry no wall time (their documents start [tag, ...])
+_TIMELESS_TAGS = frozenset(range(1, len(TYPE_NAMES) + 1)) - {_LWW, _MAP}
 _LWW_PREFIX = bytes([0x97, _LWW, LWWRegister.VERSION])
 _UINT_SIZES = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}
 
@@ -38,6 +47,9 @@ def latest_wall(data: bytes) -> int:
         size = _UINT_SIZES.get(first)
         if size is not None and len(data) >= 4 + size:
             return int.from_bytes(data[4:4 + size], "big")
+    if type(data) is bytes and len(data) > 1 and 0x90 <= data[0] <= 0x9F \
+            and data[1] in _TIMELESS_TAGS:
+        return 0  # a set, counter or multi-value register: no wall time, no unpack needed
     doc = _unpack(data, DEFAULT_MAX_SIZE)
     cls = _DEFAULT_READER.state_class(doc, 1)
     if cls.TAG == _LWW:

@@ -24,7 +24,6 @@ import trio
 
 import crdt
 from p2p import Network
-from p2p.envelope import TimedReplayGuard
 from shard import Keyspace, Ring, Store
 
 from .authority import Authority
@@ -230,14 +229,6 @@ class KV:
         return await self.reads.get_states(
             keys, Consistency(consistency or self.config.read_consistency))
 
-    async def read_states(self, peer: str, keys: list[bytes],
-                          failures: dict[str, str] | None = None
-                          ) -> list[bytes | None | bool] | None:
-        """What `peer` (this node included) stores for each of `keys` (at most 1024): a
-        state, None (nothing), or False (did not fit in the reply: ask again); None when the
-        peer did not answer or answered nonsense, and then why in `failures[peer]`."""
-        return await self.reads.read_states(peer, keys, failures)
-
     def local_state(self, key: str | bytes) -> LocalState:
         """What this node's own store holds for `key`, without asking any replica, and the
         key's replicas (debugging: GET /kv-local/KEY)."""
@@ -259,19 +250,9 @@ class KV:
         return self.writes.next_batch_seq()
 
     @property
-    def replay_guard(self) -> TimedReplayGuard:
-        """The guard against replayed kv-apply batches."""
-        return self.writes.replay_guard
-
-    @property
     def last_anti_entropy(self) -> dict[int, float]:
         """Per partition, when (time.monotonic) anti-entropy last compared it."""
         return self.repair.last_anti_entropy
-
-    async def anti_entropy_with(self, peer: str, partitions: frozenset[int]) -> int:
-        """Compare the given partitions with `peer` and repair both sides; returns the number
-        of states this side received."""
-        return await self.repair.anti_entropy_with(peer, partitions)
 
     async def repair_at_once(self, window: float = REPAIR_WINDOW_S) -> None:
         """Compare every owned partition with every live replica now (after data loss)."""

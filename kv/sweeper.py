@@ -17,6 +17,7 @@ from shard import Ring, Store
 
 from .config import KVConfig
 from .handoff import FOREIGN_PROTOCOL, Handoff
+from .hints import wall_ms
 from .placement import Placement
 from .reads import READ_CHUNK, Reads
 from .tombstones import Verdict, decide, is_candidate
@@ -49,7 +50,7 @@ class TombstoneSweeper:
             await trio.sleep(self.config.tombstone_sweep_interval)
             self.rounds += 1
             if self.calm(time.monotonic()):
-                await self.sweep_once(time.time_ns() // 1_000_000)
+                await self.sweep_once(wall_ms())
 
     def calm(self, now: float) -> bool:
         """True once the ring has been the same, with every member alive, and this node has

@@ -15,13 +15,11 @@ from typing import Any
 
 import crdt
 
+from .hints import wall_ms
+
 log = logging.getLogger(__name__)
 
 LOG_EVERY_S = 10.0  # at most one info line per this many seconds; the rest at debug
-
-
-def wall_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class TimeBound:

@@ -199,7 +199,7 @@ class Writes:
                                   ) -> list[OpError | QuorumError | None]:
         """Apply `ops` here (this node is their CRDT actor) and replicate them; per op, None
         when it has its W acks, else why not. `partitions`: each op's partition, if known."""
-        now_ms = time.time_ns() // 1_000_000
+        now_ms = wall_ms()
 
         def mutation(op: Op) -> Any:
             def apply(current: bytes | None) -> bytes | None:

@@ -115,8 +115,7 @@ class Admission:
     self_id: str
     _staked: frozenset[str] = field(default=frozenset())
     _previous: frozenset[str] = field(default=frozenset())
-    settled: bool = False
-    changes: int = 0  # how many readings changed the admitted set (a view of the gate's age)
+    settled: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.settled = self.rule.kind != STAKE
@@ -139,7 +138,6 @@ class Admission:
         changed = staked != self._staked or not self.settled
         self._previous, self._staked = self._staked, staked
         self.settled = True
-        self.changes += changed
         return changed
 
     def admitted_known(self) -> frozenset[str]:

@@ -420,7 +420,7 @@ def teardown_banned_peers_safely() -> None:
 _pubsub_stream_handler_of_libp2p = Pubsub.stream_handler
 
 
-def _registered_stream_is_live(pubsub: Pubsub, peer_id: ID) -> bool:
+def registered_stream_is_live(pubsub: Pubsub, peer_id: ID) -> bool:
     """Whether the stream pubsub writes to `peer_id` on still sits on an open connection."""
     stream = pubsub.peers.get(peer_id)
     muxed = getattr(stream, "muxed_conn", None)
@@ -445,7 +445,7 @@ async def _pubsub_stream_handler_reannouncing(self: Pubsub, stream: INetStream) 
     open connection, which carries our subscriptions."""
     peer_id = stream.muxed_conn.peer_id
     queue = self.peer_queues.get(peer_id)
-    if peer_id in self.peers and not _registered_stream_is_live(self, peer_id):
+    if peer_id in self.peers and not registered_stream_is_live(self, peer_id):
         self._handle_dead_peer(peer_id)  # reopens a stream (with our hello) while connected
     elif queue is not None and not queue.closed:
         queue.push(self.get_hello_packet())
@@ -461,7 +461,7 @@ async def _handle_new_peer_replacing_stale(self: Pubsub, peer_id: ID) -> None:
     (the new connection's notice can come before the old one's close is handled, and that
     handler then keeps the peer because it is connected). Such a stream is dropped here, and
     py-libp2p opens one on the open connection."""
-    if peer_id in self.peers and not _registered_stream_is_live(self, peer_id):
+    if peer_id in self.peers and not registered_stream_is_live(self, peer_id):
         self._handle_dead_peer(peer_id)  # schedules the new stream while connected
         return
     await _handle_new_peer_of_libp2p(self, peer_id)

@@ -35,10 +35,10 @@ from .config import NetworkConfig
 from .envelope import Envelope, EnvelopeError, ReplayGuard, open_envelope, seal
 from .identity import Identity, load_or_create_identity, peer_id_from_public_key
 from .libp2p_fixes import apply_all as apply_libp2p_fixes
-from .libp2p_fixes import refuse_at_the_door, report_faults_to
+from .libp2p_fixes import refuse_at_the_door, registered_stream_is_live, report_faults_to
 from .membership import Member, MemberEvent, MemberState
 from .pubsub_signing import SigningPubsub, is_signed, signature_valid
-from .rpc import Handler, HandlerError, RpcLimits, RpcService
+from .rpc import Handler, RpcLimits, RpcService
 from .scoring import PeerScores
 from .swim import SwimConfig
 from .swim_net import SwimLink
@@ -531,25 +531,11 @@ class Network:
                     self._subscribers[topic].remove(send)
 
     # -- request / response --------------------------------------------------------------
-    def handle(self, protocol: str, handler: Handler, *, version: int = 1,
-               members_only: bool = False) -> TProtocol:
+    def handle(self, protocol: str, handler: Handler, *, version: int = 1) -> TProtocol:
         """Serve `protocol` (`/tasknet/<network>/<protocol>/<version>`) with `handler`,
-        an async function (peer_id, message) -> reply. With `members_only`, a request from a
-        peer the admission rule does not admit is refused (`not_admitted`) before the
-        handler sees it, and the peer is scored down."""
+        an async function (peer_id, message) -> reply."""
         assert self._rpc is not None
-        if members_only and self.admission.rule.closed:
-            handler = self._members_only(protocol, handler)
         return self._rpc.handle(protocol, handler, version)
-
-    def _members_only(self, protocol: str, handler: Handler) -> Handler:
-        async def guarded(peer: str, message: Any) -> Any:
-            if not self.admits(peer):
-                self.refuse_unadmitted(peer, protocol)
-                raise HandlerError("not_admitted",
-                                   f"{protocol} is served to admitted members only")
-            return await handler(peer, message)
-        return guarded
 
     def refuse_unadmitted(self, peer: str, what: str) -> None:
         """Count and score a request of a peer that is not admitted. Not scored while the
@@ -787,7 +773,8 @@ class Network:
             since, strikes = self._connected_since.setdefault(peer, (now, 0))
             member = self.view.get(peer)
             held_dead = member is not None and member.state is MemberState.DEAD
-            heard = peer in listeners and self._pubsub_stream_open(peer)
+            heard = peer in listeners and registered_stream_is_live(self._pubsub,
+                                                                  ID.from_base58(peer))
             if heard and not held_dead:
                 self._connected_since[peer] = (now, 0)
                 continue
@@ -810,12 +797,6 @@ class Network:
                          "stream", peer, now - since)
                 self.metrics["silent_rebuilds"] += 1
                 self._rebuild_pubsub_stream(peer)
-
-    def _pubsub_stream_open(self, peer: str) -> bool:
-        """Whether pubsub writes to `peer` on a stream whose connection is open."""
-        assert self._pubsub is not None
-        stream = self._pubsub.peers.get(ID.from_base58(peer))
-        return stream is not None and not getattr(stream.muxed_conn, "is_closed", False)
 
     def _rebuild_pubsub_stream(self, peer: str) -> None:
         """Drop our pubsub stream to `peer` and the subscriptions we hold of it; py-libp2p

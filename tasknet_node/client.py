@@ -62,7 +62,7 @@ def _request(data_dir: Path, method: str, path: str, data: bytes | None,
     except urllib.error.HTTPError as exc:
         raise _refusal(exc) from None
     except (urllib.error.URLError, OSError) as exc:
-        if not _process_exists(info.pid):
+        if not process_exists(info.pid):
             raise NodeUnreachable(
                 f"the node of data dir {data_dir} is not running "
                 f"(its api.json is left from pid {info.pid}, which has exited)"
@@ -81,7 +81,8 @@ def _refusal(exc: urllib.error.HTTPError) -> ApiRefused:
     return ApiRefused(exc.code, str(exc.reason), "")
 
 
-def _process_exists(pid: int) -> bool:
+def process_exists(pid: int) -> bool:
+    """Whether a process `pid` exists (one of another user's counts as existing)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

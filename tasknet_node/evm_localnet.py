@@ -101,10 +101,11 @@ def write_testnet(base: Path, url: str, contract: str, p2p_port: int) -> Path:
 
 def fund_wallets(anvil: DevChain, data_dirs: list[Path]) -> None:
     """Create each node's wallet.key and top it up to NODE_FUNDS_WEI from a dev account."""
+    keys = anvil.dev_keys  # derived from the mnemonic on each read: once here
     for i, data_dir in enumerate(data_dirs):
         data_dir.mkdir(parents=True, exist_ok=True)
         wallet = load_or_create_wallet(data_dir)
-        funder = EvmClient(anvil.url, EvmWallet(anvil.dev_keys[1 + i % 9]))
+        funder = EvmClient(anvil.url, EvmWallet(keys[1 + i % 9]))
         try:
             have = funder.balance(wallet.address)
             if have < NODE_FUNDS_WEI // 2:

@@ -4,6 +4,7 @@
 # killing every one of them at teardown.
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import subprocess
@@ -39,6 +40,10 @@ class NodeProcess:
         """(peer id, first dialable address) from the node's start line, once printed."""
         match = ANNOUNCE.search(self.stdout())
         return (match.group(1), match.group(2)) if match else None
+
+    def peer_id(self) -> str | None:
+        announced = self.announced()
+        return announced[0] if announced else None
 
     def status(self) -> dict[str, Any] | None:
         """/status through the API address in api.json; None while it is not up."""
@@ -119,3 +124,56 @@ def processes_fixture(node_class: type[N]) -> Callable[[Path], Iterator[Processe
         finally:
             procs.kill_all()
     return processes
+
+
+def wait_for_everyone(nodes: Sequence[NodeProcess], timeout: float) -> None:
+    """Until every node lists every other alive and has them all in its KV ring."""
+    everyone = {n.peer_id(): "alive" for n in nodes}
+
+    def ready() -> bool:
+        for node in nodes:
+            status = node.status()
+            if status is None or status["kv"]["ring_members"] != len(nodes) or \
+                    {m["peer_id"]: m["state"] for m in status["members"]} != everyone:
+                return False
+        return True
+
+    wait_for(ready, timeout, "every node alive and in every node's ring")
+
+
+class JsonApi:
+    """HTTP + JSON to one node's control API over a kept-alive connection (make one per
+    thread). `address` is (host, port), or the node's data dir (its api.json, read on the
+    first call)."""
+
+    def __init__(self, address: tuple[str, int] | Path, timeout: float = 20) -> None:
+        self.address, self.timeout = address, timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def call(self, method: str, path: str, body: Any = None,
+             content_type: str = "application/json") -> tuple[int, Any]:
+        """(HTTP status, JSON answer); OSError (ConnectionRefusedError, TimeoutError, ...)
+        when the node cannot be reached or does not answer in time."""
+        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+        headers = {"content-type": content_type} if data is not None else {}
+        if self._conn is None:
+            if isinstance(self.address, Path):
+                info = datadir.read_api_info(self.address)
+                host, port = info.host, info.port
+            else:
+                host, port = self.address
+            self._conn = http.client.HTTPConnection(host, port, timeout=self.timeout)
+        try:
+            self._conn.request(method, path, body=data, headers=headers)
+            response = self._conn.getresponse()
+            return response.status, json.loads(response.read())
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            self.close()
+            if isinstance(exc, OSError):
+                raise
+            raise OSError(f"{method} {path}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

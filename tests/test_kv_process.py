@@ -4,7 +4,6 @@
 # node whose store lost data while it was stopped says so and is refilled at once. Every
 # process is killed in the fixture's teardown, whatever happens in the test. Also, in this
 # process: the store's command-line flags and the handoff progress lines.
-import http.client
 import json
 import re
 import signal
@@ -22,55 +21,29 @@ import crdt
 from crdt import LWWRegister, Timestamp
 from kv import KVConfig
 from shard import Keyspace, Store
-from tasknet_node import cli, datadir
+from tasknet_node import cli
 from tasknet_node.kv_extension import report_handoff
 from tasknet_node.options import build_kv_config
 
-from process_helpers import NODE, NodeProcess, Processes, processes_fixture, wait_for
+from process_helpers import (
+    NODE,
+    JsonApi,
+    NodeProcess,
+    Processes,
+    processes_fixture,
+    wait_for,
+    wait_for_everyone,
+)
 
 NET = "kv-proc-test"
 FAST = ["--heartbeat-interval", "0.5", "--suspect-after", "2", "--dead-after", "4",
         "--anti-entropy-interval", "1", "--network", NET, "--no-tasks"]
 
 
-class Api:
-    """HTTP + JSON to one node's control API over a kept-alive connection (one per thread)."""
-
-    def __init__(self, data_dir: Path, timeout: float = 20) -> None:
-        self.data_dir = data_dir
-        self.timeout = timeout
-        self._conn: http.client.HTTPConnection | None = None
-
-    def call(self, method: str, path: str, body: Any = None,
-             content_type: str = "application/json") -> tuple[int, Any]:
-        """(HTTP status, JSON answer); OSError if the node cannot be reached."""
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        headers = {"content-type": content_type} if data is not None else {}
-        if self._conn is None:
-            info = datadir.read_api_info(self.data_dir)
-            self._conn = http.client.HTTPConnection(info.host, info.port, timeout=self.timeout)
-        try:
-            self._conn.request(method, path, body=data, headers=headers)
-            response = self._conn.getresponse()
-            return response.status, json.loads(response.read())
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise OSError(f"{method} {path}: {exc}") from exc
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
 class Node(NodeProcess):
     def __init__(self, proc: subprocess.Popen, data_dir: Path, out: Path, err: Path) -> None:
         super().__init__(proc, data_dir, out, err)
-        self.api = Api(data_dir)
-
-    def peer_id(self) -> str | None:
-        announced = self.announced()
-        return announced[0] if announced else None
+        self.api = JsonApi(data_dir)
 
     def addr(self) -> str | None:
         announced = self.announced()
@@ -87,21 +60,6 @@ def start_cluster(processes: Processes, size: int, flags: list[str] = FAST) -> l
     wait_for(lambda: all(n.peer_id() for n in nodes), 20, "every node's start line")
     wait_for_everyone(nodes, 30)
     return nodes
-
-
-def wait_for_everyone(nodes: list[Node], timeout: float) -> None:
-    """Until every node lists every other alive and has them all in its KV ring."""
-    everyone = {n.peer_id(): "alive" for n in nodes}
-
-    def ready() -> bool:
-        for node in nodes:
-            status = node.status()
-            if status is None or status["kv"]["ring_members"] != len(nodes) or \
-                    {m["peer_id"]: m["state"] for m in status["members"]} != everyone:
-                return False
-        return True
-
-    wait_for(ready, timeout, "every node alive and in every node's ring")
 
 
 def answer(done: subprocess.CompletedProcess) -> Any:
@@ -262,10 +220,10 @@ class Writer(threading.Thread):
         self.failures: list[tuple[float, str, str]] = []  # (start time, request, outcome)
         self.reads = 0
         self.stop = threading.Event()
-        self._apis: dict[Path, Api] = {}
+        self._apis: dict[Path, JsonApi] = {}
 
     def _call(self, node: Node, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        api = self._apis.setdefault(node.data_dir, Api(node.data_dir))
+        api = self._apis.setdefault(node.data_dir, JsonApi(node.data_dir))
         try:
             return api.call(method, path, body)
         except (OSError, ValueError) as exc:

@@ -155,8 +155,7 @@ def test_interrupted_up_stops_what_was_started_and_stale_pids_do_not_block(
     assert len(started) == 2
     # `up` waited for its nodes to exit; a loaded machine may still be tearing the last one
     # down (reaping, its /proc entry) for a moment
-    wait_for(lambda: still_running(started) == [], 10,
-             f"the started nodes to be gone: {still_running(started)}")
+    wait_for(lambda: still_running(started) == [], 10, "the started nodes to be gone")
     assert list(net.glob("**/*.pid")) == []
 
     (net / "node0" / "node.pid").write_text(f"{up.pid}\n")  # a pid file left by a killed run

@@ -9,7 +9,6 @@
 # Namespaces, links and processes are removed in fixture teardown whatever happens.
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import random
@@ -24,7 +23,14 @@ from urllib.parse import quote
 
 from netns_helpers import Lab, lab_fixture, udp_reaches
 
-from process_helpers import NodeProcess, Processes, processes_fixture, wait_for
+from process_helpers import (
+    JsonApi,
+    NodeProcess,
+    Processes,
+    processes_fixture,
+    wait_for,
+    wait_for_everyone,
+)
 
 P2P_PORT = 4101
 API_PORT = 8080
@@ -32,48 +38,16 @@ FAST = ["--heartbeat-interval", "0.5", "--suspect-after", "2", "--dead-after", "
         "--anti-entropy-interval", "1", "--no-tasks"]
 
 
-class Api:
-    """HTTP + JSON to one node's API through the bridge; one kept-alive connection per
-    thread (make one per thread)."""
-
-    def __init__(self, host: str, timeout: float) -> None:
-        self.host, self.timeout = host, timeout
-        self._conn: http.client.HTTPConnection | None = None
-
-    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
-        """(status, JSON answer); OSError (ConnectionRefusedError, TimeoutError, ...) when
-        the node cannot be reached or does not answer in time."""
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"content-type": "application/json"} if data is not None else {}
-        if self._conn is None:
-            self._conn = http.client.HTTPConnection(self.host, API_PORT, timeout=self.timeout)
-        try:
-            self._conn.request(method, path, body=data, headers=headers)
-            response = self._conn.getresponse()
-            return response.status, json.loads(response.read())
-        except (OSError, http.client.HTTPException, ValueError) as exc:
-            self.close()
-            if isinstance(exc, OSError):
-                raise
-            raise OSError(f"{method} {path}: {exc}") from exc
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-class Node(NodeProcess):
-    def peer_id(self) -> str | None:
-        announced = self.announced()
-        return announced[0] if announced else None
+def Api(host: str, timeout: float) -> JsonApi:  # noqa: N802 (reads as the class it makes)
+    """The API of the node at `host` in the lab (its fixed API port)."""
+    return JsonApi((host, API_PORT), timeout)
 
 
 # tests ask for the lab before `processes`: pytest tears fixtures down in reverse, so the
 # nodes are killed before their namespaces are deleted
 lab3 = lab_fixture(3)
 lab5 = lab_fixture(5)
-processes = processes_fixture(Node)
+processes = processes_fixture(NodeProcess)
 
 
 def write_testnet(lab: Lab, base: Path) -> Path:
@@ -85,10 +59,10 @@ def write_testnet(lab: Lab, base: Path) -> Path:
 
 
 def start_node(processes: Processes, lab: Lab, testnet: Path, i: int,
-               name: str | None = None) -> Node:
+               name: str | None = None) -> NodeProcess:
     """Node i in its namespace, listening (p2p and API) on its namespace address only."""
     role = ["--bootstrap"] if i == 0 else []
-    node: Node = processes.node(
+    node: NodeProcess = processes.node(
         name or f"n{i}", "--testnet", str(testnet), *role,
         "--listen", f"/ip4/{lab.addrs[i]}/tcp/{P2P_PORT}",
         "--api", f"{lab.addrs[i]}:{API_PORT}", *FAST,
@@ -96,7 +70,7 @@ def start_node(processes: Processes, lab: Lab, testnet: Path, i: int,
     return node
 
 
-def start_network(processes: Processes, lab: Lab) -> tuple[list[Node], Path]:
+def start_network(processes: Processes, lab: Lab) -> tuple[list[NodeProcess], Path]:
     testnet = write_testnet(lab, processes.base)
     boot = start_node(processes, lab, testnet, 0)
     wait_for(boot.peer_id, 30, f"the bootstrap node's start line ({boot.err})")
@@ -106,22 +80,7 @@ def start_network(processes: Processes, lab: Lab) -> tuple[list[Node], Path]:
     return nodes, testnet
 
 
-def wait_for_everyone(nodes: list[Node], timeout: float) -> None:
-    """Until every node lists every other alive and has them all in its KV ring."""
-    everyone = {n.peer_id(): "alive" for n in nodes}
-
-    def ready() -> bool:
-        for node in nodes:
-            status = node.status()
-            if status is None or status["kv"]["ring_members"] != len(nodes) or \
-                    {m["peer_id"]: m["state"] for m in status["members"]} != everyone:
-                return False
-        return True
-
-    wait_for(ready, timeout, "every node alive and in every node's ring")
-
-
-def assert_namespace_addresses(nodes: list[Node], lab: Lab) -> None:
+def assert_namespace_addresses(nodes: list[NodeProcess], lab: Lab) -> None:
     """Each node advertises its namespace address only, and every other node knows it by
     that address: nothing goes through loopback."""
     by_id = {n.peer_id(): lab.addrs[i] for i, n in enumerate(nodes)}
@@ -313,7 +272,7 @@ def test_checker_finds_each_kind_of_violation():
     assert any("disagree" in f for f in check(split, ids, puts, counters))
 
 
-def converged(nodes: list[Node]) -> bool:
+def converged(nodes: list[NodeProcess]) -> bool:
     everyone = {n.peer_id(): "alive" for n in nodes}
     for node in nodes:
         status = node.status()
