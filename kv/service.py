@@ -50,7 +50,7 @@ METRICS = ("writes", "reads", "read_repairs", "hints_delivered", "handoff_keys_s
            "partitions_dropped", "refused_batches", "merge_failures", "type_conflicts",
            "tombstones_collected", "hints_expired", "hints_dropped", "refused_ops",
            "skew_refused", "skew_overrides", "handoff_skew_withheld", "not_member_refused",
-           "authority_refused")
+           "authority_refused", "observed_removals")
 
 
 class LocalState(NamedTuple):
@@ -92,6 +92,7 @@ class KV:
                              self.metrics, self.clock, self.timebound)
         self.reads = Reads(net, store, self.placement, self.writes, self.authority, config,
                            self.metrics, self.timebound)
+        self.writes.observe = self.reads.get_states
         self.repair = Repair(net, store, hints, self.placement, self.writes, config,
                              self.metrics, self.timebound)
         self.handoff = Handoff(net, store, self.writer, self.placement, config, self.metrics,

@@ -1,6 +1,7 @@
 # The write path: from an operation to W acknowledgements, and the replica's side of it.
 # Lives here: execute (group ops by the replica that applies them, run them here or forward
-# them, retry unsent ones at the next replica), applying ops here as their CRDT actor and
+# them, retry unsent ones at the next replica), applying ops here as their CRDT actor (a
+# removal first merges what a quorum of replicas holds, so it removes every acked write), and
 # pushing the deltas to the other replicas, counting acks (kv/quorum.py) against a deadline,
 # hints to fallback nodes for replicas that are down, the per-peer replication links and
 # forwarders, the node's batch sequences, local merges of repaired states, and the handlers
@@ -15,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -31,7 +32,7 @@ from .authority import Authority
 from .config import Consistency, KVConfig, QuorumError
 from .forwarding import MAX_OPS_PER_REQUEST, UNREACHABLE, Forwarder
 from .hints import HintStore
-from .ops import Op, OpError, check_growth, check_op, make_delta, shown_key
+from .ops import REMOVALS, Op, OpError, check_growth, check_op, make_delta, shown_key
 from .placement import Placement
 from .quorum import AckGroup, Acks
 from .replication import Delta, PeerLink, open_batch
@@ -71,6 +72,9 @@ class Writes:
         self.metrics = metrics
         self.clock = clock
         self.timebound = timebound
+        # the quorum read (kv/reads.py, bound by the KV facade) a removal observes first
+        self.observe: Callable[[list[bytes], Consistency],
+                               Awaitable[list[bytes | None]]] | None = None
         self.me = net.peer_id
         self.links: dict[str, PeerLink] = {}
         self._forwarders: dict[str, Forwarder] = {}
@@ -199,10 +203,13 @@ class Writes:
                                   ) -> list[OpError | QuorumError | None]:
         """Apply `ops` here (this node is their CRDT actor) and replicate them; per op, None
         when it has its W acks, else why not. `partitions`: each op's partition, if known."""
+        unobserved = await self._observe_removals(ops, level)
         now_ms = wall_ms()
 
         def mutation(op: Op) -> Any:
             def apply(current: bytes | None) -> bytes | None:
+                if unobserved is not None and op.key in unobserved:
+                    raise unobserved[op.key]
                 # an override over a state beyond the skew bound starts the key afresh
                 replace = (op.override_skew and current is not None
                            and self.timebound.beyond(current, now_ms))
@@ -277,6 +284,32 @@ class Writes:
             else:
                 outcomes.append(None)
         return outcomes
+
+    async def _observe_removals(self, ops: list[Op], level: Consistency
+                                ) -> dict[bytes, QuorumError] | None:
+        """Removals are observed-remove: they take away what the replica applying them has
+        seen. That replica may have missed a write another coordinator had acknowledged by
+        two other replicas; so before a removal is made, the replica merges what a quorum of
+        the key's replicas holds (R + W > N: it sees every quorum-acknowledged write). At
+        level ONE nothing is read, as the caller asked. Returns the keys whose read fell
+        short, each with its error (those removals fail), or None."""
+        if level is Consistency.ONE or self.observe is None:
+            return None
+        keys = list(dict.fromkeys(op.key for op in ops
+                                  if op.kind in REMOVALS and not op.override_skew))
+        if not keys:
+            return None
+        try:
+            states = await self.observe(keys, Consistency.QUORUM)
+        except QuorumError as exc:
+            return dict.fromkeys(keys, QuorumError(f"could not see the key's replicas before "
+                                                   f"removing from it: {exc}"))
+        seen = [(key, state) for key, state in zip(keys, states, strict=True)
+                if state is not None]
+        if seen:
+            self.metrics["observed_removals"] += len(keys)
+            await self.merge_quietly(seen, "observe before removal")
+        return None
 
     async def ack_sweeper(self) -> None:
         """Ends the wait of writes whose replicas did not all answer within request_timeout

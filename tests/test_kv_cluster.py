@@ -9,7 +9,8 @@ import pytest
 import trio
 
 import crdt
-from kv import OpError, QuorumError
+from kv import Consistency, OpError, QuorumError
+from kv.ops import Op
 from kv.replication import APPLY_PROTOCOL, seal_batch
 from p2p import RemoteError, RequestError
 from p2p.envelope import seal
@@ -82,6 +83,26 @@ async def test_typed_operations_and_deletes(tmp_path):
         assert all(kv.store.get(b"nothing-yet") is None for kv in (a, b, c))
         await a.incr("nothing-yet", 2)
         assert await b.get("nothing-yet") == 2
+
+
+async def test_a_removal_sees_writes_its_replica_missed(tmp_path):
+    # an add acknowledged by two of three replicas, and a removal applied by the third,
+    # which missed the add: the removal still takes it away (it reads a quorum first)
+    async with handles(tmp_path, 3) as nodes:
+        a, b, c = (n.kv for n in nodes)
+        added = crdt.encode(crdt.new("orset").add_many(a.me, ("x", "y")))
+        fields = crdt.new("ormap")
+        fields = fields.merge(fields.update(a.me, "f", "lww",
+                                            lambda reg: reg.assign(1, crdt.HLC().now(1), a.me)))
+        for kv in (a, b):  # the state as two replicas hold it after a quorum write
+            await kv.writer.merge([(b"tags", added), (b"fields", crdt.encode(fields))])
+        assert c.store.get(b"tags") is None and c.store.get(b"fields") is None
+        outcomes = await c.writes.apply_and_replicate(
+            [Op("srem", b"tags", ("y",)), Op("hdel", b"fields", ("f",))], Consistency.QUORUM)
+        assert outcomes == [None, None]
+        assert await b.get("tags", consistency="all") == ["x"]
+        assert await a.get("fields", consistency="all") == {}
+        assert c.metrics["observed_removals"] == 2
 
 
 async def test_a_stopped_replica_catches_up_through_hints_and_anti_entropy(tmp_path):
