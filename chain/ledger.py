@@ -27,11 +27,14 @@
 # replays the tail after it, checking every link, signature and the rules on each entry, then
 # the head record. `verify()` does the same from genesis and compares every snapshot.
 #
-# Appending: BEGIN IMMEDIATE (SQLite's busy handler, retried up to busy_timeout), replay what
-# other writers committed since, fill in the sender's next nonce, apply the rules, sign, insert
-# the entry, the head (and a snapshot), COMMIT. A refused transaction rolls back: no entry. A
-# writer killed mid-append leaves nothing (its WAL frames never commit); a transaction sent
-# again carries a used nonce and is refused (bad_nonce).
+# Appending: encode the transaction with the sender's next nonce and sign it, outside the
+# lock; BEGIN IMMEDIATE (SQLite's busy handler, retried up to busy_timeout); replay what other
+# writers committed since (their signatures are checked after the lock is released, so that
+# the lock is held for little more than this entry: a forged one fails the append as corrupt);
+# sign again only if the sender's nonce moved; apply the rules, insert the entry, the head
+# (and a snapshot, only over checked entries), COMMIT. A refused transaction rolls back: no
+# entry. A writer killed mid-append leaves nothing (its WAL frames never
+# commit); a transaction sent again carries a used nonce and is refused (bad_nonce).
 # Localnet, LOCAL ONLY: `open_localnet` gives the whole supply to a faucet whose key lies in the
 # ledger dir, so anyone who can read that dir can spend it; a real chain has no such key.
 #
@@ -196,6 +199,18 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class _Signed:
+    """A transaction ready to append: its canonical bytes, as decoded, its nonce, the bytes
+    signed and the signature."""
+
+    tx: bytes
+    decoded: Any
+    nonce: int
+    message: bytes
+    sig: bytes
+
+
+@dataclass(frozen=True)
 class _Row:
     idx: int
     prev: bytes
@@ -226,10 +241,17 @@ class _Replay:
         self.path, self.genesis, self.state = path, genesis, state
         self.idx, self.hash, self.slot = idx, hash_, slot
 
+    def check_signature(self, row: _Row, nonce: int) -> None:
+        if not verify_signature(row.pubkey, signing_bytes(self.genesis.chain_id, nonce, row.tx),
+                                row.sig):
+            raise self.corrupt(row.idx, f"bad signature by {account_of(row.pubkey)}")
+
     def corrupt(self, idx: int, what: str) -> LedgerCorrupt:
         return LedgerCorrupt(f"ledger {self.path} is corrupt at entry {idx}: {what}")
 
-    def apply(self, row: _Row) -> None:
+    def apply(self, row: _Row, check_signature: bool = True) -> None:
+        """Apply the next entry, checking it (its signature too unless told not to: then
+        the caller must call check_signature on it before it trusts what follows)."""
         expected = self.idx + 1
         if row.idx != expected:
             raise self.corrupt(expected, f"missing (the next entry is {row.idx})")
@@ -248,9 +270,8 @@ class _Replay:
         nonce = tx.get("nonce") if isinstance(tx, dict) else None
         if not isinstance(nonce, int) or isinstance(nonce, bool):
             raise self.corrupt(row.idx, "transaction has no nonce")
-        if not verify_signature(row.pubkey, signing_bytes(self.genesis.chain_id, nonce, row.tx),
-                                row.sig):
-            raise self.corrupt(row.idx, f"bad signature by {sender}")
+        if check_signature:
+            self.check_signature(row, nonce)
         if row.sender != sender or row.nonce != nonce:
             raise self.corrupt(row.idx, "sender/nonce columns differ from the signed entry")
         try:
@@ -446,11 +467,17 @@ class Ledger:
             self._catch_up(replay)
         return replay.idx
 
-    def _catch_up(self, replay: _Replay) -> None:
+    def _catch_up(self, replay: _Replay, check_signatures: bool = True) -> list[_Row]:
+        """Apply the entries after the replay's; returns them when their signatures are
+        left for the caller to check."""
+        unchecked: list[_Row] = []
         try:
             for row in _rows(self._db.execute(f"{_ROW} WHERE idx > ? ORDER BY idx",
                                               (replay.idx,))):
-                replay.apply(row)
+                replay.apply(row, check_signatures)
+                if not check_signatures:
+                    unchecked.append(row)
+            return unchecked
         except sqlite3.DatabaseError as exc:
             raise LedgerCorrupt(f"ledger {self.path} is corrupt at entry {replay.idx + 1}: "
                                 f"unreadable ({_one_line(exc)})") from None
@@ -485,33 +512,38 @@ class Ledger:
         pubkey = identity.public_key
         sender = account_of(pubkey)
         self.refresh()  # catch up outside the lock; inside it only what slipped in meanwhile
+        # encoded and signed before the lock, with the nonce the sender has now: inside it,
+        # only when another writer of the same sender used that nonce meanwhile
+        signed = self._sign(identity, sender, tx, self._live())
         self._begin_immediate()
         applied = committed = False
+        unchecked: list[_Row] = []
         try:
             replay = self._live()
-            self._catch_up(replay)
-            body = dict(tx)
-            if "nonce" not in body:
-                body["nonce"] = replay.state.nonces.get(sender, 0)
-            try:
-                tx_bytes = encode(body)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise Refused("malformed", f"cannot encode the transaction: {exc}") from None
-            decoded = decode(tx_bytes)  # what replays will see, exactly
+            # what slipped in since the refresh is replayed under the lock without its
+            # signatures, the costly part (about 40 us an entry): they are checked once the
+            # lock is released, below, so that a writer holds the lock for little more than
+            # its own entry. A bad one then fails this append as corrupt (as opening the file
+            # would), with this entry committed after it: the file is refused from that entry
+            # on, whatever follows it.
+            unchecked = self._catch_up(replay, check_signatures=False)
+            if "nonce" not in tx and signed.nonce != replay.state.nonces.get(sender, 0):
+                signed = self._sign(identity, sender, tx, replay)
             slot = max(replay.slot, self.wall_slot())
-            result = rules.apply(replay.state, sender, decoded, slot)
+            result = rules.apply(replay.state, sender, signed.decoded, slot)
             applied = True
-            nonce = decoded["nonce"]
-            signed = signing_bytes(replay.genesis.chain_id, nonce, tx_bytes)
-            sig = identity.sign(signed)
             idx, prev = replay.idx + 1, replay.hash
-            new_hash = entry_hash(idx, prev, slot, tx_bytes, pubkey, sig)
+            new_hash = entry_hash(idx, prev, slot, signed.tx, pubkey, signed.sig)
             self._db.execute(
                 "INSERT INTO entries (idx, prev, slot, tx, pubkey, sig, sender, nonce) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (idx, prev, slot, tx_bytes, pubkey, sig, sender, nonce))
+                (idx, prev, slot, signed.tx, pubkey, signed.sig, sender, signed.nonce))
             self._db.execute("UPDATE head SET idx = ?, hash = ? WHERE id = 0", (idx, new_hash))
             if idx % self.snapshot_every == 0:
+                # a snapshot is trusted when the file is opened: only over checked entries
+                for row in unchecked:
+                    replay.check_signature(row, int(row.nonce or 0))
+                unchecked = []
                 blob = replay.state.to_bytes()
                 self._db.execute(
                     "INSERT INTO snapshots (idx, entry_hash, digest, state) VALUES (?, ?, ?, ?)",
@@ -527,8 +559,30 @@ class Ledger:
                 _rollback(self._db)
                 if applied:  # the in-memory state ran ahead of the file: rebuild it
                     self._replay = None
+            try:
+                for row in unchecked:
+                    replay.check_signature(row, int(row.nonce or 0))
+            except LedgerCorrupt:
+                self._replay = None  # state built on a forged entry: never used again
+                raise
         replay.idx, replay.hash, replay.slot = idx, new_hash, slot
-        return Receipt(idx, slot, tx_hash(pubkey, signed), result)
+        return Receipt(idx, slot, tx_hash(pubkey, signed.message), result)
+
+    def _sign(self, identity: Identity, sender: str, tx: Mapping[str, Any],
+              replay: _Replay) -> _Signed:
+        """`tx` encoded canonically (with the sender's next nonce when it has none) and
+        signed; Refused when it cannot be encoded."""
+        body = dict(tx)
+        if "nonce" not in body:
+            body["nonce"] = replay.state.nonces.get(sender, 0)
+        try:
+            tx_bytes = encode(body)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise Refused("malformed", f"cannot encode the transaction: {exc}") from None
+        decoded = decode(tx_bytes)  # what replays will see, exactly
+        nonce = decoded["nonce"]
+        message = signing_bytes(replay.genesis.chain_id, nonce, tx_bytes)
+        return _Signed(tx_bytes, decoded, nonce, message, identity.sign(message))
 
     def _begin_immediate(self) -> None:
         """Take SQLite's write lock, retrying its busy errors until the busy timeout."""

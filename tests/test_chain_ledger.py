@@ -147,6 +147,32 @@ def test_a_tampered_signature_is_refused_naming_its_entry(tmp_path: Path) -> Non
     assert "bad signature" in _refused_at(path, 10)
 
 
+def test_an_entry_forged_while_a_writer_takes_the_lock_fails_its_append(
+        tmp_path: Path) -> None:
+    # entries that slip in between an append's catch-up and its lock are replayed under the
+    # lock without their signatures, checked right after: a forged one still fails the append
+    # (its own entry lands after it) and the file is refused from the forged entry on
+    path = tmp_path / LEDGER_FILE_NAME
+    a, b = _ids(2)
+    _ledger(path, [a, b]).close()
+    with Ledger.open(path) as writer, Ledger.open(path) as other:
+        writer.append(a, _transfer(b))
+        take_lock = writer._begin_immediate
+
+        def forge_then_take_lock() -> None:
+            forged = other.append(b, _transfer(a, 5))
+            _flip(path, "sig", forged.height)
+            take_lock()
+
+        writer._begin_immediate = forge_then_take_lock  # type: ignore[method-assign]
+        with pytest.raises(LedgerCorrupt, match="at entry 2: bad signature"):
+            writer.append(a, _transfer(b))
+        writer._begin_immediate = take_lock  # type: ignore[method-assign]
+        with pytest.raises(LedgerCorrupt, match="at entry 2:"):
+            writer.append(a, _transfer(b))  # the state built on it is never used again
+    assert "bad signature" in _refused_at(path, 2)
+
+
 def test_a_changed_link_or_slot_is_refused(tmp_path: Path) -> None:
     path = tmp_path / LEDGER_FILE_NAME
     _ten_entries(path)
