@@ -2,7 +2,8 @@
 # the fast membership timing of the namespace tests) each in a Linux network namespace of
 # its own on one bridge (benchmarks/netlab.py; needs root and iproute2), joined through a
 # testnet file naming node 0 as the bootstrap node, for N in --sizes (5, 10, 20):
-#   python benchmarks/testnet.py [--sizes 5,10,20] [--idle-s 20] [--quick]
+#   python benchmarks/testnet.py [--sizes 5,10,20] [--idle-s 20] [--messages 20]
+#                                [--spacing-s 0.25] [--quick]
 # prints one JSON line with, per N:
 #   converge_s_N           from the last node's start line to every node listing every node
 #                          alive (each node's /status polled through the bridge, every 0.2 s)
@@ -16,11 +17,24 @@
 #                          encryption not included), the mean over nodes (..._max: the most)
 #   model_idle_bytes_per_s_per_node_N  the same figure from the sans-IO SWIM simulation
 #                          (p2p/swim_sim.py) with the same timing, and measured_model_ratio_N
+#   gossip_p50_ms_N, _p99_N  pubsub gossip delivery to all: after the idle window every node
+#                          subscribes to a bench topic (POST /subscribe), probes from varying
+#                          origins wait for the mesh (gossip_mesh_s_N: from the subscriptions
+#                          to the last of 3 consecutive probes that reached every node), then
+#                          --messages messages are published (POST /publish) --spacing-s
+#                          apart, origin k mod N, each payload carrying its publish wall time
+#                          (taken just before the request); every node's receive wall time
+#                          comes from its GET /gossip (the nodes share one clock). Per message
+#                          the time until the last other node had it; nearest-rank
+#                          percentiles over the messages delivered to all
+#   gossip_node_p50_ms_N, _p99_N  the same per (message, receiving node) pair
+#   gossip_delivered_share_N  the share of (message, other node) pairs delivered within
+#                          GOSSIP_WAIT_S of the last publish (gossip_all_share_N: of messages
+#                          that reached every node)
+#   api_rtt_ms_N           the reference: the median round trip of one small HTTP request
+#                          from this process to a node through the bridge (a hop's floor:
+#                          one loopback-speed exchange with a node process, no libp2p)
 # and the model's projection model_idle_bytes_per_s_per_node_100 and _1000.
-# Pubsub gossip delivery is not measured: a node subscribes to no topic but the reserved
-# `members` one, which /publish refuses, and the control API has no subscribe endpoint, so
-# a message published through /publish reaches no node and no receiver could report it
-# (`pubsub_delivery` says so in the output).
 # Every node process and every namespace (named netns_prefix<i>) is removed at the end of
 # each size, also on error.
 from __future__ import annotations
@@ -32,6 +46,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -54,6 +69,10 @@ FAST = ["--heartbeat-interval", str(HEARTBEAT_S), "--suspect-after", str(SUSPECT
         "--dead-after", str(DEAD_S), "--anti-entropy-interval", "1", "--no-tasks"]
 PROJECT_SIZES = (100, 1000)
 POLL_S = 0.2
+TOPIC = "bench"
+MESH_PROBES = 3  # consecutive probes (from different origins) that reached every node
+PROBE_WAIT_S = 2.0  # how long one probe may take to reach every node
+GOSSIP_WAIT_S = 15.0  # after the last publish, for every message to reach every node
 
 
 class Node:
@@ -91,6 +110,31 @@ class Node:
         return {m["peer_id"] for m in status["members"] if m["state"] == "alive"} \
             if status else set()
 
+    def call(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """(HTTP status, JSON answer) of one control API request."""
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://{self.addr}:{API_PORT}{path}", data=data, method=method,
+            headers={"content-type": "application/json"} if data is not None else {})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"null")
+
+    def gossip(self, since: int) -> list[dict[str, Any]]:
+        """The bench topic's records numbered after `since`."""
+        status, answer = self.call("GET", f"/gossip?topic={TOPIC}&since={since}")
+        if status != 200:
+            raise RuntimeError(f"GET /gossip of {self.addr}: {status} {answer}")
+        records: list[dict[str, Any]] = answer["records"]
+        return records
+
+    def publish(self, payload: Any) -> None:
+        status, answer = self.call("POST", "/publish", {"topic": TOPIC, "payload": payload})
+        if status != 200:
+            raise RuntimeError(f"POST /publish to {self.addr}: {status} {answer}")
+
     def bytes_sent(self) -> int:
         return int((self.status() or {}).get("metrics", {}).get("swim_bytes_sent", 0))
 
@@ -114,7 +158,100 @@ def model_bytes_per_s(n: int, idle_periods: float = 20.0) -> float:
     return sim.total_bytes() / (n * idle_periods * sim.period)
 
 
-def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any]) -> None:
+class GossipLog:
+    """What every node received on the bench topic, read incrementally."""
+
+    def __init__(self, nodes: list[Node]) -> None:
+        self.nodes = nodes
+        self.cursors = [0] * len(nodes)
+        self.payloads: list[list[tuple[dict[str, Any], float]]] = [[] for _ in nodes]
+
+    def poll(self) -> None:
+        for i, node in enumerate(self.nodes):
+            for record in node.gossip(self.cursors[i]):
+                self.cursors[i] = record["seq"]
+                if isinstance(record.get("payload"), dict):
+                    self.payloads[i].append((record["payload"], record["received_ms"]))
+
+    def received(self, key: str, value: int) -> list[dict[int, float]]:
+        """Per node: receive wall time (ms) of each message whose payload[key] is given,
+        by that number (only `value` when not negative)."""
+        return [{p[key]: at for p, at in got if key in p and (value < 0 or p[key] == value)}
+                for got in self.payloads]
+
+
+def measure_gossip(nodes: list[Node], messages: int, spacing_s: float,
+                   out: dict[str, Any]) -> None:
+    n = len(nodes)
+    subscribed = time.monotonic()
+    for node in nodes:
+        status, answer = node.call("POST", "/subscribe", {"topic": TOPIC})
+        if status != 200:
+            raise RuntimeError(f"POST /subscribe to {node.addr}: {status} {answer}")
+    rtts = []
+    for _ in range(20):
+        started = time.perf_counter()
+        nodes[0].gossip(0)  # nothing received yet: a small answer
+        rtts.append((time.perf_counter() - started) * 1000)
+    out[f"api_rtt_ms_{n}"] = round(statistics.median(rtts), 2)
+    log = GossipLog(nodes)
+    probe = 0
+    streak = 0
+
+    def mesh_formed() -> bool:
+        nonlocal probe, streak
+        probe += 1
+        nodes[probe % n].publish({"probe": probe})
+        deadline = time.monotonic() + PROBE_WAIT_S
+        while time.monotonic() < deadline:
+            log.poll()
+            if all(got for got in log.received("probe", probe)):
+                streak += 1
+                return streak >= MESH_PROBES
+            time.sleep(0.05)
+        streak = 0
+        return False
+
+    wait_for(mesh_formed, 120, "the bench topic's mesh to reach every node", 0)
+    out[f"gossip_mesh_s_{n}"] = round(time.monotonic() - subscribed, 2)
+    origins: dict[int, int] = {}
+    sent_ms: dict[int, float] = {}
+    for k in range(messages):
+        origins[k] = k % n
+        sent_ms[k] = time.time() * 1000
+        nodes[k % n].publish({"bench": k, "sent_ms": sent_ms[k]})
+        time.sleep(spacing_s)  # the spacing between publishes, not a wait for a condition
+
+    def everyone_has_everything() -> bool:
+        log.poll()
+        got = log.received("bench", -1)
+        return all(len(got[j]) == messages for j in range(n))
+
+    try:
+        wait_for(everyone_has_everything, GOSSIP_WAIT_S, "every message at every node", POLL_S)
+    except TimeoutError:
+        pass  # the share delivered says how many did not arrive
+    got = log.received("bench", -1)
+    pairs, to_all = [], []
+    for k in range(messages):
+        delays = [got[j][k] - sent_ms[k] for j in range(n) if j != origins[k] and k in got[j]]
+        pairs += delays
+        if len(delays) == n - 1:
+            to_all.append(max(delays))
+    expected = messages * (n - 1)
+    out[f"gossip_messages_{n}"] = messages
+    out[f"gossip_delivered_share_{n}"] = round(len(pairs) / expected, 4)
+    out[f"gossip_all_share_{n}"] = round(len(to_all) / messages, 4)
+    if to_all:
+        out[f"gossip_p50_ms_{n}"] = round(percentile(to_all, 50), 1)
+        out[f"gossip_p99_ms_{n}"] = round(percentile(to_all, 99), 1)
+    if pairs:
+        out[f"gossip_node_p50_ms_{n}"] = round(percentile(pairs, 50), 1)
+        out[f"gossip_node_p99_ms_{n}"] = round(percentile(pairs, 99), 1)
+
+
+def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any],
+            messages: int, spacing_s: float) -> None:
     lab = Lab(n)
     nodes: list[Node] = []
     with tempfile.TemporaryDirectory(prefix="tasknet-testnet-") as tmp:
@@ -169,6 +306,7 @@ def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any]) -> None:
             model = model_bytes_per_s(n)
             out[f"model_idle_bytes_per_s_per_node_{n}"] = round(model, 1)
             out[f"measured_model_ratio_{n}"] = ratio(measured, model)
+            measure_gossip(nodes, messages, spacing_s, out)
         finally:
             for node in nodes:
                 node.stop()
@@ -178,14 +316,20 @@ def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any]) -> None:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="node.py processes in network namespaces: convergence, membership "
-                    "gossip spread and idle membership bytes as N grows, with the SWIM "
-                    "model's projection to 100 and 1,000 nodes")
+                    "gossip spread, idle membership bytes and pubsub gossip delivery to all "
+                    "nodes as N grows, with the SWIM model's projection to 100 and 1,000 "
+                    "nodes")
     parser.add_argument("--sizes", default="5,10,20",
                         help="comma-separated network sizes (default 5,10,20)")
     parser.add_argument("--idle-s", type=float, default=20.0,
                         help="seconds of idle traffic measured per size (default 20)")
+    parser.add_argument("--messages", type=int, default=20,
+                        help="gossip messages published per size (default 20)")
+    parser.add_argument("--spacing-s", type=float, default=0.25,
+                        help="seconds between two published messages (default 0.25)")
     parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: 5 s idle window, a shorter convergence deadline")
+                        help="a smoke run: 5 s idle window, 10 messages, a shorter "
+                             "convergence deadline")
     args = parser.parse_args(argv)
     try:
         args.size_list = [int(s) for s in args.sizes.split(",") if s.strip()]
@@ -193,8 +337,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--sizes takes numbers separated by commas, not {args.sizes!r}")
     if not args.size_list or min(args.size_list) < 2:
         parser.error("--sizes needs network sizes of at least 2 nodes")
+    if args.messages < 1 or args.spacing_s < 0:
+        parser.error("--messages needs at least 1 and --spacing-s no negative number")
     if args.quick:
         args.idle_s = min(args.idle_s, 5.0)
+        args.messages = min(args.messages, 10)
     return args
 
 
@@ -204,11 +351,11 @@ def main(argv: list[str]) -> int:
     figures: dict[str, Any] = {
         "bench": "testnet", "sizes": args.size_list, "idle_s": args.idle_s,
         "heartbeat_s": HEARTBEAT_S, "netns_prefix": Lab(1).names[0][:-1],
-        "pubsub_delivery": "not measured: no node subscribes to a topic /publish accepts, "
-                           "and the API has no subscribe endpoint",
+        "gossip_spacing_s": args.spacing_s,
     }
+
     def size(n: int) -> Callable[[], None]:
-        return lambda: measure(n, args.idle_s, timeout, figures)
+        return lambda: measure(n, args.idle_s, timeout, figures, args.messages, args.spacing_s)
 
     steps = [(f"nodes_{n}", size(n)) for n in args.size_list]
 

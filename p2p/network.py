@@ -65,6 +65,7 @@ class GossipMessage:
     author: str  # peer id of the signer
     seq: int
     payload: Any
+    size: int = 0  # bytes of the signed envelope as it arrived
 
 
 class Subscription:
@@ -519,7 +520,7 @@ class Network:
                 continue  # evicted before delivery; validation already counted it
             message = GossipMessage(
                 topic, str(peer_id_from_public_key(envelope.author)), envelope.seq,
-                envelope.payload,
+                envelope.payload, len(msg.data),
             )
             for send in list(self._subscribers.get(topic, ())):
                 try:

@@ -2,8 +2,9 @@
 # trio).
 # Lives here: the route and metric registry other packages extend (`ControlApi.add_route`,
 # `ControlApi.add_metrics`, `ControlApi.add_status`), the built-in endpoints (/status,
-# /peers, /metrics, /publish; the dashboard at / from tasknet_node.dashboard), the Prometheus
-# text rendering, and binding + serving the socket.
+# /peers, /metrics, /publish; the dashboard at / from tasknet_node.dashboard; /subscribe and
+# /gossip come from tasknet_node.gossipwatch), the Prometheus text rendering, and binding +
+# serving the socket.
 # Must not live here: node lifecycle (runner.py) or argument parsing (cli.py).
 from __future__ import annotations
 

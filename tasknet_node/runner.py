@@ -21,6 +21,7 @@ from p2p import MemberEvent, MemberState, Network, NetworkConfig
 from . import datadir
 from .api import ControlApi, bind_socket, is_loopback, serve_api
 from .gcpolicy import GcWatch, freeze_startup_objects
+from .gossipwatch import watch_gossip
 from .procstats import ProcessFigures
 
 NodeExtension = Callable[[Network, ControlApi], AbstractAsyncContextManager[object]]
@@ -96,7 +97,7 @@ async def _run(
             api.add_status("process", process.status)
             api.add_metrics(process.metrics)
             async with AsyncExitStack() as stack:
-                for extension in extensions:
+                for extension in (watch_gossip, *extensions):
                     await stack.enter_async_context(extension(net, api))
                 async with trio.open_nursery() as nursery:
                     await nursery.start(serve_api, api, sock)

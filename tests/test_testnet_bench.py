@@ -1,7 +1,8 @@
 # Smoke test of benchmarks/testnet.py: with 3 nodes in network namespaces (needs root and
 # iproute2; fails, never skips, without) it prints one JSON line whose figures are present
-# and consistent, with the SWIM model's projection, and leaves no node process and no
-# namespace behind. No speed is checked; the figures come from full-size runs.
+# and consistent (pubsub gossip delivery among them), with the SWIM model's projection, and
+# leaves no node process and no namespace behind. No speed is checked; the figures come
+# from full-size runs.
 from __future__ import annotations
 
 import subprocess
@@ -22,7 +23,15 @@ def test_quick_run_reports_every_figure_and_leaves_nothing() -> None:
         assert figures[f"model_idle_bytes_per_s_per_node_{n}"] > 0
     model = figures["model_idle_bytes_per_s_per_node_3"]
     assert abs(figures["measured_model_ratio_3"] * model - idle) <= 0.01 * idle
-    assert "not measured" in figures["pubsub_delivery"]
+    # pubsub gossip: every message reached both other nodes, no faster than one request to
+    # a node through the bridge, and the slowest node no sooner than the median pair
+    assert figures["gossip_messages_3"] == 10
+    assert figures["gossip_delivered_share_3"] == 1.0 and figures["gossip_all_share_3"] == 1.0
+    assert 0 < figures["gossip_mesh_s_3"] < 60
+    assert 0 < figures["api_rtt_ms_3"]
+    node50, node99 = figures["gossip_node_p50_ms_3"], figures["gossip_node_p99_ms_3"]
+    all50, all99 = figures["gossip_p50_ms_3"], figures["gossip_p99_ms_3"]
+    assert 0 < node50 <= node99 < 5000 and node50 <= all50 <= all99 == node99
     assert not processes_mentioning("tasknet-testnet-"), "a node process was left running"
     names = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True,
                            check=True).stdout
@@ -32,5 +41,5 @@ def test_quick_run_reports_every_figure_and_leaves_nothing() -> None:
 
 def test_benchmark_takes_its_arguments() -> None:
     done = run_script("testnet.py", "--help", timeout=30)
-    for flag in ("--sizes", "--idle-s", "--quick"):
+    for flag in ("--sizes", "--idle-s", "--messages", "--spacing-s", "--quick"):
         assert flag in done.stdout, flag
