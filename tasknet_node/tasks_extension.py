@@ -205,6 +205,7 @@ class TaskNode:
                 self.drivers[task_id] = driver
                 self.waiting_tasks.pop(task_id, None)
                 nursery.start_soon(self._run_driver, driver)
+                nursery.start_soon(driver.keep_rewards)
 
     async def _run_driver(self, driver: TaskDriver) -> None:
         try:

@@ -4,7 +4,7 @@
 # Lives here: `TaskDriver` (performing each engine action: work, submission, audits,
 # distribution lists and their votes, payout, claims), the per-round summary line, the
 # record file (DATA_DIR/tasks/<task id>.record.json, written atomically after each action),
-# keeping its `tasks.rewards.RewardBook` fresh (once a round, and at each claim).
+# keeping its `tasks.rewards.RewardBook` fresh (`keep_rewards`: once a round; and at claims).
 # Must not live here: what to do when (tasks/engine.py decides), the rules (chain/), the
 # store or the task context's I/O (tasks/context.py), HTTP (tasknet_node/).
 from __future__ import annotations
@@ -140,25 +140,23 @@ class TaskDriver:
                                      logger=self.ctx.log)
         if not result.ok:
             self.say(f"task {self.name}: setup failed ({result.error}); rounds go on")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._keep_rewards)
-            while True:
-                try:
-                    wake_slot = await self.step()
-                except ChainUnavailable as exc:
-                    self.metrics["chain_unavailable"] += 1
-                    log.warning("task %s: chain unavailable (%s); retrying", self.name, exc)
-                    await trio.sleep(1.0)
-                    continue
-                await self._sleep_until(wake_slot)
-
-    async def _keep_rewards(self) -> None:
-        """Refresh the reward book whenever the chain's round changes (at start too: that
-        rebuilds it after a restart). Its failures never stop the rounds: tried next look."""
-        assert self.cfg is not None
         while True:
             try:
-                current = round_of(self.cfg, await self.chain.now())
+                wake_slot = await self.step()
+            except ChainUnavailable as exc:
+                self.metrics["chain_unavailable"] += 1
+                log.warning("task %s: chain unavailable (%s); retrying", self.name, exc)
+                await trio.sleep(1.0)
+                continue
+            await self._sleep_until(wake_slot)
+
+    async def keep_rewards(self) -> None:
+        """Beside `run`, until cancelled: refresh the reward book whenever the chain's round
+        changes (at start too: that rebuilds it after a restart). Its failures never stop the
+        rounds; it tries again at the next look."""
+        while True:
+            try:
+                current = None if self.cfg is None else round_of(self.cfg, await self.chain.now())
                 if current is not None and current != self.rewards.refreshed_at:
                     await self.rewards.refresh(current)
             except Exception as exc:  # the chain or the store; the status only lags

@@ -1,4 +1,4 @@
-# A node's rewards in its JSON API with real node processes on one embedded ledger
+# A node's rewards in its JSON API with real node processes (three) on one embedded ledger
 # (127.0.0.1): after a restart /status still has the rewards it claimed per round (rebuilt from
 # the chain and the stored lists, not kept in memory); rounds paid while it was down for longer
 # than the engine looks back are claimable, in /tasks, /tasks/{id}, /wallet and the `tasks`
@@ -64,8 +64,10 @@ def test_rewards_survive_a_restart_and_missed_rounds_are_claimable(processes, tm
               "--heartbeat-interval", "0.5")
     boot = processes.node("n0", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", *common)
     _, addr = wait_for(boot.announced, 30, "the bootstrap node to start")
-    node = processes.node("n1", "--join", addr, *common)
+    # three nodes: with one down the store still has a quorum (two of its three copies)
+    node, other = (processes.node(name, "--join", addr, *common) for name in ("n1", "n2"))
     me = wait_for(node.peer_id, 30, "n1 to start")
+    wait_for(other.peer_id, 30, "n2 to start")
 
     claimed = wait_for(lambda: _rewards(node), 120, "n1 to claim a reward")
     assert all(amount > 0 for amount in claimed.values())
@@ -119,7 +121,7 @@ def test_rewards_survive_a_restart_and_missed_rounds_are_claimable(processes, tm
     # (a round paid just now may be owed for a moment, until the node claims it by itself)
     wait_for(lambda: (_get(node, f"/tasks/{TASK}") or {}).get("claimable") == 0, 30,
              "nothing left to claim")
-    for process in (boot, node):
+    for process in (boot, node, other):
         process.proc.send_signal(signal.SIGTERM)
-    for process in (boot, node):
+    for process in (boot, node, other):
         process.proc.wait(timeout=30)
