@@ -115,10 +115,10 @@ def render_tasks(answer: dict[str, Any]) -> str:
             f"round {submission.get('round')}" if isinstance(submission, dict) else None,
             f"round {audit.get('round')}: {audit.get('valid')}/{audit.get('audited')} valid"
             if isinstance(audit, dict) else None,
-            task.get("rewards_claimed"), running,
+            task.get("rewards_claimed"), task.get("claimable"), running,
         ))
     return table(("TASK", "NAME", "ROUND", "WINDOW", "MY STAKE", "POOL", "SUBMITTED",
-                  "AUDITED", "REWARDS", "RUNNING"), rows)
+                  "AUDITED", "REWARDS", "CLAIMABLE", "RUNNING"), rows)
 
 
 def _admission(admission: Any) -> Any:

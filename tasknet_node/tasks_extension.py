@@ -205,6 +205,7 @@ class TaskNode:
                 self.drivers[task_id] = driver
                 self.waiting_tasks.pop(task_id, None)
                 nursery.start_soon(self._run_driver, driver)
+                nursery.start_soon(driver.keep_rewards)
 
     async def _run_driver(self, driver: TaskDriver) -> None:
         try:
@@ -327,8 +328,9 @@ class TaskNode:
             "not_run": dict(self.refused_tasks),
             "waiting": dict(self.waiting_tasks),
             "tasks": {task_id: {"round": d.current_round, "metrics": dict(d.metrics),
-                                "rewards_by_round": {str(r): amount for r, amount
-                                                     in sorted(d.rewards_by_round.items())},
+                                "rewards_by_round": {str(r): amount for r, amount in sorted(
+                                    d.rewards.claimed_by_round.items())},
+                                "claimable": d.rewards.claimable,
                                 **d.last} for task_id, d in sorted(self.drivers.items())},
         }
 
@@ -360,6 +362,7 @@ class TaskNode:
                 "last_submission": driver.last.get("submission") if driver else None,
                 "last_audit": driver.last.get("audit") if driver else None,
                 "rewards_claimed": driver.metrics["rewards"] if driver else 0,
+                "claimable": driver.rewards.claimable if driver else None,
             })
         return rows
 
@@ -395,7 +398,12 @@ class TaskNode:
         view = await self.chain.task(request.path_params["task_id"])
         if view is None:
             return _error(404, "not_found", "no such task")
-        return _json(view)
+        driver = self.drivers.get(view["task_id"])
+        # this node's rewards: what it can still claim, what it claimed by round (None, {}
+        # where it does not run the task)
+        return _json({**view, "claimable": driver.rewards.claimable if driver else None,
+                      "rewards_by_round": {str(r): amount for r, amount in sorted(
+                          driver.rewards.claimed_by_round.items())} if driver else {}})
 
     async def _round(self, request: Request) -> Response:
         try:
@@ -413,7 +421,8 @@ class TaskNode:
         return _json({"account": me, "balance": await self.chain.balance(me),
                       "stakes": stakes,
                       "rewards_claimed": {t: d.metrics["rewards"]
-                                          for t, d in self.drivers.items()}})
+                                          for t, d in self.drivers.items()},
+                      "claimable": {t: d.rewards.claimable for t, d in self.drivers.items()}})
 
     async def _create(self, request: Request) -> Response:
         """POST /tasks with a task file's fields (tasks/taskfile.py): create it, fund it."""

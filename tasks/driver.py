@@ -3,7 +3,8 @@
 # chain adapter, persists what it did, and reports one line per round.
 # Lives here: `TaskDriver` (performing each engine action: work, submission, audits,
 # distribution lists and their votes, payout, claims), the per-round summary line, the
-# record file (DATA_DIR/tasks/<task id>.record.json, written atomically after each action).
+# record file (DATA_DIR/tasks/<task id>.record.json, written atomically after each action),
+# keeping its `tasks.rewards.RewardBook` fresh (`keep_rewards`: once a round; and at claims).
 # Must not live here: what to do when (tasks/engine.py decides), the rules (chain/), the
 # store or the task context's I/O (tasks/context.py), HTTP (tasknet_node/).
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .engine import (
     stake_of,
     views_needed,
 )
+from .rewards import RewardBook
 from .runner import run_task_call
 
 log = logging.getLogger(__name__)
@@ -53,7 +55,6 @@ DONE_REFUSALS = frozenset({"already_submitted", "already_voted", "already_paid",
                            "already_claimed", "distribution_exists", "outside_window"})
 MAX_WAIT_S = 2.0  # the longest the loop sleeps without looking at the chain again
 GARBAGE_SUBMISSION = "not-a-proof"
-REWARDS_KEPT = 50  # rounds of rewards_by_round a driver keeps for the status
 
 
 def encode_list(entries: Mapping[str, int]) -> bytes:
@@ -106,8 +107,8 @@ class TaskDriver:
             "chain_unavailable": 0,
         }
         self.last: dict[str, Any] = {}  # last submission, audit results, claims (status)
-        # what this node claimed, by round, for the latest REWARDS_KEPT rounds (status)
-        self.rewards_by_round: dict[int, int] = {}
+        # what this node claimed by round and can still claim, rebuilt from the chain
+        self.rewards = RewardBook(chain, task_id, self._share)
 
     # -- record -----------------------------------------------------------------------------
     def _load_record(self) -> Record:
@@ -148,6 +149,20 @@ class TaskDriver:
                 await trio.sleep(1.0)
                 continue
             await self._sleep_until(wake_slot)
+
+    async def keep_rewards(self) -> None:
+        """Beside `run`, until cancelled: refresh the reward book whenever the chain's round
+        changes (at start too: that rebuilds it after a restart). Its failures never stop the
+        rounds; it tries again at the next look."""
+        while True:
+            try:
+                current = None if self.cfg is None else round_of(self.cfg, await self.chain.now())
+                if current is not None and current != self.rewards.refreshed_at:
+                    await self.rewards.refresh(current)
+            except Exception as exc:  # the chain or the store; the status only lags
+                log.warning("task %s: rewards not refreshed (%s: %s)", self.name,
+                            type(exc).__name__, exc)
+            await trio.sleep(MAX_WAIT_S)
 
     async def step(self) -> int:
         """One look at the chain and everything due now; returns the slot to wake at."""
@@ -326,9 +341,9 @@ class TaskDriver:
             if await self._send({"op": "audit_distribution", "round": r}) is not None:
                 self.summary.parts.append(f"voted against the distribution of round {r}")
 
-    async def _my_share(self, r: int, view: dict[str, Any]) -> tuple[int, list[bytes]] | None:
-        """This node's amount in round r's accepted list and its proof; None when the list
-        cannot be read or checked, or does not list this node."""
+    async def _accepted_list(self, r: int, view: dict[str, Any]) -> dict[str, int] | None:
+        """Round r's accepted distribution list, read from the store and checked against its
+        root on the chain; None when there is none or it cannot be read or checked."""
         attempt = next((a for a in view["attempts"]
                         if a["attempt"] == view["accepted_attempt"]), None)
         if attempt is None:
@@ -343,8 +358,20 @@ class TaskDriver:
             log.warning("task %s: the stored list of round %d does not match its root",
                         self.name, r)
             return None
-        amount = entries.get(self.chain.account)
-        if not amount:
+        return entries
+
+    async def _share(self, r: int, view: dict[str, Any]) -> int | None:
+        """This node's amount in round r's accepted list (0: not listed); None when the list
+        cannot be read or checked (for the reward book)."""
+        entries = await self._accepted_list(r, view)
+        return None if entries is None else entries.get(self.chain.account, 0)
+
+    async def _my_share(self, r: int, view: dict[str, Any]) -> tuple[int, list[bytes]] | None:
+        """This node's amount in round r's accepted list and its proof; None when the list
+        cannot be read or checked, or does not list this node."""
+        entries = await self._accepted_list(r, view)
+        amount = None if entries is None else entries.get(self.chain.account)
+        if entries is None or not amount:
             return None
         return amount, distribution_proof(entries, self.chain.account, self.chain.leaf_format)
 
@@ -364,9 +391,7 @@ class TaskDriver:
         self.metrics["rewards"] += amount
         self.summary.parts.append(f"reward {amount} for round {r}")
         self.last["claim"] = {"round": r, "amount": amount}
-        self.rewards_by_round[r] = self.rewards_by_round.get(r, 0) + amount
-        for old in sorted(self.rewards_by_round)[:-REWARDS_KEPT]:
-            del self.rewards_by_round[old]
+        self.rewards.claimed(r, amount)
 
     async def claim_now(self, r: int) -> int:
         """Claim this node's reward of round r at once (an operator's command, for a round

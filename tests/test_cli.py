@@ -431,17 +431,19 @@ def test_tables_align_columns_and_show_missing_fields_as_dashes():
         {"task_id": "echo-1", "name": "echo", "round": 12, "window": "submission",
          "my_stake": 100, "pool": 5000, "running": True,
          "last_submission": {"round": 12, "value": "x"},
-         "last_audit": {"round": 11, "audited": 3, "valid": 2}, "rewards_claimed": 40},
+         "last_audit": {"round": 11, "audited": 3, "valid": 2}, "rewards_claimed": 40,
+         "claimable": 25},
         {"task_id": "t2", "name": "sum", "round": None, "window": "not started",
          "my_stake": 0, "pool": 7, "running": False, "not_run": "no code installed"},
     ]}
     lines = tables.render_tasks(answer).splitlines()
     assert lines[0].split() == ["TASK", "NAME", "ROUND", "WINDOW", "MY", "STAKE", "POOL",
-                                "SUBMITTED", "AUDITED", "REWARDS", "RUNNING"]
+                                "SUBMITTED", "AUDITED", "REWARDS", "CLAIMABLE", "RUNNING"]
     # every column starts where its header does; numbers are right-aligned under it
     assert lines[1].index("echo ") == lines[2].index("sum ") == lines[0].index("NAME")
     assert lines[1].index("submission") == lines[0].index("WINDOW")
     assert lines[1][:lines[0].index("POOL") + 4].endswith("5000")
+    assert lines[1][:lines[0].index("CLAIMABLE") + 9].endswith(" 25")
     assert lines[2][:lines[0].index("POOL") + 4].endswith("   7")
     assert "round 11: 2/3 valid" in lines[1] and lines[2].endswith("no: no code installed")
     assert lines[2].split()[2] == "-"  # no round yet

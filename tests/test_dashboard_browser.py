@@ -1,8 +1,9 @@
 # The operator dashboard in a real browser: Debian's headless chromium driven by selenium
 # through the system chromedriver (no driver download). Three node.py processes with task rounds
 # on a shared embedded ledger; the page of one node must show the same figures as its JSON API
-# (peer id, members alive, keys), show a SIGKILLed node turn suspect then dead, and show a
-# round's reward once the node claimed one. On failure a screenshot and the page source are
+# (peer id, members alive, keys), show a SIGKILLed node turn suspect then dead, give every task
+# its rewards chart, show the claimable rewards /tasks and /wallet give, and show a round's
+# reward once the node claimed one. On failure a screenshot and the page source are
 # kept in test-artifacts/ at the repository root. A missing browser FAILS the test: CI
 # installs it (scripts/setup), and a skipped browser test would hide a broken dashboard.
 from __future__ import annotations
@@ -118,23 +119,28 @@ def put_key(base: str, key: str, value: Any) -> bool:
 
 def page_values(driver: Any) -> dict[str, Any]:
     """The page's figures as the test reads them: data-value of the ids, member states by peer,
-    rewards by round from the rounds table and from the chart."""
+    rewards by round from the rounds table and, by task, from its chart, claimable by task."""
     return driver.execute_script("""
         const value = (id) => { const e = document.getElementById(id);
                                 return e ? e.dataset.value : undefined; };
         const states = {};
         for (const row of document.querySelectorAll('#members-rows tr'))
           states[row.dataset.peer] = row.dataset.state;
-        const rewards = {}, bars = {};
+        const rewards = {}, charts = {}, claimable = {};
         for (const td of document.querySelectorAll('#round-rows td.reward'))
           rewards[td.dataset.round] = Number(td.dataset.value);
-        for (const bar of document.querySelectorAll('#rewards-chart rect.bar'))
-          bars[bar.dataset.round] = Number(bar.dataset.value);
+        for (const figure of document.querySelectorAll('#charts figure')) {
+          const bars = charts[figure.dataset.task] = {};
+          for (const bar of figure.querySelectorAll('svg.rewards-chart rect.bar'))
+            bars[bar.dataset.round] = Number(bar.dataset.value);
+        }
+        for (const row of document.querySelectorAll('#task-rows tr'))
+          claimable[row.dataset.task] = row.querySelector('td.claimable').dataset.value;
         return {peer: value('node-peer-id'), alive: value('members-alive'),
                 dead: value('members-dead'), keys: value('kv-keys'),
                 ringRows: document.querySelectorAll('#ring-rows tr').length,
                 connection: document.getElementById('connection').dataset.state,
-                states, rewards, bars};
+                claimableTotal: value('wallet-claimable'), states, rewards, charts, claimable};
     """)
 
 
@@ -215,8 +221,31 @@ def test_dashboard_matches_the_api_and_follows_the_cluster(
             rewards = task.get("rewards_by_round", {})
             return [r for r, amount in rewards.items()
                     if amount > 0 and page["rewards"].get(r) == amount
-                    and page["bars"].get(r) == amount]
+                    and page["charts"].get(TASK, {}).get(r) == amount]
         rounds = wait_page(browser, reward_shown, 150, "a round's reward on the page")
         claimed = get_json(base, "/wallet")["rewards_claimed"][TASK]
         assert claimed >= max(get_json(base, "/status")["tasks"]["tasks"][TASK]
                               ["rewards_by_round"][r] for r in rounds)
+
+        # every task has its chart of the last 20 rounds (fewer while there are fewer),
+        # charting what /status gives it
+        def every_task_charted(page: dict[str, Any]) -> bool:
+            listing = get_json(base, "/tasks")["tasks"]
+            running = get_json(base, "/status")["tasks"]["tasks"]
+            return len(listing) >= 2 and sorted(page["charts"]) == sorted(
+                t["task_id"] for t in listing) and all(
+                len(page["charts"][t["task_id"]]) == min(20, t["round"] + 1) and all(
+                    page["charts"][t["task_id"]].get(r) == amount for r, amount in running.get(
+                        t["task_id"], {}).get("rewards_by_round", {}).items()
+                    if int(r) > t["round"] - 20) for t in listing)
+        wait_page(browser, every_task_charted, 10, "a rewards chart for every task")
+
+        # the claimable rewards, by task and in all, as /tasks and /wallet give them
+        def claimable_matches(page: dict[str, Any]) -> bool:
+            listing = get_json(base, "/tasks")["tasks"]
+            wallet = get_json(base, "/wallet")["claimable"]
+            return page["claimable"] == {t["task_id"]: "" if t["claimable"] is None
+                                         else str(t["claimable"]) for t in listing} \
+                and page["claimableTotal"] == str(sum(wallet.values())) \
+                and sorted(wallet) == sorted(t["task_id"] for t in listing if t["running"])
+        wait_page(browser, claimable_matches, 10, "the claimable rewards to match the API")

@@ -142,9 +142,37 @@ function distributionText(view) {
   return view.attempts.length ? `${view.attempts.length} attempt(s), none accepted` : "none yet";
 }
 
-function renderChart(taskId, rewards, current) {
-  const svg = el("rewards-chart");
-  show("chart-task", taskId);
+// one figure per task, kept across polls (keyed by task id), dropped when its task is gone
+function chartFor(taskId) {
+  const charts = el("charts");
+  let figure = [...charts.children].find((f) => f.dataset.task === taskId);
+  if (!figure) {
+    figure = document.createElement("figure");
+    figure.dataset.task = taskId;
+    const caption = document.createElement("figcaption");
+    caption.textContent = taskId;
+    const svg = document.createElementNS(SVG_NS, "svg");
+    svg.setAttribute("class", "rewards-chart");
+    svg.setAttribute("viewBox", "0 0 600 160");
+    svg.setAttribute("role", "img");
+    svg.setAttribute("aria-label", `this node's reward per round in task ${taskId}`);
+    figure.append(caption, svg);
+    charts.appendChild(figure);
+  }
+  return figure.querySelector("svg");
+}
+
+function renderCharts(tasks, running) {
+  const ids = new Set(tasks.map((task) => task.task_id));
+  for (const figure of [...el("charts").children]) {
+    if (!ids.has(figure.dataset.task)) figure.remove();
+  }
+  for (const task of tasks) {
+    renderChart(chartFor(task.task_id), (running[task.task_id] || {}).rewards_by_round || {}, task.round);
+  }
+}
+
+function renderChart(svg, rewards, current) {
   const last = current === null ? 0 : current;
   const first = Math.max(0, last - CHART_ROUNDS + 1);
   const rounds = [];
@@ -190,23 +218,19 @@ function renderChart(taskId, rewards, current) {
   svg.replaceChildren(...parts);
 }
 
-async function renderRounds(taskId, current, rewards, account) {
+async function renderRounds(taskId, current, rewards) {
+  show("rounds-task", taskId);
   if (current === null) {
     replaceRows(el("round-rows"), []);
-    show("wallet-unclaimed", 0);
     return;
   }
   const wanted = [];
   for (let r = current; r >= Math.max(0, current - CHART_ROUNDS + 1); r -= 1) wanted.push(r);
   const views = await Promise.all(wanted.map((r) => roundView(taskId, r, current).catch(() => null)));
   const rows = [];
-  let unclaimed = 0; // paid rounds that owe this node a reward it has not claimed yet
   wanted.forEach((r, i) => {
     const view = views[i];
     if (!view) return;
-    if (view.paid && (view.accepted || []).includes(account) && !view.claimed.includes(account)) {
-      unclaimed += 1;
-    }
     const row = document.createElement("tr");
     row.dataset.round = String(r);
     cell(row, r, "num");
@@ -221,7 +245,6 @@ async function renderRounds(taskId, current, rewards, account) {
     rows.push(row);
   });
   replaceRows(el("round-rows"), rows);
-  show("wallet-unclaimed", unclaimed);
 }
 
 async function renderTasks(tasksStatus) {
@@ -241,6 +264,7 @@ async function renderTasks(tasksStatus) {
   show("wallet-balance", wallet.balance);
   show("wallet-staked", Object.values(wallet.stakes).reduce((a, b) => a + b, 0));
   show("wallet-rewards", Object.values(wallet.rewards_claimed).reduce((a, b) => a + b, 0));
+  show("wallet-claimable", Object.values(wallet.claimable).reduce((a, b) => a + b, 0));
   const running = tasksStatus.tasks || {};
   const rows = listing.tasks.map((task) => {
     const mine = running[task.task_id] || { metrics: {} };
@@ -257,15 +281,16 @@ async function renderTasks(tasksStatus) {
       ? `round ${audit.round}: ${audit.valid} of ${audit.audited} valid` : "–");
     cell(row, mine.metrics.distributions, "num");
     cell(row, task.rewards_claimed, "num reward-total");
+    cell(row, task.claimable, "num claimable");
     return row;
   });
   replaceRows(el("task-rows"), rows);
-  // the chart and the rounds table follow the first task this node runs
+  renderCharts(listing.tasks, running);
+  // the rounds table follows the first task this node runs
   const chosen = listing.tasks.find((task) => task.running);
   if (!chosen) return;
   const rewards = (running[chosen.task_id] || {}).rewards_by_round || {};
-  renderChart(chosen.task_id, rewards, chosen.round);
-  await renderRounds(chosen.task_id, chosen.round, rewards, tasksStatus.account);
+  await renderRounds(chosen.task_id, chosen.round, rewards);
 }
 
 // -- the loop ------------------------------------------------------------------------------------
