@@ -54,6 +54,7 @@ log = logging.getLogger(__name__)
 DONE_REFUSALS = frozenset({"already_submitted", "already_voted", "already_paid",
                            "already_claimed", "distribution_exists", "outside_window"})
 MAX_WAIT_S = 2.0  # the longest the loop sleeps without looking at the chain again
+STEP_RETRY_MAX_S = 8.0  # a step that keeps failing is tried again at least this often
 GARBAGE_SUBMISSION = "not-a-proof"
 
 
@@ -104,7 +105,7 @@ class TaskDriver:
         self.metrics: dict[str, int] = {
             "work_failed": 0, "submissions": 0, "audits": 0, "votes_against_sent": 0,
             "distributions": 0, "claims": 0, "rewards": 0, "refused": 0,
-            "chain_unavailable": 0,
+            "chain_unavailable": 0, "steps_failed": 0,
         }
         self.last: dict[str, Any] = {}  # last submission, audit results, claims (status)
         # what this node claimed by round and can still claim, rebuilt from the chain
@@ -140,6 +141,7 @@ class TaskDriver:
                                      logger=self.ctx.log)
         if not result.ok:
             self.say(f"task {self.name}: setup failed ({result.error}); rounds go on")
+        failures = 0  # steps failed in a row
         while True:
             try:
                 wake_slot = await self.step()
@@ -148,6 +150,17 @@ class TaskDriver:
                 log.warning("task %s: chain unavailable (%s); retrying", self.name, exc)
                 await trio.sleep(1.0)
                 continue
+            except Exception as exc:
+                # the store short of a quorum while members rejoin (a distribution list not
+                # stored, a list not read), or a fault of ours: the step's unfinished actions
+                # are planned again at the next look; the task never stops for it
+                failures += 1
+                self.metrics["steps_failed"] += 1
+                log.warning("task %s: a step failed (%s: %s); trying again", self.name,
+                            type(exc).__name__, exc, exc_info=failures == 1)
+                await trio.sleep(min(STEP_RETRY_MAX_S, 0.5 * 2 ** min(failures, 5)))
+                continue
+            failures = 0
             await self._sleep_until(wake_slot)
 
     async def keep_rewards(self) -> None:
