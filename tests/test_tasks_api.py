@@ -326,6 +326,13 @@ def test_storage_challenge_and_pick_are_deterministic() -> None:
     assert picked == pick_partitions(c, list(reversed(owned)))
     assert len(picked) == K and set(picked) <= set(owned) and picked == sorted(picked)
     assert pick_partitions(c, [5, 2]) == [2, 5]
+    # the picks follow the challenge, spread over every partition, not the same few
+    many = list(range(4096))
+    picks = [pick_partitions(challenge_of("t1", r), many) for r in range(200)]
+    assert all(len(set(p)) == K for p in picks)
+    assert len({tuple(p) for p in picks}) == 200
+    assert len(set().union(*picks)) > 600
+    assert min(p[0] for p in picks) < 100 and max(p[-1] for p in picks) > 4000
     assert format_submission({2: b"\x01", 1: b"\xff"}) == "1:ff,2:01"
     assert parse_submission("1:ff,2:01") == {1: b"\xff", 2: b"\x01"}
     for bad in ["1", "x:00", "1:zz", "1:00,1:00", "1:"]:

@@ -31,6 +31,7 @@ import hashlib
 from ..api import StorageProver, Task, TaskContext
 
 K = 4  # partitions proven per round
+MAX_DRAWS = 64 * K  # pick_partitions' bound on draws
 DOMAIN = b"tasknet-storage"
 
 
@@ -40,11 +41,27 @@ def challenge_of(task_id: str, round: int) -> bytes:
 
 
 def pick_partitions(challenge: bytes, owned: list[int], k: int = K) -> list[int]:
-    """The `k` partitions of `owned` with the smallest sha256(challenge || p), ascending."""
+    """`k` distinct partitions of `owned` (all of them when it has no more), ascending. Draw
+    i is sha256(challenge || i as 4 bytes big-endian) as a big-endian integer modulo the
+    number of distinct owned partitions, an index into them sorted; a repeat is drawn again.
+    k hashes, not one per owned partition: a node owns thousands, and every node picks for
+    every member each round."""
     distinct = sorted(set(owned))
-    ranked = sorted(distinct, key=lambda p: (hashlib.sha256(challenge + p.to_bytes(4, "big"))
-                                             .digest(), p))
-    return sorted(ranked[:k])
+    if len(distinct) <= k:
+        return distinct
+    chosen: set[int] = set()
+    draw = 0
+    # each draw is new with probability at least 2/(k+1): MAX_DRAWS is never reached in
+    # practice; past it the smallest partitions not chosen fill up, as every node would
+    while len(chosen) < k and draw < MAX_DRAWS:
+        digest = hashlib.sha256(challenge + draw.to_bytes(4, "big")).digest()
+        chosen.add(distinct[int.from_bytes(digest, "big") % len(distinct)])
+        draw += 1
+    for p in distinct:
+        if len(chosen) >= k:
+            break
+        chosen.add(p)
+    return sorted(chosen)
 
 
 def format_submission(digests: dict[int, bytes]) -> str:
