@@ -195,7 +195,9 @@ class _BanNotifee(INotifee):
         self._net = net
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
-        self._net._refuse_connection(str(conn.muxed_conn.peer_id))
+        peer = str(conn.muxed_conn.peer_id)
+        self._net._refuse_connection(peer)
+        self._net._another_connection(peer, conn)
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         pass
@@ -752,6 +754,18 @@ class Network:
             self.metrics["banned_refused"] += 1
             log.debug("refused a connection from banned peer %s", peer)
             self._nursery.start_soon(self._disconnect, peer)
+
+    def _another_connection(self, peer: str, conn: INetConn) -> None:
+        """A new connection with `peer` while this node holds another: the peer may have
+        restarted after a crash that left its old connection open and silent here. Requests
+        to it go on new streams, which the swarm opens on the newest connection
+        (p2p/libp2p_fixes.py `use_newest_connections`), not on the streams of the old one."""
+        if self._rpc is None:
+            return
+        others = [c for c in self.host.get_network().get_connections(ID.from_base58(peer))
+                  if c is not conn and not c.is_closed]
+        if others:
+            self._rpc.retire_peer(peer)
 
     def _on_libp2p_fault(self, peer: str | None, where: str, error: BaseException) -> None:
         self.metrics["libp2p_faults"] += 1
