@@ -264,6 +264,19 @@ def dial_past_closing_connections() -> None:
     Swarm.new_stream = _new_stream_past_closing  # type: ignore[method-assign]
 
 
+def forget_dial_failures(host: object, peer: str) -> None:
+    """Let the next stream to `peer` dial it, even if every address of it failed within the
+    last minute. py-libp2p's swarm then refuses every dial to the peer for 60 s ("recently
+    failed all addresses"), including the one a new stream needs: requests to a member that
+    restarted (dialed in vain while it was down) failed for up to a minute after it was
+    back. Tasknet keeps its own backoff per peer (p2p/network.py) and its membership says
+    when a peer is back."""
+    network = getattr(host, "get_network", lambda: None)()
+    cache = getattr(network, "_negative_peer_cache", None)
+    if cache is not None:
+        cache.evict(peer)
+
+
 # -- no remote crash ---------------------------------------------------------------------
 # A peer's behaviour can make a py-libp2p background task raise (a race in its own state, or
 # a bug a message triggers). py-libp2p's service manager then cancels the whole service: the

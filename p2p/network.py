@@ -35,7 +35,12 @@ from .config import NetworkConfig
 from .envelope import Envelope, EnvelopeError, ReplayGuard, open_envelope, seal
 from .identity import Identity, load_or_create_identity, peer_id_from_public_key
 from .libp2p_fixes import apply_all as apply_libp2p_fixes
-from .libp2p_fixes import refuse_at_the_door, registered_stream_is_live, report_faults_to
+from .libp2p_fixes import (
+    forget_dial_failures,
+    refuse_at_the_door,
+    registered_stream_is_live,
+    report_faults_to,
+)
 from .membership import Member, MemberEvent, MemberState
 from .pubsub_signing import SigningPubsub, is_signed, signature_valid
 from .rpc import Handler, RpcLimits, RpcService
@@ -642,6 +647,8 @@ class Network:
                      event.current and event.current.value)
             if event.current is MemberState.ALIVE:
                 self._remember_addrs(event.peer_id, event.member.addrs)
+                if self._host is not None:  # back (or new): a dial to it may succeed now
+                    forget_dial_failures(self._host, event.peer_id)
                 if event.restarted or event.previous is MemberState.DEAD:
                     self._redial_at.pop(event.peer_id, None)
                     if self._rpc is not None:  # its old streams died with its old process
@@ -698,9 +705,7 @@ class Network:
     async def _dial(self, info: PeerInfo) -> None:
         peer = str(info.peer_id)
         self.metrics["dials"] += 1
-        negative_cache = getattr(self.host.get_network(), "_negative_peer_cache", None)
-        if negative_cache is not None:
-            negative_cache.evict(peer)  # we keep our own backoff per peer
+        forget_dial_failures(self.host, peer)  # we keep our own backoff per peer
         try:
             with trio.fail_after(5):
                 await self.host.connect(info)
