@@ -13,10 +13,12 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
-from libp2p.abc import INetStream
+from libp2p.abc import INetConn, INetStream
+from libp2p.connection_types import ConnectionType
 from libp2p.host.basic_host import BasicHost
 from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.stream_muxer.yamux.yamux import Yamux, YamuxStream, _yamux_release_on_read
@@ -210,6 +212,69 @@ def close_failed_listeners() -> None:
     then sleeps for the rest of the process. Seen as: a task left per failed start in a
     process that retries. Now a listen that fails closes its listener first."""
     libp2p_tcp.TCPListener.listen = _listen_or_close  # type: ignore[method-assign]
+
+
+def _newest_connection(self: Swarm, connections: list[INetConn]) -> INetConn:
+    """The connection a new stream to a peer goes on: the newest one (a direct one before a
+    relayed one, as py-libp2p has it).
+
+    py-libp2p 0.8.1 takes the one carrying the most streams, which is the oldest: a peer that
+    crashed or froze without closing its connections (a machine gone, a process stopped
+    whose sockets stayed open), then started again and dialed us, left us with its old,
+    silent connection holding all our streams and its new one holding its own. Every stream
+    we opened to it went into the old one and stalled until its request timed out, over and
+    over: the restarted member's membership sync never got an answer, and it stayed out of
+    everyone's view until the old connection was given up on (10 s and more). A peer with
+    two live connections (both sides dialed at once) is served by either."""
+
+    def rank(item: tuple[int, INetConn]) -> tuple[bool, float, int]:
+        index, conn = item
+        try:
+            direct = conn.get_connection_type() == ConnectionType.DIRECT
+        except Exception:
+            direct = True
+        return direct, float(getattr(conn, "_created_at", 0.0)), index
+
+    return max(enumerate(connections), key=rank)[1]
+
+
+def use_newest_connections() -> None:
+    """Install `_newest_connection` on py-libp2p's Swarm (idempotent)."""
+    Swarm._best_connection = _newest_connection  # type: ignore[method-assign]
+
+
+_new_stream_of_libp2p = Swarm.new_stream
+
+
+async def _new_stream_past_closing(self: Swarm, peer_id: ID) -> INetStream:
+    """py-libp2p's new stream to `peer_id`, after dialing it anew when every connection the
+    swarm lists for it is closed (py-libp2p dials only for a peer it lists no connection
+    of, and refuses a stream to one whose connections all closed but are still listed:
+    "No valid connections available"). Seen right after a member restarted: its peers close
+    their connections to its old run (p2p/network.py, `_emit`), which takes py-libp2p
+    ~0.2 s, and every request in that time failed."""
+    conns = self.get_connections(peer_id)
+    if conns and all(conn.is_closed for conn in conns):
+        await self.dial_peer(peer_id)  # py-libp2p's own dial: it skips closed connections
+    return await _new_stream_of_libp2p(self, peer_id)
+
+
+def dial_past_closing_connections() -> None:
+    """Install `_new_stream_past_closing` on py-libp2p's Swarm (idempotent)."""
+    Swarm.new_stream = _new_stream_past_closing  # type: ignore[method-assign]
+
+
+def forget_dial_failures(host: object, peer: str) -> None:
+    """Let the next stream to `peer` dial it, even if every address of it failed within the
+    last minute. py-libp2p's swarm then refuses every dial to the peer for 60 s ("recently
+    failed all addresses"), including the one a new stream needs: requests to a member that
+    restarted (dialed in vain while it was down) failed for up to a minute after it was
+    back. Tasknet keeps its own backoff per peer (p2p/network.py) and its membership says
+    when a peer is back."""
+    network = getattr(host, "get_network", lambda: None)()
+    cache = getattr(network, "_negative_peer_cache", None)
+    if cache is not None:
+        cache.evict(peer)
 
 
 # -- no remote crash ---------------------------------------------------------------------
@@ -486,3 +551,5 @@ def apply_all() -> None:
     credit_windows_at_half()
     read_tcp_ahead()
     make_frame_writes_cancel_safe()
+    use_newest_connections()
+    dial_past_closing_connections()

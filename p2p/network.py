@@ -9,7 +9,7 @@ import logging
 import random
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +35,12 @@ from .config import NetworkConfig
 from .envelope import Envelope, EnvelopeError, ReplayGuard, open_envelope, seal
 from .identity import Identity, load_or_create_identity, peer_id_from_public_key
 from .libp2p_fixes import apply_all as apply_libp2p_fixes
-from .libp2p_fixes import refuse_at_the_door, registered_stream_is_live, report_faults_to
+from .libp2p_fixes import (
+    forget_dial_failures,
+    refuse_at_the_door,
+    registered_stream_is_live,
+    report_faults_to,
+)
 from .membership import Member, MemberEvent, MemberState
 from .pubsub_signing import SigningPubsub, is_signed, signature_valid
 from .rpc import Handler, RpcLimits, RpcService
@@ -53,6 +58,7 @@ REPLAYS_ALLOWED = 500
 REPLAY_WINDOW_S = 60.0
 SOCKETS_CLOSE_S = 1.0  # how long a stopping node waits for its libp2p sockets to close
 SOCKET_CLOSE_S = 0.25  # ... and for any one of them
+CLOSE_ROUNDS = 4  # ... closing again those that opened while it closed the others
 
 
 class ConfigError(ValueError):
@@ -104,18 +110,37 @@ async def _release_sockets(host: IHost) -> None:
     at its first await: the listeners (sockets and accepting tasks, trio system tasks) stayed
     for the rest of the process, so a node stopped and started again in one process found
     its own port taken while the old listener went on accepting; and connections this node
-    dialed stayed open, so its peers kept sending to a node that had stopped."""
+    dialed stayed open, so its peers kept sending to a node that had stopped.
+    Connections close at once, not one after the other (each takes py-libp2p ~0.2 s, so a
+    node with a few peers ran out of time and left some open), and again for any that opened
+    meanwhile (a request or a dial still under way when the node began to stop): a connection
+    left open looks alive to its peer, which then sent the node's next run its messages into
+    it (a restarted member stayed unreachable until the peer gave up on it, 5 to 15 s)."""
     network = host.get_network()
-    closers = [listener.close for listener in list(network.listeners.values())]
-    closers += [conn.close for conns in list(network.connections.values()) for conn in conns]
+    tried: set[int] = set()
+
+    async def close_one(close: Callable[[], Awaitable[object]]) -> None:
+        with trio.move_on_after(SOCKET_CLOSE_S):
+            try:
+                await close()
+            except Exception as exc:  # stopping goes on; the process may still hold it
+                log.debug("a libp2p listener or connection did not close: %r", exc)
+
     deadline = trio.current_time() + SOCKETS_CLOSE_S
     with trio.CancelScope(shield=True, deadline=deadline) as everything:
-        for close in closers:
-            with trio.move_on_after(SOCKET_CLOSE_S):
-                try:
-                    await close()
-                except Exception as exc:  # stopping goes on; the process may still hold it
-                    log.debug("a libp2p listener or connection did not close: %r", exc)
+        for _ in range(CLOSE_ROUNDS):
+            listeners = [x for x in list(network.listeners.values()) if id(x) not in tried]
+            conns = [c for cs in list(network.connections.values()) for c in cs
+                     if id(c) not in tried and not c.is_closed]
+            if not listeners and not conns:
+                break
+            tried.update(id(x) for x in (*listeners, *conns))
+            async with trio.open_nursery() as closing:  # listeners first: nobody dials in
+                for listener in listeners:
+                    closing.start_soon(close_one, listener.close)
+            async with trio.open_nursery() as closing:
+                for conn in conns:
+                    closing.start_soon(close_one, conn.close)
     if everything.cancelled_caught:
         log.warning("libp2p listeners and connections did not close within %.0f s",
                     SOCKETS_CLOSE_S)
@@ -176,7 +201,9 @@ class _BanNotifee(INotifee):
         self._net = net
 
     async def connected(self, network: INetwork, conn: INetConn) -> None:
-        self._net._refuse_connection(str(conn.muxed_conn.peer_id))
+        peer = str(conn.muxed_conn.peer_id)
+        self._net._refuse_connection(peer)
+        self._net._another_connection(peer, conn)
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
         pass
@@ -339,8 +366,10 @@ class Network:
                                                   deadline=trio.current_time() + 0.5):
                                 await self._swim.leave(0.5)
                 finally:  # a failed start too: py-libp2p's own teardown leaks these
-                    await _release_sockets(host)
+                    # this node's own tasks stop first, so that none of them (a probe, a
+                    # dial) opens a connection while the others close
                     nursery.cancel_scope.cancel()
+                    await _release_sockets(host)
         except Exception as exc:
             if started and body_error is None:
                 # py-libp2p can raise from its own tasks while it tears down (a peer dialing
@@ -619,6 +648,8 @@ class Network:
                      event.current and event.current.value)
             if event.current is MemberState.ALIVE:
                 self._remember_addrs(event.peer_id, event.member.addrs)
+                if self._host is not None:  # back (or new): a dial to it may succeed now
+                    forget_dial_failures(self._host, event.peer_id)
                 if event.restarted or event.previous is MemberState.DEAD:
                     self._redial_at.pop(event.peer_id, None)
                     if self._rpc is not None:  # its old streams died with its old process
@@ -675,9 +706,7 @@ class Network:
     async def _dial(self, info: PeerInfo) -> None:
         peer = str(info.peer_id)
         self.metrics["dials"] += 1
-        negative_cache = getattr(self.host.get_network(), "_negative_peer_cache", None)
-        if negative_cache is not None:
-            negative_cache.evict(peer)  # we keep our own backoff per peer
+        forget_dial_failures(self.host, peer)  # we keep our own backoff per peer
         try:
             with trio.fail_after(5):
                 await self.host.connect(info)
@@ -731,6 +760,18 @@ class Network:
             self.metrics["banned_refused"] += 1
             log.debug("refused a connection from banned peer %s", peer)
             self._nursery.start_soon(self._disconnect, peer)
+
+    def _another_connection(self, peer: str, conn: INetConn) -> None:
+        """A new connection with `peer` while this node holds another: the peer may have
+        restarted after a crash that left its old connection open and silent here. Requests
+        to it go on new streams, which the swarm opens on the newest connection
+        (p2p/libp2p_fixes.py `use_newest_connections`), not on the streams of the old one."""
+        if self._rpc is None:
+            return
+        others = [c for c in self.host.get_network().get_connections(ID.from_base58(peer))
+                  if c is not conn and not c.is_closed]
+        if others:
+            self._rpc.retire_peer(peer)
 
     def _on_libp2p_fault(self, peer: str | None, where: str, error: BaseException) -> None:
         self.metrics["libp2p_faults"] += 1

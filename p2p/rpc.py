@@ -350,6 +350,12 @@ class RpcService:
         if self._nursery is not None:
             self._nursery.start_soon(channel.framed.reset)
 
+    def retire_peer(self, peer_id: str) -> None:
+        """Open new streams to `peer_id` for the next requests (on the connection the swarm
+        picks now), leaving the requests under way on the old ones to finish."""
+        for key in [k for k in self._channels if k[0] == peer_id]:
+            del self._channels[key]
+
     def forget_peer(self, peer_id: str) -> None:
         for key in [k for k in self._channels if k[0] == peer_id]:
             self._drop(key, self._channels[key])

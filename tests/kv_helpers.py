@@ -42,10 +42,11 @@ async def start_kv_cluster(stack: AsyncExitStack, base: Path, size: int,
     return nodes
 
 
-async def wait_for_ring(nodes: list[KV], timeout: float = 45) -> float:
+async def wait_for_ring(nodes: list[KV], timeout: float = 15) -> float:
     """Wait until every node holds every other alive and in its ring; returns the wait.
-    A restarted member took 0.5 to 14 s to be alive everywhere on a loaded machine (20 s
-    failed in CI twice), hence the default."""
+    A restarted member is alive everywhere within about a second (0.5 to 1.6 s measured on
+    2 shared cores; it took up to 16 s while a stopped node left a connection open at its
+    peers); the default leaves a wide margin for a loaded CI machine."""
     everyone = {kv.me for kv in nodes}
     return await wait_for(
         lambda: all(alive_ids(kv.net) >= everyone and set(kv.ring.members) == everyone
