@@ -32,13 +32,14 @@
 #   chain_bytes_per_round_N   the same difference of the simulation's tx_bytes (msgpack
 #                         transactions, without signatures), / 2.
 #   audit_coverage_N      the simulation's audit coverage (the lower of both runs; target 1.0).
-#   round_overhead_ms     real node processes (node.py --ledger DIR --round-time R, the
-#                         built-in tasks a bootstrap creates: hello and storage) on one ledger:
+#   round_overhead_ms     real node processes (node.py --ledger DIR --round-time R; the
+#                         bootstrap creates hello alone: --builtin-tasks hello) on one ledger:
 #                         each node's CPU (/proc/<pid>/stat user + system) over K rounds, counted
-#                         by its "round N hello: ..." lines, minus the same node's CPU restarted
-#                         with --no-tasks over the same wall time, / K; the mean over the nodes
-#                         (round_overhead_ms_per_node lists each). Both built-ins run (a node
-#                         has no switch for hello alone), so it is the CPU of a round of both.
+#                         by its "round N hello: ..." lines, minus a node's CPU in a network
+#                         started with --no-tasks over the same wall time, / K; the mean over
+#                         the nodes (round_overhead_ms_per_node lists each).
+#                         round_overhead_ms_hello_storage: the same with both built-in tasks
+#                         (the default of a bootstrap node), on a new ledger.
 # --quick runs tiny sizes (smoke test); --no-nodes leaves out the node processes.
 from __future__ import annotations
 
@@ -371,7 +372,7 @@ def nodes_pending() -> str | None:
         return "pending: tasknet_node/tasks_extension.py does not exist yet"
     done = subprocess.run([sys.executable, str(NODE_SCRIPT), "--help"], capture_output=True,
                           text=True, timeout=60, cwd=ROOT, stdin=subprocess.DEVNULL)
-    missing = [flag for flag in ("--ledger", "--no-tasks", "--round-time")
+    missing = [flag for flag in ("--ledger", "--no-tasks", "--round-time", "--builtin-tasks")
                if flag not in done.stdout]
     return f"pending: node.py has no {', '.join(missing)}" if missing else None
 
@@ -420,12 +421,14 @@ class Nodes:
                       for i in range(3)]
         self.ledger_dir, self.round_time = ledger_dir, round_time
 
-    def start_all(self, tasks: bool) -> None:
-        """The bootstrap, then the others joining it, each until its API answers."""
+    def start_all(self, tasks: tuple[str, ...]) -> None:
+        """The bootstrap (creating the built-in `tasks`; none: --no-tasks), then the others
+        joining it, each until its API answers."""
         extra = (["--ledger", str(self.ledger_dir), "--round-time", str(self.round_time)]
                  if tasks else ["--ledger", str(self.ledger_dir), "--no-tasks"])
         bootstrap = self.nodes[0]
-        self._start(bootstrap, ["--bootstrap", *extra])
+        chosen = ["--builtin-tasks", ",".join(tasks)] if tasks else []
+        self._start(bootstrap, ["--bootstrap", *extra, *chosen])
         addr = self._status(bootstrap)["addrs"][0]
         for node in self.nodes[1:]:
             self._start(node, ["--join", addr, *extra])
@@ -502,11 +505,13 @@ class Nodes:
                 node.log = None
 
 
-def measure_nodes(root: Path, round_time: int, rounds: int, out: dict[str, Any]) -> None:
-    """round_overhead_ms (and its parts) into `out`."""
-    nodes = Nodes(root / "nodes", root / "nodes" / "ledger", round_time)
+def _busy_phase(root: Path, tasks: tuple[str, ...], round_time: int,
+                rounds: int) -> dict[str, Any]:
+    """Each node's CPU over `rounds` rounds of the built-in `tasks`, on a new ledger."""
+    label = "+".join(tasks)
+    nodes = Nodes(root / f"nodes-{label}", root / f"nodes-{label}" / "ledger", round_time)
     try:
-        nodes.start_all(tasks=True)
+        nodes.start_all(tasks)
         # warm-up: staking and the first rounds' settlement, until each node's second line
         nodes.wait_rounds(2, round_time * 12 + NODE_READY_S)
         before = [n.cpu_s() for n in nodes.nodes]
@@ -515,31 +520,62 @@ def measure_nodes(root: Path, round_time: int, rounds: int, out: dict[str, Any])
         nodes.wait_rounds(rounds, round_time * (rounds + 4))
         busy = [n.cpu_s() - b for n, b in zip(nodes.nodes, before, strict=True)]
         wall = time.monotonic() - started
-        done = [len(n.hello_rounds) - c for n, c in zip(nodes.nodes, counted, strict=True)]
-        submitted = [sum("submitted" in line for line in n.hello_lines[c:])
-                     for n, c in zip(nodes.nodes, counted, strict=True)]
-        last_line = nodes.nodes[0].hello_lines[-1]
-        nodes.stop_all()
-
-        nodes.start_all(tasks=False)
-        time.sleep(min(2.0, wall))  # past the start-up work
-        before = [n.cpu_s() for n in nodes.nodes]
-        time.sleep(wall)
-        idle = [n.cpu_s() - b for n, b in zip(nodes.nodes, before, strict=True)]
+        return {
+            "busy": busy, "wall": wall,
+            "done": [len(n.hello_rounds) - c for n, c in zip(nodes.nodes, counted, strict=True)],
+            "submitted": [sum("submitted" in line for line in n.hello_lines[c:])
+                          for n, c in zip(nodes.nodes, counted, strict=True)],
+            "last_line": nodes.nodes[0].hello_lines[-1],
+        }
     except BaseException:
         print("\n".join(n.tail() for n in nodes.nodes), file=sys.stderr)
         raise
     finally:
         nodes.stop_all()
-    per_node = [1000 * (b - i) / k for b, i, k in zip(busy, idle, done, strict=True)]
+
+
+def _idle_cpu(root: Path, round_time: int, wall: float) -> list[float]:
+    """Each node's CPU over `wall` seconds of a network without task rounds."""
+    nodes = Nodes(root / "nodes-idle", root / "nodes-idle" / "ledger", round_time)
+    try:
+        nodes.start_all(())
+        time.sleep(min(2.0, wall))  # past the start-up work
+        before = [n.cpu_s() for n in nodes.nodes]
+        time.sleep(wall)
+        return [n.cpu_s() - b for n, b in zip(nodes.nodes, before, strict=True)]
+    except BaseException:
+        print("\n".join(n.tail() for n in nodes.nodes), file=sys.stderr)
+        raise
+    finally:
+        nodes.stop_all()
+
+
+def measure_nodes(root: Path, round_time: int, rounds: int, out: dict[str, Any]) -> None:
+    """round_overhead_ms (hello alone, as the target is set), the same with both built-in
+    tasks (round_overhead_ms_hello_storage), and their parts into `out`."""
+    hello = _busy_phase(root, ("hello",), round_time, rounds)
+    both = _busy_phase(root, ("hello", "storage"), round_time, rounds)
+    idle_wall = max(hello["wall"], both["wall"])
+    idle = _idle_cpu(root, round_time, idle_wall)
+
+    def per_node(phase: dict[str, Any]) -> list[float]:
+        # idle CPU scaled to the phase's own wall time
+        return [1000 * (b - i * phase["wall"] / idle_wall) / k
+                for b, i, k in zip(phase["busy"], idle, phase["done"], strict=True)]
+
+    for key, phase in (("round_overhead_ms", hello),
+                       ("round_overhead_ms_hello_storage", both)):
+        values = per_node(phase)
+        out[key] = round(sum(values) / len(values), 1)
+        out[f"{key}_per_node"] = [round(v, 1) for v in values]
     out.update({
-        "round_overhead_ms": round(sum(per_node) / len(per_node), 1),
-        "round_overhead_ms_per_node": [round(v, 1) for v in per_node],
-        "round_time_s": round_time, "overhead_rounds": done, "overhead_wall_s": round(wall, 2),
-        "node_cpu_s_tasks": [round(v, 3) for v in busy],
-        "node_cpu_s_idle": [round(v, 3) for v in idle],
-        "overhead_tasks": "hello+storage", "overhead_rounds_submitted": submitted,
-        "overhead_last_hello_line": last_line,
+        "round_time_s": round_time, "overhead_rounds": hello["done"],
+        "overhead_wall_s": round(hello["wall"], 2),
+        "node_cpu_s_tasks": [round(v, 3) for v in hello["busy"]],
+        "node_cpu_s_hello_storage": [round(v, 3) for v in both["busy"]],
+        "node_cpu_s_idle": [round(v, 3) for v in idle], "idle_wall_s": round(idle_wall, 2),
+        "overhead_rounds_submitted": hello["submitted"],
+        "overhead_last_hello_line": hello["last_line"],
     })
 
 

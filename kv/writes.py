@@ -80,6 +80,7 @@ class Writes:
         self._forwarders: dict[str, Forwarder] = {}
         self._nursery: trio.Nursery | None = None
         self._ack_deadlines: deque[tuple[float, trio.Event]] = deque()  # in deadline order
+        self._ack_waiting = trio.Event()  # set when a deadline joins an empty queue
         # per partition, the replica that applies its ops, and where this node sends what it
         # applies (see _routes); valid for one ring and one set of live members
         self._route_cache: tuple[Ring | None, frozenset[str], _Routes] = (
@@ -272,6 +273,7 @@ class Writes:
             # single-write path a scope costs more than the rest of this function)
             self._ack_deadlines.append((trio.current_time() + self.config.request_timeout,
                                         done))
+            self._ack_waiting.set()
             await done.wait()
         outcomes: list[OpError | QuorumError | None] = []
         for op, result, waited in zip(ops, results, waits, strict=True):
@@ -313,9 +315,13 @@ class Writes:
 
     async def ack_sweeper(self) -> None:
         """Ends the wait of writes whose replicas did not all answer within request_timeout
-        (they then count as short of acks), and forgets finished groups."""
+        (they then count as short of acks), and forgets finished groups. Sleeps while no
+        write waits (an idle node does not wake for it)."""
         deadlines = self._ack_deadlines
         while True:
+            if not deadlines:
+                self._ack_waiting = trio.Event()
+                await self._ack_waiting.wait()
             await trio.sleep(ACK_SWEEP_S)
             now = trio.current_time()
             while deadlines and (deadlines[0][0] <= now or deadlines[0][1].is_set()):

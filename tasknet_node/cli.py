@@ -186,6 +186,9 @@ def run_parser() -> argparse.ArgumentParser:
     rounds.add_argument("--round-time", type=_positive, metavar="S",
                         help="round length of the built-in tasks a bootstrap node creates on a "
                         "new ledger (default 6 s)")
+    rounds.add_argument("--builtin-tasks", metavar="NAMES",
+                        help="the built-in tasks a bootstrap node creates on a new ledger, "
+                        "comma-separated (default hello,storage)")
     modes = [mode.value for mode in Misbehaviour]
     rounds.add_argument("--misbehave", choices=modes, metavar="MODE",
                         help="bad-node mode, to watch audits work: " + ", ".join(modes))

@@ -183,6 +183,18 @@ def build_tasks_config(args: argparse.Namespace) -> TasksConfig:
                              f"{config.chain_url!r}")
     elif args.chain_url or args.contract:
         raise UsageError("--chain-url and --contract are for --chain evm")
+    if args.builtin_tasks is not None:
+        from tasks.builtin import BUILTIN
+
+        names = tuple(dict.fromkeys(n.strip() for n in args.builtin_tasks.split(",")
+                                    if n.strip()))
+        unknown = [n for n in names if n not in BUILTIN]
+        if not names or unknown:
+            raise UsageError(f"--builtin-tasks takes names of built-in tasks "
+                             f"({', '.join(sorted(BUILTIN))}), not {args.builtin_tasks!r}")
+        if not args.bootstrap:
+            raise UsageError("--builtin-tasks is for the bootstrap node: it creates them")
+        config.builtin = names
     if args.round_time is not None:
         if args.round_time < 1.0:
             raise UsageError("--round-time must be at least 1 second")

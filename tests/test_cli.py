@@ -201,6 +201,23 @@ def test_a_testnet_file_names_its_evm_chain_and_flags_override_it(tmp_path):
     assert config.chain == "ledger" and config.ledger_dir == tmp_path / "ledger"
 
 
+def test_builtin_tasks_flag_names_what_a_bootstrap_creates(tmp_path):
+    from tasknet_node.options import build_tasks_config
+
+    def tasks_config(*args):
+        return build_tasks_config(cli.run_parser().parse_args(
+            ["--ledger", str(tmp_path / "ledger"), *args]))
+
+    assert tasks_config("--bootstrap").builtin == ("hello", "storage")
+    assert tasks_config("--bootstrap", "--builtin-tasks", " storage,hello,storage").builtin \
+        == ("storage", "hello")
+    for bad in ("nope", "hello,nope", ",", ""):
+        with pytest.raises(cli.UsageError, match="names of built-in tasks"):
+            tasks_config("--bootstrap", "--builtin-tasks", bad)
+    with pytest.raises(cli.UsageError, match="for the bootstrap node"):
+        tasks_config("--join", "/ip4/127.0.0.1/tcp/1", "--builtin-tasks", "hello")
+
+
 def test_network_flag_must_match_the_testnet(tmp_path):
     toml = write_testnet(tmp_path / "net.toml", tmp_path / "boot")
     with pytest.raises(cli.UsageError, match="differs from testnet"):
