@@ -3,14 +3,14 @@
 # them); KV loads the service on first use.
 from typing import TYPE_CHECKING, Any
 
-from .config import Consistency, KVConfig, NotAdmitted, QuorumError
+from .config import Consistency, KVConfig, NotAdmitted, OutcomeUnknown, QuorumError
 from .ops import OpError
 
 if TYPE_CHECKING:
     from .service import KV, LocalState
 
 __all__ = ["KV", "Consistency", "KVConfig", "LocalState", "NotAdmitted", "OpError",
-           "QuorumError"]
+           "OutcomeUnknown", "QuorumError"]
 
 
 def __getattr__(name: str) -> Any:

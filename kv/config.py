@@ -1,6 +1,7 @@
 # The store's settings and the errors its API raises: what a caller (the node runner, the
 # CLI, an embedding program) needs to configure and call the store without loading it.
-# Lives here: the consistency levels, KVConfig and its checks, QuorumError, NotAdmitted.
+# Lives here: the consistency levels, KVConfig and its checks, QuorumError, OutcomeUnknown,
+# NotAdmitted.
 # Must not live here: anything that imports trio or p2p (the CLI imports this module to
 # offer the consistency levels; kv/__init__.py loads the service only when asked for KV).
 from __future__ import annotations
@@ -24,6 +25,16 @@ class QuorumError(Exception):
     """Fewer replicas than the consistency level asks for answered in time."""
 
 
+class OutcomeUnknown(QuorumError):
+    """A write was sent to a replica that did not answer in time (paused, cut off, slow): it
+    may or may not have been applied, and may still take effect later. Retrying is safe for
+    put, sadd, srem, hset, hdel and a delete of a register, set or map; an incr retried may
+    count twice (read the counter first). A QuorumError, so callers that treat every
+    unacknowledged write alike need not know it."""
+
+    code = "outcome_unknown"
+
+
 class NotAdmitted(Exception):
     """The network's admission rule does not admit this node (yet): it neither coordinates
     reads and writes nor holds data, so that nothing it stored while outside the network
@@ -39,6 +50,13 @@ class KVConfig:
     write_consistency: Consistency = Consistency.QUORUM
     read_consistency: Consistency = Consistency.QUORUM
     request_timeout: float = 5.0
+    # a forwarded write whose replica has not answered within this many seconds goes to the
+    # key's next live replica too (hedged), for ops safe to apply twice (all but incr; see
+    # kv/writes.py); the first good answer counts. None: never hedge
+    hedge_after_s: float | None = 1.0
+    # a replica that kept a forwarded write waiting past hedge_after_s is passed over as the
+    # one that applies writes for this long, or until it answers or restarts
+    slow_mark_s: float = 10.0
     hint_interval: float = 1.0
     anti_entropy_interval: float = 10.0
     # a round compares only partitions whose root held still this long before it (at most
@@ -73,6 +91,10 @@ class KVConfig:
     def __post_init__(self) -> None:
         if not self.max_clock_skew_s > 0:
             raise ValueError(f"max_clock_skew_s must be > 0, got {self.max_clock_skew_s}")
+        if self.hedge_after_s is not None and not self.hedge_after_s > 0:
+            raise ValueError(f"hedge_after_s must be > 0 or None, got {self.hedge_after_s}")
+        if self.slow_mark_s < 0:
+            raise ValueError(f"slow_mark_s must be >= 0, got {self.slow_mark_s}")
         if self.anti_entropy_settle_s < 0 or self.anti_entropy_max_deferrals < 0:
             raise ValueError("anti_entropy_settle_s and anti_entropy_max_deferrals must be >= 0")
         # a hint older than a collected tombstone's grace would bring the deleted key back

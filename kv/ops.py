@@ -22,6 +22,15 @@ DELTA_OVERHEAD_BYTES = 1024
 MAX_MEMBERS_PER_OP = 10_000
 # ops that only take away: never refused for size (a key too large to grow can still shrink)
 REMOVALS = frozenset({"delete", "srem", "hdel"})
+# ops a coordinator may send to a second replica while the first is silent (kv/writes.py):
+# applied by two replicas they leave, once merged, what one leaves. A put (or an hset's
+# field) makes two LWW writes of the same value; an sadd adds the same members with two
+# dots; srem and hdel each take away what their replica observed (a removal first merges a
+# quorum's states), and the union of two observed removals is one of the same writes. A
+# delete of a register, set or map is one of those; a delete of a counter decrements by the
+# value it sees, twice if applied twice, so a replica refuses one sent as a hedge
+# (not_hedged) and no deadline applies to it. incr is never sent twice.
+HEDGEABLE = frozenset({"put", "delete", "sadd", "srem", "hset", "hdel"})
 
 # The CRDT type a key gets from the first operation that writes it. A key keeps its type:
 # an operation of another type fails with WrongType until the key is deleted.

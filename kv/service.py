@@ -27,7 +27,7 @@ from p2p import Network
 from shard import Keyspace, Ring, Store
 
 from .authority import Authority
-from .config import Consistency, KVConfig, NotAdmitted, QuorumError
+from .config import Consistency, KVConfig, NotAdmitted, OutcomeUnknown, QuorumError
 from .forwarding import OPS_PROTOCOL
 from .handoff import CHUNK_KEYS, FOREIGN_PROTOCOL, ROOTS_PROTOCOL, Handoff
 from .hints import HintStore
@@ -42,7 +42,7 @@ from .writer import GroupCommitWriter
 from .writes import Writes
 
 __all__ = ["KV", "Consistency", "KVConfig", "LocalState", "NotAdmitted", "OpError",
-           "QuorumError"]
+           "OutcomeUnknown", "QuorumError"]
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,8 @@ METRICS = ("writes", "reads", "read_repairs", "hints_delivered", "handoff_keys_s
            "partitions_dropped", "refused_batches", "merge_failures", "type_conflicts",
            "tombstones_collected", "hints_expired", "hints_dropped", "refused_ops",
            "skew_refused", "skew_overrides", "handoff_skew_withheld", "not_member_refused",
-           "authority_refused", "observed_removals")
+           "authority_refused", "observed_removals", "hedged_ops", "unknown_outcomes",
+           "slow_marks", "expired_ops")
 
 
 class LocalState(NamedTuple):
@@ -70,7 +71,9 @@ class KV:
 
     Every call takes a `consistency` (Consistency.ONE, QUORUM or ALL; None: the configured
     default): how many replicas must acknowledge a write, or answer a read. A write or read
-    that gets fewer raises QuorumError (a write may then still be stored on some replicas);
+    that gets fewer raises QuorumError (a write may then still be stored on some replicas),
+    one whose replica did not answer at all OutcomeUnknown (a QuorumError: it may or may not
+    have been applied; see docs/write-path.md);
     an op the store refuses raises OpError (its `code`: wrong_type, bad_value, too_large,
     clock_skew, bad_request); a node the network does not admit raises NotAdmitted."""
 

@@ -1,11 +1,13 @@
 # The write path: from an operation to W acknowledgements, and the replica's side of it.
 # Lives here: execute (group ops by the replica that applies them, run them here or forward
-# them, retry unsent ones at the next replica), applying ops here as their CRDT actor (a
-# removal first merges what a quorum of replicas holds, so it removes every acked write), and
-# pushing the deltas to the other replicas, counting acks (kv/quorum.py) against a deadline,
-# hints to fallback nodes for replicas that are down, the per-peer replication links and
-# forwarders, the node's batch sequences, local merges of repaired states, and the handlers
-# of incoming replication batches (kv-apply) and forwarded ops (kv-ops).
+# them, retry unsent ones at the next replica, hedge ops safe to apply twice at the next
+# replica when the first is silent, pass over replicas marked slow, tell an unknown outcome
+# from a failure), applying ops here as their CRDT actor (a removal first merges what a
+# quorum of replicas holds, so it removes every acked write), and pushing the deltas to the
+# other replicas, counting acks (kv/quorum.py) against a deadline, hints to fallback nodes
+# for replicas that are down, the per-peer replication links and forwarders, the node's
+# batch sequences, local merges of repaired states, and the handlers of incoming
+# replication batches (kv-apply) and forwarded ops (kv-ops, with their hedging deadlines).
 # Errors on the replica side: input a peer got wrong (a malformed, replayed, corrupt or
 # oversized batch or op) scores it down; a fault of this node (its disk, its writer stopped,
 # a shutdown) answers `unavailable` and blames nobody.
@@ -29,10 +31,27 @@ from shard import Ring
 from shard.store import CorruptRecord
 
 from .authority import Authority
-from .config import Consistency, KVConfig, QuorumError
-from .forwarding import MAX_OPS_PER_REQUEST, UNREACHABLE, Forwarder
+from .config import Consistency, KVConfig, OutcomeUnknown, QuorumError
+from .forwarding import (
+    MAX_OPS_PER_REQUEST,
+    OUTCOME_UNKNOWN,
+    UNREACHABLE,
+    Call,
+    Forwarder,
+    Outcome,
+)
 from .hints import HintStore
-from .ops import REMOVALS, Op, OpError, check_growth, check_op, make_delta, shown_key
+from .ops import (
+    HEDGEABLE,
+    REMOVALS,
+    Op,
+    OpError,
+    check_growth,
+    check_op,
+    make_delta,
+    shown_key,
+    type_name,
+)
 from .placement import Placement
 from .quorum import AckGroup, Acks
 from .replication import Delta, PeerLink, open_batch
@@ -42,6 +61,14 @@ from .writer import GroupCommitWriter, Replace, Replacement
 log = logging.getLogger(__name__)
 
 ACK_SWEEP_S = 0.05  # how often write waits are checked against their deadline
+# a forwarded call of more ops is never hedged: a large batch may take longer than the hedge
+# delay to apply, and a copy of it doubles the work
+HEDGE_MAX_OPS = 100
+EXPIRED = "expired"  # a forwarded op that reached its replica after its deadline: not applied
+NOT_APPLIED = frozenset({UNREACHABLE, EXPIRED})
+# what a forwarded op's error code means for the caller: the op itself is refused (OpError)
+OP_CODES = frozenset({"wrong_type", "bad_request", "bad_value", "clock_skew", "too_large",
+                      "not_hedged"})
 
 
 class _Routes:
@@ -78,6 +105,8 @@ class Writes:
         self.me = net.peer_id
         self.links: dict[str, PeerLink] = {}
         self._forwarders: dict[str, Forwarder] = {}
+        # replicas passed over as mutators: until when (trio time), and their incarnation then
+        self._slow: dict[str, tuple[float, int]] = {}
         self._nursery: trio.Nursery | None = None
         self._ack_deadlines: deque[tuple[float, trio.Event]] = deque()  # in deadline order
         self._ack_waiting = trio.Event()  # set when a deadline joins an empty queue
@@ -97,53 +126,76 @@ class Writes:
         self._nursery.start_soon(fn, *args)
 
     # -- coordinating ----------------------------------------------------------------------
-    async def execute_many(self, ops: list[Op], level: Consistency,
-                           *, avoid: frozenset[str] = frozenset()) -> None:
+    async def execute_many(self, ops: list[Op], level: Consistency) -> None:
         """Run operations: each goes to the first reachable replica of its key, which applies
-        it (as the CRDT actor) and replicates it; returns when every op has W acks."""
+        it (as the CRDT actor) and replicates it; returns when every op has W acks. Raises
+        the op's error for one op (OpError, QuorumError, OutcomeUnknown), else QuorumError
+        (OutcomeUnknown if every op that failed has an unknown outcome)."""
         self.authority.check_admitted()
+        outcomes = await self._execute(ops, level, frozenset(), hedge=False)
+        failed = [o for o in outcomes if o is not None]
+        if not failed:
+            self.metrics["writes"] += len(ops)
+            return
+        unknown = sum(isinstance(o, OutcomeUnknown) for o in failed)
+        self.metrics["unknown_outcomes"] += unknown
+        if len(ops) == 1:
+            raise failed[0]
+        refused = sum(isinstance(o, OpError) for o in failed)
+        summary = (f"{len(failed)} of {len(ops)} ops failed ({refused} refused, {unknown} "
+                   f"with an unknown outcome); first: {failed[0]}")
+        raise OutcomeUnknown(summary) if unknown == len(failed) else QuorumError(summary)
+
+    async def _execute(self, ops: list[Op], level: Consistency, avoid: frozenset[str],
+                       hedge: bool) -> list[Exception | None]:
+        """Per op, None once it has its W acks, else why not. Ops are grouped by the replica
+        that applies them (their first live replica not in `avoid`); `hedge`: these ops were
+        sent to another replica first (see _hedge)."""
         placement = self.placement
-        groups: dict[str, list[Op]] = {}
-        sizes: dict[str, list[int]] = {}  # per group, each op's encoded arguments in bytes
-        partitions: dict[str, list[int]] = {}  # per group, each op's partition
+        groups: dict[str, list[int]] = {}  # per mutator, the indices of its ops
+        sizes: list[int] = []  # each op's encoded arguments in bytes
+        partitions: list[int] = []  # each op's partition
+        results: list[Exception | None] = [None] * len(ops)
         alive = placement.alive()  # once per call, not per op
-        mutators = self._routes(alive).mutators if not avoid else {}  # per partition
+        slow = self._slow_peers()
+        # per partition; the cached routes only when nothing is avoided
+        mutators = self._routes(alive).mutators if not avoid and not slow else {}
         partition_of = placement.ring.partition_of
-        for op in ops:
-            size = check_op(op, self.config.max_key_bytes, self.config.max_value_bytes)
+        for index, op in enumerate(ops):
+            sizes.append(check_op(op, self.config.max_key_bytes, self.config.max_value_bytes))
             partition = partition_of(op.key)
+            partitions.append(partition)
             if partition in mutators:
                 mutator = mutators[partition]
             else:
                 candidates = [p for p in placement.alive_replicas(op.key, alive)
                               if p not in avoid]
+                # a replica marked slow applies only if no other is live
+                candidates.sort(key=lambda p: p in slow)
                 mutator = mutators[partition] = candidates[0] if candidates else None
             if mutator is None:
-                raise QuorumError(f"no replica of {shown_key(op.key)} is reachable")
-            groups.setdefault(mutator, []).append(op)
-            sizes.setdefault(mutator, []).append(size)
-            partitions.setdefault(mutator, []).append(partition)
-        failures: list[Exception] = []
+                results[index] = QuorumError(f"no replica of {shown_key(op.key)} is reachable")
+                continue
+            groups.setdefault(mutator, []).append(index)
 
-        async def run_group(mutator: str, group: list[Op]) -> None:
-            try:
-                await self._run_at(mutator, group, sizes[mutator], partitions[mutator], level,
-                                   avoid)
-            except (QuorumError, OpError) as exc:
-                failures.append(exc)
+        async def run_group(mutator: str, indices: list[int]) -> None:
+            group = [ops[i] for i in indices]
+            if mutator == self.me:
+                outcomes: Sequence[Exception | None] = await self.apply_and_replicate(
+                    group, level, [partitions[i] for i in indices], hedge=hedge)
+            else:
+                outcomes = await self._forward(mutator, group, [sizes[i] for i in indices],
+                                               level, avoid, hedge)
+            for i, outcome in zip(indices, outcomes, strict=True):
+                results[i] = outcome
 
         if len(groups) == 1:  # the common case: no task of its own
             await run_group(*next(iter(groups.items())))
-        else:
+        elif groups:
             async with trio.open_nursery() as nursery:
-                for mutator, group in groups.items():
-                    nursery.start_soon(run_group, mutator, group)
-        if len(ops) == 1 and failures:
-            raise failures[0]
-        if failures:
-            raise QuorumError(f"{len(failures)} of {len(groups)} replica groups failed; "
-                              f"first: {failures[0]}")
-        self.metrics["writes"] += len(ops)
+                for mutator, indices in groups.items():
+                    nursery.start_soon(run_group, mutator, indices)
+        return results
 
     def _routes(self, alive: set[str]) -> _Routes:
         """The per-partition routes for the current ring and live members (a fresh, empty
@@ -154,56 +206,186 @@ class Writes:
             self._route_cache = (self.placement.ring, frozenset(alive), routes)
         return routes
 
-    async def _run_at(self, mutator: str, ops: list[Op], sizes: list[int], partitions: list[int],
-                      level: Consistency, avoid: frozenset[str]) -> None:
-        if mutator == self.me:
-            await self._mutate_and_replicate(ops, level, partitions)
+    async def _forward(self, mutator: str, ops: list[Op], sizes: list[int], level: Consistency,
+                       avoid: frozenset[str], hedge: bool) -> list[Exception | None]:
+        """Run `ops` at `mutator` (another node); per op, None or why not. Ops it never got
+        (unreachable, withdrawn, expired) run at the next replica; if it has not answered
+        within hedge_after_s, the ops safe to apply twice go to the next replica too (_hedge).
+        """
+        forwarder = self._forwarder(mutator)
+        delay = self.config.hedge_after_s
+        may_hedge = (delay is not None and len(ops) <= HEDGE_MAX_OPS
+                     and any(op.kind in HEDGEABLE for op in ops))
+        if not may_hedge:
+            outcomes = await forwarder.submit(ops, sizes, level)
+            return await self._settle(mutator, ops, outcomes, level, avoid, hedge)
+        assert delay is not None
+        # the replica must not apply them after the moment they may be sent elsewhere: a late
+        # copy would be stamped after writes made once this call was acknowledged
+        call = forwarder.enqueue(ops, sizes, level, apply_by=wall_ms() + int(delay * 1000),
+                                 hedge=hedge)
+        try:
+            with trio.move_on_after(delay):
+                await call.done.wait()
+            if not call.done.is_set():
+                return await self._hedge(mutator, forwarder, call, ops, level, avoid, hedge)
+        finally:
+            forwarder.withdraw(call)  # cancelled or hedged: what was not sent stays here
+        return await self._settle(mutator, ops, call.outcomes, level, avoid, hedge)
+
+    async def _settle(self, mutator: str, ops: list[Op], outcomes: list[Outcome],
+                      level: Consistency, avoid: frozenset[str],
+                      hedge: bool) -> list[Exception | None]:
+        """The errors of a forwarded call's outcomes; ops `mutator` never applied run again at
+        the next replica."""
+        results = [_failure(mutator, op, o) for op, o in zip(ops, outcomes, strict=True)]
+        again = [i for i, o in enumerate(outcomes) if o is not None and o[0] in NOT_APPLIED]
+        if again:  # never applied, so never applied twice: the next replicas may apply them
+            retried = await self._execute([ops[i] for i in again], level, avoid | {mutator},
+                                          hedge)
+            for i, result in zip(again, retried, strict=True):
+                results[i] = result
+        return results
+
+    async def _hedge(self, mutator: str, forwarder: Forwarder, call: Call, ops: list[Op],
+                     level: Consistency, avoid: frozenset[str],
+                     hedge: bool) -> list[Exception | None]:
+        """`mutator` has not answered within hedge_after_s. The call's ops still queued are
+        withdrawn and run at the next replica; those sent and safe to apply twice
+        (HEDGEABLE) are sent to the next replica too, and the first good answer counts; the
+        others (incr) wait for `mutator`'s answer. The mutator is marked slow."""
+        self._mark_slow(mutator)
+        withdrawn = set(forwarder.withdraw(call))
+        hedged = [i for i in range(len(ops)) if i not in withdrawn and ops[i].kind in HEDGEABLE]
+        waiting = [i for i in range(len(ops)) if i not in withdrawn and i not in hedged]
+        self.metrics["hedged_ops"] += len(hedged)
+        if hedged:
+            log.info("%s has not answered %d forwarded ops in %.1f s: sending %d to the next "
+                     "replica", mutator, len(ops) - len(withdrawn), self.config.hedge_after_s,
+                     len(hedged))
+        second: dict[int, Exception | None] = {}  # the next replicas' outcomes, by index
+        others = avoid | {mutator}
+        withdrawn_done = not withdrawn
+        hedges_done = False
+        wake = trio.Event()
+
+        def primary_ok(i: int) -> bool:
+            return call.done.is_set() and call.outcomes[i] is None
+
+        def finished() -> bool:
+            if not withdrawn_done:
+                return False
+            if call.done.is_set():
+                return hedges_done or all(primary_ok(i) for i in hedged)
+            # the mutator has not answered: enough only if all it was sent is settled elsewhere
+            return not waiting and hedges_done and all(second[i] is None for i in hedged)
+
+        async def run_withdrawn() -> None:  # never sent: not a copy of anything
+            nonlocal withdrawn_done
+            indices = sorted(withdrawn)
+            outcomes = await self._execute([ops[i] for i in indices], level, others, hedge)
+            second.update(zip(indices, outcomes, strict=True))
+            withdrawn_done = True
+            wake.set()
+
+        async def run_hedges() -> None:
+            nonlocal hedges_done
+            outcomes = await self._execute([ops[i] for i in hedged], level, others, True)
+            second.update(zip(hedged, outcomes, strict=True))
+            hedges_done = True
+            wake.set()
+
+        async def watch_mutator() -> None:
+            await call.done.wait()
+            wake.set()
+
+        async with trio.open_nursery() as nursery:
+            if withdrawn:
+                nursery.start_soon(run_withdrawn)
+            if hedged:
+                nursery.start_soon(run_hedges)
+            else:
+                hedges_done = True
+            nursery.start_soon(watch_mutator)
+            # each task ends by its own timeouts, so this ends too
+            while not finished():
+                await wake.wait()
+                wake = trio.Event()
+            nursery.cancel_scope.cancel()  # a slower copy's answer is not needed
+        results: list[Exception | None] = []
+        retry: list[int] = []
+        for i, op in enumerate(ops):
+            if i in withdrawn:
+                results.append(second[i])
+            elif i in hedged:
+                if primary_ok(i) or second.get(i, False) is None:
+                    results.append(None)
+                else:  # both failed (the mutator has answered: see finished)
+                    outcome = call.outcomes[i]
+                    # the mutator's error, unless it did not apply the op at all
+                    results.append(second.get(i) if outcome is not None
+                                   and outcome[0] in NOT_APPLIED
+                                   else _failure(mutator, op, outcome))
+            else:
+                outcome = call.outcomes[i]
+                if outcome is not None and outcome[0] in NOT_APPLIED:
+                    retry.append(i)
+                results.append(_failure(mutator, op, outcome))
+        if retry:
+            retried = await self._execute([ops[i] for i in retry], level, others, hedge)
+            for i, result in zip(retry, retried, strict=True):
+                results[i] = result
+        return results
+
+    # -- replicas that keep writes waiting -------------------------------------------------
+    def _mark_slow(self, peer: str) -> None:
+        """Pass `peer` over as the replica that applies writes for slow_mark_s (it kept a
+        forwarded write waiting past hedge_after_s), unless it answers or restarts sooner."""
+        if self.config.slow_mark_s <= 0:
             return
-        outcomes = await self._forwarder(mutator).submit(ops, sizes, level)
-        unsent = [op for op, o in zip(ops, outcomes, strict=True)
-                  if o is not None and o[0] == UNREACHABLE]
-        failed = [o for o in outcomes if o is not None and o[0] != UNREACHABLE]
-        if unsent:  # never sent, so never applied: the next replicas may apply them
-            await self.execute_many(unsent, level, avoid=avoid | {mutator})
-        if not failed:
-            return
-        code, message = failed[0]
-        if len(ops) == 1 and code in ("wrong_type", "bad_request", "bad_value", "clock_skew",
-                                         "too_large"):
-            raise OpError(code, message)
-        raise QuorumError(f"{len(failed)} of {len(ops)} ops failed at {mutator}; first: "
-                          f"{code}: {message}")
+        member = self.net.view.get(peer)
+        if peer not in self._slow:
+            self.metrics["slow_marks"] += 1
+        self._slow[peer] = (trio.current_time() + self.config.slow_mark_s,
+                            member.incarnation if member is not None else 0)
+
+    def _on_forward_answer(self, peer: str, answered: bool) -> None:
+        if answered:
+            self._slow.pop(peer, None)  # it answers again
+
+    def _slow_peers(self) -> set[str]:
+        """The replicas marked slow now (a mark ends when due, or when SWIM has the peer back
+        at a newer incarnation: it restarted)."""
+        if not self._slow:
+            return set()
+        now = trio.current_time()
+        view = self.net.view
+        for peer, (until, incarnation) in list(self._slow.items()):
+            member = view.get(peer)
+            if until <= now or (member is not None and member.incarnation > incarnation):
+                del self._slow[peer]
+        return set(self._slow)
 
     def _forwarder(self, peer: str) -> Forwarder:
         forwarder = self._forwarders.get(peer)
         if forwarder is None:
             forwarder = Forwarder(self.net, peer, self.config.max_batch_bytes,
-                                  self.config.request_timeout * 2)
+                                  self.config.request_timeout * 2, self._on_forward_answer)
             self._forwarders[peer] = forwarder
             self.spawn(forwarder.run)
         return forwarder
 
     # -- applying here as the CRDT actor ---------------------------------------------------
-    async def _mutate_and_replicate(self, ops: list[Op], level: Consistency,
-                                    partitions: list[int]) -> None:
-        """Apply `ops` here and replicate them; raises if any failed (the op's own OpError
-        for a single op, else QuorumError)."""
-        outcomes = await self.apply_and_replicate(ops, level, partitions)
-        failed = [o for o in outcomes if o is not None]
-        if not failed:
-            return
-        if len(ops) == 1:
-            raise failed[0]
-        refused = [o for o in failed if isinstance(o, OpError)]
-        raise QuorumError(f"{len(failed) - len(refused)} of {len(ops)} ops had fewer than "
-                          f"{level.needed(self.placement.copies())} acks; {len(refused)} "
-                          f"refused ({refused[0] if refused else ''})")
-
     async def apply_and_replicate(self, ops: list[Op], level: Consistency,
-                                  partitions: list[int] | None = None
+                                  partitions: list[int] | None = None, *,
+                                  apply_by: int | None = None, hedge: bool = False
                                   ) -> list[OpError | QuorumError | None]:
         """Apply `ops` here (this node is their CRDT actor) and replicate them; per op, None
-        when it has its W acks, else why not. `partitions`: each op's partition, if known."""
+        when it has its W acks, else why not. `partitions`: each op's partition, if known.
+        A forwarded call may be hedged (see _hedge): `apply_by` is the coordinator's wall
+        time (ms) after which its HEDGEABLE ops are not applied (`expired`: the coordinator
+        may have sent them elsewhere by then); `hedge`: these ops are such a second copy, so
+        a delete of a counter (not safe to apply twice) is refused (`not_hedged`)."""
         unobserved = await self._observe_removals(ops, level)
         now_ms = wall_ms()
 
@@ -215,6 +397,8 @@ class Writes:
                 replace = (op.override_skew and current is not None
                            and self.timebound.beyond(current, now_ms))
                 state = crdt.decode(current) if current is not None and not replace else None
+                if apply_by is not None or hedge:
+                    self._check_hedged(op, state, apply_by, hedge)
                 try:
                     delta = make_delta(op, state, self.me, self.clock, now_ms)
                     if delta is None:
@@ -286,6 +470,20 @@ class Writes:
             else:
                 outcomes.append(None)
         return outcomes
+
+    def _check_hedged(self, op: Op, state: Any, apply_by: int | None, hedge: bool) -> None:
+        """Refuse a hedged op that must not apply here (see apply_and_replicate)."""
+        if op.kind == "delete" and state is not None and type_name(state) == "pncounter":
+            if hedge:  # the first replica may apply it: decremented twice
+                raise OpError("not_hedged", f"a delete of the counter {shown_key(op.key)} is "
+                              "not sent to two replicas")
+            return  # never hedged, so no deadline
+        if apply_by is not None and op.kind in HEDGEABLE and wall_ms() > apply_by:
+            self.metrics["expired_ops"] += 1
+            raise OpError(EXPIRED, f"{op.kind} of {shown_key(op.key)} arrived "
+                          f"{wall_ms() - apply_by} ms after its deadline (this replica was "
+                          "paused or slow, or its clock is ahead of the coordinator's); not "
+                          "applied")
 
     async def _observe_removals(self, ops: list[Op], level: Consistency
                                 ) -> dict[bytes, QuorumError] | None:
@@ -480,7 +678,7 @@ class Writes:
     async def on_ops(self, peer: str, message: Any) -> Any:
         """Groups of ops another coordinator forwarded (each group with its consistency
         level); answers, per group and op, None (applied with its quorum) or [code, why]."""
-        groups: list[tuple[list[Op], Consistency]] = []
+        groups: list[tuple[list[Op], Consistency, int | None, bool]] = []
         try:
             wire_groups = message.get("groups") if isinstance(message, dict) else None
             if not isinstance(wire_groups, list) or not 0 < len(wire_groups) <= 100:
@@ -491,26 +689,31 @@ class Writes:
                 if not isinstance(wire_ops, list) or not wire_ops:
                     raise OpError("bad_request", "a group needs a list of operations")
                 total += len(wire_ops)
+                apply_by, hedge = group.get("by"), group.get("h", False)
+                if not ((apply_by is None or type(apply_by) is int) and type(hedge) is bool):
+                    raise OpError("bad_request", "a group's by must be an integer, h a bool")
                 groups.append(([Op.from_wire(w) for w in wire_ops],
-                               Consistency(group.get("c", "quorum"))))
+                               Consistency(group.get("c", "quorum")), apply_by, hedge))
             if total > MAX_OPS_PER_REQUEST:
                 raise OpError("bad_request", f"more than {MAX_OPS_PER_REQUEST} operations")
         except (OpError, ValueError) as exc:
             raise HandlerError("bad_request", str(exc)) from None
         replies: list[list[Any]] = [[] for _ in groups]
-        refusals = [self._screen_ops(peer, ops) for ops, _ in groups]
+        refusals = [self._screen_ops(peer, group[0]) for group in groups]
 
-        async def run(index: int, ops: list[Op], level: Consistency) -> None:
+        async def run(index: int, ops: list[Op], level: Consistency, apply_by: int | None,
+                      hedge: bool) -> None:
             refused = refusals[index]
             outcomes = iter(await self.apply_and_replicate(
-                [op for i, op in enumerate(ops) if i not in refused], level))
+                [op for i, op in enumerate(ops) if i not in refused], level,
+                apply_by=apply_by, hedge=hedge))
             replies[index] = [refused[i] if i in refused else _outcome(next(outcomes))
                               for i in range(len(ops))]
 
         try:
             async with trio.open_nursery() as nursery:  # one group commit for all groups
-                for index, (ops, level) in enumerate(groups):
-                    nursery.start_soon(run, index, ops, level)
+                for index, (ops, level, apply_by, hedge) in enumerate(groups):
+                    nursery.start_soon(run, index, ops, level, apply_by, hedge)
         except Exception as exc:  # the group commit failed: this node's disk, writer, shutdown
             raise self._unavailable(peer, "forwarded ops", exc) from None
         return replies
@@ -531,6 +734,20 @@ class Writes:
             log.warning("refused %d forwarded ops from %s: %s", len(refused), peer, first[1])
             self.net.penalize(peer, "oversized" if first[0] == "too_large" else "malformed")
         return refused
+
+
+def _failure(mutator: str, op: Op, outcome: Outcome) -> Exception | None:
+    """The error a forwarded op's outcome stands for (None: applied with its quorum)."""
+    if outcome is None:
+        return None
+    code, message = outcome
+    if code in OP_CODES:
+        return OpError(code, message)
+    if code == OUTCOME_UNKNOWN:
+        return OutcomeUnknown(f"{op.kind} of {shown_key(op.key)}: the outcome is unknown, it "
+                              f"may or may not have been applied ({message})")
+    return QuorumError(f"{op.kind} of {shown_key(op.key)} failed at {mutator}: {code}: "
+                       f"{message}")
 
 
 def _outcome(result: OpError | QuorumError | None) -> list[Any] | None:

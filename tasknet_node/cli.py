@@ -57,10 +57,13 @@ THIRD_PARTY_LOGGERS = ("libp2p", "multiaddr")
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 1
 EXIT_QUORUM = 3
+EXIT_OUTCOME_UNKNOWN = 4
 KV_EXIT_CODES = ("exit status: 0 done; 1 no node answers for --data-dir; 2 bad arguments, or an "
                  "operation the store refuses (such as sadd on a counter); 3 too few replicas "
                  "answered for the consistency level (quorum failure: a write may or may not "
-                 "have been applied, retry it)")
+                 "have been applied, retry it); 4 the replica applying the write did not "
+                 "answer (outcome unknown: it may or may not have been applied; retrying an "
+                 "incr may count it twice)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -311,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except NodeUnreachable as exc:
         return _fail(str(exc), EXIT_UNREACHABLE)
     except ApiRefused as exc:
-        return _fail(str(exc), EXIT_QUORUM if exc.status == 503 else EXIT_USAGE)
+        return _fail(str(exc), {503: EXIT_QUORUM, 504: EXIT_OUTCOME_UNKNOWN}.get(exc.status,
+                                                                                EXIT_USAGE))
     except BaseException as exc:
         message = user_error(exc)
         if message is None:

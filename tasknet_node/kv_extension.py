@@ -20,7 +20,7 @@ import trio
 
 import crdt
 from crdt.values import pack_value
-from kv import KV, Consistency, KVConfig, NotAdmitted, OpError, QuorumError
+from kv import KV, Consistency, KVConfig, NotAdmitted, OpError, OutcomeUnknown, QuorumError
 from kv.ops import render
 from p2p import Network, RequestError
 from shard import Ring
@@ -59,6 +59,14 @@ COUNTERS = (
                               " would refuse them; they read as absent)"),
     ("skew_overrides", "stored states beyond the clock skew bound replaced by an operator's "
                        "override_skew write"),
+    ("hedged_ops", "forwarded writes also sent to the next replica because the first had not "
+                   "answered within hedge_after_s"),
+    ("unknown_outcomes", "writes this node coordinated that failed with outcome_unknown (their "
+                         "replica did not answer: applied or not)"),
+    ("slow_marks", "replicas passed over as the one that applies writes after keeping a "
+                   "forwarded write waiting"),
+    ("expired_ops", "forwarded writes this replica did not apply: they came after their "
+                    "coordinator may have sent them elsewhere"),
 )
 
 
@@ -266,6 +274,11 @@ def _classify(exc: BaseException) -> tuple[int, str]:
     if isinstance(exc, BaseExceptionGroup):
         kinds = [_classify(inner) for inner in exc.exceptions]
         return (0, "") if (0, "") in kinds else kinds[0]
+    if isinstance(exc, OutcomeUnknown):  # a QuorumError: tested first
+        # the replica that applies the write did not answer in time: the write may or may
+        # not have been applied (an incr retried may count twice), unlike a plain quorum
+        # failure, whose replica answered
+        return 504, OutcomeUnknown.code
     if isinstance(exc, QuorumError):
         return 503, "quorum"
     if isinstance(exc, NotAdmitted):

@@ -10,6 +10,7 @@ import trio
 
 import crdt
 from kv import KV, KVConfig
+from kv.forwarding import OPS_PROTOCOL
 from p2p import Network
 from shard import Keyspace, Store
 
@@ -51,6 +52,31 @@ async def wait_for_ring(nodes: list[KV], timeout: float = 15) -> float:
     return await wait_for(
         lambda: all(alive_ids(kv.net) >= everyone and set(kv.ring.members) == everyone
                     for kv in nodes), timeout, "every node alive in every ring")
+
+
+def stall_forwarded_ops(kv: KV) -> trio.Event:
+    """Make `kv` take the ops other coordinators forward to it (kv-ops) and not answer, as a
+    paused process or a cut link would, while it goes on answering membership (so nobody
+    suspects it) and replication. Set the returned event to let it go on: it then handles
+    the ops that waited, late."""
+    resume = trio.Event()
+
+    async def stalled(peer: str, message: object) -> object:
+        await resume.wait()
+        return await kv.writes.on_ops(peer, message)
+
+    kv.net.handle(OPS_PROTOCOL, kv.authority.members_only(OPS_PROTOCOL, stalled))
+    return resume
+
+
+def key_forwarded_to(coordinator: KV, mutator: str, prefix: str) -> str:
+    """A key `coordinator` does not replicate whose first replica is `mutator`."""
+    for i in range(100_000):
+        key = f"{prefix}{i}"
+        replicas = coordinator.ring.preference_list(key.encode())
+        if replicas[0] == mutator and coordinator.me not in replicas:
+            return key
+    raise AssertionError(f"no key of {mutator} outside {coordinator.me}")
 
 
 def foreign_keys(kv: KV) -> int:

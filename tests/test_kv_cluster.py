@@ -9,12 +9,13 @@ import pytest
 import trio
 
 import crdt
-from kv import Consistency, OpError, QuorumError
-from kv.ops import Op
+from kv import Consistency, KVConfig, OpError, OutcomeUnknown, QuorumError
+from kv.ops import Op, render
 from kv.replication import APPLY_PROTOCOL, seal_batch
 from p2p import RemoteError, RequestError
 from p2p.envelope import seal
 from p2p.identity import Identity
+from tasknet_node.kv_extension import _classify
 
 from kv_helpers import (
     NodeHandle,
@@ -22,6 +23,8 @@ from kv_helpers import (
     foreign_keys,
     handles,
     join,
+    key_forwarded_to,
+    stall_forwarded_ops,
     wait_for,
     wait_for_ring,
 )
@@ -348,6 +351,80 @@ async def test_a_write_to_a_stalled_replica_fails_at_all_and_succeeds_at_quorum(
         assert coordinator.store.get(b"k-quorum") is not None
         assert nodes[1].kv.store.get(b"k-quorum") is not None
         assert stalled.store.get(b"k-quorum") is None
+
+
+HEDGE = {"request_timeout": 3.0, "hedge_after_s": 0.5}
+
+
+def held(kv, key: str):
+    """The value `kv`'s own store holds for `key` (no replica asked)."""
+    state = kv.store.get(key.encode())
+    return render(crdt.decode(state)) if state is not None else None
+
+
+async def test_a_put_whose_first_replica_is_stalled_is_hedged_to_the_next(tmp_path):
+    config = KVConfig(**HEDGE)
+    assert config.hedge_after_s is not None
+    async with handles(tmp_path, 4, **HEDGE) as nodes:
+        kvs = [n.kv for n in nodes]
+        coordinator = kvs[0]
+        stalled = kvs[1]
+        key = key_forwarded_to(coordinator, stalled.me, "hedged")
+        replicas = [kv for kv in kvs if kv.me in coordinator.ring.preference_list(key.encode())]
+        resume = stall_forwarded_ops(stalled)
+        try:
+            with trio.fail_after(4 * config.request_timeout):
+                started = trio.current_time()
+                await coordinator.put(key, "first")
+                took = trio.current_time() - started
+            # not the 2 x request_timeout a forwarded write waits for its replica's answer
+            assert took < config.hedge_after_s + config.request_timeout / 2, took
+            assert coordinator.metrics["hedged_ops"] == 1
+            # the stalled replica is passed over now: the next write goes to the next replica
+            # at once, with no hedge delay; it was made after the first was acknowledged
+            with trio.fail_after(4 * config.request_timeout):
+                await coordinator.put(key, "second")
+            assert coordinator.metrics["hedged_ops"] == 1
+            assert coordinator.metrics["slow_marks"] == 1
+            assert stalled.metrics["expired_ops"] == 0
+        finally:
+            resume.set()
+        # the stalled replica gets to the first put late and must not apply it: stamped now,
+        # it would overwrite the second, acknowledged later
+        await wait_for(lambda: stalled.metrics["expired_ops"] == 1, 10,
+                       "the late copy to be refused")
+        await wait_for(lambda: all(held(kv, key) == "second" for kv in replicas), 15,
+                       "every replica to hold the second write")
+        assert await coordinator.get(key, consistency="all") == "second"
+        assert coordinator.metrics["unknown_outcomes"] == 0
+
+
+async def test_an_incr_whose_replica_is_stalled_has_an_unknown_outcome_and_counts_once(
+        tmp_path):
+    config = KVConfig(**HEDGE)
+    async with handles(tmp_path, 4, **HEDGE) as nodes:
+        kvs = [n.kv for n in nodes]
+        coordinator = kvs[0]
+        stalled = kvs[1]
+        key = key_forwarded_to(coordinator, stalled.me, "counted")
+        replicas = [kv for kv in kvs if kv.me in coordinator.ring.preference_list(key.encode())]
+        resume = stall_forwarded_ops(stalled)
+        try:
+            with trio.fail_after(4 * config.request_timeout):
+                with pytest.raises(OutcomeUnknown, match="may or may not have been applied"
+                                   ) as unknown:
+                    await coordinator.incr(key, 1)
+            assert _classify(unknown.value) == (504, "outcome_unknown")
+            assert coordinator.metrics["unknown_outcomes"] == 1
+            assert coordinator.metrics["hedged_ops"] == 0  # never sent twice
+        finally:
+            resume.set()
+        # the replica applies it once it goes on (an incr has no deadline), and only there
+        await wait_for(lambda: all(held(kv, key) is not None for kv in replicas)
+                       and len({kv.store.get(key.encode()) for kv in replicas}) == 1, 15,
+                       "every replica to hold the same counter")
+        assert [held(kv, key) for kv in replicas] == [1] * len(replicas)
+        assert await coordinator.get(key, consistency="all") == 1
 
 
 async def test_a_batch_waits_for_every_op_even_when_pushes_block_on_a_full_queue(tmp_path):
