@@ -1,8 +1,10 @@
 # Forwarding operations to the replica that applies them, coalesced: a coordinator that is
 # not a replica of a key sends the op to one that is; ops bound for the same replica that
 # wait at the same time travel in one request (one frame, one reply) instead of one each.
-# Lives here: the per-replica queue, cutting requests by op count and bytes, and spreading
-# each request's per-op outcomes back to the calls that made them.
+# Lives here: the per-replica queue, cutting requests by op count and bytes, spreading each
+# request's per-op outcomes back to the calls that made them, and sending again, in the next
+# requests, the ops a replica left unapplied for its per-request budget (`busy`: see
+# KVConfig.max_request_state_bytes), cut to what it applied in one request.
 # Must not live here: what an op does or how quorum is counted (kv/writes.py runs them).
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import trio
 from p2p import Network, PeerUnreachable, RemoteError, RequestError
 
 from .config import Consistency
-from .ops import Op
+from .ops import BUSY, Op
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +45,12 @@ class _Call:
 @dataclass
 class _Chunk:
     call: _Call
-    offset: int
+    positions: list[int]  # each op's place in the call
     level: str
     wire: list[list[Any]]
+    sizes: list[int]  # each op's bytes
     size: int
+    alone: bool = False  # sent again after `busy`: in a request of its own
 
 class Forwarder:
     """The queue of ops bound for one replica, drained one request at a time: what arrives
@@ -66,17 +70,21 @@ class Forwarder:
         `arg_sizes`: each op's encoded arguments in bytes (the coordinator measured them)."""
         call = _Call([None] * len(ops))
         chunk: list[list[Any]] = []
+        sizes: list[int] = []
         size = offset = 0
         for index, (op, arg_size) in enumerate(zip(ops, arg_sizes, strict=True)):
             wire = op.to_wire()
             op_size = len(op.key) + arg_size + OP_OVERHEAD_BYTES
             if chunk and (size + op_size > self.max_bytes or len(chunk) >= MAX_OPS_PER_REQUEST):
-                self._queue.append(_Chunk(call, offset, level.value, chunk, size))
+                self._queue.append(_Chunk(call, list(range(offset, index)), level.value, chunk,
+                                          sizes, size))
                 call.pending += 1
-                chunk, size, offset = [], 0, index
+                chunk, sizes, size, offset = [], [], 0, index
             chunk.append(wire)
+            sizes.append(op_size)
             size += op_size
-        self._queue.append(_Chunk(call, offset, level.value, chunk, size))
+        self._queue.append(_Chunk(call, list(range(offset, len(ops))), level.value, chunk,
+                                  sizes, size))
         call.pending += 1
         self._wake.set()
         await call.done.wait()
@@ -92,9 +100,9 @@ class Forwarder:
     def _take(self) -> list[_Chunk]:
         batch = [self._queue.popleft()]
         ops, size = len(batch[0].wire), batch[0].size
-        while self._queue:
+        while self._queue and not batch[0].alone:
             chunk = self._queue[0]
-            if (ops + len(chunk.wire) > MAX_OPS_PER_REQUEST
+            if (chunk.alone or ops + len(chunk.wire) > MAX_OPS_PER_REQUEST
                     or size + chunk.size > self.max_bytes):
                 break
             batch.append(self._queue.popleft())
@@ -119,10 +127,38 @@ class Forwarder:
             failure = ["quorum", f"unknown outcome at {self.peer}: {exc}"]
         if failure is None and not _well_formed(replies, batch):
             failure = ["quorum", f"malformed reply from {self.peer}"]
+        busy: list[list[int]] = [[] for _ in batch]  # per chunk, its ops left unapplied
+        if failure is None:
+            busy = [[i for i, o in enumerate(reply) if o is not None and o[0] == BUSY]
+                    for reply in replies]
+        left = sum(len(b) for b in busy)
+        applied = sum(len(chunk.wire) for chunk in batch) - left
+        again: list[_Chunk] = []
         for position, chunk in enumerate(batch):
             outcomes = [failure] * len(chunk.wire) if failure is not None else replies[position]
-            chunk.call.outcomes[chunk.offset:chunk.offset + len(chunk.wire)] = outcomes
+            for place, outcome in zip(chunk.positions, outcomes, strict=True):
+                chunk.call.outcomes[place] = outcome
+            if busy[position] and applied:  # progress: send them again (else they fail busy)
+                again += self._cut(chunk, busy[position], applied)
             chunk.call.chunk_done()
+        if left and applied:
+            log.debug("%s left %d of %d ops for the next request (its request budget)",
+                      self.peer, left, left + applied)
+        for chunk in reversed(again):  # next, before what came later: order stays per call
+            self._queue.appendleft(chunk)
+
+    @staticmethod
+    def _cut(chunk: _Chunk, indices: list[int], fit: int) -> list[_Chunk]:
+        """The ops of `chunk` at `indices`, again, in requests of `fit` ops (what the replica
+        applied of the last one), each counted as pending in its call."""
+        pieces = []
+        for start in range(0, len(indices), fit):
+            part = indices[start:start + fit]
+            sizes = [chunk.sizes[i] for i in part]
+            pieces.append(_Chunk(chunk.call, [chunk.positions[i] for i in part], chunk.level,
+                                 [chunk.wire[i] for i in part], sizes, sum(sizes), True))
+        chunk.call.pending += len(pieces)
+        return pieces
 
 def _well_formed(replies: Any, batch: list[_Chunk]) -> bool:
     return (isinstance(replies, list) and len(replies) == len(batch)

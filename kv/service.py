@@ -50,7 +50,7 @@ METRICS = ("writes", "reads", "read_repairs", "hints_delivered", "handoff_keys_s
            "partitions_dropped", "refused_batches", "merge_failures", "type_conflicts",
            "tombstones_collected", "hints_expired", "hints_dropped", "refused_ops",
            "skew_refused", "skew_overrides", "handoff_skew_withheld", "not_member_refused",
-           "authority_refused", "observed_removals")
+           "authority_refused", "observed_removals", "busy_ops")
 
 
 class LocalState(NamedTuple):

@@ -32,12 +32,21 @@ from .authority import Authority
 from .config import Consistency, KVConfig, QuorumError
 from .forwarding import MAX_OPS_PER_REQUEST, UNREACHABLE, Forwarder
 from .hints import HintStore
-from .ops import REMOVALS, Op, OpError, check_growth, check_op, make_delta, shown_key
+from .ops import (
+    REMOVALS,
+    Op,
+    OpError,
+    StateBudget,
+    check_growth_sized,
+    check_op,
+    make_delta,
+    shown_key,
+)
 from .placement import Placement
 from .quorum import AckGroup, Acks
 from .replication import Delta, PeerLink, open_batch
 from .timebound import TimeBound, apply_reply, wall_ms
-from .writer import GroupCommitWriter, Replace, Replacement
+from .writer import GroupCommitWriter, KeyState, Made, Replace
 
 log = logging.getLogger(__name__)
 
@@ -199,34 +208,41 @@ class Writes:
                           f"refused ({refused[0] if refused else ''})")
 
     async def apply_and_replicate(self, ops: list[Op], level: Consistency,
-                                  partitions: list[int] | None = None
+                                  partitions: list[int] | None = None,
+                                  budget: StateBudget | None = None
                                   ) -> list[OpError | QuorumError | None]:
         """Apply `ops` here (this node is their CRDT actor) and replicate them; per op, None
-        when it has its W acks, else why not. `partitions`: each op's partition, if known."""
+        when it has its W acks, else why not. `partitions`: each op's partition, if known.
+        `budget`: the stored state the ops may apply to (a forwarded request's); an op beyond
+        it is not applied (OpError "busy")."""
         unobserved = await self._observe_removals(ops, level)
         now_ms = wall_ms()
 
         def mutation(op: Op) -> Any:
-            def apply(current: bytes | None) -> bytes | None:
+            # `current` is the key's state as the batch left it: ops of one key in one batch
+            # work on one decoded state (kv/writer.py KeyState), not each on the whole bytes
+            def apply(current: KeyState) -> Made | None:
                 if unobserved is not None and op.key in unobserved:
                     raise unobserved[op.key]
+                if budget is not None:
+                    budget.spend(op, current.size)
                 # an override over a state beyond the skew bound starts the key afresh
-                replace = (op.override_skew and current is not None
-                           and self.timebound.beyond(current, now_ms))
-                state = crdt.decode(current) if current is not None and not replace else None
+                replace = (op.override_skew and current.exists
+                           and self.timebound.beyond(current.finish(), now_ms))
+                state = current.state if not replace else None
                 try:
                     delta = make_delta(op, state, self.me, self.clock, now_ms)
                     if delta is None:
                         return None
                     encoded = crdt.encode(delta)
-                    check_growth(op, None if replace else current, encoded,
-                                 self.config.max_batch_bytes)
+                    check_growth_sized(op, current.size if state is not None else None,
+                                       encoded, self.config.max_batch_bytes,
+                                       current.grown, delta)
                     if replace:
                         self.metrics["skew_overrides"] += 1
                         log.info("%s of %s replaces a state beyond the clock skew bound",
                                  op.kind, shown_key(op.key))
-                        return Replacement(encoded)
-                    return encoded
+                    return encoded, delta, bool(replace)
                 except OpError:
                     raise
                 except (TypeError, ValueError, OverflowError) as exc:
@@ -493,11 +509,15 @@ class Writes:
             raise HandlerError("bad_request", str(exc)) from None
         replies: list[list[Any]] = [[] for _ in groups]
         refusals = [self._screen_ops(peer, ops) for ops, _ in groups]
+        # the request's ops together apply to at most this much stored state; the rest are
+        # answered "busy" (not applied) and the sender, which did nothing wrong, sends them
+        # again in its next request (kv/forwarding.py)
+        budget = StateBudget(self.config.max_request_state_bytes)
 
         async def run(index: int, ops: list[Op], level: Consistency) -> None:
             refused = refusals[index]
             outcomes = iter(await self.apply_and_replicate(
-                [op for i, op in enumerate(ops) if i not in refused], level))
+                [op for i, op in enumerate(ops) if i not in refused], level, budget=budget))
             replies[index] = [refused[i] if i in refused else _outcome(next(outcomes))
                               for i in range(len(ops))]
 
@@ -507,6 +527,11 @@ class Writes:
                     nursery.start_soon(run, index, ops, level)
         except Exception as exc:  # the group commit failed: this node's disk, writer, shutdown
             raise self._unavailable(peer, "forwarded ops", exc) from None
+        if budget.refused:
+            self.metrics["busy_ops"] += budget.refused
+            log.info("%d of %d ops forwarded by %s left for its next request: they apply to "
+                     "more than %d bytes of stored state", budget.refused, total, peer,
+                     budget.limit)
         return replies
 
     def _screen_ops(self, peer: str, ops: list[Op]) -> dict[int, list[Any]]:

@@ -11,14 +11,15 @@ from hypothesis import strategies as st
 
 import crdt
 from kv.ops import Op, make_delta
-from kv.writer import GroupCommitWriter
+from kv.writer import GroupCommitWriter, KeyState, Made
 from shard.store import Store
 
 
-def _increment(current: bytes | None) -> bytes:
+def _increment(current: KeyState) -> Made:
     """A mutation: the delta that adds 1 for actor "a" to the current counter."""
-    state = crdt.decode(current) if current is not None else crdt.new("pncounter")
-    return crdt.encode(state.increment("a", 1))
+    state = current.state if current.exists else crdt.new("pncounter")
+    delta = state.increment("a", 1)
+    return crdt.encode(delta), delta, False
 
 
 def test_concurrent_mutations_are_durable_and_each_counted_once(tmp_path: Path) -> None:
