@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 OPS_PROTOCOL = "kv-ops"
 MAX_OPS_PER_REQUEST = 10_000
+MAX_GROUPS_PER_REQUEST = 100  # a group: one call's ops (one consistency level)
 OP_OVERHEAD_BYTES = 16  # an op's encoding beyond its key and arguments (kind, list headers)
 
 Outcome = list[Any] | None  # None: applied with its quorum; else [error code, message]
@@ -103,7 +104,8 @@ class Forwarder:
         while self._queue and not batch[0].alone:
             chunk = self._queue[0]
             if (chunk.alone or ops + len(chunk.wire) > MAX_OPS_PER_REQUEST
-                    or size + chunk.size > self.max_bytes):
+                    or size + chunk.size > self.max_bytes
+                    or len(batch) >= MAX_GROUPS_PER_REQUEST):
                 break
             batch.append(self._queue.popleft())
             ops += len(chunk.wire)

@@ -165,8 +165,9 @@ class StateBudget:
             self.admitted += 1
             return
         self.refused += 1
-        raise OpError(BUSY, f"{op.kind} of {shown_key(op.key)} not applied: the request's ops "
-                      f"apply to more than {self.limit} bytes of stored state; send it again")
+        # short: a reply may carry thousands of these
+        raise OpError(BUSY, f"not applied: over the request's {self.limit} bytes of state; "
+                      "send it again")
 
 
 def type_name(state: Any) -> str:

@@ -30,7 +30,7 @@ from shard.store import CorruptRecord
 
 from .authority import Authority
 from .config import Consistency, KVConfig, QuorumError
-from .forwarding import MAX_OPS_PER_REQUEST, UNREACHABLE, Forwarder
+from .forwarding import MAX_GROUPS_PER_REQUEST, MAX_OPS_PER_REQUEST, UNREACHABLE, Forwarder
 from .hints import HintStore
 from .ops import (
     REMOVALS,
@@ -493,8 +493,10 @@ class Writes:
         groups: list[tuple[list[Op], Consistency]] = []
         try:
             wire_groups = message.get("groups") if isinstance(message, dict) else None
-            if not isinstance(wire_groups, list) or not 0 < len(wire_groups) <= 100:
-                raise OpError("bad_request", "groups must be a list of 1 to 100 groups")
+            if (not isinstance(wire_groups, list)
+                    or not 0 < len(wire_groups) <= MAX_GROUPS_PER_REQUEST):
+                raise OpError("bad_request", f"groups must be a list of 1 to "
+                              f"{MAX_GROUPS_PER_REQUEST} groups")
             total = 0
             for group in wire_groups:
                 wire_ops = group.get("ops") if isinstance(group, dict) else None
