@@ -319,7 +319,8 @@ def _mutation_update(mutation: Mutation, results: list[Any], keep: bool
                 new = state.merged_bytes(made)
         except Exception as exc:  # this op is refused; the rest of the batch goes on
             results.append(exc)
-            return None
+            # the state as it was, decoded if the op got that far, for the key's next ops
+            return state if keep and state is not current and state.exists else None
         results.append(None if made is None else made[0])
         return new
     return update

@@ -392,9 +392,11 @@ class Store:
             append(new)
             if new is not None:
                 current[stored] = updated[stored] = new
-        for stored, new in updated.items():
+        for stored, new in list(updated.items()):
             if type(new) is not bytes:
-                updated[stored] = new.finish()
+                finished = updated[stored] = new.finish()
+                if finished == before[stored]:  # kept for the updates after it, unchanged
+                    del updated[stored]
         return PlannedWrite(_changes(before, updated), results)
 
     def _read_batch(self, keys: list[bytes]) -> tuple[list[bytes], dict[bytes, bytes | None]]:
