@@ -2,7 +2,8 @@
 # Lives here (sans-IO): turning a user operation into a delta against the current state of a
 # key, and rendering a state as the plain value a user reads. Time and actor are arguments.
 # Also here: the size limits every op meets wherever it enters (the embedding API, HTTP, and
-# ops forwarded by peers): check_op on arrival, check_growth when it is applied.
+# ops forwarded by peers): check_op on arrival, check_growth when it is applied, and the
+# budget of stored state one forwarded request's ops may apply to (StateBudget).
 # Must not live here: storage, networking, quorum logic.
 from __future__ import annotations
 
