@@ -50,9 +50,9 @@ class KVConfig:
     write_consistency: Consistency = Consistency.QUORUM
     read_consistency: Consistency = Consistency.QUORUM
     request_timeout: float = 5.0
-    # a forwarded write whose replica has not answered within this many seconds goes to the
-    # key's next live replica too (hedged), for ops safe to apply twice (all but incr; see
-    # kv/writes.py); the first good answer counts. None: never hedge
+    # a forwarded write whose replica has left a request unanswered for this many seconds
+    # goes to the key's next live replica too (hedged), for ops safe to apply twice (all but
+    # incr; see kv/writes.py); the first good answer counts. None: never hedge
     hedge_after_s: float | None = 1.0
     # a replica that kept a forwarded write waiting past hedge_after_s is passed over as the
     # one that applies writes for this long, or until it answers or restarts
@@ -75,6 +75,12 @@ class KVConfig:
     max_key_bytes: int = MAX_KEY_BYTES
     max_value_bytes: int = MAX_VALUE_BYTES
     queue_per_peer: int = 20_000
+    # the stored state the ops of one forwarded request (kv-ops) may apply to, summed over
+    # its ops (each op reads and merges its key's whole state: an op on a 700 KB set touches
+    # 700 KB). Ops beyond it are answered `busy`, not applied, and the coordinator sends them
+    # again in its next request. 32 MiB keeps one request's work in the event loop to a few
+    # hundred ms at most (about 45 ops on one 700 KB set, or 10,000 on keys of 3 KB)
+    max_request_state_bytes: int = 32 * 1024 * 1024
     # a register tombstone is collected once its delete is this old and every replica holds
     # it or nothing; hints older than hint_ttl_s are dropped (anti-entropy repairs instead)
     tombstone_grace_s: float = 3600.0
@@ -89,6 +95,9 @@ class KVConfig:
     max_clock_skew_s: float = 300.0
 
     def __post_init__(self) -> None:
+        if self.max_request_state_bytes <= 0:
+            raise ValueError(f"max_request_state_bytes must be > 0, got "
+                             f"{self.max_request_state_bytes}")
         if not self.max_clock_skew_s > 0:
             raise ValueError(f"max_clock_skew_s must be > 0, got {self.max_clock_skew_s}")
         if self.hedge_after_s is not None and not self.hedge_after_s > 0:

@@ -2,10 +2,12 @@
 # Lives here (sans-IO): turning a user operation into a delta against the current state of a
 # key, and rendering a state as the plain value a user reads. Time and actor are arguments.
 # Also here: the size limits every op meets wherever it enters (the embedding API, HTTP, and
-# ops forwarded by peers): check_op on arrival, check_growth when it is applied.
+# ops forwarded by peers): check_op on arrival, check_growth when it is applied, and the
+# budget of stored state one forwarded request's ops may apply to (StateBudget).
 # Must not live here: storage, networking, quorum logic.
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import msgpack
@@ -125,17 +127,57 @@ def check_growth(op: Op, current: bytes | None, delta: bytes, max_item_bytes: in
     with its key in one replication item of `max_item_bytes`: such a state could never be
     replicated, handed off or read back whole. (A set's members carry a dot each, so the
     delta of a small-valued sadd can be many times its arguments.) Removals always pass."""
+    check_growth_sized(op, None if current is None else len(current), delta, max_item_bytes,
+                       lambda made: (len(current or b""), len(crdt.merge_encoded(current, made))),
+                       delta)
+
+
+def check_growth_sized(op: Op, current_size: int | None, delta: bytes, max_item_bytes: int,
+                       exact: Callable[[Any], tuple[int, int]], made: Any) -> None:
+    """check_growth for a state known by its size (None: no state), or an upper bound of it;
+    `exact(made)` gives the exact sizes of the state and of the state with the delta (`made`,
+    in whatever form `exact` takes it) merged, and is called only when the bound and the
+    delta together do not fit."""
     if op.kind in REMOVALS:
         return
     room = max_item_bytes - len(op.key)
     if len(delta) > room:
         raise OpError("too_large", f"{op.kind} of {shown_key(op.key)} makes a {len(delta)}-byte "
                       f"change, limit {room}")
-    if current is not None and len(current) + len(delta) > room:
-        grown = len(crdt.merge_encoded(current, delta))
-        if grown > room and grown > len(current):
+    if current_size is not None and current_size + len(delta) > room:
+        size, grown = exact(made)
+        if grown > room and grown > size:
             raise OpError("too_large", f"{op.kind} would grow {shown_key(op.key)} to {grown} "
                           f"bytes, limit {room}")
+
+
+BUSY = "busy"  # the error of an op left unapplied by a request's budget: send it again
+
+
+class StateBudget:
+    """The stored state one forwarded request may have its ops apply to, in bytes: each op
+    counts the size of the key's state it applies to (an op on a large set reads and merges
+    that whole set). The first op is always admitted (so every request makes progress); once
+    an op is refused (OpError "busy": not applied, to be sent again), so is every later op of
+    the request, so that what is applied stays a prefix, in order, of each group."""
+
+    __slots__ = ("limit", "spent", "admitted", "refused")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.spent = 0
+        self.admitted = 0
+        self.refused = 0
+
+    def spend(self, op: Op, state_bytes: int) -> None:
+        if not self.refused and (not self.admitted or self.spent + state_bytes <= self.limit):
+            self.spent += state_bytes
+            self.admitted += 1
+            return
+        self.refused += 1
+        # short: a reply may carry thousands of these
+        raise OpError(BUSY, f"not applied: over the request's {self.limit} bytes of state; "
+                      "send it again")
 
 
 def type_name(state: Any) -> str:

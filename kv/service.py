@@ -51,7 +51,7 @@ METRICS = ("writes", "reads", "read_repairs", "hints_delivered", "handoff_keys_s
            "tombstones_collected", "hints_expired", "hints_dropped", "refused_ops",
            "skew_refused", "skew_overrides", "handoff_skew_withheld", "not_member_refused",
            "authority_refused", "observed_removals", "hedged_ops", "unknown_outcomes",
-           "slow_marks", "expired_ops")
+           "slow_marks", "expired_ops", "busy_ops")
 
 
 class LocalState(NamedTuple):

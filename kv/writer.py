@@ -1,15 +1,17 @@
 # Group commit: every local write of the KV store goes through one task, which gathers what
 # arrived meanwhile into one LevelDB batch with one synced write.
 # Lives here: the job queue, the batching loop, read-modify-write of local mutations (a
-# mutation reads the state left by earlier mutations of the same batch), and running the
-# synced disk write in the writer's own thread (diskthread.py) so the event loop keeps serving
-# while the disk syncs.
+# mutation reads the state left by earlier mutations of the same batch: a key's stored state
+# is decoded once per batch, each mutation's delta merged into the decoded state, and the
+# result encoded once, see KeyState), and running the synced disk write in the writer's own
+# thread (diskthread.py) so the event loop keeps serving while the disk syncs.
 # Replacing writes (an operator's override of a state beyond the clock skew bound) are decided
 # here, inside the batch, so nothing lands between the look at the stored state and the write.
 # Must not live here: replication, quorum counting, what operations mean (kv/ops.py).
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -23,8 +25,97 @@ from .diskthread import DiskThread
 
 log = logging.getLogger(__name__)
 
-# current state -> delta (crdt.encode'd), or None when the mutation changes nothing
-Mutation = Callable[[bytes | None], bytes | None]
+
+# What a mutation made: its delta encoded (what is replicated), the same delta decoded (what
+# is merged into the key's state here), and whether it replaces the key's state instead of
+# merging into it (an operator's override of a state beyond the clock skew bound). A plain
+# tuple: one is made per op on the batched write path.
+Made = tuple[bytes, crdt.State, bool]
+
+
+class KeyState:
+    """A key's state as the mutations of one batch see it, one after another: the stored
+    bytes, decoded at most once, each mutation's delta merged into the decoded state, and
+    encoded once, when the batch is written (`finish`: shard/store.py passes a KeyState from
+    one update of the key to the next as a Pending state). Each mutation leaves a new one.
+    `size` is the state's encoded size if known, else an upper bound (the last known size
+    plus the deltas merged since: a merge leaves no more than its two inputs)."""
+
+    __slots__ = ("_encoded", "_state", "size", "_grown")
+
+    def __init__(self, encoded: bytes | None, state: crdt.State | None = None,
+                 size: int | None = None) -> None:
+        self._encoded = encoded
+        self._state = state
+        self.size = len(encoded) if encoded is not None else (size or 0)
+        self._grown: tuple[crdt.State, crdt.State, bytes] | None = None
+
+    @property
+    def exists(self) -> bool:
+        return self._encoded is not None or self._state is not None
+
+    @property
+    def encoded(self) -> bytes | None:
+        """The state's canonical bytes (encoded now if a mutation changed it)."""
+        if self._encoded is None and self._state is not None:
+            self._encoded = crdt.encode(self._state)
+            self.size = len(self._encoded)
+        return self._encoded
+
+    @property
+    def state(self) -> Any:
+        """The decoded state, or None for a key that holds nothing (DecodeError: corrupt)."""
+        if self._state is None and self._encoded is not None:
+            self._state = crdt.decode(self._encoded)
+        return self._state
+
+    def grown(self, delta: crdt.State) -> tuple[int, int]:
+        """The exact encoded sizes of the state and of the state with `delta` merged (both
+        encoded now: for a check near a size limit; `merged` reuses the merge)."""
+        merged = self._merge(delta)
+        encoded = crdt.encode(merged)
+        self._grown = (delta, merged, encoded)
+        return len(self.encoded or b""), len(encoded)
+
+    def merged(self, made: Made) -> KeyState:
+        """The state this mutation leaves."""
+        encoded, delta, replace = made
+        if replace or not self.exists:
+            # a key's first state is the delta itself: it comes from crdt.encode, so it is
+            # already canonical (what merge_encoded(None, delta) would check and repack)
+            return KeyState(encoded, delta)
+        if self._grown is not None and self._grown[0] is delta:
+            return KeyState(self._grown[2], self._grown[1])
+        return KeyState(None, self._merge(delta), self.size + len(encoded))
+
+    def merged_bytes(self, made: Made) -> bytes:
+        """The bytes of the state this mutation leaves (merged as bytes: for a key no other
+        mutation of the batch changes)."""
+        encoded, delta, replace = made
+        if replace or (self._encoded is None and self._state is None):
+            return encoded
+        if self._grown is not None and self._grown[0] is delta:
+            return self._grown[2]
+        return crdt.merge_encoded(self.finish(), encoded)
+
+    def _merge(self, delta: crdt.State) -> Any:
+        state = self.state
+        if state is None:
+            return delta
+        if type(state) is not type(delta):  # as crdt.merge_encoded says it
+            raise crdt.DecodeError(f"cannot merge a {delta.TYPE_NAME} delta into a "
+                                   f"{state.TYPE_NAME} state")
+        return state.merge(delta)
+
+    def finish(self) -> bytes:
+        encoded = self.encoded
+        assert encoded is not None, "a key with no state is never written"
+        return encoded
+
+
+# the key's state as the batch has it so far -> what the mutation made, or None when it
+# changes nothing
+Mutation = Callable[[KeyState], Made | None]
 
 
 class Replace(NamedTuple):
@@ -33,10 +124,6 @@ class Replace(NamedTuple):
 
     delta: bytes
     stale: Callable[[bytes], bool]
-
-
-class Replacement(bytes):
-    """A mutation's delta that replaces the key's current state instead of merging into it."""
 
 
 class WriterStopped(Exception):
@@ -190,15 +277,24 @@ class GroupCommitWriter:
             for key, item in job.items:
                 updates.append((key, self._replacing(key, item) if type(item) is Replace
                                 else item))
+        # keys that more than one mutation of the batch changes: those work on their decoded
+        # state, encoded once at the end (a key changed once is merged as bytes: cheaper)
+        keys = [key for job in jobs for key, _ in job.mutations]
+        repeated = (frozenset() if len(set(keys)) == len(keys) else
+                    frozenset(key for key, n in Counter(keys).items() if n > 1))
+        for job in jobs:
+            results = job.results
             for key, mutation in job.mutations:
-                updates.append((key, _mutation_update(mutation, job.results)))
+                updates.append((key, _mutation_update(mutation, results, key in repeated)))
         return updates
 
-
-    def _replacing(self, key: bytes, item: Replace) -> Callable[[bytes | None], bytes]:
+    def _replacing(self, key: bytes, item: Replace) -> Callable[[Any], bytes]:
         merge = self.store.merge_checked
 
-        def update(current: bytes | None) -> bytes:
+        def update(current: bytes | KeyState | None) -> bytes:
+            if type(current) is KeyState:  # left by mutations earlier in the batch
+                current = current.finish()
+            assert current is None or type(current) is bytes
             if current is not None and item.stale(current):
                 log.info("replaced the state of %r: it was beyond the clock skew bound", key)
                 return merge(key, None, item.delta)  # checks the delta, as a merge would
@@ -206,23 +302,26 @@ class GroupCommitWriter:
         return update
 
 
-def _mutation_update(mutation: Mutation, results: list[Any]
-                     ) -> Callable[[bytes | None], bytes | None]:
-    def update(current: bytes | None) -> bytes | None:
+def _mutation_update(mutation: Mutation, results: list[Any], keep: bool
+                     ) -> Callable[[bytes | KeyState | None], bytes | KeyState | None]:
+    """The store's update for one mutation; `keep`: leave the key's state decoded for the
+    batch's next mutations of it (a KeyState), else leave its bytes."""
+    def update(current: bytes | KeyState | None) -> bytes | KeyState | None:
+        state = current if type(current) is KeyState else KeyState(current)  # type: ignore[arg-type]
         try:
-            delta = mutation(current)
-            # a key's first state is the delta itself: it comes from crdt.encode, so it is
-            # already canonical (what merge_encoded(None, delta) would check and repack)
-            new: bytes | None
-            if type(delta) is Replacement:
-                new = delta = bytes(delta)
+            made = mutation(state)
+            new: bytes | KeyState | None
+            if made is None:
+                new = None
+            elif keep:
+                new = state.merged(made)
             else:
-                new = (delta if current is None or delta is None
-                       else crdt.merge_encoded(current, delta))
+                new = state.merged_bytes(made)
         except Exception as exc:  # this op is refused; the rest of the batch goes on
             results.append(exc)
-            return None
-        results.append(delta)
+            # the state as it was, decoded if the op got that far, for the key's next ops
+            return state if keep and state is not current and state.exists else None
+        results.append(None if made is None else made[0])
         return new
     return update
 

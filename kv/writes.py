@@ -33,6 +33,8 @@ from shard.store import CorruptRecord
 from .authority import Authority
 from .config import Consistency, KVConfig, OutcomeUnknown, QuorumError
 from .forwarding import (
+    EXPIRED,
+    MAX_GROUPS_PER_REQUEST,
     MAX_OPS_PER_REQUEST,
     OUTCOME_UNKNOWN,
     UNREACHABLE,
@@ -46,7 +48,8 @@ from .ops import (
     REMOVALS,
     Op,
     OpError,
-    check_growth,
+    StateBudget,
+    check_growth_sized,
     check_op,
     make_delta,
     shown_key,
@@ -56,7 +59,7 @@ from .placement import Placement
 from .quorum import AckGroup, Acks
 from .replication import Delta, PeerLink, open_batch
 from .timebound import TimeBound, apply_reply, wall_ms
-from .writer import GroupCommitWriter, Replace, Replacement
+from .writer import GroupCommitWriter, KeyState, Made, Replace
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +67,6 @@ ACK_SWEEP_S = 0.05  # how often write waits are checked against their deadline
 # a forwarded call of more ops is never hedged: a large batch may take longer than the hedge
 # delay to apply, and a copy of it doubles the work
 HEDGE_MAX_OPS = 100
-EXPIRED = "expired"  # a forwarded op that reached its replica after its deadline: not applied
 NOT_APPLIED = frozenset({UNREACHABLE, EXPIRED})
 # what a forwarded op's error code means for the caller: the op itself is refused (OpError)
 OP_CODES = frozenset({"wrong_type", "bad_request", "bad_value", "clock_skew", "too_large",
@@ -221,14 +223,18 @@ class Writes:
             return await self._settle(mutator, ops, outcomes, level, avoid, hedge)
         assert delay is not None
         # the replica must not apply them after the moment they may be sent elsewhere: a late
-        # copy would be stamped after writes made once this call was acknowledged
-        call = forwarder.enqueue(ops, sizes, level, apply_by=wall_ms() + int(delay * 1000),
-                                 hedge=hedge)
+        # copy would be stamped after writes made once this call was acknowledged. That moment
+        # is `delay` after a request the replica leaves unanswered: one that answers, if only
+        # `busy` (its request budget) while it works through a hot key, is not silent
+        call = forwarder.enqueue(ops, sizes, level, hedge_after=delay, hedge=hedge)
         try:
-            with trio.move_on_after(delay):
-                await call.done.wait()
-            if not call.done.is_set():
-                return await self._hedge(mutator, forwarder, call, ops, level, avoid, hedge)
+            while not call.done.is_set():
+                with trio.move_on_after(delay - (forwarder.out_for() or 0.0)):
+                    await call.done.wait()
+                out = forwarder.out_for()
+                if not call.done.is_set() and out is not None and out >= delay:
+                    return await self._hedge(mutator, forwarder, call, ops, level, avoid,
+                                             hedge)
         finally:
             forwarder.withdraw(call)  # cancelled or hedged: what was not sent stays here
         return await self._settle(mutator, ops, call.outcomes, level, avoid, hedge)
@@ -378,25 +384,34 @@ class Writes:
     # -- applying here as the CRDT actor ---------------------------------------------------
     async def apply_and_replicate(self, ops: list[Op], level: Consistency,
                                   partitions: list[int] | None = None, *,
-                                  apply_by: int | None = None, hedge: bool = False
+                                  apply_by: int | None = None, hedge: bool = False,
+                                  budget: StateBudget | None = None
                                   ) -> list[OpError | QuorumError | None]:
         """Apply `ops` here (this node is their CRDT actor) and replicate them; per op, None
         when it has its W acks, else why not. `partitions`: each op's partition, if known.
         A forwarded call may be hedged (see _hedge): `apply_by` is the coordinator's wall
         time (ms) after which its HEDGEABLE ops are not applied (`expired`: the coordinator
         may have sent them elsewhere by then); `hedge`: these ops are such a second copy, so
-        a delete of a counter (not safe to apply twice) is refused (`not_hedged`)."""
+        a delete of a counter (not safe to apply twice) is refused (`not_hedged`).
+        `budget`: the stored state the ops may apply to (a forwarded request's); an op beyond
+        it is not applied (OpError "busy")."""
         unobserved = await self._observe_removals(ops, level)
         now_ms = wall_ms()
 
         def mutation(op: Op) -> Any:
-            def apply(current: bytes | None) -> bytes | None:
+            # `current` is the key's state as the batch left it: ops of one key in one batch
+            # work on one decoded state (kv/writer.py KeyState), not each on the whole bytes
+            def apply(current: KeyState) -> Made | None:
                 if unobserved is not None and op.key in unobserved:
                     raise unobserved[op.key]
+                if budget is not None:
+                    budget.spend(op, current.size)
                 # an override over a state beyond the skew bound starts the key afresh
-                replace = (op.override_skew and current is not None
-                           and self.timebound.beyond(current, now_ms))
-                state = crdt.decode(current) if current is not None and not replace else None
+                replace = (op.override_skew and current.exists
+                           and self.timebound.beyond(current.finish(), now_ms))
+                state = current.state if not replace else None
+                # the deadline is checked here, as the op is about to be stamped (after the
+                # budget: an op the budget refuses is `busy`, never applied, whatever its time)
                 if apply_by is not None or hedge:
                     self._check_hedged(op, state, apply_by, hedge)
                 try:
@@ -404,14 +419,14 @@ class Writes:
                     if delta is None:
                         return None
                     encoded = crdt.encode(delta)
-                    check_growth(op, None if replace else current, encoded,
-                                 self.config.max_batch_bytes)
+                    check_growth_sized(op, current.size if state is not None else None,
+                                       encoded, self.config.max_batch_bytes,
+                                       current.grown, delta)
                     if replace:
                         self.metrics["skew_overrides"] += 1
                         log.info("%s of %s replaces a state beyond the clock skew bound",
                                  op.kind, shown_key(op.key))
-                        return Replacement(encoded)
-                    return encoded
+                    return encoded, delta, bool(replace)
                 except OpError:
                     raise
                 except (TypeError, ValueError, OverflowError) as exc:
@@ -681,8 +696,10 @@ class Writes:
         groups: list[tuple[list[Op], Consistency, int | None, bool]] = []
         try:
             wire_groups = message.get("groups") if isinstance(message, dict) else None
-            if not isinstance(wire_groups, list) or not 0 < len(wire_groups) <= 100:
-                raise OpError("bad_request", "groups must be a list of 1 to 100 groups")
+            if (not isinstance(wire_groups, list)
+                    or not 0 < len(wire_groups) <= MAX_GROUPS_PER_REQUEST):
+                raise OpError("bad_request", f"groups must be a list of 1 to "
+                              f"{MAX_GROUPS_PER_REQUEST} groups")
             total = 0
             for group in wire_groups:
                 wire_ops = group.get("ops") if isinstance(group, dict) else None
@@ -700,13 +717,17 @@ class Writes:
             raise HandlerError("bad_request", str(exc)) from None
         replies: list[list[Any]] = [[] for _ in groups]
         refusals = [self._screen_ops(peer, group[0]) for group in groups]
+        # the request's ops together apply to at most this much stored state; the rest are
+        # answered "busy" (not applied) and the sender, which did nothing wrong, sends them
+        # again in its next request (kv/forwarding.py)
+        budget = StateBudget(self.config.max_request_state_bytes)
 
         async def run(index: int, ops: list[Op], level: Consistency, apply_by: int | None,
                       hedge: bool) -> None:
             refused = refusals[index]
             outcomes = iter(await self.apply_and_replicate(
                 [op for i, op in enumerate(ops) if i not in refused], level,
-                apply_by=apply_by, hedge=hedge))
+                apply_by=apply_by, hedge=hedge, budget=budget))
             replies[index] = [refused[i] if i in refused else _outcome(next(outcomes))
                               for i in range(len(ops))]
 
@@ -716,6 +737,11 @@ class Writes:
                     nursery.start_soon(run, index, ops, level, apply_by, hedge)
         except Exception as exc:  # the group commit failed: this node's disk, writer, shutdown
             raise self._unavailable(peer, "forwarded ops", exc) from None
+        if budget.refused:
+            self.metrics["busy_ops"] += budget.refused
+            log.info("%d of %d ops forwarded by %s left for its next request: they apply to "
+                     "more than %d bytes of stored state", budget.refused, total, peer,
+                     budget.limit)
         return replies
 
     def _screen_ops(self, peer: str, ops: list[Op]) -> dict[int, list[Any]]:

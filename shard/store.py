@@ -29,7 +29,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import plyvel
 
@@ -39,7 +39,20 @@ from .merkle import HashTree
 WriteBatch = Any  # plyvel's write batch (plyvel has no type hints)
 
 Merge = Callable[[bytes | None, bytes], bytes]
-Update = Callable[[bytes | None], bytes | None]  # current state -> new state (None: unchanged)
+
+
+class Pending(Protocol):
+    """A key's new state that an update may return instead of its bytes (a decoded state a
+    caller keeps across the batch's updates of the key): the next update of the key is given
+    it as it is, and `finish` makes its bytes once, when something needs them (a delta to
+    merge into it, or the end of the plan)."""
+
+    def finish(self) -> bytes: ...
+
+
+# current state (bytes, or what an earlier update of the same batch returned) -> new state
+# (None: unchanged)
+Update = Callable[[Any], "bytes | Pending | None"]
 
 _META_KEY = b"\x00"
 _TREE_KEY = b"\x00\x00"
@@ -352,12 +365,14 @@ class Store:
         """Like `plan_deltas`, but an item may instead carry a function of the key's current
         state that returns its new state (None: leave the key as it is); any other item is an
         encoded delta to merge (see `merge_checked`). `states` holds each item's new state.
-        Exceptions from the functions propagate unchanged."""
+        Exceptions from the functions propagate unchanged. A function may return a `Pending`
+        state: the key's next update gets it as it is, so that a run of updates of one key
+        works on one decoded state, encoded once (`states` then holds it, not bytes)."""
         items = list(items)
         stored_keys, before = self._read_batch([key for key, _ in items])
-        current = before.copy()
-        updated: dict[bytes, bytes | None] = {}
-        results: list[bytes | None] = []
+        current: dict[bytes, Any] = before.copy()
+        updated: dict[bytes, Any] = {}
+        results: list[Any] = []
         merge = self._merge
         append = results.append
         for (key, update), stored in zip(items, stored_keys, strict=True):
@@ -368,6 +383,8 @@ class Store:
             if callable(update):
                 new = update(old)
             else:
+                if old is not None and type(old) is not bytes:  # a Pending state
+                    old = old.finish()
                 try:
                     new = merge(old, update)
                 except Exception as exc:
@@ -375,6 +392,11 @@ class Store:
             append(new)
             if new is not None:
                 current[stored] = updated[stored] = new
+        for stored, new in list(updated.items()):
+            if type(new) is not bytes:
+                finished = updated[stored] = new.finish()
+                if finished == before[stored]:  # kept for the updates after it, unchanged
+                    del updated[stored]
         return PlannedWrite(_changes(before, updated), results)
 
     def _read_batch(self, keys: list[bytes]) -> tuple[list[bytes], dict[bytes, bytes | None]]:

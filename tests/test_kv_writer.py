@@ -1,6 +1,7 @@
 # The group-commit writer (kv/writer.py) on a real LevelDB store: concurrent read-modify-write
 # mutations are grouped into few synced writes, each applied once, and durable; and the form
 # it stores a key's first delta in is the one replicas store.
+import tempfile
 import threading
 from pathlib import Path
 
@@ -11,14 +12,15 @@ from hypothesis import strategies as st
 
 import crdt
 from kv.ops import Op, make_delta
-from kv.writer import GroupCommitWriter
+from kv.writer import GroupCommitWriter, KeyState, Made
 from shard.store import Store
 
 
-def _increment(current: bytes | None) -> bytes:
+def _increment(current: KeyState) -> Made:
     """A mutation: the delta that adds 1 for actor "a" to the current counter."""
-    state = crdt.decode(current) if current is not None else crdt.new("pncounter")
-    return crdt.encode(state.increment("a", 1))
+    state = current.state if current.exists else crdt.new("pncounter")
+    delta = state.increment("a", 1)
+    return crdt.encode(delta), delta, False
 
 
 def test_concurrent_mutations_are_durable_and_each_counted_once(tmp_path: Path) -> None:
@@ -120,3 +122,69 @@ def test_a_write_running_when_the_writer_is_cancelled_is_finished_and_accounted(
     trio.run(main)
     with Store(tmp_path / "s", crdt.merge_encoded) as reopened:
         assert crdt.decode(reopened.get(b"k")).value() == 7
+
+
+_OPS_ON_ONE_KEY = st.lists(st.one_of(
+    st.builds(lambda v: Op("put", b"k", (v,)), st.integers(0, 9)),
+    st.builds(lambda n: Op("incr", b"k", (n,)), st.integers(-5, 5)),
+    st.builds(lambda m: Op("sadd", b"k", (m,)), st.sampled_from("abcd")),
+    st.just(Op("sadd", b"k2", ())),  # refused on a key that holds nothing
+    st.builds(lambda m: Op("srem", b"k", (m,)), st.sampled_from("abcd")),
+    st.builds(lambda f: Op("hset", b"k", (f, 1)), st.sampled_from("fg")),
+    st.builds(lambda f: Op("hdel", b"k", (f,)), st.sampled_from("fg")),
+    st.just(Op("delete", b"k"))), min_size=2, max_size=12)
+
+
+def _op_mutation(op: Op, clock: crdt.HLC):
+    """What the write path's mutation does with an op (kv/writes.py), in short."""
+    def apply(current: KeyState):
+        delta = make_delta(op, current.state, "a", clock, 1_700_000_000_000)
+        return None if delta is None else (crdt.encode(delta), delta, False)
+    return apply
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=st.sampled_from([Op("sadd", b"k", tuple("xyz")), Op("put", b"k", (0,)),
+                              Op("incr", b"k", (3,)), Op("hset", b"k", ("f", 0))]),
+       ops=_OPS_ON_ONE_KEY)
+def test_ops_of_one_key_in_one_batch_decode_once_and_do_what_they_do_one_batch_each(
+        first: Op, ops: list[Op]) -> None:
+    # one batch works on the decoded state and encodes it once; each op still gets its own
+    # delta or error, and the key ends with the same bytes as when each op is its own batch
+    decodes: list[int] = []
+
+    def counting(data, *args, **kwargs):
+        decodes.append(len(data))
+        return decode(data, *args, **kwargs)
+
+    decode = crdt.decode
+
+    async def run(path: Path, together: bool) -> tuple[list[object], tuple]:
+        clock = crdt.HLC()
+        store = Store(path, crdt.merge_encoded)
+        writer = GroupCommitWriter(store)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await writer.mutate_many([(b"k", _op_mutation(first, clock))])
+            results: list[object] = []
+            crdt.decode = counting
+            try:
+                if together:
+                    results = await writer.mutate_many([(op.key, _op_mutation(op, clock))
+                                                        for op in ops])
+                else:
+                    for op in ops:
+                        results += await writer.mutate_many([(op.key, _op_mutation(op, clock))])
+            finally:
+                crdt.decode = decode
+            nursery.cancel_scope.cancel()
+        state = (store.get(b"k"), store.get(b"k2"))
+        store.close()
+        return [r if isinstance(r, bytes | None) else (type(r), str(r)) for r in results], state
+
+    with tempfile.TemporaryDirectory() as tmp:
+        alone = trio.run(run, Path(tmp) / "alone", False)
+        decodes.clear()
+        together = trio.run(run, Path(tmp) / "together", True)
+    assert together == alone
+    assert len(decodes) <= 1  # the stored state, once (the first op's delta is never decoded)
