@@ -173,6 +173,32 @@ def test_an_entry_forged_while_a_writer_takes_the_lock_fails_its_append(
     assert "bad signature" in _refused_at(path, 2)
 
 
+def test_a_forged_entry_before_one_that_breaks_the_catch_up_is_named_and_dropped(
+        tmp_path: Path) -> None:
+    # the catch-up under the lock stops at a broken entry 3 after replaying a forged entry 2
+    # without its signature: the append names entry 2, and the state over it is dropped
+    path = tmp_path / LEDGER_FILE_NAME
+    a, b = _ids(2)
+    _ledger(path, [a, b]).close()
+    with Ledger.open(path) as writer, Ledger.open(path) as other:
+        writer.append(a, _transfer(b))
+        take_lock = writer._begin_immediate
+
+        def forge_then_take_lock() -> None:
+            forged = other.append(b, _transfer(a, 5))
+            other.append(b, _transfer(a, 5))
+            _flip(path, "sig", forged.height)
+            _flip(path, "prev", forged.height + 1)
+            take_lock()
+
+        writer._begin_immediate = forge_then_take_lock  # type: ignore[method-assign]
+        with pytest.raises(LedgerCorrupt, match="at entry 2: bad signature"):
+            writer.append(a, _transfer(b))
+        writer._begin_immediate = take_lock  # type: ignore[method-assign]
+        with pytest.raises(LedgerCorrupt, match="at entry 2:"):
+            writer.height  # noqa: B018 - the state built on entry 2 is never used again
+
+
 def test_a_changed_link_or_slot_is_refused(tmp_path: Path) -> None:
     path = tmp_path / LEDGER_FILE_NAME
     _ten_entries(path)
