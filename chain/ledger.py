@@ -467,17 +467,16 @@ class Ledger:
             self._catch_up(replay)
         return replay.idx
 
-    def _catch_up(self, replay: _Replay, check_signatures: bool = True) -> list[_Row]:
-        """Apply the entries after the replay's; returns them when their signatures are
-        left for the caller to check."""
-        unchecked: list[_Row] = []
+    def _catch_up(self, replay: _Replay, unchecked: list[_Row] | None = None) -> None:
+        """Apply the entries after the replay's. Given `unchecked`, their signatures are left
+        for the caller to check: every entry applied is added to it as it is, so that the
+        caller sees them even when a later entry fails the catch-up."""
         try:
             for row in _rows(self._db.execute(f"{_ROW} WHERE idx > ? ORDER BY idx",
                                               (replay.idx,))):
-                replay.apply(row, check_signatures)
-                if not check_signatures:
+                replay.apply(row, check_signature=unchecked is None)
+                if unchecked is not None:
                     unchecked.append(row)
-            return unchecked
         except sqlite3.DatabaseError as exc:
             raise LedgerCorrupt(f"ledger {self.path} is corrupt at entry {replay.idx + 1}: "
                                 f"unreadable ({_one_line(exc)})") from None
@@ -526,7 +525,7 @@ class Ledger:
             # its own entry. A bad one then fails this append as corrupt (as opening the file
             # would), with this entry committed after it: the file is refused from that entry
             # on, whatever follows it.
-            unchecked = self._catch_up(replay, check_signatures=False)
+            self._catch_up(replay, unchecked)
             if "nonce" not in tx and signed.nonce != replay.state.nonces.get(sender, 0):
                 signed = self._sign(identity, sender, tx, replay)
             slot = max(replay.slot, self.wall_slot())
@@ -543,7 +542,7 @@ class Ledger:
                 # a snapshot is trusted when the file is opened: only over checked entries
                 for row in unchecked:
                     replay.check_signature(row, int(row.nonce or 0))
-                unchecked = []
+                unchecked.clear()
                 blob = replay.state.to_bytes()
                 self._db.execute(
                     "INSERT INTO snapshots (idx, entry_hash, digest, state) VALUES (?, ?, ?, ?)",

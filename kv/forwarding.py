@@ -242,5 +242,7 @@ class Forwarder:
 def _well_formed(replies: Any, batch: list[_Chunk]) -> bool:
     return (isinstance(replies, list) and len(replies) == len(batch)
             and all(isinstance(r, list) and len(r) == len(c.wire)
-                    and all(o is None or (isinstance(o, list) and len(o) == 2) for o in r)
+                    and all(o is None or (isinstance(o, list) and len(o) == 2
+                                          and isinstance(o[0], str) and isinstance(o[1], str))
+                            for o in r)
                     for r, c in zip(replies, batch, strict=True)))

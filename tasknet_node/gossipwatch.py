@@ -23,7 +23,7 @@ import trio
 from p2p import GossipMessage, Network
 
 from .api import RESERVED_TOPICS, ControlApi, Metric
-from .http import JSONResponse, Request, Response
+from .http import MAX_JSON_DEPTH, JSONResponse, Request, Response, nests_deeper
 from .http import error_response as _error
 
 MAX_TOPICS = 16  # topics the API may subscribe the node to (a node never leaves a topic)
@@ -42,7 +42,7 @@ class GossipRecord:
     received_ms: float  # wall-clock time of arrival, milliseconds since the epoch
     size: int  # bytes of the signed envelope
     payload: Any  # the payload when it is JSON-serialisable, else None
-    payload_len: int | None  # else: bytes of its msgpack encoding
+    payload_len: int | None  # else: bytes of its msgpack encoding (see _as_json)
 
     def to_dict(self) -> dict[str, Any]:
         record: dict[str, Any] = {
@@ -55,13 +55,23 @@ class GossipRecord:
         return record
 
 
-def _as_json(payload: Any) -> tuple[Any, int | None]:
-    """(payload, None) if it is JSON-serialisable, else (None, its msgpack length)."""
+def _as_json(payload: Any, size: int) -> tuple[Any, int | None]:
+    """(payload, None) if it is JSON-serialisable and nests at most MAX_JSON_DEPTH levels
+    (what any JSON reader takes, and what /gossip can answer), else (None, its msgpack
+    length, or `size` when msgpack cannot pack it again: a peer's payload may nest up to
+    the 1,023 levels msgpack unpacks, past the 511 it packs and the ~990 json.dumps
+    recurses through)."""
     try:
-        json.dumps(payload, allow_nan=False, ensure_ascii=False).encode()
-        return payload, None
-    except (TypeError, ValueError):  # bytes, NaN, a non-string key
+        text = json.dumps(payload, allow_nan=False, ensure_ascii=False)
+        text.encode()  # a lone surrogate
+        if text.count("[") + text.count("{") <= MAX_JSON_DEPTH or not nests_deeper(payload):
+            return payload, None
+    except (TypeError, ValueError, RecursionError):  # bytes, NaN, a non-string key, deep
+        pass
+    try:
         return None, len(msgpack.packb(payload, use_bin_type=True))
+    except (TypeError, ValueError):  # nested past msgpack's packing limit
+        return None, size
 
 
 class TopicLog:
@@ -77,7 +87,7 @@ class TopicLog:
         self.evicted = 0
 
     def add(self, message: GossipMessage, received_ms: float) -> GossipRecord:
-        payload, payload_len = _as_json(message.payload)
+        payload, payload_len = _as_json(message.payload, message.size)
         self.last_seq += 1
         record = GossipRecord(self.last_seq, message.author, message.seq,
                               round(received_ms, 3), message.size, payload, payload_len)

@@ -97,12 +97,12 @@ def parse_json(data: bytes, **options: Any) -> Any:
         value = json.loads(data, **options)
     except RecursionError:
         raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels") from None
-    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and _nests_deeper(value):
+    if data.count(b"[") + data.count(b"{") > MAX_JSON_DEPTH and nests_deeper(value):
         raise ValueError(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
     return value
 
 
-def _nests_deeper(value: Any) -> bool:
+def nests_deeper(value: Any) -> bool:
     """Whether arrays and objects in `value` nest more than MAX_JSON_DEPTH levels (walked
     without recursion)."""
     stack: list[tuple[Any, int]] = [(value, 0)] if isinstance(value, dict | list) else []

@@ -147,11 +147,14 @@ def test_a_tampered_signature_is_refused_naming_its_entry(tmp_path: Path) -> Non
     assert "bad signature" in _refused_at(path, 10)
 
 
+@pytest.mark.parametrize("broken_after", [False, True])
 def test_an_entry_forged_while_a_writer_takes_the_lock_fails_its_append(
-        tmp_path: Path) -> None:
+        tmp_path: Path, broken_after: bool) -> None:
     # entries that slip in between an append's catch-up and its lock are replayed under the
     # lock without their signatures, checked right after: a forged one still fails the append
-    # (its own entry lands after it) and the file is refused from the forged entry on
+    # (its own entry lands after it) and the file is refused from the forged entry on. With
+    # a broken entry after it (the catch-up stops there), the forged one is still named, and
+    # the state built on it dropped
     path = tmp_path / LEDGER_FILE_NAME
     a, b = _ids(2)
     _ledger(path, [a, b]).close()
@@ -161,6 +164,9 @@ def test_an_entry_forged_while_a_writer_takes_the_lock_fails_its_append(
 
         def forge_then_take_lock() -> None:
             forged = other.append(b, _transfer(a, 5))
+            if broken_after:
+                other.append(b, _transfer(a, 5))
+                _flip(path, "prev", forged.height + 1)
             _flip(path, "sig", forged.height)
             take_lock()
 
@@ -170,6 +176,8 @@ def test_an_entry_forged_while_a_writer_takes_the_lock_fails_its_append(
         writer._begin_immediate = take_lock  # type: ignore[method-assign]
         with pytest.raises(LedgerCorrupt, match="at entry 2:"):
             writer.append(a, _transfer(b))  # the state built on it is never used again
+        with pytest.raises(LedgerCorrupt, match="at entry 2:"):
+            writer.height  # noqa: B018
     assert "bad signature" in _refused_at(path, 2)
 
 

@@ -180,3 +180,22 @@ def test_topic_log_keeps_the_newest_and_counts_what_a_reader_missed() -> None:
     assert "payload" not in raw and raw["payload_len"] == 42  # msgpack: bin8 header + 40
     shown = TopicLog("t").add(_message(1, payload=[1, "a"]), 0.0).to_dict()
     assert shown["payload"] == [1, "a"] and "payload_len" not in shown
+
+
+def _nested(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_a_deeply_nested_payload_is_shown_by_its_length() -> None:
+    # a peer's payload nested as deep as msgpack unpacks (up to 1,023 levels): json.dumps ran
+    # out of stack (RecursionError) and msgpack could not pack it again, which stopped the
+    # node; nested past MAX_JSON_DEPTH, /gossip could not answer (or its reader parse) it
+    for depth in (101, 600, 1000):
+        record = TopicLog("t").add(_message(1, payload=_nested(depth), size=depth + 50), 0.0)
+        shown = record.to_dict()
+        assert "payload" not in shown and 0 < shown["payload_len"] <= depth + 50, depth
+    shown = TopicLog("t").add(_message(1, payload=_nested(100)), 0.0).to_dict()
+    assert shown["payload"] == _nested(100)

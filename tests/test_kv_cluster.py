@@ -10,6 +10,7 @@ import trio
 
 import crdt
 from kv import Consistency, KVConfig, OpError, OutcomeUnknown, QuorumError
+from kv.forwarding import OPS_PROTOCOL
 from kv.ops import Op, render
 from kv.replication import APPLY_PROTOCOL, seal_batch
 from p2p import RemoteError, RequestError
@@ -552,3 +553,20 @@ async def test_a_one_node_network_accepts_writes_and_handoff_brings_keys_up_to_n
         await wait_for(lambda: len(joined.store) == len(solo.store) == 53, 30,
                        "handoff of every key to the new node")
         assert await joined.get("k-all", consistency="all") == "all"
+
+
+async def test_a_forwarded_ops_reply_with_a_malformed_outcome_fails_the_write_cleanly(tmp_path):
+    # a replica answers a forwarded put with an outcome whose code is not a string: the
+    # coordinator's write fails as a quorum failure naming the malformed reply (it raised
+    # TypeError: unhashable type, where the code was looked up)
+    async with handles(tmp_path, 4) as nodes:
+        kvs = [n.kv for n in nodes]
+        coordinator, mutator = kvs[0], kvs[1]
+        key = key_forwarded_to(coordinator, mutator.me, "odd")
+
+        async def odd(peer: str, message: object) -> object:
+            return [[[["not", "a code"], "why"]]]
+
+        mutator.net.handle(OPS_PROTOCOL, odd)
+        with pytest.raises(QuorumError, match="malformed reply"):
+            await coordinator.put(key, "v")

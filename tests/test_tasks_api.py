@@ -271,6 +271,8 @@ async def test_hello_world_round() -> None:
     await alice.task(4)
     sub = await alice.submission(4)
     assert sub == cid_of(b"Hello, World! from alice in round 4")
+    # asked again (the chain was unavailable when the driver sent the first): the same cid
+    assert await alice.submission(4) == sub
     assert await bob.audit(sub, 4, "alice")
     assert not await bob.audit(sub, 5, "alice")  # replayed from another round
     assert not await bob.audit(sub, 4, "carol")  # someone else's proof
