@@ -41,22 +41,29 @@ class GossipRecord:
     origin_seq: int  # the author's sequence number of the message
     received_ms: float  # wall-clock time of arrival, milliseconds since the epoch
     size: int  # bytes of the signed envelope
-    payload: Any  # the payload when it is JSON-serialisable, else None
+    # the payload as JSON text when it is JSON-serialisable, else None: text, not the
+    # decoded objects, which take up to ~35 times the bytes (a list of small integers)
+    payload_json: str | None
     payload_len: int | None  # else: bytes of its msgpack encoding (see _as_json)
+
+    @property
+    def held_bytes(self) -> int:
+        """What keeping the record costs, roughly: its JSON text or its envelope."""
+        return max(self.size, len(self.payload_json or ""))
 
     def to_dict(self) -> dict[str, Any]:
         record: dict[str, Any] = {
             "seq": self.seq, "from": self.author, "origin_seq": self.origin_seq,
             "received_ms": self.received_ms, "size": self.size}
         if self.payload_len is None:
-            record["payload"] = self.payload
+            record["payload"] = json.loads(self.payload_json or "null")
         else:
             record["payload_len"] = self.payload_len
         return record
 
 
-def _as_json(payload: Any, size: int) -> tuple[Any, int | None]:
-    """(payload, None) if it is JSON-serialisable and nests at most MAX_JSON_DEPTH levels
+def _as_json(payload: Any, size: int) -> tuple[str | None, int | None]:
+    """(its JSON text, None) if it is JSON-serialisable and nests at most MAX_JSON_DEPTH levels
     (what any JSON reader takes, and what /gossip can answer), else (None, its msgpack
     length, or `size` when msgpack cannot pack it again: a peer's payload may nest up to
     the 1,023 levels msgpack unpacks, past the 511 it packs and the ~990 json.dumps
@@ -65,7 +72,7 @@ def _as_json(payload: Any, size: int) -> tuple[Any, int | None]:
         text = json.dumps(payload, allow_nan=False, ensure_ascii=False)
         text.encode()  # a lone surrogate
         if text.count("[") + text.count("{") <= MAX_JSON_DEPTH or not nests_deeper(payload):
-            return payload, None
+            return text, None
     except (TypeError, ValueError, RecursionError):  # bytes, NaN, a non-string key, deep
         pass
     try:
@@ -92,10 +99,10 @@ class TopicLog:
         record = GossipRecord(self.last_seq, message.author, message.seq,
                               round(received_ms, 3), message.size, payload, payload_len)
         self.records.append(record)
-        self.held_bytes += record.size
+        self.held_bytes += record.held_bytes
         while len(self.records) > self.max_records or (
                 self.held_bytes > self.max_bytes and len(self.records) > 1):
-            self.held_bytes -= self.records.popleft().size
+            self.held_bytes -= self.records.popleft().held_bytes
             self.evicted += 1
         return record
 

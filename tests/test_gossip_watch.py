@@ -161,7 +161,8 @@ def test_topic_log_keeps_the_newest_and_counts_what_a_reader_missed() -> None:
         log.add(_message(n), received_ms=1000.0 + n)
     assert [r.seq for r in log.records] == [3, 4, 5] and log.evicted == 2
     records, missed = log.read(0, 10)
-    assert [r.payload for r in records] == [{"n": 3}, {"n": 4}, {"n": 5}] and missed == 2
+    assert [r.to_dict()["payload"] for r in records] == [{"n": 3}, {"n": 4}, {"n": 5}]
+    assert missed == 2
     records, missed = log.read(3, 1)
     assert [r.seq for r in records] == [4] and missed == 0
     assert log.read(5, 10) == ([], 0)
@@ -180,6 +181,15 @@ def test_topic_log_keeps_the_newest_and_counts_what_a_reader_missed() -> None:
     assert "payload" not in raw and raw["payload_len"] == 42  # msgpack: bin8 header + 40
     shown = TopicLog("t").add(_message(1, payload=[1, "a"]), 0.0).to_dict()
     assert shown["payload"] == [1, "a"] and "payload_len" not in shown
+
+    # what a record holds is counted by its JSON text when that is larger than its envelope
+    # (a 1 MiB list of small integers is ~2 MB of text), so the byte bound holds
+    big = [7] * 100_000  # ~100 KB of msgpack, 300 KB of JSON text
+    bounded = TopicLog("t", max_records=100, max_bytes=1_000_000)
+    for n in range(1, 6):
+        bounded.add(_message(n, payload=big, size=100_010), 0.0)
+    assert bounded.held_bytes <= 1_000_000 and len(bounded.records) == 3
+    assert all(isinstance(r.payload_json, str) for r in bounded.records)  # text, not objects
 
 
 def _nested(depth: int) -> Any:
