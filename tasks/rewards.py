@@ -76,7 +76,9 @@ class RewardBook:
             return
         me = self.chain.account
         for r in sorted(view["rounds"], reverse=True):
-            if r >= current or r in self._final:
+            # a known unclaimed entry changes only by this node's claim, which the driver
+            # reports (`claimed`): not read again each round
+            if r >= current or r in self._final or r in self.unclaimed:
                 continue
             if r < current - CLAIM_WINDOW:
                 break
