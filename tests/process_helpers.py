@@ -177,3 +177,11 @@ class JsonApi:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def ledger_state(ledger_dir: Path) -> Any:
+    """The chain state of the embedded ledger in `ledger_dir`, read afresh (a ChainState)."""
+    from chain.ledger import LEDGER_FILE_NAME, Ledger
+
+    with Ledger.open(ledger_dir / LEDGER_FILE_NAME) as ledger:
+        return ledger.state

@@ -12,10 +12,7 @@ from typing import Any
 
 import pytest
 
-from chain.ledger import LEDGER_FILE_NAME, Ledger
-from chain.rules import ChainState
-
-from process_helpers import NodeProcess, processes_fixture, wait_for
+from process_helpers import NodeProcess, ledger_state, processes_fixture, wait_for
 
 processes = processes_fixture(NodeProcess)
 MODULE = str(Path(__file__).with_name("tasks_for_tests") / "echo.py")
@@ -28,11 +25,6 @@ bounty_per_round = 300
 fund = 100000
 start_in_s = 1
 """
-
-
-def _state(ledger_dir: Path) -> ChainState:
-    with Ledger.open(ledger_dir / LEDGER_FILE_NAME) as ledger:
-        return ledger.state
 
 
 def test_faulty_task_code_fails_its_node_s_round_only(processes: Any, tmp_path: Path,
@@ -57,7 +49,7 @@ def test_faulty_task_code_fails_its_node_s_round_only(processes: Any, tmp_path: 
     assert again.returncode == 2 and "task_exists" in again.stderr
 
     def rounds() -> dict[int, Any]:
-        task = _state(ledger_dir).tasks.get("echo-1")
+        task = ledger_state(ledger_dir).tasks.get("echo-1")
         return {} if task is None else dict(task.rounds)
 
     # start counting at the first round both honest nodes submitted in
@@ -67,7 +59,7 @@ def test_faulty_task_code_fails_its_node_s_round_only(processes: Any, tmp_path: 
     wait_for(lambda: len([r for r, rs in rounds().items() if r >= first and rs.paid
                           and {ids["n0"], ids["n1"]} <= rs.claimed]) >= 4, 120,
              "four rounds paid and claimed by the honest nodes")
-    task = _state(ledger_dir).tasks["echo-1"]
+    task = ledger_state(ledger_dir).tasks["echo-1"]
     settled = sorted(r for r, rs in task.rounds.items() if r >= first and rs.paid)
     for r in settled:
         rs = task.rounds[r]

@@ -8,23 +8,16 @@ from __future__ import annotations
 
 import json
 import signal
-from pathlib import Path
 from typing import Any
 
-from chain.ledger import LEDGER_FILE_NAME, Ledger
 from chain.rules import ChainState, rejected_of
 from tasks.engine import lookback
 
-from process_helpers import JsonApi, NodeProcess, processes_fixture, wait_for
+from process_helpers import JsonApi, NodeProcess, ledger_state, processes_fixture, wait_for
 
 processes = processes_fixture(NodeProcess)
 ROUND_TIME = "3"
 TASK = "hello"
-
-
-def _state(ledger_dir: Path) -> ChainState:
-    with Ledger.open(ledger_dir / LEDGER_FILE_NAME) as ledger:
-        return ledger.state
 
 
 def _get(node: NodeProcess, path: str) -> Any:
@@ -73,9 +66,9 @@ def test_rewards_survive_a_restart_and_missed_rounds_are_claimable(processes, tm
     assert all(amount > 0 for amount in claimed.values())
     node.proc.send_signal(signal.SIGTERM)
     node.proc.wait(timeout=30)
-    submitted = [r for r, rs in _state(ledger_dir).tasks[TASK].rounds.items()
+    submitted = [r for r, rs in ledger_state(ledger_dir).tasks[TASK].rounds.items()
                  if me in rs.submissions]
-    state = _state(ledger_dir)
+    state = ledger_state(ledger_dir)
     cfg = state.tasks[TASK].config
     # down until the engine no longer looks at any round it submitted for, and those are paid
     past = max(submitted) + lookback(cfg) + 2
@@ -83,7 +76,7 @@ def test_rewards_survive_a_restart_and_missed_rounds_are_claimable(processes, tm
     def missed_rounds_paid() -> dict[int, int]:
         listing = _get(boot, "/tasks") or {"tasks": []}
         now = next((t["round"] for t in listing["tasks"] if t["task_id"] == TASK), None)
-        owed = _owed(_state(ledger_dir), me)
+        owed = _owed(ledger_state(ledger_dir), me)
         return owed if now is not None and now > past and owed else {}
     owed = wait_for(missed_rounds_paid, 120, "rounds n1 missed to be paid and out of reach")
     assert max(owed) <= max(submitted)
@@ -111,11 +104,11 @@ def test_rewards_survive_a_restart_and_missed_rounds_are_claimable(processes, tm
     assert row[:column + len("CLAIMABLE")].split()[-1] == str(expected), table
 
     # `node.py task claim` takes exactly that into the balance; then it is charted, not owed
-    balance = _state(ledger_dir).balances[me]
+    balance = ledger_state(ledger_dir).balances[me]
     for r, amount in sorted(owed.items()):
         answer = json.loads(node.cli("task", "claim", TASK, str(r), check=True).stdout)
         assert answer == {"ok": True, "round": r, "amount": amount}
-    assert _state(ledger_dir).balances[me] - balance >= expected
+    assert ledger_state(ledger_dir).balances[me] - balance >= expected
     after = _get(node, f"/tasks/{TASK}")
     assert all(after["rewards_by_round"][str(r)] == amount for r, amount in owed.items())
     # (a round paid just now may be owed for a moment, until the node claims it by itself)

@@ -10,22 +10,17 @@ import signal
 from pathlib import Path
 
 from chain.ledger import LEDGER_FILE_NAME, Ledger
-from chain.rules import ChainState, rejected_of
+from chain.rules import rejected_of
 
-from process_helpers import NodeProcess, processes_fixture, wait_for
+from process_helpers import NodeProcess, ledger_state, processes_fixture, wait_for
 
 processes = processes_fixture(NodeProcess)
 ROUND_TIME = "3"
 TASK = "hello"
 
 
-def _state(ledger_dir: Path) -> ChainState:
-    with Ledger.open(ledger_dir / LEDGER_FILE_NAME) as ledger:
-        return ledger.state
-
-
 def _settled_rounds(ledger_dir: Path) -> dict[int, object]:
-    task = _state(ledger_dir).tasks.get(TASK)
+    task = ledger_state(ledger_dir).tasks.get(TASK)
     if task is None:
         return {}
     return {r: rs for r, rs in task.rounds.items() if rs.paid}  # paid: audits are over
@@ -49,7 +44,7 @@ def test_rounds_pay_honest_nodes_and_slash_a_cheat(processes, tmp_path):
     workers = {name: peer for name, peer in ids.items() if name != "n5"}  # n5 never submits
 
     def everyone_submitted() -> list[int]:
-        task = _state(ledger_dir).tasks.get(TASK)
+        task = ledger_state(ledger_dir).tasks.get(TASK)
         return [] if task is None else [
             r for r, rs in task.rounds.items() if set(workers.values()) <= set(rs.submissions)]
 
@@ -59,11 +54,11 @@ def test_rounds_pay_honest_nodes_and_slash_a_cheat(processes, tmp_path):
     n1 = nodes["n1"]
     n1.proc.send_signal(signal.SIGKILL)
     n1.proc.wait()
-    killed_at = max(_state(ledger_dir).tasks[TASK].rounds)
+    killed_at = max(ledger_state(ledger_dir).tasks[TASK].rounds)
     nodes["n1"] = processes.node("n1-again", "--join", addr, *common, data_dir=n1.data_dir)
 
     def resumed() -> bool:
-        rounds = _state(ledger_dir).tasks[TASK].rounds
+        rounds = ledger_state(ledger_dir).tasks[TASK].rounds
         return any(r > killed_at + 1 and ids["n1"] in rs.submissions
                    for r, rs in rounds.items())
 
@@ -71,7 +66,7 @@ def test_rounds_pay_honest_nodes_and_slash_a_cheat(processes, tmp_path):
     wait_for(lambda: len([r for r in _settled_rounds(ledger_dir) if r >= first]) >= 6, 120,
              "six paid rounds after everyone joined")
 
-    state = _state(ledger_dir)
+    state = ledger_state(ledger_dir)
     task = state.tasks[TASK]
     rounds = {r: rs for r, rs in task.rounds.items() if r >= first and rs.paid}
     honest = [ids["n0"], ids["n1"], ids["n3"], ids["n4"]]
@@ -94,7 +89,7 @@ def test_rounds_pay_honest_nodes_and_slash_a_cheat(processes, tmp_path):
     assert older, "no settled rounds old enough to have their claims"
 
     def unclaimed() -> list[tuple[int, str]]:
-        now = _state(ledger_dir).tasks[TASK].rounds
+        now = ledger_state(ledger_dir).tasks[TASK].rounds
         return [(r, account) for r in older for account in honest
                 if account in now[r].submissions and account not in now[r].claimed]
 

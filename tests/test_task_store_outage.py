@@ -6,20 +6,11 @@
 from __future__ import annotations
 
 import signal
-from pathlib import Path
 
-from chain.ledger import LEDGER_FILE_NAME, Ledger
-from chain.rules import ChainState
-
-from process_helpers import NodeProcess, processes_fixture, wait_for
+from process_helpers import NodeProcess, ledger_state, processes_fixture, wait_for
 
 processes = processes_fixture(NodeProcess)
 TASK = "hello"
-
-
-def _state(ledger_dir: Path) -> ChainState:
-    with Ledger.open(ledger_dir / LEDGER_FILE_NAME) as ledger:
-        return ledger.state
 
 
 def test_a_task_survives_its_store_falling_short_of_a_quorum(processes, tmp_path):
@@ -31,7 +22,7 @@ def test_a_task_survives_its_store_falling_short_of_a_quorum(processes, tmp_path
     ids = [wait_for(node.announced, 30, "both nodes to start")[0] for node in (boot, other)]
 
     def both_submitted() -> list[int]:
-        task = _state(ledger_dir).tasks.get(TASK)
+        task = ledger_state(ledger_dir).tasks.get(TASK)
         return [] if task is None else [
             r for r, rs in task.rounds.items() if set(ids) <= set(rs.submissions)]
 
@@ -45,13 +36,13 @@ def test_a_task_survives_its_store_falling_short_of_a_quorum(processes, tmp_path
         return int(((hello or {}).get("metrics") or {}).get("steps_failed", 0))
 
     wait_for(steps_failed, 60, "a step of the survivor's task to fail on its store")
-    failed_at = max(_state(ledger_dir).tasks[TASK].rounds)
+    failed_at = max(ledger_state(ledger_dir).tasks[TASK].rounds)
     assert "stopped" not in boot.stdout(), boot.stdout()[-2000:]
 
     processes.node("n1-again", "--join", addr, *common, data_dir=other.data_dir)
 
     def paid_since_restart() -> bool:
-        rounds = _state(ledger_dir).tasks[TASK].rounds
+        rounds = ledger_state(ledger_dir).tasks[TASK].rounds
         return any(r > failed_at and rs.paid and set(ids) <= set(rs.submissions)
                    for r, rs in rounds.items())
 
