@@ -12,11 +12,19 @@
 #                          at which every other node lists it alive (SWIM's piggybacked
 #                          dissemination of its join); nearest-rank percentiles over nodes,
 #                          so at these sizes p99 is the slowest node
-#   idle_bytes_per_s_per_node_N  membership bytes a node sends per second once converged
+#   idle_settle_s_N        from convergence until every node's piggyback queue is empty
+#                          (/status metrics swim_pending_updates: the joins' news has gone
+#                          out its mult*log10(N) times); the idle window starts then
+#   idle_bytes_per_s_per_node_N  membership bytes a node sends per second at idle
 #                          (/status metrics swim_bytes_sent over --idle-s; libp2p framing and
-#                          encryption not included), the mean over nodes (..._max: the most)
+#                          encryption not included), the mean over nodes (..._max: the most);
+#                          idle_bytes_by_kind_N the mean per message kind (swim_bytes_sent_
+#                          <kind>: ping, ack, sync, sync_hashes, ...; `carried`: of those, the
+#                          bytes of piggybacked updates and entries, none at idle)
 #   model_idle_bytes_per_s_per_node_N  the same figure from the sans-IO SWIM simulation
-#                          (p2p/swim_sim.py) with the same timing, and measured_model_ratio_N
+#                          (p2p/swim_sim.py measure_idle: the same core, encoder and timing,
+#                          a converged network over four push-pull intervals), per kind in
+#                          model_idle_bytes_by_kind_N, and measured_model_ratio_N
 #   gossip_p50_ms_N, _p99_N  pubsub gossip delivery to all: after the idle window every node
 #                          subscribes to a bench topic (POST /subscribe), probes from varying
 #                          origins wait for the mesh (gossip_mesh_s_N: from the subscriptions
@@ -34,7 +42,14 @@
 #   api_rtt_ms_N           the reference: the median round trip of one small HTTP request
 #                          from this process to a node through the bridge (a hop's floor:
 #                          one loopback-speed exchange with a node process, no libp2p)
-# and the model's projection model_idle_bytes_per_s_per_node_100 and _1000.
+# and the model's projection model_idle_bytes_per_s_per_node_100 and _1000. At idle a node
+# sends one ping and one ack per period (6 bytes each: a 3-byte sequence number) and, every
+# sync interval (15 s, jittered), one root-hash Sync (14 bytes) and one empty SyncHashes
+# answer (7 bytes): (12 / period + 21 / 15) B/s, ~25.4 at this 0.5 s period, the same at any
+# N. What grows with N is churn, not idle: every node that hears a join (an alive update of
+# ~300 bytes with one address) sends it on 4*ceil(log10(N+1)) times, so a join costs each
+# node ~1.2 kB at N <= 9, ~2.4 kB up to 99, ~3.6 kB up to 999 (the window before
+# idle_settle_s_N holds that for the N joins of the start).
 # Every node process and every namespace (named netns_prefix<i>) is removed at the end of
 # each size, also on error.
 from __future__ import annotations
