@@ -12,11 +12,19 @@
 #                          at which every other node lists it alive (SWIM's piggybacked
 #                          dissemination of its join); nearest-rank percentiles over nodes,
 #                          so at these sizes p99 is the slowest node
-#   idle_bytes_per_s_per_node_N  membership bytes a node sends per second once converged
+#   idle_settle_s_N        from convergence until every node's piggyback queue is empty
+#                          (/status metrics swim_pending_updates: the joins' news has gone
+#                          out its mult*log10(N) times); the idle window starts then
+#   idle_bytes_per_s_per_node_N  membership bytes a node sends per second at idle
 #                          (/status metrics swim_bytes_sent over --idle-s; libp2p framing and
-#                          encryption not included), the mean over nodes (..._max: the most)
+#                          encryption not included), the mean over nodes (..._max: the most);
+#                          idle_bytes_by_kind_N the mean per message kind (swim_bytes_sent_
+#                          <kind>: ping, ack, sync, sync_hashes, ...; `carried`: of those, the
+#                          bytes of piggybacked updates and entries, none at idle)
 #   model_idle_bytes_per_s_per_node_N  the same figure from the sans-IO SWIM simulation
-#                          (p2p/swim_sim.py) with the same timing, and measured_model_ratio_N
+#                          (p2p/swim_sim.py measure_idle: the same core, encoder and timing,
+#                          a converged network over four push-pull intervals), per kind in
+#                          model_idle_bytes_by_kind_N, and measured_model_ratio_N
 #   gossip_p50_ms_N, _p99_N  pubsub gossip delivery to all: after the idle window every node
 #                          subscribes to a bench topic (POST /subscribe), probes from varying
 #                          origins wait for the mesh (gossip_mesh_s_N: from the subscriptions
@@ -34,7 +42,14 @@
 #   api_rtt_ms_N           the reference: the median round trip of one small HTTP request
 #                          from this process to a node through the bridge (a hop's floor:
 #                          one loopback-speed exchange with a node process, no libp2p)
-# and the model's projection model_idle_bytes_per_s_per_node_100 and _1000.
+# and the model's projection model_idle_bytes_per_s_per_node_100 and _1000. At idle a node
+# sends one ping and one ack per period (6 bytes each: a 3-byte sequence number) and, every
+# sync interval (15 s, jittered), one root-hash Sync (14 bytes) and one empty SyncHashes
+# answer (7 bytes): (12 / period + 21 / 15) B/s, ~25.4 at this 0.5 s period, the same at any
+# N. What grows with N is churn, not idle: every node that hears a join (an alive update of
+# ~300 bytes with one address) sends it on 4*ceil(log10(N+1)) times, so a join costs each
+# node ~1.2 kB at N <= 9, ~2.4 kB up to 99, ~3.6 kB up to 999 (the window before
+# idle_settle_s_N holds that for the N joins of the start).
 # Every node process and every namespace (named netns_prefix<i>) is removed at the end of
 # each size, also on error.
 from __future__ import annotations
@@ -59,8 +74,10 @@ if str(ROOT) not in sys.path:
 from _common import finish, percentile, ratio, run_steps, wait_for  # noqa: E402
 from netlab import Lab  # noqa: E402
 
-from p2p.swim import SwimConfig  # noqa: E402
-from p2p.swim_sim import Simulation  # noqa: E402
+from p2p.config import NetworkConfig  # noqa: E402
+from p2p.network import swim_config  # noqa: E402
+from p2p.swim import KIND  # noqa: E402
+from p2p.swim_sim import IdleFigures, measure_idle  # noqa: E402
 
 NODE = str(ROOT / "node.py")
 P2P_PORT, API_PORT = 4101, 8080
@@ -135,8 +152,11 @@ class Node:
         if status != 200:
             raise RuntimeError(f"POST /publish to {self.addr}: {status} {answer}")
 
-    def bytes_sent(self) -> int:
-        return int((self.status() or {}).get("metrics", {}).get("swim_bytes_sent", 0))
+    def swim_metrics(self) -> dict[str, int]:
+        """The node's membership counters (/status metrics swim_*; {} when it does not
+        answer)."""
+        metrics = (self.status() or {}).get("metrics", {})
+        return {key: int(value) for key, value in metrics.items() if key.startswith("swim_")}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -148,14 +168,30 @@ class Node:
             self.proc.wait()
 
 
-def model_bytes_per_s(n: int, idle_periods: float = 20.0) -> float:
-    """Idle membership bytes a node sends per second in the SWIM simulation of a converged
+def model_idle(n: int) -> IdleFigures:
+    """Idle membership traffic a node sends per second in the SWIM simulation of a converged
     network of n nodes, with the benchmark's timing (as p2p.network.swim_config makes it)."""
-    config = SwimConfig(period=HEARTBEAT_S, probe_timeout=HEARTBEAT_S / 2,
-                        suspicion_floor=max(1.0, DEAD_S - SUSPECT_S))
-    sim = Simulation(n, seed=1, config=config)
-    sim.run(idle_periods * sim.period)
-    return sim.total_bytes() / (n * idle_periods * sim.period)
+    config = swim_config(NetworkConfig(data_dir=Path("unused"), heartbeat_interval=HEARTBEAT_S,
+                                       suspect_after=SUSPECT_S, dead_after=DEAD_S))
+    return measure_idle(n, config=config)
+
+
+def kind_rates(before: list[dict[str, int]], after: list[dict[str, int]],
+               seconds: float) -> tuple[list[float], dict[str, float]]:
+    """From two readings of every node's swim metrics: each node's bytes sent per second,
+    and the mean per node per message kind (kinds sent at all, and `carried`: the bytes of
+    the updates and entries in them)."""
+    pairs = list(zip(before, after, strict=True))
+    rates = [(b.get("swim_bytes_sent", 0) - a.get("swim_bytes_sent", 0)) / seconds
+             for a, b in pairs]
+    names = {f"swim_bytes_sent_{kind}": kind for kind in KIND.values()}
+    names["swim_carried_bytes_sent"] = "carried"
+    kinds = {}
+    for key, kind in names.items():
+        total = sum(b.get(key, 0) - a.get(key, 0) for a, b in pairs)
+        if total:
+            kinds[kind] = round(total / (len(pairs) * seconds), 1)
+    return rates, kinds
 
 
 class GossipLog:
@@ -294,18 +330,27 @@ def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any],
             times = list(spread.values())
             out[f"join_spread_s_p50_{n}"] = round(percentile(times, 50), 2)
             out[f"join_spread_s_p99_{n}"] = round(percentile(times, 99), 2)
-            sent0 = [node.bytes_sent() for node in nodes]
+            # idle: once the joins' news has been sent its retransmissions (every node's
+            # piggyback queue empty), so the window holds no dissemination, only upkeep
+            converged_at = time.monotonic()
+            wait_for(lambda: all(node.swim_metrics().get("swim_pending_updates", 1) == 0
+                                 for node in nodes), timeout,
+                     f"all {n} nodes' membership news to settle", POLL_S)
+            out[f"idle_settle_s_{n}"] = round(time.monotonic() - converged_at, 2)
+            before = [node.swim_metrics() for node in nodes]
             started = time.monotonic()
             time.sleep(idle_s)  # the idle window itself, not a wait for a condition
             elapsed = time.monotonic() - started
-            rates = [(node.bytes_sent() - b) / elapsed
-                     for node, b in zip(nodes, sent0, strict=True)]
+            rates, kinds = kind_rates(before, [node.swim_metrics() for node in nodes], elapsed)
             measured = statistics.mean(rates)
             out[f"idle_bytes_per_s_per_node_{n}"] = round(measured, 1)
             out[f"idle_bytes_per_s_per_node_{n}_max"] = round(max(rates), 1)
-            model = model_bytes_per_s(n)
-            out[f"model_idle_bytes_per_s_per_node_{n}"] = round(model, 1)
-            out[f"measured_model_ratio_{n}"] = ratio(measured, model)
+            out[f"idle_bytes_by_kind_{n}"] = kinds
+            model = model_idle(n)
+            out[f"model_idle_bytes_per_s_per_node_{n}"] = round(model.bytes_per_s, 1)
+            out[f"model_idle_bytes_by_kind_{n}"] = {
+                kind: round(rate, 1) for kind, rate in model.kind_bytes_per_s.items()}
+            out[f"measured_model_ratio_{n}"] = ratio(measured, model.bytes_per_s)
             measure_gossip(nodes, messages, spacing_s, out)
         finally:
             for node in nodes:
@@ -361,7 +406,8 @@ def main(argv: list[str]) -> int:
 
     def project() -> None:
         for n in PROJECT_SIZES:
-            figures[f"model_idle_bytes_per_s_per_node_{n}"] = round(model_bytes_per_s(n), 1)
+            figures[f"model_idle_bytes_per_s_per_node_{n}"] = round(model_idle(n).bytes_per_s,
+                                                                     1)
 
     steps.append(("model_projection", project))
     return finish("testnet", figures, run_steps(steps))

@@ -426,6 +426,7 @@ class Network:
         if self._swim is not None:
             metrics.update(self._swim.metrics)
             metrics["swim_local_health"] = self._swim.core.local_health
+            metrics["swim_pending_updates"] = self._swim.core.pending_updates()
             metrics.update({f"swim_{k}": v for k, v in self._swim.core.stats.items()})
         return metrics
 

@@ -60,6 +60,11 @@ MAX_RECORD = 4096
 MAX_INCARNATION = 2**62  # leaves room to refute; a peer cannot push us past the wire's uint64
 FINE_BITS = 8  # the push-pull digest's finest level: 256 buckets by the peer id's hash
 FINE = 1 << FINE_BITS
+# A node's message sequence numbers (what acks, nacks and sync answers echo) go round this
+# range: a counter from 0 grew from 1 to 3 bytes within minutes and to 5 after ~65k messages,
+# a third more bytes in every ping and ack of a long-running idle node. A number comes back
+# round after 65,280 messages, far longer than any exchange waits for its answer.
+SEQ_LOW, SEQ_HIGH = 256, 1 << 16
 _FINE_SHIFT = 64 - FINE_BITS
 
 
@@ -286,6 +291,22 @@ Message = (Ping | Ack | Nack | PingReq | Sync | SyncHashes | SyncDigest | SyncEn
            | Gossip)
 _TYPE_CODE: dict[type, int] = {Ping: 0, Ack: 1, Nack: 2, PingReq: 3, Sync: 4, SyncHashes: 5,
                                SyncDigest: 6, SyncEntries: 7, Gossip: 8}
+
+
+# each message type's name in per-kind counters (the node's metrics, the simulation's counts)
+KIND: dict[type, str] = {Ping: "ping", Ack: "ack", Nack: "nack", PingReq: "ping_req",
+                         Sync: "sync", SyncHashes: "sync_hashes", SyncDigest: "sync_digest",
+                         SyncEntries: "sync_entries", Gossip: "gossip"}
+
+
+def carried_bytes(message: Message) -> int:
+    """Bytes of the updates or entries a message carries (the records and claims in it, as
+    opposed to its own few bytes of header)."""
+    if isinstance(message, SyncEntries):
+        return sum(u.size() for u in message.entries)
+    if isinstance(message, Ping | Ack | PingReq | Gossip):
+        return sum(u.size() for u in message.updates)
+    return 0
 
 
 class MalformedMessage(ValueError):
@@ -763,7 +784,9 @@ class Swim:
         self._limit_n, self._limit = -1, 0  # see _retransmit_limit
         self._lhm = 0
         self._left = False
-        self._seq = 0
+        # the last sequence number used; numbers run round [SEQ_LOW, SEQ_HIGH) from a random
+        # start, so every message's number takes 3 bytes on the wire however long it runs
+        self._seq = self._rng.randrange(SEQ_LOW, SEQ_HIGH)
         self.stats: dict[str, int] = dict.fromkeys(
             ("probes", "probes_failed", "indirect_probes", "suspicions", "confirmations",
              "declared_dead", "refutations", "suspected_not_refuted", "records_rejected",
@@ -910,7 +933,7 @@ class Swim:
         self._suspicions.clear()
         out: list[Output] = []
         for pid in self._random_live(self.config.leave_fanout, ()):
-            self._seq += 1
+            self._next_seq()
             out.append(Send(pid, self._addrs_of(pid), Ping(self._seq, (update,))))
         return out
 
@@ -1025,6 +1048,9 @@ class Swim:
             self._flush_push(now, out)
         return out
 
+    def _next_seq(self) -> None:
+        self._seq = self._seq + 1 if self._seq < SEQ_HIGH - 1 else SEQ_LOW
+
     # -- probing ---------------------------------------------------------------------------
     def _run_probe(self, now: float, out: list[Output]) -> None:
         p = self._probe
@@ -1048,7 +1074,7 @@ class Swim:
                 target = self._next_target()
             if target is None:
                 return
-            self._seq += 1
+            self._next_seq()
             # a member's re-probes and suspects' probes say more about it than about loss
             sample = target.state is ALIVE and target.peer_id not in self._failed
             self._probe = _Probe(self._seq, target.peer_id, target.incarnation,
@@ -1135,7 +1161,7 @@ class Swim:
         cfg = self.config
         if len(self._forwards) >= 1024:  # a flood of requests: forget the oldest
             del self._forwards[next(iter(self._forwards))]
-        self._seq += 1
+        self._next_seq()
         self._forwards[self._seq] = _Forward(
             sender, msg.seq, msg.target, now + cfg.nack_fraction * cfg.probe_timeout,
             now + cfg.period * (1 + cfg.lhm_max))
@@ -1223,7 +1249,7 @@ class Swim:
         s.notify_every = min(max(cfg.period, 2 * s.notify_every),
                              cfg.notice_backoff_max * cfg.period)
         s.notify_at = now + s.notify_every
-        self._seq += 1
+        self._next_seq()
         out.append(Send(m.peer_id, m.addrs, Ping(self._seq, self._piggyback(m.peer_id))))
 
     def _start_suspicion(self, m: Member, origin: str, now: float, update: Update) -> None:
@@ -1484,7 +1510,7 @@ class Swim:
         for pid in self._random_live(cfg.gossip_fanout, tuple(exclude)):
             # the news (the newest in the queue, so first), then whatever else is queued
             ups = self._gossip.take(cfg.max_updates, cfg.max_update_bytes, limit, first)
-            self._seq += 1
+            self._next_seq()
             out.append(Send(pid, self._addrs_of(pid), Gossip(self._seq, ups)))
 
     def _retransmit_limit(self) -> int:
@@ -1505,7 +1531,7 @@ class Swim:
                                     news_only=True, below=limit // 2)
             if not ups:
                 break
-            self._seq += 1
+            self._next_seq()
             out.append(Send(pid, self._addrs_of(pid), Gossip(self._seq, ups)))
 
     def _piggyback(self, to: str) -> tuple[Update, ...]:
@@ -1525,7 +1551,7 @@ class Swim:
     # -- push-pull -------------------------------------------------------------------------
     def _start_sync(self, peer: str, addrs: tuple[str, ...], now: float,
                     out: list[Output]) -> None:
-        self._seq += 1
+        self._next_seq()
         self._syncs[self._seq] = (peer, now + self.config.sync_timeout, False)
         self.stats["syncs"] += 1
         out.append(Send(peer, addrs, Sync(self._seq, self._root)))

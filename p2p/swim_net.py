@@ -99,7 +99,12 @@ class SwimLink:
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()
         self.metrics = {"swim_sent": 0, "swim_send_failures": 0, "swim_received": 0,
-                        "swim_rejected": 0, "swim_bytes_sent": 0, "swim_unadmitted": 0}
+                        "swim_rejected": 0, "swim_bytes_sent": 0, "swim_unadmitted": 0,
+                        # of swim_bytes_sent: the updates and entries the messages carried
+                        "swim_carried_bytes_sent": 0}
+        for kind in swim.KIND.values():  # per message kind: messages and bytes sent
+            self.metrics[f"swim_sent_{kind}"] = 0
+            self.metrics[f"swim_bytes_sent_{kind}"] = 0
 
     # -- views: members the admission rule admits now (a stake that ran out removes its
     # peer from the view at once, before the protocol forgets it) ---------------------------
@@ -175,9 +180,15 @@ class SwimLink:
         )
 
     async def _send(self, output: swim.Send) -> None:
-        data = swim.encode(output.message)
-        self.metrics["swim_sent"] += 1
-        self.metrics["swim_bytes_sent"] += len(data)
+        message = output.message
+        data = swim.encode(message)
+        kind = swim.KIND[type(message)]
+        metrics = self.metrics
+        metrics["swim_sent"] += 1
+        metrics["swim_bytes_sent"] += len(data)
+        metrics[f"swim_sent_{kind}"] += 1
+        metrics[f"swim_bytes_sent_{kind}"] += len(data)
+        metrics["swim_carried_bytes_sent"] += swim.carried_bytes(message)
         if output.addrs:
             self.net._remember_addrs(output.to, output.addrs)
         timeout = SEND_TIMEOUT_FACTOR * self.core.config.probe_timeout * (

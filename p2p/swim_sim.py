@@ -22,6 +22,7 @@ from typing import Any
 from .swim import (
     ALIVE,
     DEAD,
+    KIND,
     LEFT,
     SUSPECT,
     Event,
@@ -31,6 +32,7 @@ from .swim import (
     Swim,
     SwimConfig,
     ViewSnapshot,
+    carried_bytes,
     pack_record_body,
     unpack_record_body,
     wire_size,
@@ -101,7 +103,10 @@ class Simulation:
       that had known it alive came to hold it dead (or forgot it);
     - `false_positives`: dead declarations (by any node) about a node whose process runs;
       `false_suspicions` the same for suspicions;
-    - `bytes_sent[i]`: msgpack bytes node i sent."""
+    - `bytes_sent[i]`: msgpack bytes node i sent (len(p2p.swim.encode(message)), what a real
+      node counts in its swim_bytes_sent); `kind_bytes` / `kind_messages`: all nodes' bytes and
+      messages per message kind (p2p.swim.KIND, as a node's swim_bytes_sent_<kind>), and
+      `carried_bytes` the part of the bytes that updates and entries took."""
 
     def __init__(
         self, n: int, *, seed: int = 0, config: SwimConfig | None = None, loss: float = 0.0,
@@ -135,6 +140,9 @@ class Simulation:
         self.bytes_sent: list[int] = []
         self.messages_sent: list[int] = []
         self.messages_lost = 0
+        self.kind_bytes: Counter[str] = Counter()
+        self.kind_messages: Counter[str] = Counter()
+        self.carried_bytes = 0
         self.false_positives: list[FalsePositive] = []
         self.false_suspicions = 0
         self.crashed_at: dict[int, float] = {}
@@ -368,8 +376,13 @@ class Simulation:
 
     def _send(self, i: int, o: Send) -> None:
         message = o.message
-        self.bytes_sent[i] += wire_size(message)
+        size = wire_size(message)
+        self.bytes_sent[i] += size
         self.messages_sent[i] += 1
+        kind = KIND[type(message)]
+        self.kind_bytes[kind] += size
+        self.kind_messages[kind] += 1
+        self.carried_bytes += carried_bytes(message)
         j = self.index.get(o.to)
         if j is None:
             return
@@ -549,3 +562,37 @@ def measure_false_positives(n: int, loss: float, periods: float, *, seed: int = 
     declared = len(sim.fp_members())
     return FalsePositiveFigures(n, loss, periods, declared, declared / hours,
                                 sim.false_suspicions, sim.stats()["refutations"])
+
+
+@dataclass
+class IdleFigures:
+    """What `measure_idle` saw: per node and second, over the measured window."""
+
+    n: int
+    seconds: float  # simulated, measured (after the warm-up)
+    bytes_per_s: float
+    kind_bytes_per_s: dict[str, float]  # by p2p.swim.KIND name (kinds sent at all)
+    kind_messages_per_s: dict[str, float]
+    carried_bytes_per_s: float  # of bytes_per_s: the updates and entries messages carried
+
+
+def measure_idle(n: int, *, config: SwimConfig | None = None, seed: int = 1,
+                 warmup: float | None = None, seconds: float | None = None) -> IdleFigures:
+    """A converged network of n nodes with nothing changing: the membership traffic a node
+    sends per second. The default warm-up lets every node's first periodic push-pull go out
+    (its timer starts at a random point of the jittered interval) and the default window
+    takes four sync intervals, so the push-pull counts at its steady rate."""
+    sim = Simulation(n, seed=seed, config=config)
+    cfg = sim.config
+    warmup = 1.25 * cfg.sync_interval if warmup is None else warmup
+    seconds = 4 * cfg.sync_interval if seconds is None else seconds
+    sim.run(warmup)
+    b0, k0, m0, c0 = (sim.total_bytes(), Counter(sim.kind_bytes), Counter(sim.kind_messages),
+                      sim.carried_bytes)
+    sim.run(warmup + seconds)
+    per = n * seconds
+    return IdleFigures(
+        n, seconds, (sim.total_bytes() - b0) / per,
+        {k: (v - k0[k]) / per for k, v in sorted(sim.kind_bytes.items()) if v > k0[k]},
+        {k: (v - m0[k]) / per for k, v in sorted(sim.kind_messages.items()) if v > m0[k]},
+        (sim.carried_bytes - c0) / per)

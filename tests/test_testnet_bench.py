@@ -21,6 +21,9 @@ def test_quick_run_reports_every_figure_and_leaves_nothing() -> None:
     assert 0 < idle <= most  # the nodes probe each other while idle
     for n in (3, 100, 1000):
         assert figures[f"model_idle_bytes_per_s_per_node_{n}"] > 0
+    assert 0 <= figures["idle_settle_s_3"] < 60  # the joins' news went out before the window
+    kinds, model_kinds = figures["idle_bytes_by_kind_3"], figures["model_idle_bytes_by_kind_3"]
+    assert {"ping", "ack"} <= set(kinds) and {"ping", "ack", "sync"} <= set(model_kinds)
     model = figures["model_idle_bytes_per_s_per_node_3"]
     assert abs(figures["measured_model_ratio_3"] * model - idle) <= 0.01 * idle
     # pubsub gossip: every message reached both other nodes, no faster than one request to
