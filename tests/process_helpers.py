@@ -185,3 +185,13 @@ def ledger_state(ledger_dir: Path) -> Any:
 
     with Ledger.open(ledger_dir / LEDGER_FILE_NAME) as ledger:
         return ledger.state
+
+
+def boot_on_ledger(processes: Processes[NodeProcess], ledger_dir: Path,
+                   *flags: str) -> tuple[NodeProcess, str, tuple[str, ...]]:
+    """A bootstrap node `n0` on the embedded ledger in `ledger_dir` (with `flags`, and 0.5 s
+    heartbeats), started: (the node, the address to join, the flags the others start with)."""
+    common = ("--ledger", str(ledger_dir), *flags, "--heartbeat-interval", "0.5")
+    boot = processes.node("n0", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", *common)
+    _, addr = wait_for(boot.announced, 30, "the bootstrap node to start")
+    return boot, addr, common

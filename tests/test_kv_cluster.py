@@ -1,4 +1,5 @@
 # System tests of the replicated KV store: real nodes (libp2p on 127.0.0.1, LevelDB dirs).
+import contextlib
 import errno
 import os
 import time
@@ -357,6 +358,19 @@ async def test_a_write_to_a_stalled_replica_fails_at_all_and_succeeds_at_quorum(
 HEDGE = {"request_timeout": 3.0, "hedge_after_s": 0.5}
 
 
+@contextlib.asynccontextmanager
+async def _first_replica_stalled(tmp_path, prefix):
+    """4 nodes with HEDGE timing; a key node 0 forwards to node 1, whose kv-ops handler
+    holds every request (it still answers SWIM and replication) until `resume` is set:
+    (coordinator, stalled, key, the key's replicas, resume)."""
+    async with handles(tmp_path, 4, **HEDGE) as nodes:
+        kvs = [n.kv for n in nodes]
+        coordinator, stalled = kvs[0], kvs[1]
+        key = key_forwarded_to(coordinator, stalled.me, prefix)
+        replicas = [kv for kv in kvs if kv.me in coordinator.ring.preference_list(key.encode())]
+        yield coordinator, stalled, key, replicas, stall_forwarded_ops(stalled)
+
+
 def held(kv, key: str):
     """The value `kv`'s own store holds for `key` (no replica asked)."""
     state = kv.store.get(key.encode())
@@ -366,13 +380,8 @@ def held(kv, key: str):
 async def test_a_put_whose_first_replica_is_stalled_is_hedged_to_the_next(tmp_path):
     config = KVConfig(**HEDGE)
     assert config.hedge_after_s is not None
-    async with handles(tmp_path, 4, **HEDGE) as nodes:
-        kvs = [n.kv for n in nodes]
-        coordinator = kvs[0]
-        stalled = kvs[1]
-        key = key_forwarded_to(coordinator, stalled.me, "hedged")
-        replicas = [kv for kv in kvs if kv.me in coordinator.ring.preference_list(key.encode())]
-        resume = stall_forwarded_ops(stalled)
+    async with _first_replica_stalled(tmp_path, "hedged") as (coordinator, stalled, key,
+                                                              replicas, resume):
         try:
             with trio.fail_after(4 * config.request_timeout):
                 started = trio.current_time()
@@ -403,13 +412,8 @@ async def test_a_put_whose_first_replica_is_stalled_is_hedged_to_the_next(tmp_pa
 async def test_an_incr_whose_replica_is_stalled_has_an_unknown_outcome_and_counts_once(
         tmp_path):
     config = KVConfig(**HEDGE)
-    async with handles(tmp_path, 4, **HEDGE) as nodes:
-        kvs = [n.kv for n in nodes]
-        coordinator = kvs[0]
-        stalled = kvs[1]
-        key = key_forwarded_to(coordinator, stalled.me, "counted")
-        replicas = [kv for kv in kvs if kv.me in coordinator.ring.preference_list(key.encode())]
-        resume = stall_forwarded_ops(stalled)
+    async with _first_replica_stalled(tmp_path, "counted") as (coordinator, _stalled, key,
+                                                               replicas, resume):
         try:
             with trio.fail_after(4 * config.request_timeout):
                 with pytest.raises(OutcomeUnknown, match="may or may not have been applied"

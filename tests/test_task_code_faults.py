@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from process_helpers import NodeProcess, ledger_state, processes_fixture, wait_for
+from process_helpers import NodeProcess, boot_on_ledger, ledger_state, processes_fixture, wait_for
 
 processes = processes_fixture(NodeProcess)
 MODULE = str(Path(__file__).with_name("tasks_for_tests") / "echo.py")
@@ -30,10 +30,7 @@ start_in_s = 1
 def test_faulty_task_code_fails_its_node_s_round_only(processes: Any, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     ledger_dir = tmp_path / "ledger"
-    common = ("--ledger", str(ledger_dir), "--task-module", MODULE,
-              "--heartbeat-interval", "0.5")
-    boot = processes.node("n0", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", *common)
-    _, addr = wait_for(boot.announced, 30, "the bootstrap node to start")
+    boot, addr, common = boot_on_ledger(processes, ledger_dir, "--task-module", MODULE)
     n1 = processes.node("n1", "--join", addr, *common)
     monkeypatch.setenv("TASKNET_TEST_FAULT", "1")
     n2 = processes.node("n2", "--join", addr, *common)

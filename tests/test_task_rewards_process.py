@@ -13,7 +13,14 @@ from typing import Any
 from chain.rules import ChainState, rejected_of
 from tasks.engine import lookback
 
-from process_helpers import JsonApi, NodeProcess, ledger_state, processes_fixture, wait_for
+from process_helpers import (
+    JsonApi,
+    NodeProcess,
+    boot_on_ledger,
+    ledger_state,
+    processes_fixture,
+    wait_for,
+)
 
 processes = processes_fixture(NodeProcess)
 ROUND_TIME = "3"
@@ -53,10 +60,7 @@ def _owed(state: ChainState, account: str) -> dict[int, int]:
 
 def test_rewards_survive_a_restart_and_missed_rounds_are_claimable(processes, tmp_path):
     ledger_dir = tmp_path / "ledger"
-    common = ("--ledger", str(ledger_dir), "--round-time", ROUND_TIME,
-              "--heartbeat-interval", "0.5")
-    boot = processes.node("n0", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", *common)
-    _, addr = wait_for(boot.announced, 30, "the bootstrap node to start")
+    boot, addr, common = boot_on_ledger(processes, ledger_dir, "--round-time", ROUND_TIME)
     # three nodes: with one down the store still has a quorum (two of its three copies)
     node, other = (processes.node(name, "--join", addr, *common) for name in ("n1", "n2"))
     me = wait_for(node.peer_id, 30, "n1 to start")

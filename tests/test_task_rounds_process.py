@@ -12,7 +12,7 @@ from pathlib import Path
 from chain.ledger import LEDGER_FILE_NAME, Ledger
 from chain.rules import rejected_of
 
-from process_helpers import NodeProcess, ledger_state, processes_fixture, wait_for
+from process_helpers import NodeProcess, boot_on_ledger, ledger_state, processes_fixture, wait_for
 
 processes = processes_fixture(NodeProcess)
 ROUND_TIME = "3"
@@ -28,10 +28,7 @@ def _settled_rounds(ledger_dir: Path) -> dict[int, object]:
 
 def test_rounds_pay_honest_nodes_and_slash_a_cheat(processes, tmp_path):
     ledger_dir = tmp_path / "ledger"
-    common = ("--ledger", str(ledger_dir), "--round-time", ROUND_TIME,
-              "--heartbeat-interval", "0.5")
-    boot = processes.node("n0", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", *common)
-    _, addr = wait_for(boot.announced, 30, "the bootstrap node to start")
+    boot, addr, common = boot_on_ledger(processes, ledger_dir, "--round-time", ROUND_TIME)
     modes = {"n1": None, "n2": "wrong-submission", "n3": "false-audit",
              "n4": "bad-distribution", "n5": "no-submission"}
     nodes = {"n0": boot}

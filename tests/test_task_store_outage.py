@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import signal
 
-from process_helpers import NodeProcess, ledger_state, processes_fixture, wait_for
+from process_helpers import NodeProcess, boot_on_ledger, ledger_state, processes_fixture, wait_for
 
 processes = processes_fixture(NodeProcess)
 TASK = "hello"
@@ -15,9 +15,7 @@ TASK = "hello"
 
 def test_a_task_survives_its_store_falling_short_of_a_quorum(processes, tmp_path):
     ledger_dir = tmp_path / "ledger"
-    common = ("--ledger", str(ledger_dir), "--round-time", "3", "--heartbeat-interval", "0.5")
-    boot = processes.node("n0", "--bootstrap", "--listen", "/ip4/127.0.0.1/tcp/0", *common)
-    _, addr = wait_for(boot.announced, 30, "the bootstrap node to start")
+    boot, addr, common = boot_on_ledger(processes, ledger_dir, "--round-time", "3")
     other = processes.node("n1", "--join", addr, *common)
     ids = [wait_for(node.announced, 30, "both nodes to start")[0] for node in (boot, other)]
 

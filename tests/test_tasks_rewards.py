@@ -5,6 +5,7 @@
 # The node processes' JSON of the same figures: test_task_rewards_process.py.
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,22 @@ class Reader:
         return self.lists[attempt["cid"]].get(self.node, 0)
 
 
+@contextlib.contextmanager
+def round_views_read(adapter: Any) -> Iterator[list[int]]:
+    """The rounds whose views `adapter` is asked for inside the block."""
+    looked: list[int] = []
+    original = adapter.round_view
+
+    async def watched(task_id: str, r: int) -> dict[str, Any]:
+        looked.append(r)
+        return await original(task_id, r)
+    adapter.round_view = watched
+    try:
+        yield looked
+    finally:
+        adapter.round_view = original
+
+
 async def test_claimable_and_claimed_rebuilt_from_the_chain(world: LedgerWorld) -> None:
     w, lists = world, {}
     submit(w, 0, NODES)
@@ -95,15 +112,8 @@ async def test_claimable_and_claimed_rebuilt_from_the_chain(world: LedgerWorld) 
         assert book.claimed_by_round == {1: 50}
         # each list is read once, and a known unclaimed round's view not again either: only
         # this node's claim changes it, which the driver reports
-        looked_at: list[int] = []
-        round_view = adapter.round_view
-
-        async def watched(task_id: str, r: int) -> dict[str, Any]:
-            looked_at.append(r)
-            return await round_view(task_id, r)
-        adapter.round_view = watched  # type: ignore[method-assign]
-        await book.refresh(current)
-        adapter.round_view = round_view  # type: ignore[method-assign]
+        with round_views_read(adapter) as looked_at:
+            await book.refresh(current)
         assert reader.reads == 2 and book.claimable == 60 and 0 not in looked_at
         # A claims round 0 (as `node.py task claim` does): told at once, then on the chain
         claim(w, "A", 0, lists, slot_in(3, "idle", 2))
@@ -114,14 +124,8 @@ async def test_claimable_and_claimed_rebuilt_from_the_chain(world: LedgerWorld) 
         await again.refresh(current)
         assert again.claimable == 0 and again.claimed_by_round == {0: 60, 1: 50}
         # final rounds are not looked at again
-        looked: list[int] = []
-        view_of = adapter.round_view
-
-        async def counting(task_id: str, r: int) -> dict[str, Any]:
-            looked.append(r)
-            return await view_of(task_id, r)
-        adapter.round_view = counting  # type: ignore[method-assign]
-        await again.refresh(current + 1)
+        with round_views_read(adapter) as looked:
+            await again.refresh(current + 1)
         assert looked == []
         # the chart keeps the last CHART_ROUNDS rounds only
         rewards.CHART_ROUNDS = 3
