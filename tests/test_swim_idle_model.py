@@ -19,6 +19,8 @@ from p2p_helpers import alive_ids, cluster, wait_for
 
 N = 5
 WINDOW_S = 8.0  # ~27 probes per node at the helpers' 0.3 s heartbeat
+WINDOWS = 5  # windows tried until one holds no failed probe
+FAILURE_PATH = ("ping_req", "nack")  # kinds sent only when a direct probe went unanswered
 
 
 def swim_counters(net: Network) -> dict[str, int]:
@@ -46,11 +48,18 @@ async def test_model_counts_what_real_idle_nodes_send(tmp_path: Path) -> None:
         # idle: the joins' news sent its retransmissions, nothing left to piggyback
         await wait_for(lambda: all(swim_counters(net)["swim_pending_updates"] == 0
                                    for net in nodes), 60, "membership news to settle")
-        before = [swim_counters(net) for net in nodes]
-        started = time.monotonic()
-        await trio.sleep(WINDOW_S)  # the measured window itself, not a wait for a condition
-        after = [swim_counters(net) for net in nodes]
-        seconds = time.monotonic() - started
+        # a window in which a direct probe timed out (a node starved of CPU on a loaded
+        # machine) is not idle traffic: it holds the failure path (indirect probes, their
+        # forwarded pings and acks, suspicion news); measured again, a bounded number of times
+        for _ in range(WINDOWS):
+            before = [swim_counters(net) for net in nodes]
+            started = time.monotonic()
+            await trio.sleep(WINDOW_S)  # the measured window itself, not a wait for a condition
+            after = [swim_counters(net) for net in nodes]
+            seconds = time.monotonic() - started
+            if not any(b[f"swim_sent_{kind}"] - a[f"swim_sent_{kind}"]
+                       for a, b in zip(before, after, strict=True) for kind in FAILURE_PATH):
+                break
         config = swim_config(nodes[0].config)
     real_bytes = per_kind(before, after, "swim_bytes_sent_", seconds)
     real_msgs = per_kind(before, after, "swim_sent_", seconds)
