@@ -43,6 +43,8 @@ class Call:
     outcomes: list[Outcome]
     pending: int = 0
     done: trio.Event = field(default_factory=trio.Event)
+    # nobody waits for it any more (see Forwarder.abandon): its busy ops are not sent again
+    abandoned: bool = False
 
     def chunk_done(self) -> None:
         self.pending -= 1
@@ -92,7 +94,7 @@ class Forwarder:
         try:
             await call.done.wait()
         finally:
-            self.withdraw(call)  # cancelled: what was not sent yet is not sent at all
+            self.abandon(call)  # cancelled: what was not sent yet is not sent at all
         return call.outcomes
 
     def enqueue(self, ops: list[Op], arg_sizes: list[int], level: Consistency, *,
@@ -138,6 +140,15 @@ class Forwarder:
             call.chunk_done()
         self._queue = kept
         return withdrawn
+
+    def abandon(self, call: Call) -> None:
+        """The caller no longer waits for `call` (it was cancelled, or settled its ops
+        elsewhere): its queued ops are withdrawn, and ops of it a request out now brings back
+        `busy` are not sent again. Such an op would be applied whenever its turn came, with a
+        new deadline: after the caller had its answer, and (a hedge's copy) stamped after
+        writes made once the other copy was acknowledged."""
+        call.abandoned = True
+        self.withdraw(call)
 
     def out_for(self) -> float | None:
         """How long (s) the request out now has waited for the replica's answer; None when
@@ -207,7 +218,8 @@ class Forwarder:
             outcomes = [failure] * len(chunk.wire) if failure is not None else replies[position]
             for place, outcome in zip(chunk.positions, outcomes, strict=True):
                 chunk.call.outcomes[place] = outcome
-            if busy[position] and applied:  # progress: send them again (else they fail busy)
+            # progress: send them again (else they fail busy), unless nobody waits for them
+            if busy[position] and applied and not chunk.call.abandoned:
                 if chunk.hedge_after is not None and out >= chunk.hedge_after:
                     # not applied, and answered after the deadline the replica would refuse
                     # them by: the caller may have hedged them (out_for), so they are not sent

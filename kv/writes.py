@@ -235,8 +235,8 @@ class Writes:
                 if not call.done.is_set() and out is not None and out >= delay:
                     return await self._hedge(mutator, forwarder, call, ops, level, avoid,
                                              hedge)
-        finally:
-            forwarder.withdraw(call)  # cancelled or hedged: what was not sent stays here
+        finally:  # cancelled or hedged: what was not sent, or came back busy, stays here
+            forwarder.abandon(call)
         return await self._settle(mutator, ops, call.outcomes, level, avoid, hedge)
 
     async def _settle(self, mutator: str, ops: list[Op], outcomes: list[Outcome],

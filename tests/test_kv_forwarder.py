@@ -1,0 +1,83 @@
+# The forwarder's queue (kv/forwarding.py) against a scripted replica: what it sends again
+# after a `busy` answer, and what it does not send once its caller has gone. A unit test of
+# the queue's rules: the replica is a stub that answers when the test says so.
+from typing import Any
+
+import trio
+import trio.testing
+
+from kv.config import Consistency
+from kv.forwarding import Forwarder
+from kv.ops import BUSY, Op
+
+
+class ScriptedReplica:
+    """A replica whose kv-ops answers the test releases one at a time: each request's first
+    op applied, the others busy (as a replica over its request budget answers)."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+        self.release = trio.Event()
+
+    async def request(self, peer: str, protocol: str, message: Any, timeout: float) -> Any:
+        self.requests.append(message)
+        await self.release.wait()
+        self.release = trio.Event()
+        replies, first = [], True
+        for group in message["groups"]:
+            replies.append([None if first and i == 0 else [BUSY, "not applied"]
+                            for i in range(len(group["ops"]))])
+            first = False
+        return replies
+
+
+def _ops(n: int) -> tuple[list[Op], list[int]]:
+    return [Op("put", f"k{i}".encode(), (i,)) for i in range(n)], [1] * n
+
+
+async def test_busy_ops_are_sent_again_while_their_caller_waits() -> None:
+    replica = ScriptedReplica()
+    forwarder = Forwarder(replica, "replica", 1 << 20, 10.0)  # type: ignore[arg-type]
+    ops, sizes = _ops(3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forwarder.run)
+        outcomes: list[Any] = []
+
+        async def call() -> None:
+            outcomes.extend(await forwarder.submit(ops, sizes, Consistency.ONE))
+
+        nursery.start_soon(call)
+        for _ in range(3):  # one op applied per request: three requests
+            await trio.testing.wait_all_tasks_blocked()
+            replica.release.set()
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcomes == [None, None, None]
+        assert [len(r["groups"][0]["ops"]) for r in replica.requests] == [3, 1, 1]
+        nursery.cancel_scope.cancel()
+
+
+async def test_busy_ops_of_a_caller_that_has_gone_are_not_sent_again() -> None:
+    # a hedged call settled by the other replica (or a cancelled one) leaves while its request
+    # is out; ops that request brings back busy must not be applied later, with a deadline
+    # of their own: an acknowledged write would be stamped after writes made since
+    replica = ScriptedReplica()
+    forwarder = Forwarder(replica, "replica", 1 << 20, 10.0)  # type: ignore[arg-type]
+    ops, sizes = _ops(3)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(forwarder.run)
+        scope = trio.CancelScope()
+
+        async def call() -> None:
+            with scope:
+                await forwarder.submit(ops, sizes, Consistency.ONE)
+
+        nursery.start_soon(call)
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(replica.requests) == 1 and forwarder.out_for() is not None
+        scope.cancel()  # the caller leaves while its request is out
+        await trio.testing.wait_all_tasks_blocked()
+        replica.release.set()  # the answer: one applied, two busy
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(replica.requests) == 1, replica.requests[1:]  # nothing sent again
+        assert forwarder.out_for() is None
+        nursery.cancel_scope.cancel()
