@@ -192,10 +192,14 @@ def make_delta(op: Op, current: Any | None, actor: str, clock: crdt.HLC,
     if op.kind == "delete":
         return _delete_delta(current, actor, _stamp(current, clock, now_ms))
     if current is not None and type_name(current) != wanted:
-        if not (type_name(current) == "lww" and _is_deleted(current)):
-            raise OpError("wrong_type", f"key holds {_words(type_name(current))}, "
-                          f"not {_words(wanted)}")
-        current = None  # a deleted register may be reused as any type
+        if type_name(current) == "lww" and _is_deleted(current):
+            # its tombstone must stay until it is collected (a late replica would bring the
+            # value back), and replicas cannot merge a state of another type into it
+            raise OpError("wrong_type", f"{shown_key(op.key)} was deleted as a register "
+                          f"(lww); it takes only put until its tombstone is collected "
+                          f"(tombstone_grace_s after the delete), then any type")
+        raise OpError("wrong_type", f"key holds {_words(type_name(current))}, "
+                      f"not {_words(wanted)}")
     if current is None and op.kind in ("srem", "hdel"):
         if not op.args:
             raise OpError("bad_request", "no members given")

@@ -79,6 +79,15 @@ async def test_typed_operations_and_deletes(tmp_path):
         assert await c.get("doc") is None
         await c.put("doc", "v2")  # a deleted key can be written again
         assert await a.get("doc") == "v2"
+        # as a register only, while its tombstone is kept: a set's state cannot merge into
+        # it on any replica (this failed as "not stored here" before it was refused clearly)
+        await b.delete("doc")
+        with pytest.raises(OpError, match="deleted as a register") as refused:
+            await a.sadd("doc", "x")
+        assert refused.value.code == "wrong_type"
+        assert await c.get("doc") is None
+        await a.put("doc", "v3")
+        assert await b.get("doc") == "v3"
         await a.delete("tags")
         assert await b.get("tags") == []
         # removing from a key that holds nothing leaves it missing, free to take any type
