@@ -566,8 +566,8 @@ class _Relay:
     """A TCP relay on 127.0.0.1 to a node's port. `lose_answer_to = "method"`: the next request
     naming it is passed on, its answer is swallowed and the client's connection closed (the
     node did get the request); with `refuse_after`, the relay then takes no more
-    connections. `drop_after = "method"`: once the answer to the next request naming it is
-    passed on, the relay closes every connection and takes no more."""
+    connections. `drop_after = "method"`: the answer to the next request naming it is passed
+    on with `Connection: close`, then the relay closes every connection and takes no more."""
 
     def __init__(self, port: int) -> None:
         self.upstream = port
@@ -610,10 +610,17 @@ class _Relay:
                 _close(client)
                 _close(upstream)
                 return
-            client.sendall(data)
             if state["drop"]:
+                # gone for good once this answer is out: no new connection is taken, and the
+                # answer says so (Connection: close), so the client cannot race the close by
+                # writing its next request on this connection before it sees it shut
+                _close(self._listener)
+                if data.startswith(b"HTTP/"):
+                    data = data.replace(b"\r\n", b"\r\nConnection: close\r\n", 1)
+                client.sendall(data)
                 self.close()
                 return
+            client.sendall(data)
 
     def close(self) -> None:
         _close(self._listener)  # shutdown: wakes accept(), stops listening
