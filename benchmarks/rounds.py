@@ -44,6 +44,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -53,6 +54,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -505,13 +507,26 @@ class Nodes:
                 node.log = None
 
 
-def _busy_phase(root: Path, tasks: tuple[str, ...], round_time: int,
-                rounds: int) -> dict[str, Any]:
-    """Each node's CPU over `rounds` rounds of the built-in `tasks`, on a new ledger."""
-    label = "+".join(tasks)
+@contextlib.contextmanager
+def _network(root: Path, label: str, tasks: tuple[str, ...],
+             round_time: int) -> Iterator[Nodes]:
+    """A 3-node network on a new ledger running the built-in `tasks` (none: --no-tasks);
+    stopped on the way out, the nodes' last lines printed first if the block failed."""
     nodes = Nodes(root / f"nodes-{label}", root / f"nodes-{label}" / "ledger", round_time)
     try:
         nodes.start_all(tasks)
+        yield nodes
+    except BaseException:
+        print("\n".join(n.tail() for n in nodes.nodes), file=sys.stderr)
+        raise
+    finally:
+        nodes.stop_all()
+
+
+def _busy_phase(root: Path, tasks: tuple[str, ...], round_time: int,
+                rounds: int) -> dict[str, Any]:
+    """Each node's CPU over `rounds` rounds of the built-in `tasks`, on a new ledger."""
+    with _network(root, "+".join(tasks), tasks, round_time) as nodes:
         # warm-up: staking and the first rounds' settlement, until each node's second line
         nodes.wait_rounds(2, round_time * 12 + NODE_READY_S)
         before = [n.cpu_s() for n in nodes.nodes]
@@ -527,27 +542,15 @@ def _busy_phase(root: Path, tasks: tuple[str, ...], round_time: int,
                           for n, c in zip(nodes.nodes, counted, strict=True)],
             "last_line": nodes.nodes[0].hello_lines[-1],
         }
-    except BaseException:
-        print("\n".join(n.tail() for n in nodes.nodes), file=sys.stderr)
-        raise
-    finally:
-        nodes.stop_all()
 
 
 def _idle_cpu(root: Path, round_time: int, wall: float) -> list[float]:
     """Each node's CPU over `wall` seconds of a network without task rounds."""
-    nodes = Nodes(root / "nodes-idle", root / "nodes-idle" / "ledger", round_time)
-    try:
-        nodes.start_all(())
+    with _network(root, "idle", (), round_time) as nodes:
         time.sleep(min(2.0, wall))  # past the start-up work
         before = [n.cpu_s() for n in nodes.nodes]
         time.sleep(wall)
         return [n.cpu_s() - b for n, b in zip(nodes.nodes, before, strict=True)]
-    except BaseException:
-        print("\n".join(n.tail() for n in nodes.nodes), file=sys.stderr)
-        raise
-    finally:
-        nodes.stop_all()
 
 
 def measure_nodes(root: Path, round_time: int, rounds: int, out: dict[str, Any]) -> None:

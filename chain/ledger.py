@@ -33,8 +33,8 @@
 # the lock is held for little more than this entry: a forged one fails the append as corrupt);
 # sign again only if the sender's nonce moved; apply the rules, insert the entry, the head
 # (and a snapshot, only over checked entries), COMMIT. A refused transaction rolls back: no
-# entry. A writer killed mid-append leaves nothing (its WAL frames never
-# commit); a transaction sent again carries a used nonce and is refused (bad_nonce).
+# entry. A writer killed mid-append leaves nothing (its WAL frames never commit); a
+# transaction sent again carries a used nonce and is refused (bad_nonce).
 # Localnet, LOCAL ONLY: `open_localnet` gives the whole supply to a faucet whose key lies in the
 # ledger dir, so anyone who can read that dir can spend it; a real chain has no such key.
 #
@@ -245,6 +245,11 @@ class _Replay:
         if not verify_signature(row.pubkey, signing_bytes(self.genesis.chain_id, nonce, row.tx),
                                 row.sig):
             raise self.corrupt(row.idx, f"bad signature by {account_of(row.pubkey)}")
+
+    def check_signatures(self, rows: list[_Row]) -> None:
+        """Check the signatures of entries applied without theirs (apply(row, False))."""
+        for row in rows:
+            self.check_signature(row, int(row.nonce or 0))
 
     def corrupt(self, idx: int, what: str) -> LedgerCorrupt:
         return LedgerCorrupt(f"ledger {self.path} is corrupt at entry {idx}: {what}")
@@ -540,8 +545,7 @@ class Ledger:
             self._db.execute("UPDATE head SET idx = ?, hash = ? WHERE id = 0", (idx, new_hash))
             if idx % self.snapshot_every == 0:
                 # a snapshot is trusted when the file is opened: only over checked entries
-                for row in unchecked:
-                    replay.check_signature(row, int(row.nonce or 0))
+                replay.check_signatures(unchecked)
                 unchecked.clear()
                 blob = replay.state.to_bytes()
                 self._db.execute(
@@ -559,8 +563,7 @@ class Ledger:
                 if applied:  # the in-memory state ran ahead of the file: rebuild it
                     self._replay = None
             try:
-                for row in unchecked:
-                    replay.check_signature(row, int(row.nonce or 0))
+                replay.check_signatures(unchecked)
             except LedgerCorrupt:
                 self._replay = None  # state built on a forged entry: never used again
                 raise

@@ -328,8 +328,7 @@ class TaskNode:
             "not_run": dict(self.refused_tasks),
             "waiting": dict(self.waiting_tasks),
             "tasks": {task_id: {"round": d.current_round, "metrics": dict(d.metrics),
-                                "rewards_by_round": {str(r): amount for r, amount in sorted(
-                                    d.rewards.claimed_by_round.items())},
+                                "rewards_by_round": d.rewards.by_round(),
                                 "claimable": d.rewards.claimable,
                                 **d.last} for task_id, d in sorted(self.drivers.items())},
         }
@@ -402,8 +401,7 @@ class TaskNode:
         # this node's rewards: what it can still claim, what it claimed by round (None, {}
         # where it does not run the task)
         return _json({**view, "claimable": driver.rewards.claimable if driver else None,
-                      "rewards_by_round": {str(r): amount for r, amount in sorted(
-                          driver.rewards.claimed_by_round.items())} if driver else {}})
+                      "rewards_by_round": driver.rewards.by_round() if driver else {}})
 
     async def _round(self, request: Request) -> Response:
         try:

@@ -3,7 +3,7 @@
 # chain adapter, persists what it did, and reports one line per round.
 # Lives here: `TaskDriver` (performing each engine action: work, submission, audits,
 # distribution lists and their votes, payout, claims), the per-round summary line, the
-# record file (DATA_DIR/tasks/<task id>.record.json, written atomically after each action),
+# record file (DATA_DIR/tasks/<task id>.record.json, written atomically once a step),
 # keeping its `tasks.rewards.RewardBook` fresh (`keep_rewards`: once a round; and at claims).
 # Must not live here: what to do when (tasks/engine.py decides), the rules (chain/), the
 # store or the task context's I/O (tasks/context.py), HTTP (tasknet_node/).

@@ -59,6 +59,10 @@ class RewardBook:
     def claimable(self) -> int:
         return sum(self.unclaimed.values())
 
+    def by_round(self) -> dict[str, int]:
+        """What this node claimed per round, oldest first, keyed for JSON (the chart)."""
+        return {str(r): amount for r, amount in sorted(self.claimed_by_round.items())}
+
     def claimed(self, r: int, amount: int) -> None:
         """This node's claim of `amount` for round r was included."""
         self.unclaimed.pop(r, None)
