@@ -117,7 +117,8 @@ async def _release_sockets(host: IHost) -> None:
     left open looks alive to its peer, which then sent the node's next run its messages into
     it (a restarted member stayed unreachable until the peer gave up on it, 5 to 15 s)."""
     network = host.get_network()
-    tried: set[int] = set()
+    # by id(), holding the object: an id is reused only once its object is collected
+    tried: dict[int, object] = {}
 
     async def close_one(close: Callable[[], Awaitable[object]]) -> None:
         with trio.move_on_after(SOCKET_CLOSE_S):
@@ -134,7 +135,7 @@ async def _release_sockets(host: IHost) -> None:
                      if id(c) not in tried and not c.is_closed]
             if not listeners and not conns:
                 break
-            tried.update(id(x) for x in (*listeners, *conns))
+            tried.update((id(x), x) for x in (*listeners, *conns))
             async with trio.open_nursery() as closing:  # listeners first: nobody dials in
                 for listener in listeners:
                     closing.start_soon(close_one, listener.close)
