@@ -16,7 +16,9 @@
 #     (wall clock in slot_ms units chosen by its writer, never below entry i-1's), tx = the
 #     canonical msgpack transaction (with its nonce), pubkey = the sender's raw Ed25519 key,
 #     sig = Ed25519 over msgpack([SIGN_DOMAIN, chain id, nonce, tx]). sender (the libp2p peer
-#     id of pubkey) and nonce are copies for lookups, UNIQUE(sender, nonce), not hashed.
+#     id of pubkey) and nonce are copies for readers, not hashed, and not indexed: the rules
+#     already take one entry per (sender, nonce), and an index would add a page in a random
+#     place to every append's commit (files made before carry entries_sender_nonce; harmless).
 #     hash(entry) = sha256(msgpack([idx, prev, slot, tx, pubkey, sig])).
 #   head(idx, hash): the last entry, updated in the same transaction as each append, so a file
 #     whose last entries were cut off is told apart from a shorter ledger.
@@ -50,7 +52,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import trio
@@ -90,7 +92,6 @@ CREATE TABLE IF NOT EXISTS entries (
     sender TEXT,
     nonce INTEGER
 ) STRICT;
-CREATE UNIQUE INDEX IF NOT EXISTS entries_sender_nonce ON entries (sender, nonce);
 CREATE TABLE IF NOT EXISTS head (
     id INTEGER PRIMARY KEY CHECK (id = 0),
     idx INTEGER NOT NULL,
@@ -140,12 +141,15 @@ def decode(data: bytes) -> Any:
 
 
 def signing_bytes(chain_id: str, nonce: int, tx: bytes) -> bytes:
-    """What a sender signs: the chain, its nonce and the encoded transaction."""
-    return encode([SIGN_DOMAIN, chain_id, nonce, tx])
+    """What a sender signs: the chain, its nonce and the encoded transaction (an array of
+    scalars, so msgpack's own encoding is the canonical one: no _canonical pass)."""
+    return msgpack.packb([SIGN_DOMAIN, chain_id, nonce, tx], use_bin_type=True)
 
 
 def entry_hash(idx: int, prev: bytes, slot: int, tx: bytes, pubkey: bytes, sig: bytes) -> bytes:
-    return hashlib.sha256(encode([idx, prev, slot, tx, pubkey, sig])).digest()
+    # scalars only, as in signing_bytes: the same bytes as encode() gives, without its pass
+    return hashlib.sha256(msgpack.packb([idx, prev, slot, tx, pubkey, sig],
+                                        use_bin_type=True)).digest()
 
 
 def tx_hash(pubkey: bytes, signed: bytes) -> bytes:
@@ -210,8 +214,7 @@ class _Signed:
     sig: bytes
 
 
-@dataclass(frozen=True)
-class _Row:
+class _Row(NamedTuple):  # a tuple: one per entry read, built in C
     idx: int
     prev: bytes
     slot: int
@@ -228,7 +231,7 @@ class _Row:
 
 def _rows(cursor: sqlite3.Cursor) -> Iterator[_Row]:
     for r in cursor:
-        yield _Row(*r)
+        yield _Row._make(r)
 
 
 # --- replay --------------------------------------------------------------------------------
