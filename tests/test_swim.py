@@ -5,16 +5,21 @@
 # (simulated networks): convergence through loss, delay and a healed partition, detection of
 # crashes within O(log N) periods, no false positive below a third of messages lost, Lifeguard
 # with a slow node, refutation, leave, restart; and runs that show the assertions can fail.
+# Abuse: a member's ping-reqs are served within a budget, and the driver (p2p/swim_net.py,
+# on a stub network) scores down what the core refuses.
 from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import msgpack
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2p.identity import Identity
 from p2p.swim import (
     ALIVE,
     DEAD,
@@ -49,6 +54,7 @@ from p2p.swim import (
     to_wire,
     wire_size,
 )
+from p2p.swim_net import RecordSigner, SwimLink
 from p2p.swim_sim import Simulation, sim_addrs, sim_peer_id, sim_sign, sim_sign_as, sim_verify
 
 PEERS = [sim_peer_id(i) for i in range(5)]
@@ -355,6 +361,39 @@ def test_only_live_members_get_their_ping_reqs_served() -> None:
     assert set(h._ping_req_budget) == {joiner.peer_id}
     h.receive(target.peer_id, Gossip(2, (Update(joiner.peer_id, 0, DEAD),)), 1.3)
     assert h._ping_req_budget == {}
+
+
+class _StubNet:
+    """What SwimLink uses of a Network, recording the penalties it is asked for."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id.to_base58()
+        self.addrs = ["/ip4/127.0.0.1/tcp/1"]
+        self.incarnation = 1
+        self.config = SimpleNamespace(network_id="unit-net")
+        self.penalized: list[tuple[str, str]] = []
+
+    def admits(self, peer: str) -> bool:
+        return True
+
+    def penalize(self, peer: str, reason: str) -> None:
+        self.penalized.append((peer, reason))
+
+
+def test_the_driver_scores_down_a_member_whose_ping_reqs_the_core_refuses() -> None:
+    net = _StubNet(Identity.generate())
+    link = SwimLink(net, SwimConfig(), emit=lambda events: None)  # type: ignore[arg-type]
+    flooder = Identity.generate()
+    fid = flooder.peer_id.to_base58()
+    record = RecordSigner(flooder, "unit-net").sign(RecordInfo(fid, 0, (), b"", 0))
+    joined = (Update(fid, 0, ALIVE, record),)  # its first request makes it a member
+    for i in range(20):
+        data = encode(PingReq(i, sim_peer_id(9), joined if i == 0 else ()))
+        trio.run(link._on_request, fid, data)
+    refused = 20 - int(link.core.config.ping_req_burst)
+    assert net.penalized == [(fid, "flood")] * refused
+    assert link.metrics["swim_offences"] == refused == link.core.stats["ping_reqs_refused"]
 
 
 def test_suspicion_timeout_grows_with_log_n_and_shrinks_with_confirmations() -> None:
