@@ -354,8 +354,12 @@ class RpcService:
 
     def _close(self, channel: _Channel) -> None:
         """Reset the channel's stream (its reader then ends), in this service's nursery."""
-        if self._nursery is not None:
+        if self._nursery is None:
+            return
+        try:
             self._nursery.start_soon(channel.framed.reset)
+        except RuntimeError:  # the service is stopping: its nursery tears the streams down
+            pass
 
     def retire_peer(self, peer_id: str) -> None:
         """Open new streams to `peer_id` for the next requests (on the connection the swarm
