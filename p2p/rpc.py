@@ -130,6 +130,7 @@ class _Channel:
         self.next_id = 0
         self.write_lock = trio.Lock()
         self.broken: BaseException | None = None
+        self.retired = False  # out of the table: reset once its last request is done
 
     async def read_replies(self) -> None:
         try:
@@ -297,6 +298,8 @@ class RpcService:
                 await event.wait()
             finally:  # answered, failed, timed out or cancelled: nothing waits for it now
                 channel.pending.pop(request_id, None)
+                if channel.retired and not channel.pending:
+                    self._close(channel)
         if deadline.cancelled_caught:
             if channel is not None:
                 # a stream that does not answer may sit on a dead connection (a peer that
@@ -347,14 +350,26 @@ class RpcService:
     def _drop(self, key: tuple[str, TProtocol], channel: _Channel) -> None:
         if self._channels.get(key) is channel:
             del self._channels[key]
-        if self._nursery is not None:
+        self._close(channel)
+
+    def _close(self, channel: _Channel) -> None:
+        """Reset the channel's stream (its reader then ends), in this service's nursery."""
+        if self._nursery is None:
+            return
+        try:
             self._nursery.start_soon(channel.framed.reset)
+        except RuntimeError:  # the service is stopping: its nursery tears the streams down
+            pass
 
     def retire_peer(self, peer_id: str) -> None:
         """Open new streams to `peer_id` for the next requests (on the connection the swarm
-        picks now), leaving the requests under way on the old ones to finish."""
+        picks now), leaving the requests under way on the old ones to finish: each old stream
+        is reset once its last request is done (at once when none is)."""
         for key in [k for k in self._channels if k[0] == peer_id]:
-            del self._channels[key]
+            channel = self._channels.pop(key)
+            channel.retired = True
+            if not channel.pending:
+                self._close(channel)
 
     def forget_peer(self, peer_id: str) -> None:
         for key in [k for k in self._channels if k[0] == peer_id]:

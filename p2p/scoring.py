@@ -19,6 +19,7 @@ PENALTIES = {
     "stalled": 5.0,
     "unadmitted": 10.0,  # asked for a members-only service without being admitted
     "authority": 10.0,  # wrote keys it does not replicate, hints for non-members
+    "flood": 2.0,  # more protocol requests than an honest peer sends (each one refused)
     "fault": 5.0,  # an error it provoked inside py-libp2p (contained, see libp2p_fixes)
 }
 

@@ -4,14 +4,17 @@
 # their wire form, and `Swim`, one node's state machine. Time comes in as `now` (seconds),
 # randomness from the `random.Random` it is given, signatures through two callbacks.
 # Must not live here: sockets, clocks, trio, threads, cryptography, or anything about how a
-# message reaches a peer (the caller delivers `Send`s and authenticates every sender).
+# message reaches a peer (the caller delivers `Send`s, authenticates every sender and scores
+# down the peers an `Offence` names).
 #
 # The protocol. Every period a node probes one member, taken from a shuffled round-robin of
 # the live ones: `Ping`; without an `Ack` within the probe timeout it pings again and sends
 # `PingReq` to k others, who ping the target and forward its ack, or a `Nack` when it stays
-# silent. A probe with no ack by the end of the period fails; after as many consecutive failed
-# probes as the node's measured message loss calls for (one at low loss), the target becomes
-# suspect. A suspicion becomes a death after a timeout that grows with log N and shrinks with
+# silent (only a live member's ping-reqs are served, within a budget per requester: an honest
+# one asks about once a period; the excess is refused and reported as an `Offence`). A probe
+# with no ack by the end of the period fails; after as many consecutive failed probes as the
+# node's measured message loss calls for (one at low loss), the target becomes suspect.
+# A suspicion becomes a death after a timeout that grows with log N and shrinks with
 # independent confirmations, unless the suspect refutes it first by raising its incarnation
 # (the suspector tells it directly, and so does every node that probes it meanwhile). Changes
 # ride on pings and acks, a few per message, each sent about mult*log10(N+1) times; news (an
@@ -480,7 +483,16 @@ class Event:
     restarted: bool = False
 
 
-Output = Send | Event
+@dataclass(frozen=True, slots=True)
+class Offence:
+    """`peer` sent something an honest member does not send (`reason`, a p2p.scoring offence
+    name): the caller scores it down. The core has already refused what it sent."""
+
+    peer: str
+    reason: str
+
+
+Output = Send | Event | Offence
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -526,6 +538,12 @@ class SwimConfig:
     notice_backoff_max: float = 8.0  # periods between pings telling a member this node
     # suspects it: after 1, 2, 4, ... up to this many (until the suspicion ends)
     refute: bool = True  # only experiments turn this off (tests show what it prevents)
+    # ping-reqs served per requester: a token bucket of `ping_req_burst` that refills by
+    # `ping_req_rate` per period. An honest member asks one helper at most once per probe, so
+    # about once a period; the excess of a member that asks more (each request costs this
+    # node a ping and a forward kept) is refused and reported as an Offence
+    ping_req_rate: float = 2.0
+    ping_req_burst: float = 4.0
 
     def __post_init__(self) -> None:
         if not 0 < self.probe_timeout < self.period:
@@ -534,6 +552,8 @@ class SwimConfig:
             raise ValueError("counts must not be negative")
         if self.max_updates < 1 or self.retransmit_mult < 1:
             raise ValueError("max_updates and retransmit_mult must be positive")
+        if self.ping_req_rate <= 0 or self.ping_req_burst < 1:
+            raise ValueError("ping_req_rate must be positive and ping_req_burst at least 1")
 
 
 # -- the state machine -----------------------------------------------------------------------
@@ -770,6 +790,8 @@ class Swim:
         self._ack_samples = 0
         self._reprobe: str | None = None  # the next probe's target after a failed probe
         self._forwards: dict[int, _Forward] = {}
+        # live member -> (ping-reqs it may still send, when that was counted): see _on_ping_req
+        self._ping_req_budget: dict[str, tuple[float, float]] = {}
         self._syncs: dict[int, tuple[str, float, bool]] = {}  # seq -> (peer, expires, answered)
         self._serving: dict[tuple[str, int], float] = {}  # (initiator, seq) -> expires
         self._next_sync_at = now + self._jitter(cfg.sync_interval)
@@ -790,7 +812,7 @@ class Swim:
         self.stats: dict[str, int] = dict.fromkeys(
             ("probes", "probes_failed", "indirect_probes", "suspicions", "confirmations",
              "declared_dead", "refutations", "suspected_not_refuted", "records_rejected",
-             "syncs", "sync_entries_received"), 0)
+             "syncs", "sync_entries_received", "ping_reqs_refused", "ping_reqs_not_member"), 0)
         me = self._make_self(incarnation, left=False)
         self._store(me, now)
         self._gossip.put(Update(peer_id, incarnation, ALIVE, me.record))
@@ -1151,6 +1173,22 @@ class Swim:
         return max(cfg.suspect_after, min(cfg.suspect_after_max, math.ceil(want)))
 
     def _on_ping_req(self, sender: str, msg: PingReq, now: float, out: list[Output]) -> None:
+        known = self._members.get(sender)
+        if known is None or known.state not in _LIVE or sender == self.peer_id:
+            # only live members are served (a joiner's first requests carry its alive record,
+            # applied before this, and an unknown sender got a sync started in receive())
+            self.stats["ping_reqs_not_member"] += 1
+            return
+        cfg = self.config
+        tokens, since = self._ping_req_budget.get(sender, (cfg.ping_req_burst, now))
+        tokens = min(cfg.ping_req_burst,
+                     tokens + max(0.0, now - since) * cfg.ping_req_rate / cfg.period)
+        if tokens < 1.0:
+            self._ping_req_budget[sender] = (tokens, now)
+            self.stats["ping_reqs_refused"] += 1
+            out.append(Offence(sender, "flood"))
+            return
+        self._ping_req_budget[sender] = (tokens - 1.0, now)
         if msg.target == self.peer_id:
             out.append(Send(sender, self._addrs_of(sender), Ack(msg.seq, ())))
             return
@@ -1158,7 +1196,6 @@ class Swim:
         if target is None:
             out.append(Send(sender, self._addrs_of(sender), Nack(msg.seq)))
             return
-        cfg = self.config
         if len(self._forwards) >= 1024:  # a flood of requests: forget the oldest
             del self._forwards[next(iter(self._forwards))]
         self._next_seq()
@@ -1445,6 +1482,7 @@ class Swim:
             if pid not in self._dead_since:
                 self._dead_since[pid] = now
             self._failed.pop(pid, None)
+            self._ping_req_budget.pop(pid, None)
         if new.state is not SUSPECT:
             self._suspicions.pop(pid, None)
 

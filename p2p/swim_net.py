@@ -100,6 +100,7 @@ class SwimLink:
         self._wake = trio.Event()
         self.metrics = {"swim_sent": 0, "swim_send_failures": 0, "swim_received": 0,
                         "swim_rejected": 0, "swim_bytes_sent": 0, "swim_unadmitted": 0,
+                        "swim_offences": 0,  # what the core refused as abuse (Offence)
                         # of swim_bytes_sent: the updates and entries the messages carried
                         "swim_carried_bytes_sent": 0}
         for kind in swim.KIND.values():  # per message kind: messages and bytes sent
@@ -165,6 +166,10 @@ class SwimLink:
             if isinstance(output, swim.Send):
                 if self._nursery is not None:
                     self._nursery.start_soon(self._send, output)
+            elif isinstance(output, swim.Offence):
+                self.metrics["swim_offences"] += 1
+                log.debug("swim: %s refused from %s", output.reason, output.peer)
+                self.net.penalize(output.peer, output.reason)
             else:
                 events.append(self._event(output, now))
         if events:

@@ -26,6 +26,7 @@ from .swim import (
     LEFT,
     SUSPECT,
     Event,
+    Offence,
     Output,
     RecordInfo,
     Send,
@@ -151,6 +152,7 @@ class Simulation:
         self.restart_seen: dict[int, set[int]] = {}
         self.left_seen: dict[int, set[int]] = {}
         self.events: Counter[str] = Counter()
+        self.offences: Counter[str] = Counter()  # Offence outputs by reason (honest runs: none)
         self.bootstrap = list(range(min(bootstrap, n)))
         if start == "converged":
             for _ in range(n):
@@ -370,6 +372,8 @@ class Simulation:
         for o in outs:
             if type(o) is Send:
                 self._send(i, o)
+            elif type(o) is Offence:
+                self.offences[o.reason] += 1
             else:
                 assert isinstance(o, Event)
                 self._observe(i, o)

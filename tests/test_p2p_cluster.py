@@ -4,6 +4,8 @@ from contextlib import AsyncExitStack
 
 import pytest
 import trio
+import trio.testing
+from libp2p.peer.id import ID
 
 import p2p.network
 from p2p import MemberState, Network, RemoteError, RequestError
@@ -80,6 +82,53 @@ async def test_request_response_and_error_replies(tmp_path):
         except RemoteError as exc:
             assert exc.code == "internal"
         assert (await a.request(b.peer_id, "add", {"x": 2, "y": 2}))["sum"] == 4
+
+
+async def test_a_retired_stream_finishes_its_request_then_closes(tmp_path):
+    """retire_peer (a second connection with the peer) sends the next requests on a new
+    stream; the old stream carries its request under way to the end and is then reset, at
+    both ends, instead of staying open on the old connection for good."""
+    async with cluster(tmp_path, 2) as (a, b):
+        arrived, release = trio.Event(), trio.Event()
+
+        async def held(peer: str, message: str) -> str:
+            if message == "hold":
+                arrived.set()
+                await release.wait()
+            return message
+
+        b.handle("held", held)
+        await wait_for(lambda: b.peer_id in a.connected_peers(), 10, "a to connect to b")
+        b_id, a_id = ID.from_base58(b.peer_id), ID.from_base58(a.peer_id)
+
+        def streams(net: Network, peer: ID) -> list:
+            return [s for c in net.host.get_network().get_connections(peer)
+                    for s in c.get_streams() if s.get_protocol().endswith("/held/1")]
+
+        replies: list[str] = []
+
+        async def ask() -> None:
+            replies.append(await a.request(b.peer_id, "held", "hold", timeout=5))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            with trio.fail_after(5):
+                await arrived.wait()
+            (old,) = streams(a, b_id)
+            a._rpc.retire_peer(b.peer_id)
+            await trio.testing.wait_all_tasks_blocked()
+            assert streams(a, b_id) == [old]  # its request is under way: still open
+            release.set()
+        assert replies == ["hold"]
+        await wait_for(lambda: old not in streams(a, b_id) and not streams(b, a_id), 2,
+                       "the retired stream to close at both ends")
+        assert await a.request(b.peer_id, "held", "next") == "next"
+        (new,) = streams(a, b_id)
+        assert new is not old
+        # retired with nothing under way: closed at once
+        a._rpc.retire_peer(b.peer_id)
+        await wait_for(lambda: not streams(a, b_id) and not streams(b, a_id), 2,
+                       "the idle retired stream to close")
 
 
 async def test_two_networks_do_not_mix(tmp_path):

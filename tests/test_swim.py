@@ -5,16 +5,21 @@
 # (simulated networks): convergence through loss, delay and a healed partition, detection of
 # crashes within O(log N) periods, no false positive below a third of messages lost, Lifeguard
 # with a slow node, refutation, leave, restart; and runs that show the assertions can fail.
+# Abuse: a member's ping-reqs are served within a budget, and the driver (p2p/swim_net.py,
+# on a stub network) scores down what the core refuses.
 from __future__ import annotations
 
 import math
 import random
+from types import SimpleNamespace
 
 import msgpack
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from p2p.identity import Identity
 from p2p.swim import (
     ALIVE,
     DEAD,
@@ -28,6 +33,7 @@ from p2p.swim import (
     MemberState,
     Message,
     Nack,
+    Offence,
     Ping,
     PingReq,
     RecordInfo,
@@ -48,6 +54,7 @@ from p2p.swim import (
     to_wire,
     wire_size,
 )
+from p2p.swim_net import RecordSigner, SwimLink
 from p2p.swim_sim import Simulation, sim_addrs, sim_peer_id, sim_sign, sim_sign_as, sim_verify
 
 PEERS = [sim_peer_id(i) for i in range(5)]
@@ -270,6 +277,125 @@ def test_missed_nacks_raise_local_health_and_stretch_the_timeouts() -> None:
     assert a.next_wakeup() - t2 == pytest.approx(2 * a.config.probe_timeout)
 
 
+def offences(outs: list) -> list[Offence]:
+    return [o for o in outs if isinstance(o, Offence)]
+
+
+def ping_req(helper: Swim, requester: Swim, seq: int, target: Swim, now: float) -> list:
+    return helper.receive(requester.peer_id, PingReq(seq, target.peer_id), now)
+
+
+def test_a_member_asking_for_indirect_probes_at_an_honest_rate_is_always_served() -> None:
+    h, a, target = network(3)
+    period = h.config.period
+    for i in range(50):  # one ping-req a period, the most an honest member sends a helper
+        outs = ping_req(h, a, 100 + i, target, i * period)
+        assert [s.to for s in sends(outs, Ping)] == [target.peer_id] and not offences(outs)
+        # and twice in one period now and then (a late request and the next one together)
+        if i % 10 == 5:
+            outs = ping_req(h, a, 1000 + i, target, i * period + 0.01)
+            assert len(sends(outs, Ping)) == 1 and not offences(outs)
+    assert h.stats["ping_reqs_refused"] == 0
+
+
+def test_a_ping_req_flood_is_cut_to_the_budget_and_spares_other_requesters() -> None:
+    h, flooder, honest, target = network(4)
+    cfg = h.config
+    t = 10.0
+    # the honest member's request is under way (its ping to the target is out) ...
+    (fwd,) = sends(ping_req(h, honest, 7, target, t), Ping)
+    # ... when another member sends thousands at once (more than the forwards h keeps)
+    pings, reported = 0, 0
+    for i in range(3000):
+        outs = ping_req(h, flooder, 10_000 + i, target, t + 0.001)
+        pings += len(sends(outs, Ping))
+        reported += sum(o.peer == flooder.peer_id and o.reason == "flood"
+                        for o in offences(outs))
+    burst = int(cfg.ping_req_burst)
+    assert pings == burst  # served up to the burst, no further
+    assert reported == 3000 - burst == h.stats["ping_reqs_refused"]
+    # the honest member's forward is still there: the target's ack goes back to it
+    acks = sends(deliver(target, [fwd], h, t + 0.01, Ping), Ack)
+    back = sends(h.receive(target.peer_id, acks[0].message, t + 0.02), Ack)
+    assert [(s.to, s.message.seq) for s in back] == [(honest.peer_id, 7)]
+    # and its next requests are served while the flooder's are still refused
+    outs = ping_req(h, honest, 8, target, t + 0.03)
+    assert len(sends(outs, Ping)) == 1 and not offences(outs)
+    outs = ping_req(h, flooder, 20_000, target, t + 0.03)
+    assert sends(outs, Ping) == [] and offences(outs)
+
+
+def test_the_ping_req_budget_refills_with_time() -> None:
+    h, a, target = network(3)
+    cfg = h.config
+    t = 5.0
+
+    def served(n: int, now: float) -> int:
+        return sum(len(sends(ping_req(h, a, 500 + i, target, now), Ping)) for i in range(n))
+
+    assert served(100, t) == int(cfg.ping_req_burst)
+    assert served(10, t + 0.1) == 0
+    # a period later, ping_req_rate more (the time already waited counts)
+    assert served(10, t + cfg.period) == int(cfg.ping_req_rate)
+    # and after a long quiet spell the full burst again, no more
+    assert served(100, t + 100 * cfg.period) == int(cfg.ping_req_burst)
+
+
+def test_only_live_members_get_their_ping_reqs_served() -> None:
+    h, dead, target = network(3)
+    stranger = node(7)
+    # a sender h does not know: no ping for it (h reconciles with it instead)
+    outs = ping_req(h, stranger, 1, target, 1.0)
+    assert sends(outs, Ping) == [] and [s.to for s in sends(outs, Sync)] == [stranger.peer_id]
+    # a member h holds dead
+    h.receive(target.peer_id, Gossip(1, (Update(dead.peer_id, 0, DEAD),)), 1.0)
+    assert h.get(dead.peer_id).state is DEAD
+    assert sends(ping_req(h, dead, 2, target, 1.1), Ping) == []
+    assert h.stats["ping_reqs_not_member"] == 2
+    # a joiner's requests carry its alive record, which makes it a member first: served
+    joiner = node(8)
+    req = PingReq(3, target.peer_id, (full(joiner.me),))
+    outs = h.receive(joiner.peer_id, req, 1.2)
+    assert [s.to for s in sends(outs, Ping)] == [target.peer_id]
+    # the budget is kept for live members only: forgotten when one dies
+    assert set(h._ping_req_budget) == {joiner.peer_id}
+    h.receive(target.peer_id, Gossip(2, (Update(joiner.peer_id, 0, DEAD),)), 1.3)
+    assert h._ping_req_budget == {}
+
+
+class _StubNet:
+    """What SwimLink uses of a Network, recording the penalties it is asked for."""
+
+    def __init__(self, identity: Identity) -> None:
+        self.identity = identity
+        self.peer_id = identity.peer_id.to_base58()
+        self.addrs = ["/ip4/127.0.0.1/tcp/1"]
+        self.incarnation = 1
+        self.config = SimpleNamespace(network_id="unit-net")
+        self.penalized: list[tuple[str, str]] = []
+
+    def admits(self, peer: str) -> bool:
+        return True
+
+    def penalize(self, peer: str, reason: str) -> None:
+        self.penalized.append((peer, reason))
+
+
+def test_the_driver_scores_down_a_member_whose_ping_reqs_the_core_refuses() -> None:
+    net = _StubNet(Identity.generate())
+    link = SwimLink(net, SwimConfig(), emit=lambda events: None)  # type: ignore[arg-type]
+    flooder = Identity.generate()
+    fid = flooder.peer_id.to_base58()
+    record = RecordSigner(flooder, "unit-net").sign(RecordInfo(fid, 0, (), b"", 0))
+    joined = (Update(fid, 0, ALIVE, record),)  # its first request makes it a member
+    for i in range(20):
+        data = encode(PingReq(i, sim_peer_id(9), joined if i == 0 else ()))
+        trio.run(link._on_request, fid, data)
+    refused = 20 - int(link.core.config.ping_req_burst)
+    assert net.penalized == [(fid, "flood")] * refused
+    assert link.metrics["swim_offences"] == refused == link.core.stats["ping_reqs_refused"]
+
+
 def test_suspicion_timeout_grows_with_log_n_and_shrinks_with_confirmations() -> None:
     cfg = SwimConfig()
     for n in (10, 100, 1000):
@@ -461,6 +587,7 @@ def test_a_thousand_nodes_converge_through_loss_delay_and_a_healed_partition() -
     sim.run_until(lambda: all(v in sim.detected_at for v in victims), 2 * detect_bound(n))
     for v in victims:
         assert sim.detected_at[v] - sim.crashed_at[v] <= detect_bound(n)
+    assert sim.offences == {}  # honest nodes stay within the ping-req budget (delay, copies)
 
 
 @pytest.mark.parametrize("n", [100, 1000])
@@ -509,6 +636,7 @@ def test_a_slow_node_does_not_get_healthy_nodes_declared_dead() -> None:
         sim.slow(7, (1.0, 3.0))
         sim.run(150)
         assert sim.false_positives == [], lhm_max
+        assert sim.offences == {}, lhm_max  # bunched up by the slow node, still in budget
         suspicions[lhm_max] = sim.nodes[7].stats["suspicions"]
         if lhm_max:
             assert sim.nodes[7].local_health > 0
