@@ -44,6 +44,7 @@ from .engine import (
     VoteDistribution,
     config_of,
     inflated,
+    lookback,
     plan,
     stake_of,
     views_needed,
@@ -70,6 +71,9 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 MAX_WAIT_S = 2.0  # the longest the loop sleeps without looking at the chain again
 STEP_RETRY_MAX_S = 8.0  # a step that keeps failing is tried again at least this often
 GARBAGE_SUBMISSION = "not-a-proof"
+# the record keeps this many lookbacks of rounds (the engine acts within one): a long-running
+# node's record stays the size of a few rounds instead of growing by every round it ran
+RECORD_KEEP_LOOKBACKS = 2
 
 
 def transient(exc: BaseException) -> bool:
@@ -263,6 +267,8 @@ class TaskDriver:
                 changed = True
         finally:
             if changed:
+                if chain_round is not None:  # rounds no window reaches any more: forgotten
+                    self.record.prune(chain_round - RECORD_KEEP_LOOKBACKS * (lookback(cfg) + 1))
                 self._save_record()
         return decided.wake_slot
 

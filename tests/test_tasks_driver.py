@@ -25,7 +25,7 @@ from kv.config import NotAdmitted, OutcomeUnknown, QuorumError
 from tasks import driver as driver_module
 from tasks.api import Task
 from tasks.driver import TaskDriver, encode_list, transient
-from tasks.engine import config_of
+from tasks.engine import config_of, lookback
 
 NODES = ["A", "B"]
 TASK = "echo"
@@ -214,5 +214,31 @@ async def test_claimed_rewards_survive_a_restart(world: LedgerWorld, tmp_path: P
     again = await driver_for(world, "A", records, net)  # the node restarted
     try:
         assert again.metrics["rewards"] == 50 and again.metrics["claims"] == 1
+    finally:
+        await again.chain.close()
+
+
+async def test_the_record_forgets_rounds_no_window_reaches(world: LedgerWorld,
+                                                          tmp_path: Path) -> None:
+    """A node that runs for weeks keeps a record of a few rounds, not one of every round."""
+    world.at(slot_in(40, "submission", 1))
+    records = tmp_path / "records"
+    d = await driver_for(world, "A", records)
+    try:
+        assert d.cfg is not None
+        keep = driver_module.RECORD_KEEP_LOOKBACKS * (lookback(d.cfg) + 1)
+        old, recent = list(range(0, 40 - keep)), list(range(40 - keep, 40))
+        d.record.submitted.update(old + recent)
+        d.record.worked.update(old + recent)
+        d.record.voted.update((r, 1) for r in old + recent)
+        await d.step()  # (it may add round 40's work)
+        for rounds in (d.record.submitted, d.record.worked, {r for r, _ in d.record.voted}):
+            assert not rounds & set(old) and rounds >= set(recent)
+    finally:
+        await d.chain.close()
+    again = await driver_for(world, "A", records)  # as written to disk
+    try:
+        assert not again.record.submitted & set(old)
+        assert again.record.submitted >= set(recent)
     finally:
         await again.chain.close()
