@@ -5,7 +5,8 @@
 # request's per-op outcomes back to the calls that made them, sending again, in the next
 # requests, the ops a replica left unapplied for its per-request budget (`busy`: see
 # KVConfig.max_request_state_bytes) cut to what it applied in one request, withdrawing a
-# call's ops not yet sent, and telling the caller whether the replica answered at all.
+# call's ops not yet sent, noting which of a call's ops have their final outcome (a call is
+# answered in parts), and telling the caller whether the replica answered at all.
 # Must not live here: what an op does or how quorum is counted (kv/writes.py runs them).
 from __future__ import annotations
 
@@ -38,11 +39,14 @@ EXPIRED = "expired"  # a forwarded op not applied by its chunk's deadline: never
 @dataclass
 class Call:
     """One caller's ops and the outcomes gathered for them, chunk by chunk (`done` once all
-    are in)."""
+    are in). A call is answered in parts: one cut into several requests (by bytes), or with
+    ops a replica left `busy` and that are sent again; `answered` holds the places whose
+    outcome is final, also before `done`."""
 
     outcomes: list[Outcome]
     pending: int = 0
     done: trio.Event = field(default_factory=trio.Event)
+    answered: set[int] = field(default_factory=set)
     # nobody waits for it any more (see Forwarder.abandon): its busy ops are not sent again
     abandoned: bool = False
 
@@ -137,6 +141,7 @@ class Forwarder:
             for place in chunk.positions:
                 call.outcomes[place] = [UNREACHABLE,
                                         f"not sent: {self.peer} was still busy with earlier ops"]
+            call.answered.update(chunk.positions)
             call.chunk_done()
         self._queue = kept
         return withdrawn
@@ -218,6 +223,7 @@ class Forwarder:
             outcomes = [failure] * len(chunk.wire) if failure is not None else replies[position]
             for place, outcome in zip(chunk.positions, outcomes, strict=True):
                 chunk.call.outcomes[place] = outcome
+            sent_again: set[int] = set()
             # progress: send them again (else they fail busy), unless nobody waits for them
             if busy[position] and applied and not chunk.call.abandoned:
                 if chunk.hedge_after is not None and out >= chunk.hedge_after:
@@ -230,6 +236,8 @@ class Forwarder:
                             EXPIRED, f"{self.peer} left it for a request after its deadline"]
                 else:
                     again += self._cut(chunk, busy[position], applied)
+                    sent_again = {chunk.positions[i] for i in busy[position]}
+            chunk.call.answered.update(p for p in chunk.positions if p not in sent_again)
             chunk.call.chunk_done()
         if left and applied:
             log.debug("%s left %d of %d ops for the next request (its request budget)",

@@ -257,18 +257,20 @@ class Writes:
                      level: Consistency, avoid: frozenset[str],
                      hedge: bool) -> list[Exception | None]:
         """`mutator` has not answered within hedge_after_s. The call's ops still queued are
-        withdrawn and run at the next replica; those sent and safe to apply twice
-        (HEDGEABLE) are sent to the next replica too, and the first good answer counts; the
-        others (incr) wait for `mutator`'s answer. The mutator is marked slow."""
+        withdrawn and run at the next replica; those sent, not answered yet and safe to apply
+        twice (HEDGEABLE) are sent to the next replica too, and the first good answer counts;
+        the others (incr) wait for `mutator`'s answer. Ops it answered already (a call is
+        answered in parts: see forwarding.Call) keep their outcome. The mutator is marked
+        slow."""
         self._mark_slow(mutator)
         withdrawn = set(forwarder.withdraw(call))
-        hedged = [i for i in range(len(ops)) if i not in withdrawn and ops[i].kind in HEDGEABLE]
-        waiting = [i for i in range(len(ops)) if i not in withdrawn and i not in hedged]
+        out = [i for i in range(len(ops)) if i not in withdrawn and i not in call.answered]
+        hedged = [i for i in out if ops[i].kind in HEDGEABLE]
+        waiting = [i for i in out if ops[i].kind not in HEDGEABLE]
         self.metrics["hedged_ops"] += len(hedged)
         if hedged:
             log.info("%s has not answered %d forwarded ops in %.1f s: sending %d to the next "
-                     "replica", mutator, len(ops) - len(withdrawn), self.config.hedge_after_s,
-                     len(hedged))
+                     "replica", mutator, len(out), self.config.hedge_after_s, len(hedged))
         second: dict[int, Exception | None] = {}  # the next replicas' outcomes, by index
         others = avoid | {mutator}
         withdrawn_done = not withdrawn

@@ -3,8 +3,8 @@
 # Lives here: the route and metric registry other packages extend (`ControlApi.add_route`,
 # `ControlApi.add_metrics`, `ControlApi.add_status`), the built-in endpoints (/status,
 # /peers, /metrics, /publish; the dashboard at / from tasknet_node.dashboard; /subscribe and
-# /gossip come from tasknet_node.gossipwatch), the Prometheus text rendering, and binding +
-# serving the socket.
+# /gossip come from tasknet_node.gossipwatch), the one check of a topic name both /publish and
+# /subscribe use (`bad_topic`), the Prometheus text rendering, and binding + serving the socket.
 # Must not live here: node lifecycle (runner.py) or argument parsing (cli.py).
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from p2p import MemberState, Network
 
 from .dashboard import register_dashboard
 from .errors import NodeError
-from .http import HttpApp, JSONResponse, Request, Response, Route, serve_http
+from .http import HttpApp, JSONResponse, Request, Response, Route, error_response, serve_http
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus  # trio's own name for it is hidden by trio-stubs
@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 RESERVED_TOPICS = frozenset({"members"})  # the p2p layer's own membership gossip
+MAX_TOPIC_CHARS = 200  # the longest topic name /publish and /subscribe take
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
@@ -130,28 +131,46 @@ class ControlApi:
         # A JSON content type cannot be sent cross-origin without a CORS preflight, which this
         # API never grants: a web page cannot make the node publish.
         if request.media_type != "application/json":
-            return _error(415, "send the message as application/json")
+            return error_response(415, "unsupported_media_type",
+                                  "send the message as application/json")
         try:
             body = await request.json()
-        except ValueError:
-            return _error(400, "body is not JSON")
+        except ValueError as exc:
+            return error_response(400, "bad_json", f"body is not JSON: {exc}")
         if not isinstance(body, dict) or not isinstance(body.get("topic"), str) \
                 or "payload" not in body:
-            return _error(400, 'expected {"topic": "...", "payload": ...}')
+            return error_response(400, "bad_request",
+                                  'expected {"topic": "...", "payload": ...}')
         topic = body["topic"]
-        if not topic or topic in RESERVED_TOPICS:
-            return _error(400, f"cannot publish to topic {topic!r}")
+        refused = bad_topic(topic)
+        if refused is not None:
+            return refused
         try:
             await self.net.publish(topic, body["payload"])
-        except UnicodeEncodeError:  # a lone surrogate (a JSON \ud800 escape) in topic or payload
-            return _error(400, "topic and payload must be valid Unicode (no lone surrogates)")
+        except UnicodeEncodeError:  # a lone surrogate (a JSON \ud800 escape) in the payload
+            return error_response(400, "bad_request",
+                                  "the payload must be valid Unicode (no lone surrogates)")
         except ValueError as exc:
-            return _error(413, str(exc))
+            return error_response(413, "too_large", str(exc))
         return JSONResponse({"published": True, "topic": topic})
 
 
-def _error(status: int, message: str) -> Response:
-    return JSONResponse({"error": message}, status_code=status)
+def bad_topic(topic: str) -> Response | None:
+    """The answer to a request naming a topic this API does not publish or subscribe to
+    (400 `bad_topic`, the same from /publish and /subscribe); None for a good name."""
+    if not topic:
+        problem = "the topic name is empty"
+    elif topic in RESERVED_TOPICS:
+        problem = f"topic {topic!r} is the p2p layer's own (membership gossip)"
+    elif len(topic) > MAX_TOPIC_CHARS:
+        problem = f"a topic name has at most {MAX_TOPIC_CHARS} characters"
+    else:
+        try:
+            topic.encode()
+            return None
+        except UnicodeEncodeError:  # a lone surrogate (a JSON \ud800 escape)
+            problem = "the topic name must be valid Unicode (no lone surrogates)"
+    return error_response(400, "bad_topic", problem)
 
 
 def network_metrics(net: Network) -> list[Metric]:

@@ -22,14 +22,13 @@ import trio
 
 from p2p import GossipMessage, Network
 
-from .api import RESERVED_TOPICS, ControlApi, Metric
+from .api import ControlApi, Metric, bad_topic
 from .http import MAX_JSON_DEPTH, JSONResponse, Request, Response, nests_deeper
 from .http import error_response as _error
 
 MAX_TOPICS = 16  # topics the API may subscribe the node to (a node never leaves a topic)
 MAX_RECORDS = 1000  # kept per topic: the newest
 MAX_TOPIC_BYTES = 4 * 1024 * 1024  # kept per topic, counted in signed-envelope bytes
-MAX_TOPIC_CHARS = 200
 
 
 @dataclass(frozen=True)
@@ -180,9 +179,9 @@ class GossipWatch:
         if not isinstance(body, dict) or not isinstance(body.get("topic"), str):
             return _error(400, "bad_request", 'expected {"topic": "..."}')
         topic = body["topic"]
-        problem = _topic_problem(topic)
-        if problem:
-            return _error(400, "bad_topic", problem)
+        refused = bad_topic(topic)
+        if refused is not None:
+            return refused
         try:
             new = await self.subscribe(topic)
         except ValueError as exc:
@@ -210,18 +209,6 @@ class GossipWatch:
             "topic": topic, "records": [r.to_dict() for r in records],
             "next": records[-1].seq if records else since,
             "last_seq": log.last_seq, "missed": missed})
-
-
-def _topic_problem(topic: str) -> str | None:
-    if not topic or topic in RESERVED_TOPICS:
-        return f"cannot subscribe to topic {topic!r}"
-    if len(topic) > MAX_TOPIC_CHARS:
-        return f"a topic name has at most {MAX_TOPIC_CHARS} characters"
-    try:
-        topic.encode()
-    except UnicodeEncodeError:  # a lone surrogate (a JSON \ud800 escape)
-        return "the topic must be valid Unicode (no lone surrogates)"
-    return None
 
 
 def _whole(text: str, name: str, low: int, high: int | None) -> int:

@@ -3,8 +3,11 @@
 # chain adapter, persists what it did, and reports one line per round.
 # Lives here: `TaskDriver` (performing each engine action: work, submission, audits,
 # distribution lists and their votes, payout, claims), the per-round summary line, the
-# record file (DATA_DIR/tasks/<task id>.record.json, written atomically once a step),
-# keeping its `tasks.rewards.RewardBook` fresh (`keep_rewards`: once a round; and at claims).
+# record file (DATA_DIR/tasks/<task id>.record.json, written atomically once a step and at
+# each claim, with the claims and rewards counted over restarts),
+# keeping its `tasks.rewards.RewardBook` fresh (`keep_rewards`: once a round; and at claims),
+# and what a failed step means (`transient`: tried again with backoff while its window lasts;
+# anything else is given up for the round, logged once and counted as abandoned).
 # Must not live here: what to do when (tasks/engine.py decides), the rules (chain/), the
 # store or the task context's I/O (tasks/context.py), HTTP (tasknet_node/).
 from __future__ import annotations
@@ -22,9 +25,10 @@ import msgpack
 import trio
 
 from chain.adapter import ChainAdapter, ChainUnavailable
-from chain.assignment import round_of
+from chain.assignment import round_of, round_start
 from chain.merkle import distribution_proof, distribution_root
 from chain.rules import Refused, TaskConfig
+from kv.config import NotAdmitted, QuorumError
 
 from .api import Task, TaskContext
 from .engine import (
@@ -40,6 +44,7 @@ from .engine import (
     VoteDistribution,
     config_of,
     inflated,
+    lookback,
     plan,
     stake_of,
     views_needed,
@@ -49,13 +54,36 @@ from .runner import run_task_call
 
 log = logging.getLogger(__name__)
 
-# refusals that only mean the action happened already or came too late: not logged as faults
-# (every refused action is recorded as done, so none is retried)
+# refusals that only mean the action happened already: recorded as done, not logged as faults
 DONE_REFUSALS = frozenset({"already_submitted", "already_voted", "already_paid",
-                           "already_claimed", "distribution_exists", "outside_window"})
+                           "already_claimed", "distribution_exists"})
+# refusals that time or a retry clears while the action is still planned: a window not open
+# yet at the slot the chain applied (or closed: then the engine plans it no more), a payout or
+# claim a moment early, another writer of this account taking the nonce. The step is tried
+# again; every other refusal is the rules' verdict for the round and is given up.
+TRANSIENT_REFUSALS = frozenset({"outside_window", "not_ready", "bad_nonce"})
+# failures that say nothing about the action itself: the chain or the store not answering
+# (a ledger lock held, a quorum short while members rejoin, this node not admitted yet), a
+# timeout, the network
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ChainUnavailable, QuorumError, NotAdmitted, TimeoutError, trio.TooSlowError, OSError,
+    trio.BrokenResourceError)
 MAX_WAIT_S = 2.0  # the longest the loop sleeps without looking at the chain again
 STEP_RETRY_MAX_S = 8.0  # a step that keeps failing is tried again at least this often
 GARBAGE_SUBMISSION = "not-a-proof"
+# the record keeps this many lookbacks of rounds (the engine acts within one): a long-running
+# node's record stays the size of a few rounds instead of growing by every round it ran
+RECORD_KEEP_LOOKBACKS = 2
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether trying the failed step again can succeed (docs/task-rounds.md, "When a step
+    fails"); False for a refusal the rules will repeat and for errors of our own code."""
+    if isinstance(exc, Refused):
+        return exc.reason in TRANSIENT_REFUSALS
+    if isinstance(exc, BaseExceptionGroup):
+        return all(transient(e) for e in exc.exceptions)
+    return isinstance(exc, TRANSIENT_ERRORS)
 
 
 def encode_list(entries: Mapping[str, int]) -> bytes:
@@ -105,8 +133,11 @@ class TaskDriver:
         self.metrics: dict[str, int] = {
             "work_failed": 0, "submissions": 0, "audits": 0, "votes_against_sent": 0,
             "distributions": 0, "claims": 0, "rewards": 0, "refused": 0,
-            "chain_unavailable": 0, "steps_failed": 0,
+            "chain_unavailable": 0, "steps_failed": 0, "steps_abandoned": 0,
         }
+        # a node's claims and rewards are counted over restarts (its record keeps them)
+        self.metrics["claims"] = self.record.claims
+        self.metrics["rewards"] = self.record.rewards_claimed
         self.last: dict[str, Any] = {}  # last submission, audit results, claims (status)
         # what this node claimed by round and can still claim, rebuilt from the chain
         self.rewards = RewardBook(chain, task_id, self._share)
@@ -151,9 +182,20 @@ class TaskDriver:
                 await trio.sleep(1.0)
                 continue
             except Exception as exc:
+                if not transient(exc):
+                    # a fault of ours (or a refused read) outside any one action: the same
+                    # look fails the same way, so nothing more is tried until the next round
+                    self.metrics["steps_abandoned"] += 1
+                    log.error("task %s: a step failed for good (%s: %s); nothing more is "
+                              "tried in this round", self.name, type(exc).__name__, exc,
+                              exc_info=True)
+                    failures = 0
+                    await trio.sleep(await self._seconds_to_next_round())
+                    continue
                 # the store short of a quorum while members rejoin (a distribution list not
-                # stored, a list not read), or a fault of ours: the step's unfinished actions
-                # are planned again at the next look; the task never stops for it
+                # stored, a list not read), the chain refusing a moment early: the step's
+                # unfinished actions are planned again at the next look, as long as their
+                # windows last; the task never stops for it
                 failures += 1
                 self.metrics["steps_failed"] += 1
                 log.warning("task %s: a step failed (%s: %s); trying again", self.name,
@@ -162,6 +204,18 @@ class TaskDriver:
                 continue
             failures = 0
             await self._sleep_until(wake_slot)
+
+    async def _seconds_to_next_round(self) -> float:
+        """How long until the chain's next round starts (from its slots, not our clock);
+        STEP_RETRY_MAX_S when the chain cannot say."""
+        assert self.cfg is not None
+        try:
+            slot = await self.chain.now()
+        except Exception:  # the chain's trouble shows at the next step
+            return STEP_RETRY_MAX_S
+        r = round_of(self.cfg, slot)
+        next_start = self.cfg.start_slot if r is None else round_start(self.cfg, r + 1)
+        return max(0.01, (next_start - slot) * self.chain.slot_ms / 1000.0)
 
     async def keep_rewards(self) -> None:
         """Beside `run`, until cancelled: refresh the reward book whenever the chain's round
@@ -199,7 +253,12 @@ class TaskDriver:
         changed = False
         try:
             for action in decided.actions:
-                await self._perform(action, views, cfg)
+                try:
+                    await self._perform(action, views, cfg)
+                except Exception as exc:
+                    if transient(exc):
+                        raise  # tried again with the whole step (run's backoff)
+                    self._abandon(action, exc)
                 self.record.done(action)
                 changed = True
             for event in decided.events:
@@ -208,8 +267,27 @@ class TaskDriver:
                 changed = True
         finally:
             if changed:
+                if chain_round is not None:  # rounds no window reaches any more: forgotten
+                    self.record.prune(chain_round - RECORD_KEEP_LOOKBACKS * (lookback(cfg) + 1))
                 self._save_record()
         return decided.wake_slot
+
+    def _abandon(self, action: Any, exc: Exception) -> None:
+        """`action` failed in a way no retry mends: given up for its round (the caller records
+        it done, so it is not planned again), logged once and counted."""
+        self.metrics["steps_abandoned"] += 1
+        why = exc.reason if isinstance(exc, Refused) else type(exc).__name__
+        self.summary.parts.append(f"{type(action).__name__} for round {action.round} given up "
+                                  f"({why})")
+        if isinstance(exc, Refused):
+            self.metrics["refused"] += 1
+            log.warning("task %s: %s for round %d refused: %s (%s); given up for the round",
+                        self.name, type(action).__name__, action.round, exc.reason,
+                        exc.detail)
+        else:
+            log.error("task %s: %s for round %d failed (%s: %s); given up for the round",
+                      self.name, type(action).__name__, action.round, type(exc).__name__,
+                      exc, exc_info=exc)
 
     async def _sleep_until(self, wake_slot: int) -> None:
         wake_at = wake_slot * self.chain.slot_ms / 1000.0
@@ -224,15 +302,14 @@ class TaskDriver:
 
     # -- actions ----------------------------------------------------------------------------
     async def _send(self, tx: dict[str, Any]) -> dict[str, Any] | None:
-        """Send a transaction; None when the rules refused it (logged, counted)."""
+        """Send a transaction; None when the chain says it was done already. Any other
+        refusal is raised: `step` tries a transient one again and gives up the others."""
         try:
             receipt = await self.chain.send({**tx, "task_id": self.task_id})
         except Refused as exc:
-            if exc.reason not in DONE_REFUSALS:
-                self.metrics["refused"] += 1
-                log.warning("task %s: %s for round %s refused: %s (%s)", self.name, tx["op"],
-                            tx.get("round"), exc.reason, exc.detail)
-            return None
+            if exc.reason in DONE_REFUSALS:
+                return None
+            raise
         return receipt.result
 
     def _seconds_left(self, cfg: TaskConfig, round: int, window_end: int) -> float:
@@ -408,8 +485,12 @@ class TaskDriver:
             self._claimed(r, amount)
 
     def _claimed(self, r: int, amount: int) -> None:
-        self.metrics["claims"] += 1
-        self.metrics["rewards"] += amount
+        # written at once (not at the step's end): a restart then counts it whatever the step
+        # does next, and the chain, which has it too, keeps the engine from claiming it again
+        self.record.rewarded(amount)
+        self._save_record()
+        self.metrics["claims"] = self.record.claims
+        self.metrics["rewards"] = self.record.rewards_claimed
         self.summary.parts.append(f"reward {amount} for round {r}")
         self.last["claim"] = {"round": r, "amount": amount}
         self.rewards.claimed(r, amount)

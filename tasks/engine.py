@@ -11,8 +11,9 @@
 #   views = {r: await chain.round_view(task_id, r) for r in views_needed(cfg, slot, record)}
 #   p = plan(cfg, slot, account, record, views, stake=..., misbehaviour=...)
 #   for each action in p.actions: perform it, then record.done(action) and persist record
-#     (a refusal meaning "already done", e.g. already_submitted, counts as done too;
-#      `outside_window` means it came too late: also record it, it is not retried);
+#     (a refusal meaning "already done", e.g. already_submitted, counts as done too, and so
+#      does an action given up for its round; an action that failed for a passing reason is
+#      not recorded: the next plan emits it again while its window lasts);
 #   for each event in p.events: report it, then record.note(event) and persist record.
 # An action is emitted only inside its window: Submit(r) only in round r+1's submission
 # window, Audit(r) only in its audit window, SubmitDistribution(r, j) only in round r+2+j's
@@ -178,6 +179,15 @@ class Record:
     claimed: set[int] = field(default_factory=set)
     closed: set[int] = field(default_factory=set)
     unstaked_noted: set[int] = field(default_factory=set)
+    # this node's claims over the task's whole life, and what they took (its status and
+    # metrics: the chain keeps who claimed a round, not how much; never pruned)
+    claims: int = 0
+    rewards_claimed: int = 0
+
+    def rewarded(self, amount: int) -> None:
+        """Note a claim of `amount` included on the chain."""
+        self.claims += 1
+        self.rewards_claimed += amount
 
     def done(self, action: Action) -> None:
         """Note that `action` was performed (or found already done, or refused for good)."""
@@ -215,8 +225,8 @@ class Record:
         for pairs in (self.distributed, self.voted):
             pairs.difference_update({p for p in pairs if p[0] < before_round})
 
-    def to_dict(self) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {}
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"claims": self.claims, "rewards_claimed": self.rewards_claimed}
         for name in ("worked", "submitted", "audited", "paid", "claimed", "closed",
                      "unstaked_noted"):
             out[name] = sorted(getattr(self, name))
@@ -237,6 +247,8 @@ class Record:
             distributed=pairs("distributed"), voted=pairs("voted"), paid=rounds("paid"),
             claimed=rounds("claimed"), closed=rounds("closed"),
             unstaked_noted=rounds("unstaked_noted"),
+            claims=int(data.get("claims", 0)),
+            rewards_claimed=int(data.get("rewards_claimed", 0)),
         )
 
 

@@ -145,6 +145,11 @@ class LedgerWorld(World):
     def close(self) -> None:
         self.ledger.close()
 
+    def at(self, slot: int) -> None:
+        """Move the ledger's clock to world slot `slot` (forward only), as a node sees it."""
+        assert self.START + slot >= self._now, f"time runs forward: slot {slot}"
+        self._now = float(self.START + slot)
+
     def adapter(self, name: str) -> LedgerAdapter:
         return LedgerAdapter(Ledger.open(self.ledger.path, clock=lambda: self._now),
                              self.ids[name])

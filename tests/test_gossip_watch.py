@@ -10,7 +10,8 @@ import time
 from typing import Any
 
 from p2p import GossipMessage
-from tasknet_node.gossipwatch import MAX_TOPIC_CHARS, MAX_TOPICS, TopicLog
+from tasknet_node.api import MAX_TOPIC_CHARS
+from tasknet_node.gossipwatch import MAX_TOPICS, TopicLog
 
 from process_helpers import JsonApi, NodeProcess, Processes, processes_fixture, wait_for
 

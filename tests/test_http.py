@@ -2,7 +2,8 @@
 # to byte by byte: keep-alive and pipelining, bodies (Content-Length, chunked, Expect:
 # 100-continue), routing, the Host check, and what garbage, oversized and stalled clients get;
 # idle connections past the connection bound, failing accepts; and a real node's control API
-# against hostile bodies (deep JSON, lone surrogates, upper-case media types).
+# against hostile bodies (deep JSON, lone surrogates, upper-case media types) and bad topic
+# names (one check, one answer for /publish and /subscribe).
 import errno
 import json
 import os
@@ -15,7 +16,8 @@ import pytest
 import trio
 from api_helpers import served
 
-from tasknet_node.api import ControlApi
+from tasknet_node.api import MAX_TOPIC_CHARS, ControlApi
+from tasknet_node.gossipwatch import watch_gossip
 from tasknet_node.http import (
     MAX_CONNECTIONS,
     MAX_JSON_DEPTH,
@@ -336,6 +338,28 @@ async def test_hostile_bodies_get_400_not_500(tmp_path):
         assert (await client.put("/kv/loud", content=b'{"value": 1}',
                                  headers={"content-type": "text/plain"})).status_code == 415
         assert (await client.get("/status")).status_code == 200
+
+
+async def test_publish_and_subscribe_refuse_a_bad_topic_alike(tmp_path):
+    async with AsyncExitStack() as stack:
+        kv = await start_kv_node(stack, tmp_path / "node", [], replicas=1)
+        api = ControlApi(kv.net)
+        await stack.enter_async_context(watch_gossip(kv.net, api))
+        client = await stack.enter_async_context(served(api))
+        json_type = {"content-type": "application/json"}
+        # empty, the p2p layer's own, too long, a lone surrogate (a JSON \ud800 escape)
+        for topic in ("", "members", "x" * (MAX_TOPIC_CHARS + 1), "t\ud800"):
+            published = await client.post("/publish", headers=json_type, content=json.dumps(
+                {"topic": topic, "payload": 1}).encode())
+            subscribed = await client.post("/subscribe", headers=json_type,
+                                           content=json.dumps({"topic": topic}).encode())
+            assert published.status_code == subscribed.status_code == 400, topic
+            assert published.json() == subscribed.json(), topic
+            assert published.json()["error"] == "bad_topic" and published.json()["message"]
+        longest = "x" * MAX_TOPIC_CHARS
+        assert (await client.post("/publish", json={"topic": longest, "payload": 1})
+                ).status_code == 200
+        assert (await client.post("/subscribe", json={"topic": longest})).status_code == 200
 
 
 @contextmanager

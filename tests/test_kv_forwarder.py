@@ -1,14 +1,17 @@
 # The forwarder's queue (kv/forwarding.py) against a scripted replica: what it sends again
 # after a `busy` answer, and what it does not send once its caller has gone. A unit test of
-# the queue's rules: the replica is a stub that answers when the test says so.
+# the queue's rules: the replica is a stub that answers when the test says so. And what the
+# write path hedges (kv/writes.py _hedge) of a call the stub answered in part.
+from collections import Counter
 from typing import Any
 
 import trio
 import trio.testing
 
-from kv.config import Consistency
+from kv.config import Consistency, KVConfig
 from kv.forwarding import Forwarder
 from kv.ops import BUSY, Op
+from kv.writes import Writes
 
 
 class ScriptedReplica:
@@ -81,3 +84,47 @@ async def test_busy_ops_of_a_caller_that_has_gone_are_not_sent_again() -> None:
         assert len(replica.requests) == 1, replica.requests[1:]  # nothing sent again
         assert forwarder.out_for() is None
         nursery.cancel_scope.cancel()
+
+
+class BusyThenSilent:
+    """A replica that answers the first request at once, its first op applied and the others
+    busy (its request budget), and never answers the next one (stalled)."""
+
+    peer_id = "coordinator"
+    view: dict[str, Any] = {}
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    async def request(self, peer: str, protocol: str, message: Any, timeout: float) -> Any:
+        self.requests.append(message)
+        if len(self.requests) > 1:
+            await trio.sleep_forever()
+        return [[None if i == 0 else [BUSY, "not applied"] for i in range(len(group["ops"]))]
+                for group in message["groups"]]
+
+
+async def test_a_hedge_copies_only_the_ops_not_answered_yet(autojump_clock: Any) -> None:
+    # a forwarded call is answered in parts before it is done (here: its first op applied,
+    # the others sent again after `busy`); when the mutator then goes silent, the op it
+    # already answered is neither copied to the next replica nor counted as hedged
+    replica = BusyThenSilent()
+    writes = Writes(replica, None, None, None, None,  # type: ignore[arg-type]
+                    KVConfig(hedge_after_s=0.5, slow_mark_s=0), Counter(), None, None)
+    elsewhere: list[list[bytes]] = []
+
+    async def next_replicas(ops: list[Op], level: Any, avoid: Any, hedge: bool) -> list[None]:
+        elsewhere.append([op.key for op in ops])
+        return [None] * len(ops)
+    writes._execute = next_replicas  # type: ignore[method-assign]
+    ops, sizes = _ops(3)
+    async with trio.open_nursery() as nursery:
+        writes.bind(nursery)
+        results = await writes._forward("mutator", ops, sizes, Consistency.ONE, frozenset(),
+                                        False)
+        nursery.cancel_scope.cancel()
+    assert results == [None, None, None]
+    assert [len(r["groups"][0]["ops"]) for r in replica.requests] == [3, 1]
+    # k2 was still queued (withdrawn: not a copy), k1 was out (hedged), k0 answered
+    assert sorted(elsewhere) == [[b"k1"], [b"k2"]]
+    assert writes.metrics["hedged_ops"] == 1
