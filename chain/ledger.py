@@ -30,13 +30,15 @@
 # the head record. `verify()` does the same from genesis and compares every snapshot.
 #
 # Appending: encode the transaction with the sender's next nonce and sign it, outside the
-# lock; BEGIN IMMEDIATE (SQLite's busy handler, retried up to busy_timeout); replay what other
-# writers committed since (their signatures are checked after the lock is released, so that
-# the lock is held for little more than this entry: a forged one fails the append as corrupt);
-# sign again only if the sender's nonce moved; apply the rules, insert the entry, the head
-# (and a snapshot, only over checked entries), COMMIT. A refused transaction rolls back: no
-# entry. A writer killed mid-append leaves nothing (its WAL frames never commit); a
-# transaction sent again carries a used nonce and is refused (bad_nonce).
+# lock; take the write lock (BEGIN IMMEDIATE, tried again after pauses until busy_timeout: see
+# LOCK_PAUSES_S), replaying what other writers commit meanwhile; replay what slipped in since
+# the last look; sign again only if the sender's nonce moved; apply the rules, insert the
+# entry, the head (and a snapshot, only over checked entries), COMMIT. Other writers' entries
+# are replayed without their signatures before and under the lock, and checked after it is
+# released (about 40 us an entry, the costly part), before append returns: the lock is held
+# for little more than this entry, and a forged one fails the append as corrupt. A refused
+# transaction rolls back: no entry. A writer killed mid-append leaves nothing (its WAL frames
+# never commit); a transaction sent again carries a used nonce and is refused (bad_nonce).
 # Localnet, LOCAL ONLY: `open_localnet` gives the whole supply to a faucet whose key lies in the
 # ledger dir, so anyone who can read that dir can spend it; a real chain has no such key.
 #
@@ -45,6 +47,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import random
 import sqlite3
 import time
@@ -78,6 +81,16 @@ DEFAULT_SLOT_MS = 1000
 DEFAULT_SNAPSHOT_EVERY = 1000
 DEFAULT_LOCALNET_SUPPLY = 10**15
 DEFAULT_BUSY_TIMEOUT = 30.0  # seconds an append may wait for the write lock in all
+# Waiting for the write lock (Ledger._begin_immediate): BEGIN IMMEDIATE is tried after pauses
+# that grow as SQLite's own busy handler's do, which lets a writer that holds the lock take it
+# again at once (every hand-over costs: the new holder's pages, what it has to replay, the
+# old holder's pause); a writer that has waited LOCK_KNOCK_AFTER_S tries every LOCK_KNOCK_S,
+# so that none waits long. With 5 writers saturating one file (benchmarks/rounds.py): knocking
+# after 1 s keeps ~0.47 of raw SQLite's rate with the slowest append at 1.1-1.6 s; never,
+# the same rate and 2-3 s; after 0.25 s, 0.43 and 0.5 s.
+LOCK_PAUSES_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
+LOCK_KNOCK_AFTER_S = 1.0
+LOCK_KNOCK_S = 0.001
 ZERO_HASH = bytes(32)
 
 _SCHEMA = """
@@ -310,6 +323,7 @@ class Ledger:
         self._db = db
         self.clock = clock
         self._busy_timeout = busy_timeout
+        self._busy_timeout_ms = int(min(busy_timeout, 1.0) * 1000)  # as _connect set it
         self._replay: _Replay | None = None
         self._data_version = -1
         self.snapshot_every = DEFAULT_SNAPSHOT_EVERY
@@ -486,6 +500,8 @@ class Ledger:
                 if unchecked is not None:
                     unchecked.append(row)
         except sqlite3.DatabaseError as exc:
+            if _is_busy(exc):  # another connection kept the file (a recovery): not damage
+                raise LedgerBusy(f"ledger {self.path}: {_one_line(exc)}") from None
             raise LedgerCorrupt(f"ledger {self.path} is corrupt at entry {replay.idx + 1}: "
                                 f"unreadable ({_one_line(exc)})") from None
 
@@ -518,53 +534,58 @@ class Ledger:
             raise Refused("malformed", "a transaction is a map")
         pubkey = identity.public_key
         sender = account_of(pubkey)
-        self.refresh()  # catch up outside the lock; inside it only what slipped in meanwhile
-        # encoded and signed before the lock, with the nonce the sender has now: inside it,
-        # only when another writer of the same sender used that nonce meanwhile
-        signed = self._sign(identity, sender, tx, self._live())
-        self._begin_immediate()
-        applied = committed = False
+        replay = self._live()
+        # The entries other writers append are replayed as they come (before the lock, while
+        # waiting for it, and what slipped in under it) without their signatures, the costly
+        # part (about 40 us an entry); all of them are checked after the lock is released, in
+        # the finally below, so that a writer holds the lock for little more than its own
+        # entry. A bad one then fails this append as corrupt (as opening the file would),
+        # with this entry committed after it: the file is refused from that entry on,
+        # whatever follows it. The state is never trusted over an unchecked entry: every
+        # way out of append passes that check.
         unchecked: list[_Row] = []
+        applied = committed = False
         try:
-            replay = self._live()
-            # what slipped in since the refresh is replayed under the lock without its
-            # signatures, the costly part (about 40 us an entry): they are checked once the
-            # lock is released, below, so that a writer holds the lock for little more than
-            # its own entry. A bad one then fails this append as corrupt (as opening the file
-            # would), with this entry committed after it: the file is refused from that entry
-            # on, whatever follows it.
             self._catch_up(replay, unchecked)
-            if "nonce" not in tx and signed.nonce != replay.state.nonces.get(sender, 0):
-                signed = self._sign(identity, sender, tx, replay)
-            slot = max(replay.slot, self.wall_slot())
-            result = rules.apply(replay.state, sender, signed.decoded, slot)
-            applied = True
-            idx, prev = replay.idx + 1, replay.hash
-            new_hash = entry_hash(idx, prev, slot, signed.tx, pubkey, signed.sig)
-            self._db.execute(
-                "INSERT INTO entries (idx, prev, slot, tx, pubkey, sig, sender, nonce) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (idx, prev, slot, signed.tx, pubkey, signed.sig, sender, signed.nonce))
-            self._db.execute("UPDATE head SET idx = ?, hash = ? WHERE id = 0", (idx, new_hash))
-            if idx % self.snapshot_every == 0:
-                # a snapshot is trusted when the file is opened: only over checked entries
-                replay.check_signatures(unchecked)
-                unchecked.clear()
-                blob = replay.state.to_bytes()
+            # encoded and signed before the lock, with the nonce the sender has now: inside
+            # it, only when another writer of the same sender used that nonce meanwhile
+            signed = self._sign(identity, sender, tx, replay)
+            self._begin_immediate(while_waiting=lambda: self._catch_up(replay, unchecked))
+            try:
+                self._catch_up(replay, unchecked)
+                if "nonce" not in tx and signed.nonce != replay.state.nonces.get(sender, 0):
+                    signed = self._sign(identity, sender, tx, replay)
+                slot = max(replay.slot, self.wall_slot())
+                result = rules.apply(replay.state, sender, signed.decoded, slot)
+                applied = True
+                idx, prev = replay.idx + 1, replay.hash
+                new_hash = entry_hash(idx, prev, slot, signed.tx, pubkey, signed.sig)
                 self._db.execute(
-                    "INSERT INTO snapshots (idx, entry_hash, digest, state) VALUES (?, ?, ?, ?)",
-                    (idx, new_hash, hashlib.sha256(blob).digest(), blob))
-            self._db.execute("COMMIT")
-            committed = True
-        except sqlite3.Error as exc:
-            raise ChainUnavailable(f"ledger {self.path}: append failed"
-                                   f"{'' if applied else ' (nothing appended)'}: "
-                                   f"{_one_line(exc)}") from None
+                    "INSERT INTO entries (idx, prev, slot, tx, pubkey, sig, sender, nonce) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    (idx, prev, slot, signed.tx, pubkey, signed.sig, sender, signed.nonce))
+                self._db.execute("UPDATE head SET idx = ?, hash = ? WHERE id = 0",
+                                 (idx, new_hash))
+                if idx % self.snapshot_every == 0:
+                    # a snapshot is trusted when the file is opened: only over checked entries
+                    replay.check_signatures(unchecked)
+                    unchecked.clear()
+                    blob = replay.state.to_bytes()
+                    self._db.execute(
+                        "INSERT INTO snapshots (idx, entry_hash, digest, state) "
+                        "VALUES (?, ?, ?, ?)", (idx, new_hash, hashlib.sha256(blob).digest(), blob))
+                self._db.execute("COMMIT")
+                committed = True
+            except sqlite3.Error as exc:
+                raise ChainUnavailable(f"ledger {self.path}: append failed"
+                                       f"{'' if applied else ' (nothing appended)'}: "
+                                       f"{_one_line(exc)}") from None
+            finally:
+                if not committed:
+                    _rollback(self._db)
+                    if applied:  # the in-memory state ran ahead of the file: rebuild it
+                        self._replay = None
         finally:
-            if not committed:
-                _rollback(self._db)
-                if applied:  # the in-memory state ran ahead of the file: rebuild it
-                    self._replay = None
             try:
                 replay.check_signatures(unchecked)
             except LedgerCorrupt:
@@ -589,22 +610,37 @@ class Ledger:
         message = signing_bytes(replay.genesis.chain_id, nonce, tx_bytes)
         return _Signed(tx_bytes, decoded, nonce, message, identity.sign(message))
 
-    def _begin_immediate(self) -> None:
-        """Take SQLite's write lock, retrying its busy errors until the busy timeout."""
-        deadline = time.monotonic() + self._busy_timeout
-        pause = 0.0005
-        while True:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                return
-            except sqlite3.OperationalError as exc:
-                if not _is_busy(exc):
-                    raise ChainUnavailable(f"ledger {self.path}: {_one_line(exc)}") from None
-                if time.monotonic() >= deadline:
-                    raise LedgerBusy(f"ledger {self.path}: write lock not obtained in "
-                                     f"{self._busy_timeout:g}s") from None
-            time.sleep(pause * (1 + random.random()))
-            pause = min(pause * 2, 0.02)
+    def _begin_immediate(self, while_waiting: Callable[[], None] | None = None) -> None:
+        """Take SQLite's write lock: BEGIN IMMEDIATE without SQLite's busy handler, tried
+        again after the pauses of LOCK_PAUSES_S (jittered), then every LOCK_KNOCK_S, until the
+        busy timeout (LedgerBusy); `while_waiting` runs between tries (append replays what
+        the holder committed, so that less is left to replay once the lock is this one's)."""
+        started = time.monotonic()
+        deadline = started + self._busy_timeout
+        db = self._db
+        db.execute("PRAGMA busy_timeout = 0")
+        try:
+            for attempt in itertools.count():
+                try:
+                    db.execute("BEGIN IMMEDIATE")
+                    return
+                except sqlite3.OperationalError as exc:
+                    if not _is_busy(exc):
+                        raise ChainUnavailable(f"ledger {self.path}: {_one_line(exc)}") from None
+                    if time.monotonic() >= deadline:
+                        raise LedgerBusy(f"ledger {self.path}: write lock not obtained in "
+                                         f"{self._busy_timeout:g}s") from None
+                if time.monotonic() - started >= LOCK_KNOCK_AFTER_S:
+                    pause = LOCK_KNOCK_S
+                else:
+                    pause = LOCK_PAUSES_S[min(attempt, len(LOCK_PAUSES_S) - 1)]
+                time.sleep(pause * (0.5 + random.random()))
+                if while_waiting is not None:  # reads wait as usual (a recovery, say)
+                    db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+                    while_waiting()
+                    db.execute("PRAGMA busy_timeout = 0")
+        finally:
+            db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
 
     # -- localnet faucet ----------------------------------------------------------------
 
