@@ -267,3 +267,24 @@ def worlds(kind: str, tmp_path: Path, anvil: Any, names: Sequence[str]) -> Itera
         yield world
     finally:
         world.close()
+
+
+@contextmanager
+def staked_task_world(path: Path, nodes: Sequence[str], task_id: str, name: str, *,
+                      start: int, round_time: int, submission_window: int, audit_window: int,
+                      ) -> Iterator[LedgerWorld]:
+    """A ledger world with `nodes` and an "owner" who created `task_id` starting at world
+    slot `start` (bounty 100 a round, min stake 50) and funded it with 1,000; every node
+    staked 100 at slot 2."""
+    w = LedgerWorld(path, [*nodes, "owner"])
+    try:
+        w.send("owner", 0, "create_task", task_id=task_id, name=name, code_hash=bytes(32),
+               round_time=round_time, submission_window=submission_window,
+               audit_window=audit_window, min_stake=50, bounty_per_round=100,
+               start_slot=w.start() + start)
+        w.send("owner", 1, "fund", task_id=task_id, amount=1_000)
+        for node in nodes:
+            w.send(node, 2, "stake", task_id=task_id, amount=100)
+        yield w
+    finally:
+        w.close()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -165,13 +165,13 @@ def test_an_entry_forged_while_a_writer_takes_the_lock_fails_its_append(
         writer.append(a, _transfer(b))
         take_lock = writer._begin_immediate
 
-        def forge_then_take_lock(**kwargs: Any) -> None:
+        def forge_then_take_lock(while_waiting: Callable[[], None] | None = None) -> None:
             forged = other.append(b, _transfer(a, 5))
             if broken_after:
                 other.append(b, _transfer(a, 5))
                 _flip(path, "prev", forged.height + 1)
             _flip(path, "sig", forged.height)
-            take_lock(**kwargs)
+            take_lock(while_waiting)
 
         writer._begin_immediate = forge_then_take_lock  # type: ignore[method-assign]
         with pytest.raises(LedgerCorrupt, match="at entry 2: bad signature"):
@@ -184,64 +184,66 @@ def test_an_entry_forged_while_a_writer_takes_the_lock_fails_its_append(
     assert "bad signature" in _refused_at(path, 2)
 
 
-def test_an_entry_forged_while_a_writer_waits_for_the_lock_fails_its_append(
-        tmp_path: Path) -> None:
-    # a writer that finds the lock taken replays what the holder commits while it waits,
-    # without signatures: a forged entry committed then is still caught before the append
-    # returns, and the file is refused from it on
+@pytest.fixture
+def lock_holder(tmp_path: Path) -> Iterator[tuple[Path, Identity, Identity, sqlite3.Connection]]:
+    """A two-account ledger and a plain SQLite connection to it that takes its write lock
+    when the test says so (BEGIN IMMEDIATE), as another writer would."""
     path = tmp_path / LEDGER_FILE_NAME
     a, b = _ids(2)
     _ledger(path, [a, b]).close()
     holder = sqlite3.connect(path, isolation_level=None)
     try:
-        with Ledger.open(path) as writer, Ledger.open(path) as other:
-            take_lock = writer._begin_immediate
-            waits: list[int] = []
-            forged_at: list[int] = []
-
-            def begin(while_waiting: Callable[[], None] | None = None) -> None:
-                assert while_waiting is not None
-
-                def hand_over() -> None:
-                    waits.append(1)
-                    if holder.in_transaction:  # the holder commits a forged entry, lets go
-                        holder.execute("COMMIT")
-                        forged_at.append(other.append(b, _transfer(a, 5)).height)
-                        _flip(path, "sig", forged_at[0])
-                    while_waiting()
-                holder.execute("BEGIN IMMEDIATE")
-                take_lock(while_waiting=hand_over)
-
-            writer._begin_immediate = begin  # type: ignore[method-assign]
-            with pytest.raises(LedgerCorrupt, match=r"at entry 1: bad signature"):
-                writer.append(a, _transfer(b))
-            assert forged_at == [1] and len(waits) >= 1
+        yield path, a, b, holder
     finally:
         holder.close()
+
+
+def test_an_entry_forged_while_a_writer_waits_for_the_lock_fails_its_append(
+        lock_holder: tuple[Path, Identity, Identity, sqlite3.Connection]) -> None:
+    # a writer that finds the lock taken replays what the holder commits while it waits,
+    # without signatures: a forged entry committed then is still caught before the append
+    # returns, and the file is refused from it on
+    path, a, b, holder = lock_holder
+    with Ledger.open(path) as writer, Ledger.open(path) as other:
+        take_lock = writer._begin_immediate
+        waits: list[int] = []
+        forged_at: list[int] = []
+
+        def begin(while_waiting: Callable[[], None] | None = None) -> None:
+            assert while_waiting is not None
+
+            def hand_over() -> None:
+                waits.append(1)
+                if holder.in_transaction:  # the holder commits a forged entry, lets go
+                    holder.execute("COMMIT")
+                    forged_at.append(other.append(b, _transfer(a, 5)).height)
+                    _flip(path, "sig", forged_at[0])
+                while_waiting()
+            holder.execute("BEGIN IMMEDIATE")
+            take_lock(while_waiting=hand_over)
+
+        writer._begin_immediate = begin  # type: ignore[method-assign]
+        with pytest.raises(LedgerCorrupt, match=r"at entry 1: bad signature"):
+            writer.append(a, _transfer(b))
+        assert forged_at == [1] and len(waits) >= 1
     assert "bad signature" in _refused_at(path, 1)
 
 
 def test_a_writer_that_cannot_get_the_lock_gives_up_at_its_busy_timeout(
-        tmp_path: Path) -> None:
-    path = tmp_path / LEDGER_FILE_NAME
-    a, b = _ids(2)
-    _ledger(path, [a, b]).close()
-    holder = sqlite3.connect(path, isolation_level=None)
-    try:
-        with Ledger.open(path, busy_timeout=0.3) as writer:
-            holder.execute("BEGIN IMMEDIATE")
-            started = time.monotonic()
-            with pytest.raises(LedgerBusy, match="not obtained in 0.3s"):
-                writer.append(a, _transfer(b))
-            assert 0.3 <= time.monotonic() - started < 5
-            holder.execute("ROLLBACK")
-            # nothing appended; the connection's busy timeout for reads is back
-            assert writer.height == 0
-            (timeout,) = writer._db.execute("PRAGMA busy_timeout").fetchone()
-            assert timeout == 300
-            assert writer.append(a, _transfer(b)).height == 1
-    finally:
-        holder.close()
+        lock_holder: tuple[Path, Identity, Identity, sqlite3.Connection]) -> None:
+    path, a, b, holder = lock_holder
+    with Ledger.open(path, busy_timeout=0.3) as writer:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(LedgerBusy, match="not obtained in 0.3s"):
+            writer.append(a, _transfer(b))
+        assert 0.3 <= time.monotonic() - started < 5
+        holder.execute("ROLLBACK")
+        # nothing appended; the connection's busy timeout for reads is back
+        assert writer.height == 0
+        (timeout,) = writer._db.execute("PRAGMA busy_timeout").fetchone()
+        assert timeout == 300
+        assert writer.append(a, _transfer(b)).height == 1
 
 
 def test_a_changed_link_or_slot_is_refused(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from chain_worlds import LedgerWorld
+from chain_worlds import LedgerWorld, staked_task_world
 from test_tasks_api import FakeContext, FakeNetwork
 
 from chain.adapter import ChainUnavailable
@@ -51,17 +51,10 @@ class Echo(Task):
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[LedgerWorld]:
-    w = LedgerWorld(tmp_path / "ledger.db", [*NODES, "owner"])
-    try:
-        w.send("owner", 0, "create_task", task_id=TASK, name="echo", code_hash=bytes(32),
-               round_time=ROUND, submission_window=SUB, audit_window=AUD, min_stake=50,
-               bounty_per_round=100, start_slot=w.start() + S0)
-        w.send("owner", 1, "fund", task_id=TASK, amount=1_000)
-        for node in NODES:
-            w.send(node, 2, "stake", task_id=TASK, amount=100)
+    with staked_task_world(tmp_path / "ledger.db", NODES, TASK, "echo", start=S0,
+                           round_time=ROUND, submission_window=SUB,
+                           audit_window=AUD) as w:
         yield w
-    finally:
-        w.close()
 
 
 async def driver_for(w: LedgerWorld, name: str, records: Path,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from chain_worlds import LedgerWorld
+from chain_worlds import LedgerWorld, staked_task_world
 
 from tasks import rewards
 from tasks.rewards import Outcome, RewardBook, outcome
@@ -27,17 +27,10 @@ def slot_in(r: int, window: str, offset: int = 0) -> int:
 
 @pytest.fixture
 def world(tmp_path: Path) -> Iterator[LedgerWorld]:
-    w = LedgerWorld(tmp_path / "ledger.db", [*NODES, "owner"])
-    try:
-        w.send("owner", 0, "create_task", task_id=TASK, name="count", code_hash=bytes(32),
-               round_time=ROUND, submission_window=SUB, audit_window=AUD, min_stake=50,
-               bounty_per_round=100, start_slot=w.start() + S0)
-        w.send("owner", 1, "fund", task_id=TASK, amount=1_000)
-        for node in NODES:
-            w.send(node, 2, "stake", task_id=TASK, amount=100)
+    with staked_task_world(tmp_path / "ledger.db", NODES, TASK, "count", start=S0,
+                           round_time=ROUND, submission_window=SUB,
+                           audit_window=AUD) as w:
         yield w
-    finally:
-        w.close()
 
 
 def submit(w: LedgerWorld, r: int, submitters: list[str]) -> None:
