@@ -7,15 +7,18 @@
 # address on the receiver's bridge port: this kernel has no netem and the machine no
 # iptables).
 # Lives here: creating, faulting, healing and always deleting what a run created (names carry
-# the creating process's pid, so leftovers of a crashed earlier run are found and removed).
+# the creating process's pid, so leftovers of a crashed earlier run are found and removed);
+# reading a node interface's byte and packet counters (`ip -s -j link`).
 # Must not live here: starting nodes (each caller runs them with `Lab.exec_prefix`), pytest
 # fixtures and probes (tests/netns_helpers.py), anything importing from tests/.
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from tasknet_node.client import process_exists
 
@@ -45,6 +48,30 @@ def _run(*cmd: str, check: bool) -> subprocess.CompletedProcess:
         raise LabError(f"`{' '.join(cmd)}` failed ({done.returncode}): {done.stderr.strip()} "
                        f"-- network namespace tests need root (CAP_NET_ADMIN) and iproute2")
     return done
+
+
+@dataclass(frozen=True)
+class LinkCounters:
+    """An interface's kernel counters: bytes and packets sent (tx) and received (rx), every
+    frame counted with its Ethernet, IP and TCP/UDP headers."""
+
+    tx_bytes: int
+    tx_packets: int
+    rx_bytes: int
+    rx_packets: int
+
+
+def link_counters(namespace: str, interface: str = "eth0") -> LinkCounters:
+    """The counters of `interface` in network namespace `namespace`, from the JSON of
+    `ip -n NS -s -j link show IF`."""
+    done = _ip("-n", namespace, "-s", "-j", "link", "show", interface)
+    try:
+        stats = json.loads(done.stdout)[0]["stats64"]
+        return LinkCounters(int(stats["tx"]["bytes"]), int(stats["tx"]["packets"]),
+                            int(stats["rx"]["bytes"]), int(stats["rx"]["packets"]))
+    except (ValueError, LookupError, TypeError) as exc:
+        raise LabError(f"no counters of {interface} in {namespace} in `ip -s -j link` "
+                       f"output: {done.stdout[:200]!r}") from exc
 
 
 def remove_leftovers() -> None:
@@ -123,6 +150,10 @@ class Lab:
         left = [n for n in self.names if n in _ip("netns", "list", check=False).stdout]
         if left:
             raise LabError(f"namespaces left behind: {left}")
+
+    def counters(self, i: int) -> LinkCounters:
+        """The byte and packet counters of node i's interface (eth0 in its namespace)."""
+        return link_counters(self.names[i])
 
     def exec_prefix(self, i: int) -> list[str]:
         """The command prefix that runs a program inside node i's namespace."""

@@ -21,6 +21,21 @@
 #                          idle_bytes_by_kind_N the mean per message kind (swim_bytes_sent_
 #                          <kind>: ping, ack, sync, sync_hashes, ...; `carried`: of those, the
 #                          bytes of piggybacked updates and entries, none at idle)
+#   idle_wire_bytes_per_s_per_node_N  what a node sends on the wire per second in the same
+#                          window: its eth0's tx bytes (the kernel's counters, read with
+#                          `ip -s -j link` in its namespace at the window's ends), the mean
+#                          over nodes (..._max: the most); everything the node process sends
+#                          at idle: Ethernet, IP and TCP headers and bare ACKs, Noise
+#                          encryption and yamux framing around every stream's data, the
+#                          SWIM messages, pubsub heartbeats and gossip control, yamux and
+#                          libp2p keep-alive pings, the store's anti-entropy rounds (every 1 s
+#                          here); ARP and the like add a few packets a minute, negligible.
+#                          idle_wire_packets_per_s_per_node_N the mean tx packets/s,
+#                          idle_wire_rx_bytes_per_s_per_node_N the mean rx bytes/s, and
+#                          wire_to_swim_ratio_N the nodes' tx bytes over their swim_bytes_sent
+#                          (rates over the window: the /status readings of the swim counters
+#                          bracket the counter readings, so their HTTP is not on the wire
+#                          figure)
 #   model_idle_bytes_per_s_per_node_N  the same figure from the sans-IO SWIM simulation
 #                          (p2p/swim_sim.py measure_idle: the same core, encoder and timing,
 #                          a converged network over four push-pull intervals), per kind in
@@ -72,7 +87,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from _common import finish, percentile, ratio, run_steps, wait_for  # noqa: E402
-from netlab import Lab  # noqa: E402
+from netlab import Lab, LinkCounters  # noqa: E402
 
 from p2p.config import NetworkConfig  # noqa: E402
 from p2p.network import swim_config  # noqa: E402
@@ -192,6 +207,29 @@ def kind_rates(before: list[dict[str, int]], after: list[dict[str, int]],
         if total:
             kinds[kind] = round(total / (len(pairs) * seconds), 1)
     return rates, kinds
+
+
+def wire_reading(lab: Lab) -> list[tuple[float, LinkCounters]]:
+    """Every node's eth0 counters, each with the moment it was read (the middle of its
+    `ip` call)."""
+    readings = []
+    for i in range(lab.size):
+        started = time.monotonic()
+        counters = lab.counters(i)
+        readings.append(((started + time.monotonic()) / 2, counters))
+    return readings
+
+
+def wire_rates(before: list[tuple[float, LinkCounters]],
+               after: list[tuple[float, LinkCounters]]) -> dict[str, list[float]]:
+    """Per node, from two readings: tx bytes, tx packets and rx bytes per second."""
+    rates: dict[str, list[float]] = {"tx_bytes": [], "tx_packets": [], "rx_bytes": []}
+    for (t0, a), (t1, b) in zip(before, after, strict=True):
+        seconds = t1 - t0
+        rates["tx_bytes"].append((b.tx_bytes - a.tx_bytes) / seconds)
+        rates["tx_packets"].append((b.tx_packets - a.tx_packets) / seconds)
+        rates["rx_bytes"].append((b.rx_bytes - a.rx_bytes) / seconds)
+    return rates
 
 
 class GossipLog:
@@ -339,13 +377,23 @@ def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any],
             out[f"idle_settle_s_{n}"] = round(time.monotonic() - converged_at, 2)
             before = [node.swim_metrics() for node in nodes]
             started = time.monotonic()
+            wire_before = wire_reading(lab)
             time.sleep(idle_s)  # the idle window itself, not a wait for a condition
+            wire = wire_rates(wire_before, wire_reading(lab))
             elapsed = time.monotonic() - started
             rates, kinds = kind_rates(before, [node.swim_metrics() for node in nodes], elapsed)
             measured = statistics.mean(rates)
             out[f"idle_bytes_per_s_per_node_{n}"] = round(measured, 1)
             out[f"idle_bytes_per_s_per_node_{n}_max"] = round(max(rates), 1)
             out[f"idle_bytes_by_kind_{n}"] = kinds
+            wire_tx = statistics.mean(wire["tx_bytes"])
+            out[f"idle_wire_bytes_per_s_per_node_{n}"] = round(wire_tx, 1)
+            out[f"idle_wire_bytes_per_s_per_node_{n}_max"] = round(max(wire["tx_bytes"]), 1)
+            out[f"idle_wire_packets_per_s_per_node_{n}"] = round(
+                statistics.mean(wire["tx_packets"]), 2)
+            out[f"idle_wire_rx_bytes_per_s_per_node_{n}"] = round(
+                statistics.mean(wire["rx_bytes"]), 1)
+            out[f"wire_to_swim_ratio_{n}"] = ratio(wire_tx, measured)
             model = model_idle(n)
             out[f"model_idle_bytes_per_s_per_node_{n}"] = round(model.bytes_per_s, 1)
             out[f"model_idle_bytes_by_kind_{n}"] = {
@@ -361,9 +409,9 @@ def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any],
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="node.py processes in network namespaces: convergence, membership "
-                    "gossip spread, idle membership bytes and pubsub gossip delivery to all "
-                    "nodes as N grows, with the SWIM model's projection to 100 and 1,000 "
-                    "nodes")
+                    "gossip spread, idle membership and wire bytes and pubsub gossip delivery "
+                    "to all nodes as N grows, with the SWIM model's projection to 100 and "
+                    "1,000 nodes")
     parser.add_argument("--sizes", default="5,10,20",
                         help="comma-separated network sizes (default 5,10,20)")
     parser.add_argument("--idle-s", type=float, default=20.0,
