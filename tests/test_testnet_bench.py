@@ -1,6 +1,7 @@
 # Smoke test of benchmarks/testnet.py: with 3 nodes in network namespaces (needs root and
 # iproute2; fails, never skips, without) it prints one JSON line whose figures are present
-# and consistent (pubsub gossip delivery among them), with the SWIM model's projection, and
+# and consistent (pubsub gossip delivery among them, the bytes on each node's interface no
+# fewer than its SWIM counters), with the SWIM model's projection, and
 # leaves no node process and no namespace behind. No speed is checked; the figures come
 # from full-size runs.
 from __future__ import annotations
@@ -26,6 +27,14 @@ def test_quick_run_reports_every_figure_and_leaves_nothing() -> None:
     assert {"ping", "ack"} <= set(kinds) and {"ping", "ack", "sync"} <= set(model_kinds)
     model = figures["model_idle_bytes_per_s_per_node_3"]
     assert abs(figures["measured_model_ratio_3"] * model - idle) <= 0.01 * idle
+    # the wire: each node's eth0 carries its SWIM bytes and more (headers, encryption,
+    # framing, the other protocols), so it sends at least what its SWIM counters say
+    wire = figures["idle_wire_bytes_per_s_per_node_3"]
+    assert idle <= wire <= figures["idle_wire_bytes_per_s_per_node_3_max"]
+    assert figures["idle_wire_packets_per_s_per_node_3"] > 0
+    assert figures["idle_wire_rx_bytes_per_s_per_node_3"] > 0
+    assert figures["wire_to_swim_ratio_3"] >= 1
+    assert abs(figures["wire_to_swim_ratio_3"] * idle - wire) <= 0.01 * wire
     # pubsub gossip: every message reached both other nodes, no faster than one request to
     # a node through the bridge, and the slowest node no sooner than the median pair
     assert figures["gossip_messages_3"] == 10
