@@ -98,7 +98,8 @@ NODE = str(ROOT / "node.py")
 P2P_PORT, API_PORT = 4101, 8080
 HEARTBEAT_S, SUSPECT_S, DEAD_S = 0.5, 2.0, 4.0
 FAST = ["--heartbeat-interval", str(HEARTBEAT_S), "--suspect-after", str(SUSPECT_S),
-        "--dead-after", str(DEAD_S), "--anti-entropy-interval", "1", "--no-tasks"]
+        "--dead-after", str(DEAD_S), "--no-tasks"]
+ANTI_ENTROPY_S = 1.0  # --anti-entropy-s: the store's anti-entropy rounds (a node's default: 10)
 PROJECT_SIZES = (100, 1000)
 POLL_S = 0.2
 TOPIC = "bench"
@@ -110,7 +111,8 @@ GOSSIP_WAIT_S = 15.0  # after the last publish, for every message to reach every
 class Node:
     """One node.py process in namespace i of the lab, its output in files under `base`."""
 
-    def __init__(self, lab: Lab, base: Path, testnet: Path, i: int) -> None:
+    def __init__(self, lab: Lab, base: Path, testnet: Path, i: int,
+                 anti_entropy_s: float = ANTI_ENTROPY_S) -> None:
         self.addr = lab.addrs[i]
         self.out_path = base / f"n{i}.out"
         role = ["--bootstrap"] if i == 0 else []
@@ -119,7 +121,8 @@ class Node:
                 [*lab.exec_prefix(i), sys.executable, NODE, "--data-dir", str(base / f"n{i}"),
                  "--testnet", str(testnet), *role,
                  "--listen", f"/ip4/{self.addr}/tcp/{P2P_PORT}",
-                 "--api", f"{self.addr}:{API_PORT}", *FAST],
+                 "--api", f"{self.addr}:{API_PORT}", *FAST,
+                 "--anti-entropy-interval", repr(anti_entropy_s)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=err, cwd=base)
 
     def peer_id(self) -> str | None:
@@ -325,7 +328,7 @@ def measure_gossip(nodes: list[Node], messages: int, spacing_s: float,
 
 
 def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any],
-            messages: int, spacing_s: float) -> None:
+            messages: int, spacing_s: float, anti_entropy_s: float = ANTI_ENTROPY_S) -> None:
     lab = Lab(n)
     nodes: list[Node] = []
     with tempfile.TemporaryDirectory(prefix="tasknet-testnet-") as tmp:
@@ -337,10 +340,10 @@ def measure(n: int, idle_s: float, timeout: float, out: dict[str, Any],
                 f'network_id = "tasknet-bench-{lab.octet}"\nbootstrap = []\n\n'
                 f'[bootstrap_node]\ndata_dir = "{base / "n0"}"\n'
                 f'listen = "/ip4/{lab.addrs[0]}/tcp/{P2P_PORT}"\n')
-            nodes.append(Node(lab, base, testnet, 0))
+            nodes.append(Node(lab, base, testnet, 0, anti_entropy_s))
             wait_for(nodes[0].peer_id, 60, "the bootstrap node's start line", POLL_S)
             for i in range(1, n):
-                nodes.append(Node(lab, base, testnet, i))
+                nodes.append(Node(lab, base, testnet, i, anti_entropy_s))
             announced: dict[int, float] = {}
 
             def all_announced() -> bool:
@@ -420,6 +423,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="gossip messages published per size (default 20)")
     parser.add_argument("--spacing-s", type=float, default=0.25,
                         help="seconds between two published messages (default 0.25)")
+    parser.add_argument("--anti-entropy-s", type=float, default=ANTI_ENTROPY_S,
+                        help="the nodes' anti-entropy interval in seconds (default 1; a "
+                             "node's own default is 10): part of the idle wire traffic")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 5 s idle window, 10 messages, a shorter "
                              "convergence deadline")
@@ -444,11 +450,12 @@ def main(argv: list[str]) -> int:
     figures: dict[str, Any] = {
         "bench": "testnet", "sizes": args.size_list, "idle_s": args.idle_s,
         "heartbeat_s": HEARTBEAT_S, "netns_prefix": Lab(1).names[0][:-1],
-        "gossip_spacing_s": args.spacing_s,
+        "gossip_spacing_s": args.spacing_s, "anti_entropy_s": args.anti_entropy_s,
     }
 
     def size(n: int) -> Callable[[], None]:
-        return lambda: measure(n, args.idle_s, timeout, figures, args.messages, args.spacing_s)
+        return lambda: measure(n, args.idle_s, timeout, figures, args.messages, args.spacing_s,
+                              args.anti_entropy_s)
 
     steps = [(f"nodes_{n}", size(n)) for n in args.size_list]
 
