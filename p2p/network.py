@@ -617,6 +617,19 @@ class Network:
             peer_id, protocol, message, version=version, timeout=timeout
         )
 
+    async def notify(
+        self, peer_id: str, protocol: str, message: Any, *, version: int = 1,
+        timeout: float | None = None,
+    ) -> None:
+        """A one-way message to `peer_id`'s `protocol` handler (its return value is not sent
+        back): returns once written; raises as `request` does when the peer cannot be reached
+        or the write fails or takes longer than `timeout`."""
+        assert self._rpc is not None
+        member = self.view.get(peer_id)
+        if member is not None and peer_id not in self.connected_peers():
+            self._remember_addrs(peer_id, member.addrs)
+        await self._rpc.notify(peer_id, protocol, message, version=version, timeout=timeout)
+
     # -- membership ----------------------------------------------------------------------
     @property
     def view(self) -> SwimLink:

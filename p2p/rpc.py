@@ -3,7 +3,11 @@
 # limit and timeouts, the server loop (per-peer concurrency limit, error replies, penalties)
 # and the client. Requests are multiplexed: frames are [request id, message] and one stream
 # per (peer, protocol) carries many requests at once, since opening a stream costs several
-# round trips in py-libp2p. Must not live here: what the messages mean (the services do).
+# round trips in py-libp2p. The server answers each with [request id, reply]. Request ids are
+# positive, but for NO_REPLY (-1): a one-way message (`notify`), handled like a request and
+# never answered; any other negative id is a malformed frame. A client drops a reply for an
+# id it does not wait for (a request it gave up on; an older server answering a NO_REPLY
+# message). Must not live here: what the messages mean (the services do).
 from __future__ import annotations
 
 import logging
@@ -22,6 +26,8 @@ from .framing import HEADER_SIZE, FrameError, decode_body, encode_frame, frame_l
 log = logging.getLogger(__name__)
 
 Handler = Callable[[str, Any], Awaitable[Any]]
+
+NO_REPLY = -1  # the request id of a one-way message: the server writes nothing back
 
 
 class RequestError(Exception):
@@ -131,6 +137,11 @@ class _Channel:
         self.write_lock = trio.Lock()
         self.broken: BaseException | None = None
         self.retired = False  # out of the table: reset once its last request is done
+        self.notifying = 0  # one-way messages being written: a retired channel waits for them
+        self.replies = 0  # reply frames read (whether a caller still waited for them or not)
+
+    def idle(self) -> bool:
+        return not self.pending and not self.notifying
 
     async def read_replies(self) -> None:
         try:
@@ -138,8 +149,11 @@ class _Channel:
                 frame = await self.framed.read_frame()
                 if not (isinstance(frame, list) and len(frame) == 2 and isinstance(frame[0], int)):
                     raise FrameError("reply is not [request id, reply]")
+                self.replies += 1
                 waiter = self.pending.pop(frame[0], None)
-                if waiter is not None:  # None: the caller gave up (timeout) already
+                # None: the caller gave up (timeout) already, or the id is NO_REPLY's that a
+                # server of an earlier release answers anyway: dropped, not an error
+                if waiter is not None:
                     waiter[1].append(frame[1])
                     waiter[0].set()
         except (EOFError, FrameError, StreamError) as exc:
@@ -172,7 +186,9 @@ class RpcService:
         self._channels: dict[tuple[str, TProtocol], _Channel] = {}
         self._opening: dict[tuple[str, TProtocol], trio.Event] = {}
         self._nursery: trio.Nursery | None = None
-        self.served = 0
+        self.served = 0  # requests and one-way messages whose handler succeeded
+        self.answered = 0  # reply frames written
+        self.notified = 0  # one-way messages received (answered with nothing)
         self.refused = 0
 
     def attach(self, nursery: trio.Nursery) -> None:
@@ -207,9 +223,13 @@ class RpcService:
         async def answer(request_id: int, request: Any) -> None:
             try:
                 reply = await self._answer(peer, handler, request)
+                if request_id == NO_REPLY:  # a one-way message: its outcome stays here
+                    self.notified += 1
+                    return
                 async with write_lock:
                     await framed.write_frame([request_id, reply],
                                              trio.current_time() + self.limits.request_timeout)
+                self.answered += 1
             except (StreamError, FrameError) as exc:
                 log.debug("reply to %s failed: %s", peer, exc)
             finally:
@@ -238,6 +258,8 @@ class RpcService:
                 if not (isinstance(frame, list) and len(frame) == 2
                         and isinstance(frame[0], int)):
                     raise FrameError("request is not [request id, message]")
+                if frame[0] < 0 and frame[0] != NO_REPLY:
+                    raise FrameError(f"negative request id {frame[0]}")
                 await slots.acquire()  # stop reading while the peer has too many in flight
                 requests.start_soon(answer, frame[0], frame[1])
         except FrameError as exc:
@@ -256,8 +278,10 @@ class RpcService:
             self.served += 1
             return {"ok": result}
         except HandlerError as exc:
+            log.debug("handler refused a request from %s: %s", peer, exc)
             return {"error": {"code": exc.code, "message": str(exc)}}
         except trio.TooSlowError:
+            log.debug("handler timed out on a request from %s", peer)
             return {"error": {"code": "timeout", "message": "handler timed out"}}
         except Exception as exc:
             log.exception("handler failed for a request from %s", peer)
@@ -298,7 +322,7 @@ class RpcService:
                 await event.wait()
             finally:  # answered, failed, timed out or cancelled: nothing waits for it now
                 channel.pending.pop(request_id, None)
-                if channel.retired and not channel.pending:
+                if channel.retired and channel.idle():
                     self._close(channel)
         if deadline.cancelled_caught:
             if channel is not None:
@@ -319,6 +343,46 @@ class RpcService:
         if "ok" not in reply:
             raise RequestError(f"{name} to {peer_id}: malformed reply")
         return reply["ok"]
+
+    async def notify(
+        self,
+        peer_id: str,
+        name: str,
+        message: Any,
+        *,
+        version: int = 1,
+        timeout: float | None = None,
+    ) -> None:
+        """Send `message` one way, on the stream requests to `peer_id` use: one frame with
+        NO_REPLY for its id. Returns once the frame is written; the peer's handler runs but
+        nothing comes back, so a lost or failed message is not seen here. A peer that cannot
+        be reached, or a write that fails or does not finish in `timeout`, raises as in
+        `request`."""
+        pid = protocol_id(self.network, name, version)
+        if self._is_blocked(peer_id):
+            raise PeerUnreachable(f"{peer_id} is banned by or isolated from this node")
+        limit = timeout if timeout is not None else self.limits.request_timeout
+        key = (peer_id, pid)
+        channel: _Channel | None = None
+        with trio.move_on_after(limit) as deadline:
+            channel = await self._channel(key)
+            channel.notifying += 1
+            try:
+                try:
+                    async with channel.write_lock:
+                        await channel.framed.write_frame([NO_REPLY, message],
+                                                         deadline.deadline)
+                except (StreamError, FrameError) as exc:
+                    self._drop(key, channel)
+                    raise RequestError(f"{name} to {peer_id} failed: {exc}") from exc
+            finally:
+                channel.notifying -= 1
+                if channel.retired and channel.idle():
+                    self._close(channel)
+        if deadline.cancelled_caught:
+            if channel is not None:
+                self._drop(key, channel)
+            raise RequestTimeout(f"{name} to {peer_id} timed out after {limit}s")
 
     async def _channel(self, key: tuple[str, TProtocol]) -> _Channel:
         while True:
@@ -368,7 +432,7 @@ class RpcService:
         for key in [k for k in self._channels if k[0] == peer_id]:
             channel = self._channels.pop(key)
             channel.retired = True
-            if not channel.pending:
+            if channel.idle():
                 self._close(channel)
 
     def forget_peer(self, peer_id: str) -> None:

@@ -1,6 +1,8 @@
 # The network side of SWIM membership (the sans-IO core is p2p/swim.py): signing and checking
 # the records members publish about themselves with their node keys, carrying the core's
-# messages over a request/response protocol, feeding it the clock, and showing its view in
+# messages as one-way messages of the request/response layer (SWIM is a datagram protocol:
+# its own acks and timeouts detect failures, an rpc reply would only cost a frame), feeding
+# it the clock, and showing its view in
 # the shapes the rest of tasknet knows (p2p.membership's Member, MemberState, MemberEvent).
 # Lives here: `SwimLink`, owned by the Network that starts it in its nursery. Must not live
 # here: the protocol's rules (swim.py), libp2p details (network.py, rpc.py).
@@ -30,7 +32,8 @@ PROTOCOL = "swim"
 RECORD_DOMAIN = b"tasknet-swim-record-v1\x00"
 VERIFIED_KEPT = 8192  # records whose signature was checked, kept to skip checking them again
 MAX_MESSAGE = 1024 * 1024
-SEND_TIMEOUT_FACTOR = 2.0  # a message's request may take this many probe timeouts
+SEND_TIMEOUT_FACTOR = 2.0  # writing a message (and opening its stream) may take this many
+# probe timeouts
 
 _STATE = {swim.ALIVE: MemberState.ALIVE, swim.SUSPECT: MemberState.SUSPECT,
           swim.DEAD: MemberState.DEAD, swim.LEFT: MemberState.DEAD}
@@ -199,7 +202,10 @@ class SwimLink:
         timeout = SEND_TIMEOUT_FACTOR * self.core.config.probe_timeout * (
             1 + self.core.local_health)
         try:
-            await self.net.request(output.to, PROTOCOL, data, timeout=max(1.0, timeout))
+            # one way: a peer that cannot be reached (no connection, a failed or stalled
+            # write) raises here; one that is reached but does not act on the message is
+            # found out by the protocol's own ack timeouts
+            await self.net.notify(output.to, PROTOCOL, data, timeout=max(1.0, timeout))
         except Exception as exc:  # unreachable, refused, timed out: the core decides
             self.metrics["swim_send_failures"] += 1
             log.debug("swim message to %s failed: %r", output.to, exc)

@@ -11,6 +11,7 @@ from libp2p.peer.id import ID
 
 from p2p import network
 from p2p.envelope import seal
+from p2p.framing import encode_frame
 from p2p.identity import Identity
 from p2p.rpc import protocol_id
 
@@ -131,3 +132,21 @@ async def test_bad_frames_are_refused_and_honest_requests_still_served(tmp_path)
                 sock.sendall(os.urandom(2048))
         assert await honest.request(victim.peer_id, "echo", [1, 2, 3]) == [1, 2, 3]
         assert alive_ids(honest) >= {victim.peer_id}
+
+
+async def test_a_negative_request_id_other_than_no_reply_is_a_bad_frame(tmp_path):
+    async with cluster(tmp_path, 2) as (victim, attacker):
+        heard: list[object] = []
+
+        async def echo(peer, msg):
+            heard.append(msg)
+            return msg
+
+        victim.handle("echo", echo)
+        await wait_for(lambda: victim.peer_id in attacker.connected_peers(), 10, "a connection")
+        stream = await _raw_stream(attacker, victim, "echo")
+        await stream.write(encode_frame([-2, "not a request"], 1024))
+        await wait_for(lambda: victim.status()["offences"].get("frame", 0) >= 1, 10,
+                       "the frame offence recorded")
+        assert heard == []
+        assert await attacker.request(victim.peer_id, "echo", "fine") == "fine"

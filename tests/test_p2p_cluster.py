@@ -9,7 +9,8 @@ from libp2p.peer.id import ID
 
 import p2p.network
 from p2p import MemberState, Network, RemoteError, RequestError
-from p2p.rpc import HandlerError
+from p2p.identity import Identity
+from p2p.rpc import NO_REPLY, FramedStream, HandlerError, protocol_id
 
 from p2p_helpers import alive_ids, cluster, free_port, node_config, wait_for
 
@@ -82,6 +83,87 @@ async def test_request_response_and_error_replies(tmp_path):
         except RemoteError as exc:
             assert exc.code == "internal"
         assert (await a.request(b.peer_id, "add", {"x": 2, "y": 2}))["sum"] == 4
+
+
+async def test_a_one_way_message_is_handled_and_never_answered(tmp_path):
+    """notify writes one frame on the stream requests use; the handler runs (its result, its
+    errors, stay on the server) and no reply frame comes back, while a request on the same
+    stream is still answered."""
+    async with cluster(tmp_path, 2) as (a, b):
+        heard: list[object] = []
+
+        async def note(peer: str, msg: dict) -> str:
+            heard.append(msg["n"])
+            if msg.get("fail"):
+                raise HandlerError("bad_request", "asked to fail")
+            if msg.get("crash"):
+                raise KeyError("crash")
+            return "a reply nobody must see"
+
+        b.handle("note", note)
+        await wait_for(lambda: b.peer_id in a.connected_peers(), 10, "a to connect to b")
+        sent = [{"n": 0}, {"n": 1, "fail": True}, {"n": 2, "crash": True}, {"n": 3}]
+        for msg in sent:
+            assert await a.notify(b.peer_id, "note", msg) is None
+        await wait_for(lambda: len(heard) == len(sent), 5, "b to handle the 4 messages")
+        assert sorted(heard) == [0, 1, 2, 3]
+        channel = a._rpc._channels[(b.peer_id, protocol_id("test-net", "note", 1))]
+        assert await a.request(b.peer_id, "note", {"n": 4}) == "a reply nobody must see"
+        assert a._rpc._channels[(b.peer_id, protocol_id("test-net", "note", 1))] is channel
+        await trio.testing.wait_all_tasks_blocked()
+        assert channel.replies == 1  # the request's, none for the one-way messages
+        assert channel.broken is None
+
+
+async def test_a_one_way_message_to_a_peer_that_is_gone_raises(tmp_path):
+    async with cluster(tmp_path, 1) as (a,):
+        # never reachable: no address known
+        with trio.fail_after(5):
+            with pytest.raises(RequestError):
+                await a.notify(str(Identity.generate().peer_id), "note", {"n": 1}, timeout=3)
+        # reached once, then stopped: the next message raises rather than vanish
+        async with Network.start(node_config(tmp_path / "gone",
+                                             bootstrap=[a.addrs[0]])) as gone:
+            async def note(peer: str, msg: object) -> None:
+                return None
+
+            gone.handle("note", note)
+            await wait_for(lambda: gone.peer_id in a.connected_peers(), 10, "a to reach it")
+            await a.notify(gone.peer_id, "note", 1)
+        await wait_for(lambda: gone.peer_id not in a.connected_peers(), 10,
+                       "a to lose the connection")
+        with trio.fail_after(5):
+            with pytest.raises(RequestError):
+                await a.notify(gone.peer_id, "note", 2, timeout=3)
+
+
+async def test_a_reply_for_an_id_nobody_waits_for_is_dropped(tmp_path):
+    """A server of an earlier release answers a one-way message ([NO_REPLY, reply]), and a
+    reply may come for a request its caller gave up on: the client drops both and the stream
+    goes on carrying requests."""
+    async with cluster(tmp_path, 2) as (a, b):
+        pid = protocol_id("test-net", "old", 1)
+
+        async def old_server(stream) -> None:
+            framed = FramedStream(stream, 1 << 20)
+            try:
+                while True:
+                    request_id, message = await framed.read_frame()
+                    deadline = trio.current_time() + 5
+                    await framed.write_frame([request_id + 1000, {"ok": "stray"}], deadline)
+                    await framed.write_frame([request_id, {"ok": message}], deadline)
+            except EOFError:
+                pass
+
+        b.host.set_stream_handler(pid, old_server)
+        await wait_for(lambda: b.peer_id in a.connected_peers(), 10, "a to connect to b")
+        await a.notify(b.peer_id, "old", "one way")
+        channel = a._rpc._channels[(b.peer_id, pid)]
+        await wait_for(lambda: channel.replies == 2, 5, "the old server's two replies")
+        assert channel.broken is None
+        assert await a.request(b.peer_id, "old", "asked") == "asked"
+        assert a._rpc._channels[(b.peer_id, pid)] is channel
+        assert channel.replies == 4 and channel.broken is None and NO_REPLY not in channel.pending
 
 
 async def test_a_retired_stream_finishes_its_request_then_closes(tmp_path):
