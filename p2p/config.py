@@ -30,6 +30,10 @@ class NetworkConfig:
     dead_after: float = 8.0
     # discovery: how many direct connections a node keeps beyond the bootstrap peers
     target_connections: int = 6
+    # under a closed admission rule: how many connections peers the rule does not admit may
+    # hold at once (each costs them only a Noise handshake); a new one beyond it is closed.
+    # Admitted peers are never counted; the open rule has no limit.
+    max_stranger_connections: int = 32
     # on stop, announce a permanent leave (data owners hand off) instead of a restartable stop
     leave_on_stop: bool = False
     max_redial_backoff: float = 30.0
@@ -52,3 +56,8 @@ class NetworkConfig:
             raise ValueError(
                 f"network id must be a non-empty name without '/': {self.network_id!r}"
             )
+        if (isinstance(self.max_stranger_connections, bool)
+                or not isinstance(self.max_stranger_connections, int)
+                or self.max_stranger_connections < 0):
+            raise ValueError("max_stranger_connections must be a whole number, 0 or more: "
+                             f"{self.max_stranger_connections!r}")

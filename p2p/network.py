@@ -196,7 +196,8 @@ def _innermost(exc: BaseException) -> BaseException:
 
 
 class _BanNotifee(INotifee):
-    """Tells the network of each new connection, so a banned peer's is dropped at once."""
+    """Tells the network of each new connection, so a banned peer's is dropped at once and
+    one of a stranger beyond the cap is closed, and of each closed one."""
 
     def __init__(self, net: Network) -> None:
         self._net = net
@@ -204,6 +205,7 @@ class _BanNotifee(INotifee):
     async def connected(self, network: INetwork, conn: INetConn) -> None:
         peer = str(conn.muxed_conn.peer_id)
         self._net._refuse_connection(peer)
+        self._net._limit_strangers(peer, conn)
         self._net._another_connection(peer, conn)
 
     async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
@@ -213,7 +215,7 @@ class _BanNotifee(INotifee):
         pass
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
-        pass
+        self._net._stranger_gone(conn)
 
     async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
         pass
@@ -249,6 +251,8 @@ class Network:
             "gossip_unsigned_refused": 0,  # without a libp2p signature, refused by the config
             "silent_rebuilds": 0,  # pubsub streams rebuilt with connected peers not heard
             "silent_disconnects": 0,  # connections dropped because a rebuild did not help
+            "stranger_connections": 0,  # held now by peers a closed rule does not admit
+            "stranger_connections_closed": 0,  # of theirs, closed beyond the cap
         }
         self._seq = time.time_ns() // 1000  # grows across restarts: replay guards stay valid
         self._started = time.monotonic()
@@ -268,6 +272,9 @@ class Network:
         self._seen_bootstrap_ids = {str(info.peer_id) for info in self._bootstrap}
         self._blocked: set[str] = set()
         self._connected_since: dict[str, tuple[float, int]] = {}  # peer -> (since, strikes)
+        # connections of peers the closed rule does not admit, within the cap:
+        # id(conn) -> (peer, conn)
+        self._strangers: dict[int, tuple[str, INetConn]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     @classmethod
@@ -407,6 +414,7 @@ class Network:
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
+        self.metrics["stranger_connections"] = self._stranger_connections()
         return {
             "peer_id": self.peer_id,
             "network": self.config.network_id,
@@ -767,7 +775,8 @@ class Network:
     def _refuse_connection(self, peer: str) -> None:
         """A banned peer got through the door (it had to complete Noise for us to learn who
         it is): drop the connection at once. A peer the rule does not admit may stay
-        connected, but under members-only gossip it gets no place in pubsub."""
+        connected within the cap on strangers (`_limit_strangers`), but under members-only
+        gossip it gets no place in pubsub."""
         if (self._pubsub is not None and self._members_only_gossip()
                 and not self.admits(peer)):
             self._pubsub.add_to_blacklist(ID.from_base58(peer))
@@ -775,6 +784,50 @@ class Network:
             self.metrics["banned_refused"] += 1
             log.debug("refused a connection from banned peer %s", peer)
             self._nursery.start_soon(self._disconnect, peer)
+
+    def _limit_strangers(self, peer: str, conn: INetConn) -> None:
+        """Under a closed rule, peers the rule does not admit hold at most
+        `max_stranger_connections` connections at once: a new one beyond that is closed (it
+        had to complete Noise for us to learn who it is). The peer is neither scored nor
+        banned, so it may come back once a slot is free; a node that staked and waits for
+        the next reading of the stakes joins as soon as it is admitted. Admitted peers are
+        never counted. While the stake rule has no first reading, nobody is admitted: those
+        connections are counted but none is closed (the refusal would be our own doing)."""
+        if (not self.admission.rule.closed or self.admits(peer) or self.is_banned(peer)
+                or self._stopping or conn.is_closed):
+            return
+        held = self._stranger_connections()
+        if (held < self.config.max_stranger_connections or not self.admission.settled
+                or self._nursery is None):
+            self._strangers[id(conn)] = (peer, conn)
+            self.metrics["stranger_connections"] = held + 1
+            return
+        self.metrics["stranger_connections_closed"] += 1
+        log.debug("closed a connection of %s: %d connections of peers the rule does not "
+                  "admit are held already", peer, held)
+        self._nursery.start_soon(self._close_connection, conn)
+
+    def _stranger_connections(self) -> int:
+        """How many connections peers the rule does not admit hold now (within the cap);
+        forgets the closed ones and those of peers admitted since (a new stake reading)."""
+        for key, (peer, conn) in list(self._strangers.items()):
+            if conn.is_closed or self.admits(peer):
+                del self._strangers[key]
+        return len(self._strangers)
+
+    def _stranger_gone(self, conn: INetConn) -> None:
+        if self._strangers.pop(id(conn), None) is not None:
+            self.metrics["stranger_connections"] = len(self._strangers)
+
+    @staticmethod
+    async def _close_connection(conn: INetConn) -> None:
+        """Close one connection; it may have gone already (the peer hung up first)."""
+        with trio.move_on_after(2.0):
+            try:
+                if not conn.is_closed:
+                    await conn.close()
+            except Exception:
+                log.debug("closing a connection failed", exc_info=True)
 
     def _another_connection(self, peer: str, conn: INetConn) -> None:
         """A new connection with `peer` while this node holds another: the peer may have

@@ -12,12 +12,14 @@ from pathlib import Path
 import msgpack
 import pytest
 import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from kv import KV, NotAdmitted
 from kv.replication import APPLY_PROTOCOL, seal_batch
 from p2p import Network, RemoteError
 from p2p.admission import Admission, AdmissionError, AdmissionRule
 from p2p.identity import Identity, load_or_create_identity
+from p2p.network import parse_multiaddr
 from tasknet_node import testnets
 from tasknet_node.admission_check import keep_stake_admission
 
@@ -184,6 +186,70 @@ async def test_twenty_unadmitted_peers_change_no_ring_get_no_data_and_crowd_no_m
                 assert message.author in members, "gossip of a stranger was delivered"
                 if message.payload == {"from": "member"}:
                     break
+
+
+# -- connection slots: strangers hold at most max_stranger_connections -----------------------
+async def test_strangers_beyond_the_cap_are_closed_and_members_are_not_counted(tmp_path):
+    victim_id, friend_id = _identities(tmp_path, 2)
+    rule = AdmissionRule("allowlist", frozenset({victim_id, friend_id}))
+    async with AsyncExitStack() as stack:
+        victim = await stack.enter_async_context(Network.start(node_config(
+            tmp_path / "member0", admission=rule, max_stranger_connections=3)))
+        assert victim.peer_id == victim_id
+        # eight strangers, each with its own key; none knows a peer, so none dials by itself
+        running: dict[str, Network] = {}
+        stop = [trio.Event() for _ in range(8)]
+
+        async def run_stranger(i: int) -> None:
+            async with Network.start(node_config(tmp_path / f"stranger{i}")) as stranger:
+                running[stranger.peer_id] = stranger
+                await stop[i].wait()
+            del running[stranger.peer_id]
+
+        starting = await stack.enter_async_context(trio.open_nursery())
+        for event in stop:  # (unwound first) every stranger stops, even on failure
+            stack.callback(event.set)
+        for i in range(8):
+            starting.start_soon(run_stranger, i)
+        await wait_for(lambda: len(running) == 8, 10, "eight strangers to start")
+        crowd = list(running.values())
+        stranger_ids = set(running)
+        victim_info = info_from_p2p_addr(parse_multiaddr(victim.addrs[0]))
+
+        def held() -> set[str]:
+            return stranger_ids & set(victim.connected_peers())
+
+        def metric(name: str) -> int:
+            value: int = victim.status()["metrics"].get(name, 0)
+            return value
+
+        async def knock(stranger: Network) -> None:
+            with trio.move_on_after(2):  # py-libp2p's connect has no deadline of its own
+                try:
+                    await stranger.host.connect(victim_info)
+                except Exception:  # the victim may close it while the stranger sets it up
+                    pass
+
+        async with trio.open_nursery() as knocking:  # eight strangers connect at once
+            for stranger in crowd:
+                knocking.start_soon(knock, stranger)
+        await wait_for(lambda: len(held()) == 3 and metric("stranger_connections_closed") >= 5,
+                       3, "the victim to keep three strangers and close the other five")
+        assert metric("stranger_connections") == 3
+
+        # an allowlisted peer is never counted nor closed
+        friend = await stack.enter_async_context(Network.start(node_config(
+            tmp_path / "member1", admission=rule, max_stranger_connections=3,
+            bootstrap=[victim.addrs[0]])))
+        assert friend.peer_id == friend_id
+        await wait_for(lambda: friend_id in victim.connected_peers(), 3,
+                       "the allowlisted peer to connect")
+        assert metric("stranger_connections") == 3
+
+        assert friend_id in victim.connected_peers()
+        # turned away for want of a slot is no offence: no stranger is scored or banned
+        assert not stranger_ids & set(victim.scores.snapshot(time.monotonic()))
+        assert not any(victim.is_banned(peer) for peer in stranger_ids)
 
 
 async def test_a_node_the_rule_does_not_admit_neither_reads_nor_writes(tmp_path):
