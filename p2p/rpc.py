@@ -297,11 +297,7 @@ class RpcService:
         version: int = 1,
         timeout: float | None = None,
     ) -> Any:
-        pid = protocol_id(self.network, name, version)
-        if self._is_blocked(peer_id):
-            raise PeerUnreachable(f"{peer_id} is banned by or isolated from this node")
-        limit = timeout if timeout is not None else self.limits.request_timeout
-        key = (peer_id, pid)
+        key, limit = self._target(peer_id, name, version, timeout)
         channel: _Channel | None = None
         request_id = 0
         box: list[Any] = []
@@ -358,11 +354,7 @@ class RpcService:
         nothing comes back, so a lost or failed message is not seen here. A peer that cannot
         be reached, or a write that fails or does not finish in `timeout`, raises as in
         `request`."""
-        pid = protocol_id(self.network, name, version)
-        if self._is_blocked(peer_id):
-            raise PeerUnreachable(f"{peer_id} is banned by or isolated from this node")
-        limit = timeout if timeout is not None else self.limits.request_timeout
-        key = (peer_id, pid)
+        key, limit = self._target(peer_id, name, version, timeout)
         channel: _Channel | None = None
         with trio.move_on_after(limit) as deadline:
             channel = await self._channel(key)
@@ -383,6 +375,15 @@ class RpcService:
             if channel is not None:
                 self._drop(key, channel)
             raise RequestTimeout(f"{name} to {peer_id} timed out after {limit}s")
+
+    def _target(self, peer_id: str, name: str, version: int,
+                timeout: float | None) -> tuple[tuple[str, TProtocol], float]:
+        """The channel key of a request or message to `peer_id` and its time limit;
+        PeerUnreachable when the peer is banned or isolated."""
+        if self._is_blocked(peer_id):
+            raise PeerUnreachable(f"{peer_id} is banned by or isolated from this node")
+        limit = timeout if timeout is not None else self.limits.request_timeout
+        return (peer_id, protocol_id(self.network, name, version)), limit
 
     async def _channel(self, key: tuple[str, TProtocol]) -> _Channel:
         while True:
