@@ -91,6 +91,7 @@ DEFAULT_BUSY_TIMEOUT = 30.0  # seconds an append may wait for the write lock in 
 LOCK_PAUSES_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
 LOCK_KNOCK_AFTER_S = 1.0
 LOCK_KNOCK_S = 0.001
+OPEN_BUSY_PAUSE_S = 0.01  # between tries to open a file another connection keeps busy
 ZERO_HASH = bytes(32)
 
 _SCHEMA = """
@@ -341,12 +342,19 @@ class Ledger:
         if not path.is_file():
             raise LedgerError(f"no ledger at {path}")
         ledger = cls(path, _connect(path, "rw", busy_timeout), clock, busy_timeout)
+        deadline = time.monotonic() + busy_timeout
         try:
-            ledger._load(use_snapshots)
+            while True:
+                try:
+                    ledger._load(use_snapshots)
+                    return ledger
+                except LedgerBusy:  # another connection keeps the file a moment (recovery)
+                    if time.monotonic() >= deadline:
+                        raise
+                time.sleep(OPEN_BUSY_PAUSE_S * (1 + random.random()))
         except BaseException:
             ledger.close()
             raise
-        return ledger
 
     @classmethod
     def create(cls, path: str | Path, *, balances: Mapping[str, int], chain_id: str | None = None,
@@ -396,6 +404,8 @@ class Ledger:
         except sqlite3.DatabaseError as exc:
             at = self._replay.idx + 1 if self._replay is not None else 0
             self._replay = None
+            if _is_busy(exc):  # another connection keeps the file a moment: not damage
+                raise LedgerBusy(f"ledger {self.path}: {_one_line(exc)}") from None
             raise LedgerCorrupt(f"ledger {self.path} is corrupt at entry {at}: unreadable "
                                 f"({_one_line(exc)})") from None
         except BaseException:
@@ -739,21 +749,27 @@ def _read_transaction(db: sqlite3.Connection) -> Iterator[None]:
 
 
 def _connect(path: Path, mode: str, busy_timeout: float) -> sqlite3.Connection:
-    """A connection in autocommit mode (transactions are explicit), WAL, synchronous=FULL."""
-    db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, isolation_level=None,
-                         check_same_thread=False, timeout=min(busy_timeout, 1.0))
-    try:
-        db.execute("PRAGMA journal_mode=WAL").fetchone()
-        db.execute("PRAGMA synchronous=FULL")
-    except sqlite3.DatabaseError as exc:
-        db.close()
-        if _is_busy(exc):
-            raise LedgerBusy(f"ledger {path}: {_one_line(exc)}") from None
-        what = ("not a tasknet ledger file" if "not a database" in str(exc)
-                else "the file is damaged")
-        raise LedgerCorrupt(f"ledger {path} is corrupt at entry 0: {what} "
-                            f"({_one_line(exc)})") from None
-    return db
+    """A connection in autocommit mode (transactions are explicit), WAL, synchronous=FULL.
+    A file another connection keeps busy (turning it to WAL, recovering its WAL) is tried
+    again until `busy_timeout`: processes that open one new ledger at once all get it."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, isolation_level=None,
+                             check_same_thread=False, timeout=min(busy_timeout, 1.0))
+        try:
+            db.execute("PRAGMA journal_mode=WAL").fetchone()
+            db.execute("PRAGMA synchronous=FULL")
+            return db
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            if not _is_busy(exc):
+                what = ("not a tasknet ledger file" if "not a database" in str(exc)
+                        else "the file is damaged")
+                raise LedgerCorrupt(f"ledger {path} is corrupt at entry 0: {what} "
+                                    f"({_one_line(exc)})") from None
+            if time.monotonic() >= deadline:
+                raise LedgerBusy(f"ledger {path}: {_one_line(exc)}") from None
+        time.sleep(OPEN_BUSY_PAUSE_S * (1 + random.random()))
 
 
 def _initialise(path: Path, make_genesis: Callable[[], Genesis], snapshot_every: int,

@@ -8,6 +8,7 @@ import re
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -244,6 +245,29 @@ def test_a_writer_that_cannot_get_the_lock_gives_up_at_its_busy_timeout(
         (timeout,) = writer._db.execute("PRAGMA busy_timeout").fetchone()
         assert timeout == 300
         assert writer.append(a, _transfer(b)).height == 1
+
+
+def test_opening_waits_for_a_connection_that_keeps_the_file_a_while(tmp_path: Path) -> None:
+    # longer than SQLite's own busy handler waits (1 s): opening tries again until its busy
+    # timeout, as when another process recovers the WAL, instead of calling the file corrupt
+    path = tmp_path / LEDGER_FILE_NAME
+    a, b = _ids(2)
+    _ledger(path, [a, b]).close()
+    keeper = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    keeper.execute("PRAGMA locking_mode=EXCLUSIVE")
+    keeper.execute("BEGIN EXCLUSIVE")
+    keeper.execute("COMMIT")  # exclusive mode: the lock stays until the connection closes
+    release = threading.Timer(1.5, keeper.close)
+    started = time.monotonic()
+    release.start()
+    try:
+        with Ledger.open(path) as ledger:
+            assert ledger.height == 0 and time.monotonic() - started >= 1.4
+            assert ledger.append(a, _transfer(b)).height == 1
+    finally:
+        release.cancel()
+        release.join()
+        keeper.close()
 
 
 def test_a_changed_link_or_slot_is_refused(tmp_path: Path) -> None:
