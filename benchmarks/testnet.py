@@ -28,8 +28,9 @@
 #                          at idle: Ethernet, IP and TCP headers and bare ACKs, Noise
 #                          encryption and yamux framing around every stream's data, the
 #                          SWIM messages, pubsub heartbeats and gossip control, yamux and
-#                          libp2p keep-alive pings, the store's anti-entropy rounds (every 1 s
-#                          here); ARP and the like add a few packets a minute, negligible.
+#                          libp2p keep-alive pings, the store's anti-entropy rounds (every
+#                          --anti-entropy-s, 1 s by default); ARP and the like add a few
+#                          packets a minute, negligible.
 #                          idle_wire_packets_per_s_per_node_N the mean tx packets/s,
 #                          idle_wire_rx_bytes_per_s_per_node_N the mean rx bytes/s, and
 #                          wire_to_swim_ratio_N the nodes' tx bytes over their swim_bytes_sent

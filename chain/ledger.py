@@ -55,7 +55,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import msgpack
 import trio
@@ -92,7 +92,9 @@ LOCK_PAUSES_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.
 LOCK_KNOCK_AFTER_S = 1.0
 LOCK_KNOCK_S = 0.001
 OPEN_BUSY_PAUSE_S = 0.01  # between tries to open a file another connection keeps busy
+SQLITE_BUSY_WAIT_S = 1.0  # at most: SQLite's own busy handler's wait, per statement
 ZERO_HASH = bytes(32)
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value ANY) STRICT;
@@ -324,7 +326,7 @@ class Ledger:
         self._db = db
         self.clock = clock
         self._busy_timeout = busy_timeout
-        self._busy_timeout_ms = int(min(busy_timeout, 1.0) * 1000)  # as _connect set it
+        self._busy_timeout_ms = int(_sqlite_busy_wait(busy_timeout) * 1000)  # as _connect set it
         self._replay: _Replay | None = None
         self._data_version = -1
         self.snapshot_every = DEFAULT_SNAPSHOT_EVERY
@@ -342,19 +344,12 @@ class Ledger:
         if not path.is_file():
             raise LedgerError(f"no ledger at {path}")
         ledger = cls(path, _connect(path, "rw", busy_timeout), clock, busy_timeout)
-        deadline = time.monotonic() + busy_timeout
         try:
-            while True:
-                try:
-                    ledger._load(use_snapshots)
-                    return ledger
-                except LedgerBusy:  # another connection keeps the file a moment (recovery)
-                    if time.monotonic() >= deadline:
-                        raise
-                time.sleep(OPEN_BUSY_PAUSE_S * (1 + random.random()))
+            _while_busy(busy_timeout, lambda: ledger._load(use_snapshots))
         except BaseException:
             ledger.close()
             raise
+        return ledger
 
     @classmethod
     def create(cls, path: str | Path, *, balances: Mapping[str, int], chain_id: str | None = None,
@@ -404,10 +399,7 @@ class Ledger:
         except sqlite3.DatabaseError as exc:
             at = self._replay.idx + 1 if self._replay is not None else 0
             self._replay = None
-            if _is_busy(exc):  # another connection keeps the file a moment: not damage
-                raise LedgerBusy(f"ledger {self.path}: {_one_line(exc)}") from None
-            raise LedgerCorrupt(f"ledger {self.path} is corrupt at entry {at}: unreadable "
-                                f"({_one_line(exc)})") from None
+            raise _unreadable(self.path, at, exc) from None
         except BaseException:
             self._replay = None
             raise
@@ -510,10 +502,7 @@ class Ledger:
                 if unchecked is not None:
                     unchecked.append(row)
         except sqlite3.DatabaseError as exc:
-            if _is_busy(exc):  # another connection kept the file (a recovery): not damage
-                raise LedgerBusy(f"ledger {self.path}: {_one_line(exc)}") from None
-            raise LedgerCorrupt(f"ledger {self.path} is corrupt at entry {replay.idx + 1}: "
-                                f"unreadable ({_one_line(exc)})") from None
+            raise _unreadable(self.path, replay.idx + 1, exc) from None
 
     def wall_slot(self) -> int:
         return int(self.clock() * 1000) // self.slot_ms
@@ -752,24 +741,51 @@ def _connect(path: Path, mode: str, busy_timeout: float) -> sqlite3.Connection:
     """A connection in autocommit mode (transactions are explicit), WAL, synchronous=FULL.
     A file another connection keeps busy (turning it to WAL, recovering its WAL) is tried
     again until `busy_timeout`: processes that open one new ledger at once all get it."""
-    deadline = time.monotonic() + busy_timeout
-    while True:
+
+    def connect() -> sqlite3.Connection:
         db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, isolation_level=None,
-                             check_same_thread=False, timeout=min(busy_timeout, 1.0))
+                             check_same_thread=False, timeout=_sqlite_busy_wait(busy_timeout))
         try:
             db.execute("PRAGMA journal_mode=WAL").fetchone()
             db.execute("PRAGMA synchronous=FULL")
             return db
         except sqlite3.DatabaseError as exc:
             db.close()
-            if not _is_busy(exc):
-                what = ("not a tasknet ledger file" if "not a database" in str(exc)
-                        else "the file is damaged")
-                raise LedgerCorrupt(f"ledger {path} is corrupt at entry 0: {what} "
-                                    f"({_one_line(exc)})") from None
-            if time.monotonic() >= deadline:
+            if _is_busy(exc):
                 raise LedgerBusy(f"ledger {path}: {_one_line(exc)}") from None
+            what = ("not a tasknet ledger file" if "not a database" in str(exc)
+                    else "the file is damaged")
+            raise LedgerCorrupt(f"ledger {path} is corrupt at entry 0: {what} "
+                                f"({_one_line(exc)})") from None
+
+    return _while_busy(busy_timeout, connect)
+
+
+def _while_busy(busy_timeout: float, attempt: Callable[[], _T]) -> _T:
+    """`attempt()`, tried again after short pauses while it raises LedgerBusy (another
+    connection keeps the file a moment), until `busy_timeout` has passed."""
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            return attempt()
+        except LedgerBusy:
+            if time.monotonic() >= deadline:
+                raise
         time.sleep(OPEN_BUSY_PAUSE_S * (1 + random.random()))
+
+
+def _sqlite_busy_wait(busy_timeout: float) -> float:
+    """How long SQLite's own busy handler waits on one statement of a ledger connection."""
+    return min(busy_timeout, SQLITE_BUSY_WAIT_S)
+
+
+def _unreadable(path: Path, at: int, exc: sqlite3.DatabaseError) -> LedgerBusy | LedgerCorrupt:
+    """What a failed read of the file means: busy (another connection keeps it a moment,
+    a WAL recovery, say: not damage) or corrupt from entry `at` on."""
+    if _is_busy(exc):
+        return LedgerBusy(f"ledger {path}: {_one_line(exc)}")
+    return LedgerCorrupt(f"ledger {path} is corrupt at entry {at}: unreadable "
+                         f"({_one_line(exc)})")
 
 
 def _initialise(path: Path, make_genesis: Callable[[], Genesis], snapshot_every: int,

@@ -320,30 +320,27 @@ class Writes:
                 await wake.wait()
                 wake = trio.Event()
             nursery.cancel_scope.cancel()  # a slower copy's answer is not needed
-        results: list[Exception | None] = []
-        retry: list[int] = []
+        results: dict[int, Exception | None] = {}
+        rest: list[int] = []  # answered before the hedge, or waited for (incr): as unhedged
         for i, op in enumerate(ops):
             if i in withdrawn:
-                results.append(second[i])
+                results[i] = second[i]
             elif i in hedged:
                 if primary_ok(i) or second.get(i, False) is None:
-                    results.append(None)
+                    results[i] = None
                 else:  # both failed (the mutator has answered: see finished)
                     outcome = call.outcomes[i]
                     # the mutator's error, unless it did not apply the op at all
-                    results.append(second.get(i) if outcome is not None
-                                   and outcome[0] in NOT_APPLIED
-                                   else _failure(mutator, op, outcome))
+                    results[i] = (second.get(i) if outcome is not None
+                                  and outcome[0] in NOT_APPLIED
+                                  else _failure(mutator, op, outcome))
             else:
-                outcome = call.outcomes[i]
-                if outcome is not None and outcome[0] in NOT_APPLIED:
-                    retry.append(i)
-                results.append(_failure(mutator, op, outcome))
-        if retry:
-            retried = await self._execute([ops[i] for i in retry], level, others, hedge)
-            for i, result in zip(retry, retried, strict=True):
-                results[i] = result
-        return results
+                rest.append(i)
+        if rest:
+            settled = await self._settle(mutator, [ops[i] for i in rest],
+                                         [call.outcomes[i] for i in rest], level, avoid, hedge)
+            results.update(zip(rest, settled, strict=True))
+        return [results[i] for i in range(len(ops))]
 
     # -- replicas that keep writes waiting -------------------------------------------------
     def _mark_slow(self, peer: str) -> None:

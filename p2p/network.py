@@ -251,8 +251,9 @@ class Network:
             "gossip_unsigned_refused": 0,  # without a libp2p signature, refused by the config
             "silent_rebuilds": 0,  # pubsub streams rebuilt with connected peers not heard
             "silent_disconnects": 0,  # connections dropped because a rebuild did not help
-            "stranger_connections": 0,  # held now by peers a closed rule does not admit
-            "stranger_connections_closed": 0,  # of theirs, closed beyond the cap
+            # (stranger_connections, the ones held now, is counted in status())
+            "stranger_connections_closed": 0,  # of peers a closed rule does not admit: closed
+            # beyond the cap
         }
         self._seq = time.time_ns() // 1000  # grows across restarts: replay guards stay valid
         self._started = time.monotonic()
@@ -414,7 +415,6 @@ class Network:
 
     def status(self) -> dict[str, Any]:
         now = time.monotonic()
-        self.metrics["stranger_connections"] = self._stranger_connections()
         return {
             "peer_id": self.peer_id,
             "network": self.config.network_id,
@@ -423,7 +423,9 @@ class Network:
             "uptime_s": round(now - self._started, 1),
             "connected_peers": self.connected_peers(),
             "members": [m.to_dict(now) for m in self.members()],
-            "metrics": {**self.metrics, **self._rpc_metrics()},
+            "metrics": {**self.metrics, **self._rpc_metrics(),
+                        # held now by peers a closed rule does not admit
+                        "stranger_connections": self._stranger_connections()},
             "admission": self.admission.status(),
             "offences": dict(self.scores.offences),
             "peer_scores": self.scores.snapshot(now),
@@ -618,9 +620,7 @@ class Network:
         timeout: float | None = None,
     ) -> Any:
         assert self._rpc is not None
-        member = self.view.get(peer_id)
-        if member is not None and peer_id not in self.connected_peers():
-            self._remember_addrs(peer_id, member.addrs)
+        self._dial_hint(peer_id)
         return await self._rpc.request(
             peer_id, protocol, message, version=version, timeout=timeout
         )
@@ -633,10 +633,15 @@ class Network:
         back): returns once written; raises as `request` does when the peer cannot be reached
         or the write fails or takes longer than `timeout`."""
         assert self._rpc is not None
+        self._dial_hint(peer_id)
+        await self._rpc.notify(peer_id, protocol, message, version=version, timeout=timeout)
+
+    def _dial_hint(self, peer_id: str) -> None:
+        """Before a request or message: a member not connected now is dialled at the
+        addresses membership knows for it."""
         member = self.view.get(peer_id)
         if member is not None and peer_id not in self.connected_peers():
             self._remember_addrs(peer_id, member.addrs)
-        await self._rpc.notify(peer_id, protocol, message, version=version, timeout=timeout)
 
     # -- membership ----------------------------------------------------------------------
     @property
@@ -800,7 +805,6 @@ class Network:
         if (held < self.config.max_stranger_connections or not self.admission.settled
                 or self._nursery is None):
             self._strangers[id(conn)] = (peer, conn)
-            self.metrics["stranger_connections"] = held + 1
             return
         self.metrics["stranger_connections_closed"] += 1
         log.debug("closed a connection of %s: %d connections of peers the rule does not "
@@ -816,8 +820,7 @@ class Network:
         return len(self._strangers)
 
     def _stranger_gone(self, conn: INetConn) -> None:
-        if self._strangers.pop(id(conn), None) is not None:
-            self.metrics["stranger_connections"] = len(self._strangers)
+        self._strangers.pop(id(conn), None)
 
     @staticmethod
     async def _close_connection(conn: INetConn) -> None:

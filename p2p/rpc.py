@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 from libp2p.abc import IHost, INetStream
@@ -308,24 +308,13 @@ class RpcService:
             event = trio.Event()
             channel.pending[request_id] = (event, box)
             try:
-                try:
-                    async with channel.write_lock:
-                        await channel.framed.write_frame([request_id, message],
-                                                         deadline.deadline)
-                except (StreamError, FrameError) as exc:
-                    self._drop(key, channel)
-                    raise RequestError(f"{name} to {peer_id} failed: {exc}") from exc
+                await self._write(key, channel, [request_id, message], deadline.deadline, name)
                 await event.wait()
             finally:  # answered, failed, timed out or cancelled: nothing waits for it now
                 channel.pending.pop(request_id, None)
-                if channel.retired and channel.idle():
-                    self._close(channel)
+                self._close_if_retired(channel)
         if deadline.cancelled_caught:
-            if channel is not None:
-                # a stream that does not answer may sit on a dead connection (a peer that
-                # restarted): open a fresh one next time rather than wait on it again
-                self._drop(key, channel)
-            raise RequestTimeout(f"{name} to {peer_id} timed out after {limit}s")
+            self._timed_out(key, channel, name, limit)
         assert channel is not None
         if not box:
             self._drop(key, channel)
@@ -360,21 +349,34 @@ class RpcService:
             channel = await self._channel(key)
             channel.notifying += 1
             try:
-                try:
-                    async with channel.write_lock:
-                        await channel.framed.write_frame([NO_REPLY, message],
-                                                         deadline.deadline)
-                except (StreamError, FrameError) as exc:
-                    self._drop(key, channel)
-                    raise RequestError(f"{name} to {peer_id} failed: {exc}") from exc
+                await self._write(key, channel, [NO_REPLY, message], deadline.deadline, name)
             finally:
                 channel.notifying -= 1
-                if channel.retired and channel.idle():
-                    self._close(channel)
+                self._close_if_retired(channel)
         if deadline.cancelled_caught:
-            if channel is not None:
-                self._drop(key, channel)
-            raise RequestTimeout(f"{name} to {peer_id} timed out after {limit}s")
+            self._timed_out(key, channel, name, limit)
+
+    async def _write(self, key: tuple[str, TProtocol], channel: _Channel, frame: list[Any],
+                     deadline: float, name: str) -> None:
+        """Write one frame on the channel; a stream that fails it is dropped (RequestError)."""
+        try:
+            async with channel.write_lock:
+                await channel.framed.write_frame(frame, deadline)
+        except (StreamError, FrameError) as exc:
+            self._drop(key, channel)
+            raise RequestError(f"{name} to {key[0]} failed: {exc}") from exc
+
+    def _timed_out(self, key: tuple[str, TProtocol], channel: _Channel | None, name: str,
+                   limit: float) -> NoReturn:
+        """A request or message past its time limit. Its stream may sit on a dead connection
+        (a peer that restarted): a fresh one is opened next time rather than waited on."""
+        if channel is not None:
+            self._drop(key, channel)
+        raise RequestTimeout(f"{name} to {key[0]} timed out after {limit}s")
+
+    def _close_if_retired(self, channel: _Channel) -> None:
+        if channel.retired and channel.idle():
+            self._close(channel)
 
     def _target(self, peer_id: str, name: str, version: int,
                 timeout: float | None) -> tuple[tuple[str, TProtocol], float]:
@@ -433,8 +435,7 @@ class RpcService:
         for key in [k for k in self._channels if k[0] == peer_id]:
             channel = self._channels.pop(key)
             channel.retired = True
-            if channel.idle():
-                self._close(channel)
+            self._close_if_retired(channel)
 
     def forget_peer(self, peer_id: str) -> None:
         for key in [k for k in self._channels if k[0] == peer_id]:
