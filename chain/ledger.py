@@ -29,14 +29,16 @@
 # replays the tail after it, checking every link, signature and the rules on each entry, then
 # the head record. `verify()` does the same from genesis and compares every snapshot.
 #
-# Appending: encode the transaction with the sender's next nonce and sign it, outside the
-# lock; take the write lock (BEGIN IMMEDIATE, tried again after pauses until busy_timeout: see
-# LOCK_PAUSES_S), replaying what other writers commit meanwhile; replay what slipped in since
-# the last look; sign again only if the sender's nonce moved; apply the rules, insert the
-# entry, the head (and a snapshot, only over checked entries), COMMIT. Other writers' entries
-# are replayed without their signatures before and under the lock, and checked after it is
-# released (about 40 us an entry, the costly part), before append returns: the lock is held
-# for little more than this entry, and a forged one fails the append as corrupt. A refused
+# Appending: encode the transaction with the sender's next nonce (as of this Ledger's last
+# look) and sign it, outside the lock; take the write lock on a second connection kept for
+# appends, its busy handler off (BEGIN IMMEDIATE, tried again after pauses until busy_timeout:
+# see LOCK_PAUSES_S), replaying what other writers commit meanwhile through the reading one;
+# replay what slipped in since the last look; sign again only if the sender's nonce moved;
+# apply the rules, insert the entry, the head (and a snapshot, only over checked entries),
+# COMMIT. Other writers' entries are replayed without their signatures while waiting and
+# under the lock, and checked after it is released (about 40 us an entry, the costly part),
+# before append returns: the lock is held for little more than this entry, and a forged one
+# fails the append as corrupt. A refused
 # transaction rolls back: no entry. A writer killed mid-append leaves nothing (its WAL frames
 # never commit); a transaction sent again carries a used nonce and is refused (bad_nonce).
 # Localnet, LOCAL ONLY: `open_localnet` gives the whole supply to a faucet whose key lies in the
@@ -83,11 +85,17 @@ DEFAULT_LOCALNET_SUPPLY = 10**15
 DEFAULT_BUSY_TIMEOUT = 30.0  # seconds an append may wait for the write lock in all
 # Waiting for the write lock (Ledger._begin_immediate): BEGIN IMMEDIATE is tried after pauses
 # that grow as SQLite's own busy handler's do, which lets a writer that holds the lock take it
-# again at once (every hand-over costs: the new holder's pages, what it has to replay, the
-# old holder's pause); a writer that has waited LOCK_KNOCK_AFTER_S tries every LOCK_KNOCK_S,
-# so that none waits long. With 5 writers saturating one file (benchmarks/rounds.py): knocking
-# after 1 s keeps ~0.47 of raw SQLite's rate with the slowest append at 1.1-1.6 s; never,
-# the same rate and 2-3 s; after 0.25 s, 0.43 and 0.5 s.
+# again at once (every hand-over costs: the new holder's pages, what it has to replay, the old
+# holder's pause); a writer that has waited LOCK_KNOCK_AFTER_S tries every LOCK_KNOCK_S, so that
+# none waits long. With 5 writers saturating one file (benchmarks/rounds.py): knocking after 1 s
+# keeps the rate with the slowest append at 1.1-1.7 s; never, the same rate and 2-3 s; after
+# 0.25 s, 0.5 s but 8% less. Checking signatures while waiting (instead of after the writer's
+# own commit) shares the lock out (the writer with the fewest appends made ~1,000 in 5 s instead
+# of ~10, the slowest took 1.2 s) but costs ~4% of the rate (10 alternated runs each): left out,
+# since nodes append a few transactions a round and never saturate the file. A queue that the
+# holder commits in one go with its own entry (a group commit) was tried: 55-80% of the rate, as
+# measured. On 2 cores every process then reads every commit (SQLite drops a connection's page
+# cache whenever another one wrote) and the queue's own writes cost what the shared fsyncs save.
 LOCK_PAUSES_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
 LOCK_KNOCK_AFTER_S = 1.0
 LOCK_KNOCK_S = 0.001
@@ -326,7 +334,7 @@ class Ledger:
         self._db = db
         self.clock = clock
         self._busy_timeout = busy_timeout
-        self._busy_timeout_ms = int(_sqlite_busy_wait(busy_timeout) * 1000)  # as _connect set it
+        self._writer: sqlite3.Connection | None = None  # appends: opened by the first one
         self._replay: _Replay | None = None
         self._data_version = -1
         self.snapshot_every = DEFAULT_SNAPSHOT_EVERY
@@ -491,13 +499,15 @@ class Ledger:
             self._catch_up(replay)
         return replay.idx
 
-    def _catch_up(self, replay: _Replay, unchecked: list[_Row] | None = None) -> None:
-        """Apply the entries after the replay's. Given `unchecked`, their signatures are left
-        for the caller to check: every entry applied is added to it as it is, so that the
-        caller sees them even when a later entry fails the catch-up."""
+    def _catch_up(self, replay: _Replay, unchecked: list[_Row] | None = None,
+                  db: sqlite3.Connection | None = None) -> None:
+        """Apply the entries after the replay's (read through `db`, the reading connection
+        by default). Given `unchecked`, their signatures are left for the caller to check:
+        every entry applied is added to it as it is, so that the caller sees them even when a
+        later entry fails the catch-up."""
         try:
-            for row in _rows(self._db.execute(f"{_ROW} WHERE idx > ? ORDER BY idx",
-                                              (replay.idx,))):
+            for row in _rows((db or self._db).execute(f"{_ROW} WHERE idx > ? ORDER BY idx",
+                                                      (replay.idx,))):
                 replay.apply(row, check_signature=unchecked is None)
                 if unchecked is not None:
                     unchecked.append(row)
@@ -544,14 +554,17 @@ class Ledger:
         # way out of append passes that check.
         unchecked: list[_Row] = []
         applied = committed = False
+        writer = self._writer_connection()
         try:
-            self._catch_up(replay, unchecked)
-            # encoded and signed before the lock, with the nonce the sender has now: inside
-            # it, only when another writer of the same sender used that nonce meanwhile
+            # encoded and signed before the lock, with the nonce the sender had at this
+            # Ledger's last look (its own appends move it): inside the lock, only when
+            # another writer of the same sender used that nonce meanwhile. No look at the
+            # file first: what others appended is replayed under the lock (and while waiting
+            # for it), and a lone writer's look would only find its own last entry.
             signed = self._sign(identity, sender, tx, replay)
             self._begin_immediate(while_waiting=lambda: self._catch_up(replay, unchecked))
             try:
-                self._catch_up(replay, unchecked)
+                self._catch_up(replay, unchecked, writer)
                 if "nonce" not in tx and signed.nonce != replay.state.nonces.get(sender, 0):
                     signed = self._sign(identity, sender, tx, replay)
                 slot = max(replay.slot, self.wall_slot())
@@ -559,21 +572,21 @@ class Ledger:
                 applied = True
                 idx, prev = replay.idx + 1, replay.hash
                 new_hash = entry_hash(idx, prev, slot, signed.tx, pubkey, signed.sig)
-                self._db.execute(
+                writer.execute(
                     "INSERT INTO entries (idx, prev, slot, tx, pubkey, sig, sender, nonce) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                     (idx, prev, slot, signed.tx, pubkey, signed.sig, sender, signed.nonce))
-                self._db.execute("UPDATE head SET idx = ?, hash = ? WHERE id = 0",
-                                 (idx, new_hash))
+                writer.execute("UPDATE head SET idx = ?, hash = ? WHERE id = 0",
+                               (idx, new_hash))
                 if idx % self.snapshot_every == 0:
                     # a snapshot is trusted when the file is opened: only over checked entries
                     replay.check_signatures(unchecked)
                     unchecked.clear()
                     blob = replay.state.to_bytes()
-                    self._db.execute(
+                    writer.execute(
                         "INSERT INTO snapshots (idx, entry_hash, digest, state) "
                         "VALUES (?, ?, ?, ?)", (idx, new_hash, hashlib.sha256(blob).digest(), blob))
-                self._db.execute("COMMIT")
+                writer.execute("COMMIT")
                 committed = True
             except sqlite3.Error as exc:
                 raise ChainUnavailable(f"ledger {self.path}: append failed"
@@ -581,7 +594,7 @@ class Ledger:
                                        f"{_one_line(exc)}") from None
             finally:
                 if not committed:
-                    _rollback(self._db)
+                    _rollback(writer)
                     if applied:  # the in-memory state ran ahead of the file: rebuild it
                         self._replay = None
         finally:
@@ -609,37 +622,48 @@ class Ledger:
         message = signing_bytes(replay.genesis.chain_id, nonce, tx_bytes)
         return _Signed(tx_bytes, decoded, nonce, message, identity.sign(message))
 
+    def _writer_connection(self) -> sqlite3.Connection:
+        """The connection appends take the write lock and write through: SQLite's busy
+        handler off (busy_timeout 0: `_begin_immediate` waits its own way), so that taking
+        the lock costs no PRAGMA to switch it off and on again each time. Reads (and the
+        replay while waiting for the lock) go through the reading connection, whose busy
+        handler waits out another connection's WAL recovery as usual."""
+        if self._writer is None:
+            self._live()  # not closed
+            writer = _connect(self.path, "rw", self._busy_timeout)
+            try:
+                writer.execute("PRAGMA busy_timeout = 0")
+            except BaseException:
+                writer.close()
+                raise
+            self._writer = writer
+        return self._writer
+
     def _begin_immediate(self, while_waiting: Callable[[], None] | None = None) -> None:
-        """Take SQLite's write lock: BEGIN IMMEDIATE without SQLite's busy handler, tried
-        again after the pauses of LOCK_PAUSES_S (jittered), then every LOCK_KNOCK_S, until the
+        """Take SQLite's write lock on the writer connection: BEGIN IMMEDIATE, tried again
+        after the pauses of LOCK_PAUSES_S (jittered), then every LOCK_KNOCK_S, until the
         busy timeout (LedgerBusy); `while_waiting` runs between tries (append replays what
         the holder committed, so that less is left to replay once the lock is this one's)."""
         started = time.monotonic()
         deadline = started + self._busy_timeout
-        db = self._db
-        db.execute("PRAGMA busy_timeout = 0")
-        try:
-            for attempt in itertools.count():
-                try:
-                    db.execute("BEGIN IMMEDIATE")
-                    return
-                except sqlite3.OperationalError as exc:
-                    if not _is_busy(exc):
-                        raise ChainUnavailable(f"ledger {self.path}: {_one_line(exc)}") from None
-                    if time.monotonic() >= deadline:
-                        raise LedgerBusy(f"ledger {self.path}: write lock not obtained in "
-                                         f"{self._busy_timeout:g}s") from None
-                if time.monotonic() - started >= LOCK_KNOCK_AFTER_S:
-                    pause = LOCK_KNOCK_S
-                else:
-                    pause = LOCK_PAUSES_S[min(attempt, len(LOCK_PAUSES_S) - 1)]
-                time.sleep(pause * (0.5 + random.random()))
-                if while_waiting is not None:  # reads wait as usual (a recovery, say)
-                    db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
-                    while_waiting()
-                    db.execute("PRAGMA busy_timeout = 0")
-        finally:
-            db.execute(f"PRAGMA busy_timeout = {self._busy_timeout_ms}")
+        writer = self._writer_connection()
+        for attempt in itertools.count():
+            try:
+                writer.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _is_busy(exc):
+                    raise ChainUnavailable(f"ledger {self.path}: {_one_line(exc)}") from None
+                if time.monotonic() >= deadline:
+                    raise LedgerBusy(f"ledger {self.path}: write lock not obtained in "
+                                     f"{self._busy_timeout:g}s") from None
+            if time.monotonic() - started >= LOCK_KNOCK_AFTER_S:
+                pause = LOCK_KNOCK_S
+            else:
+                pause = LOCK_PAUSES_S[min(attempt, len(LOCK_PAUSES_S) - 1)]
+            time.sleep(pause * (0.5 + random.random()))
+            if while_waiting is not None:
+                while_waiting()
 
     # -- localnet faucet ----------------------------------------------------------------
 
@@ -703,6 +727,8 @@ class Ledger:
         if not self._closed:
             self._closed = True
             self._db.close()
+            if self._writer is not None:
+                self._writer.close()
 
     def __enter__(self) -> Ledger:
         return self
