@@ -15,7 +15,8 @@
 # with no ack by the end of the period fails; after as many consecutive failed probes as the
 # node's measured message loss calls for (one at low loss), the target becomes suspect.
 # A suspicion becomes a death after a timeout that grows with log N and shrinks with
-# independent confirmations, unless the suspect refutes it first by raising its incarnation
+# independent confirmations (each one its origin's own word: sent by it, or signed by it),
+# unless the suspect refutes it first by raising its incarnation
 # (the suspector tells it directly, and so does every node that probes it meanwhile). Changes
 # ride on pings and acks, a few per message, each sent about mult*log10(N+1) times; news (an
 # incarnation, a death, a leave) is also pushed at once to a few random members, who do the
@@ -60,6 +61,7 @@ MAX_ADDRS = 16
 MAX_ADDR_LEN = 256
 MAX_PEER_ID_LEN = 128
 MAX_RECORD = 4096
+MAX_PROOF = 128  # a suspicion's signature (Ed25519: 64 bytes, msgpack-framed)
 MAX_INCARNATION = 2**62  # leaves room to refute; a peer cannot push us past the wire's uint64
 FINE_BITS = 8  # the push-pull digest's finest level: 256 buckets by the peer id's hash
 FINE = 1 << FINE_BITS
@@ -179,6 +181,11 @@ def merge_views(a: Mapping[str, Member], b: Mapping[str, Member]) -> dict[str, M
     return out
 
 
+def claim_body(suspect: str, incarnation: int, origin: str) -> bytes:
+    """What a suspicion's origin signs: that it suspects `suspect` at `incarnation`."""
+    return bytes(msgpack.packb(["suspect", suspect, incarnation, origin]))
+
+
 def _newer(a: Member, b: Member) -> bool:
     """a > b in the merge order."""
     if a.incarnation != b.incarnation:
@@ -195,19 +202,24 @@ class Update:
     """A change carried in a message. ALIVE and LEFT always carry the member's record (they
     announce an incarnation); SUSPECT and DEAD are claims by others and carry it only when the
     claim is about an incarnation the receiver may not know yet. `origin` names who suspects
-    (independent suspicions shorten the timer)."""
+    (independent suspicions shorten the timer) and `proof` is its signature over the claim
+    (`claim_body`): a relayed suspicion counts as its origin's only with it."""
 
     peer_id: str
     incarnation: int
     state: MemberState
     record: bytes | None = None
     origin: str | None = None
+    proof: bytes | None = None
     _size: int = field(default=-1, repr=False, compare=False)
     _member: Member | None = field(default=None, repr=False, compare=False)
     _verifier: object = field(default=None, repr=False, compare=False)
 
     def wire(self) -> list[Any]:
-        return [self.peer_id, self.incarnation, RANK[self.state], self.record, self.origin]
+        fields = [self.peer_id, self.incarnation, RANK[self.state], self.record, self.origin]
+        if self.proof is not None:
+            fields.append(self.proof)
+        return fields
 
     def size(self) -> int:
         """Its msgpack size (cached: an update is immutable once made)."""
@@ -384,15 +396,17 @@ def _peer_id(value: object) -> str:
 
 
 def _update_from(raw: object, max_record: int) -> Update:
-    _check(isinstance(raw, list) and len(raw) == 5, "update")
+    _check(isinstance(raw, list) and len(raw) in (5, 6), "update")
     assert isinstance(raw, list)
-    peer_id, inc, rank, record, origin = raw
+    peer_id, inc, rank, record, origin = raw[:5]
+    proof = raw[5] if len(raw) == 6 else None
+    _check(proof is None or (isinstance(proof, bytes) and len(proof) <= MAX_PROOF), "proof")
     _check(_is_uint(inc) and type(rank) is int and 0 <= rank < 4, "update fields")
     _check(record is None or (isinstance(record, bytes) and len(record) <= max_record), "record")
     state = STATE_OF_RANK[rank]
     _check(record is not None or state in (SUSPECT, DEAD), "alive or left without a record")
     return Update(_peer_id(peer_id), inc, state, record,
-                  None if origin is None else _peer_id(origin))
+                  None if origin is None else _peer_id(origin), proof)
 
 
 def _updates_from(raw: object, limit: int) -> tuple[Update, ...]:
@@ -729,6 +743,8 @@ class _BucketIndex:
 
 SignRecord = Callable[[RecordInfo], bytes]
 VerifyRecord = Callable[[str, bytes], RecordInfo | None]
+SignClaim = Callable[[bytes], bytes]  # this node's signature over a claim_body
+VerifyClaim = Callable[[str, bytes, bytes], bool]  # (signer's peer id, claim_body, signature)
 
 
 class ViewSnapshot:
@@ -758,7 +774,8 @@ class Swim:
 
     def __init__(
         self, peer_id: str, addrs: Sequence[str], *, sign_record: SignRecord,
-        verify_record: VerifyRecord, meta: bytes = b"", incarnation: int = 0,
+        verify_record: VerifyRecord, sign_claim: SignClaim | None = None,
+        verify_claim: VerifyClaim | None = None, meta: bytes = b"", incarnation: int = 0,
         boot: int | None = None, config: SwimConfig | None = None,
         rng: random.Random | None = None, now: float = 0.0,
     ) -> None:
@@ -769,6 +786,8 @@ class Swim:
         self._rng = rng if rng is not None else random.Random(peer_id)
         self._sign = sign_record
         self._verify = verify_record
+        self._sign_claim = sign_claim
+        self._verify_claim = verify_claim
         self._addrs = tuple(addrs)
         self._meta = meta
         self._boot = boot if boot is not None else self._rng.getrandbits(63)
@@ -811,8 +830,9 @@ class Swim:
         self._seq = self._rng.randrange(SEQ_LOW, SEQ_HIGH)
         self.stats: dict[str, int] = dict.fromkeys(
             ("probes", "probes_failed", "indirect_probes", "suspicions", "confirmations",
-             "declared_dead", "refutations", "suspected_not_refuted", "records_rejected",
-             "syncs", "sync_entries_received", "ping_reqs_refused", "ping_reqs_not_member"), 0)
+             "confirmations_unproven", "declared_dead", "refutations", "suspected_not_refuted",
+             "records_rejected", "syncs", "sync_entries_received", "ping_reqs_refused",
+             "ping_reqs_not_member"), 0)
         me = self._make_self(incarnation, left=False)
         self._store(me, now)
         self._gossip.put(Update(peer_id, incarnation, ALIVE, me.record))
@@ -1153,7 +1173,7 @@ class Swim:
             self._reprobe = p.target
             return
         self._failed.pop(p.target, None)
-        self._suspect(target, self.peer_id, now, out, None)
+        self._suspect(target, self.peer_id, now, out, None, self.peer_id)
 
     def _ack_sample(self, acked: float) -> None:
         """The direct-ack rate: the mean of the first samples (after a prior of 3 acks, so
@@ -1252,14 +1272,18 @@ class Swim:
 
     # -- suspicion -------------------------------------------------------------------------
     def _suspect(self, known: Member, origin: str, now: float, out: list[Output],
-                 update: Update | None, notify: bool = False) -> None:
+                 update: Update | None, sender: str, notify: bool = False) -> None:
+        """`origin` suspects `known`, as `sender` says (itself, or relaying). Only a claim the
+        suspecter makes itself counts as its confirmation: `origin` is a name anyone can
+        write, the sender is the peer the connection authenticated."""
         pid = known.peer_id
         if known.state is ALIVE:
+            confirmer = self._confirmer(known, origin, sender, update)
             new = known.with_state(SUSPECT)
             self._change(known, new, now, out)
             if update is None:
-                update = Update(pid, known.incarnation, SUSPECT, None, origin)
-            self._start_suspicion(new, origin, now, update)
+                update = self._suspicion_update(pid, known.incarnation, None, origin)
+            self._start_suspicion(new, confirmer, now, update)
             self._gossip.put(update)
             if origin == self.peer_id:
                 self.stats["suspicions"] += 1
@@ -1269,12 +1293,39 @@ class Swim:
             s = self._suspicions.get(pid)
             if s is None or s.incarnation != known.incarnation or origin in s.confirmers:
                 return
-            s.confirmers.add(origin)
+            confirmer = self._confirmer(known, origin, sender, update)
+            if confirmer is None:
+                self.stats["confirmations_unproven"] += 1  # not counted: see above
+                return
+            s.confirmers.add(confirmer)
             self.stats["confirmations"] += 1
             s.deadline = s.start + self._suspicion_timeout(s)
-            self._gossip.put(update or Update(pid, known.incarnation, SUSPECT, None, origin))
+            self._gossip.put(update or self._suspicion_update(pid, known.incarnation, None,
+                                                              origin))
             if origin == self.peer_id:
                 self._notify(known, s, now, out)
+
+    def _confirmer(self, known: Member, origin: str, sender: str,
+                   update: Update | None) -> str | None:
+        """Whom a suspicion counts as confirming it: its origin if that is the sender (the
+        peer the connection authenticated) or this node, or if the update carries the
+        origin's signature over the claim; nobody otherwise (a member that wrote other
+        members' names as origins would bring a suspicion to its shortest timeout alone)."""
+        if origin == sender or origin == self.peer_id:
+            return origin
+        if (update is None or update.proof is None or update.origin != origin
+                or self._verify_claim is None):
+            return None
+        body = claim_body(known.peer_id, known.incarnation, origin)
+        return origin if self._verify_claim(origin, body, update.proof) else None
+
+    def _suspicion_update(self, pid: str, incarnation: int, record: bytes | None,
+                          origin: str) -> Update:
+        """The update that spreads a suspicion; signed when this node is its origin."""
+        proof = None
+        if origin == self.peer_id and self._sign_claim is not None:
+            proof = self._sign_claim(claim_body(pid, incarnation, origin))
+        return Update(pid, incarnation, SUSPECT, record, origin, proof)
 
     def _notify(self, m: Member, s: _Suspicion, now: float, out: list[Output]) -> None:
         """Tell the suspect directly that this node suspects it (its own suspicion, or one it
@@ -1289,7 +1340,8 @@ class Swim:
         self._next_seq()
         out.append(Send(m.peer_id, m.addrs, Ping(self._seq, self._piggyback(m.peer_id))))
 
-    def _start_suspicion(self, m: Member, origin: str, now: float, update: Update) -> None:
+    def _start_suspicion(self, m: Member, confirmer: str | None, now: float,
+                         update: Update) -> None:
         cfg = self.config
         n = self.size()
         scale = 1 + self._lhm
@@ -1297,7 +1349,8 @@ class Swim:
                     cfg.suspicion_alpha * math.log10(max(n, 1)) * cfg.period) * scale
         max_t = cfg.suspicion_beta * min_t
         k = max(0, min(cfg.suspicion_k, n - 2))
-        s = _Suspicion(m.incarnation, now, min_t, max_t, k, {origin}, now, update)
+        s = _Suspicion(m.incarnation, now, min_t, max_t, k,
+                       set() if confirmer is None else {confirmer}, now, update)
         s.deadline = now + self._suspicion_timeout(s)
         self._suspicions[m.peer_id] = s
 
@@ -1306,7 +1359,7 @@ class Swim:
         """max_t shrinking towards min_t as log(confirmations + 1) / log(k + 1)."""
         if s.k < 1:
             return s.min_t
-        confirmations = len(s.confirmers) - 1
+        confirmations = max(0, len(s.confirmers) - 1)
         fraction = math.log(confirmations + 1) / math.log(s.k + 1)
         return max(s.min_t, s.max_t - (s.max_t - s.min_t) * fraction)
 
@@ -1340,7 +1393,8 @@ class Swim:
             if known is None or known.incarnation != u.incarnation:
                 return
             if u.state is SUSPECT:
-                self._suspect(known, u.origin or sender, now, out, None if from_sync else u)
+                self._suspect(known, u.origin or sender, now, out, None if from_sync else u,
+                              sender)
             elif u.state is DEAD and known.state in _LIVE:
                 self._change(known, known.with_state(DEAD), now, out)
                 if not from_sync:
@@ -1356,7 +1410,7 @@ class Swim:
         elif not _newer(m, known):
             if (m.state is SUSPECT and known.state is SUSPECT
                     and m.incarnation == known.incarnation):
-                self._suspect(known, u.origin or sender, now, out, None)
+                self._suspect(known, u.origin or sender, now, out, None, sender)
             return
         first_hand = sender == pid
         if m.state is DEAD and from_sync and known is not None and known.state in _LIVE:
@@ -1364,7 +1418,7 @@ class Swim:
             # which the member can still refute (after a partition both sides hold the other
             # dead; taking that at its word would split the network for good)
             if m.incarnation == known.incarnation:
-                self._suspect(known, sender, now, out, None, notify=True)
+                self._suspect(known, sender, now, out, None, sender, notify=True)
                 return
             m = m.with_state(SUSPECT)
             u = Update(pid, m.incarnation, SUSPECT, m.record, sender)
@@ -1372,8 +1426,9 @@ class Swim:
         self._change(known, m, now, out)
         if m.state is SUSPECT:
             origin = u.origin or sender
-            self._start_suspicion(m, origin, now, Update(pid, m.incarnation, SUSPECT, m.record,
-                                                         origin))
+            self._start_suspicion(m, self._confirmer(m, origin, sender, u), now,
+                                  Update(pid, m.incarnation, SUSPECT, m.record, origin,
+                                         u.proof if u.origin == origin else None))
             if from_sync:
                 self._notify(m, self._suspicions[pid], now, out)
         if (not from_sync or first_hand

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL = "swim"
 RECORD_DOMAIN = b"tasknet-swim-record-v1\x00"
+CLAIM_DOMAIN = b"tasknet-swim-claim-v1\x00"
 VERIFIED_KEPT = 8192  # records whose signature was checked, kept to skip checking them again
 MAX_MESSAGE = 1024 * 1024
 SEND_TIMEOUT_FACTOR = 2.0  # writing a message (and opening its stream) may take this many
@@ -54,12 +55,29 @@ class RecordSigner:
                  admits: Callable[[str], bool] = lambda peer: True) -> None:
         self.identity = identity
         self.domain = RECORD_DOMAIN + network_id.encode() + b"\x00"
+        self.claim_domain = CLAIM_DOMAIN + network_id.encode() + b"\x00"
         self._admits = admits
         self._verified: OrderedDict[bytes, swim.RecordInfo] = OrderedDict()
 
     def sign(self, info: swim.RecordInfo) -> bytes:
         body = swim.pack_record_body(info)
         return bytes(msgpack.packb([body, self.identity.sign(self.domain + body)]))
+
+    def sign_claim(self, body: bytes) -> bytes:
+        """This node's signature over a suspicion it raises (swim.claim_body)."""
+        return self.identity.sign(self.claim_domain + body)
+
+    def verify_claim(self, peer_id: str, body: bytes, signature: bytes) -> bool:
+        """Whether `peer_id` signed the claim (its key is in its peer id); relayed
+        suspicions count as their origin's confirmation only then."""
+        if not self._admits(peer_id):
+            return False
+        try:
+            public_key = ID.from_base58(peer_id).extract_public_key()
+        except Exception:
+            return False
+        return public_key is not None and verify_signature(
+            public_key.to_bytes(), self.claim_domain + body, signature)
 
     def verify(self, peer_id: str, record: bytes) -> swim.RecordInfo | None:
         if not self._admits(peer_id):
@@ -97,7 +115,8 @@ class SwimLink:
         self.signer = RecordSigner(net.identity, net.config.network_id, net.admits)
         self.core = swim.Swim(
             net.peer_id, net.addrs, sign_record=self.signer.sign,
-            verify_record=self.signer.verify, incarnation=net.incarnation,
+            verify_record=self.signer.verify, sign_claim=self.signer.sign_claim,
+            verify_claim=self.signer.verify_claim, incarnation=net.incarnation,
             boot=net.incarnation, config=config, rng=random.Random(), now=time.monotonic())
         self._nursery: trio.Nursery | None = None
         self._wake = trio.Event()

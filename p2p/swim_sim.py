@@ -8,6 +8,7 @@
 # needs in production. Everything is driven by one seeded random.Random: a run is reproducible.
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import itertools
@@ -73,6 +74,15 @@ def sim_sign_as(signer: str, info: RecordInfo) -> bytes:
 
 def sim_sign(info: RecordInfo) -> bytes:
     return sim_sign_as(info.peer_id, info)
+
+
+def sim_sign_claim_as(signer: str, body: bytes) -> bytes:
+    """A claim signed with `signer`'s stand-in key."""
+    return hashlib.blake2b(b"claim" + body, key=_key(signer), digest_size=_SIG).digest()
+
+
+def sim_verify_claim(peer_id: str, body: bytes, signature: bytes) -> bool:
+    return sim_sign_claim_as(peer_id, body) == signature
 
 
 def sim_verify(peer_id: str, record: bytes) -> RecordInfo | None:
@@ -190,7 +200,9 @@ class Simulation:
     def _make_node(self, i: int, incarnation: int) -> Swim:
         pid = self.ids[i]
         return Swim(pid, sim_addrs(i, pid), sign_record=sim_sign, verify_record=sim_verify,
-                    incarnation=incarnation, boot=self.rng.getrandbits(63), config=self.config,
+                    sign_claim=functools.partial(sim_sign_claim_as, pid),
+                    verify_claim=sim_verify_claim, incarnation=incarnation,
+                    boot=self.rng.getrandbits(63), config=self.config,
                     rng=random.Random(self.rng.getrandbits(64)), now=self.now)
 
     def _add(self, i: int, running: bool) -> None:

@@ -9,6 +9,7 @@
 # on a stub network) scores down what the core refuses.
 from __future__ import annotations
 
+import functools
 import math
 import random
 from types import SimpleNamespace
@@ -46,6 +47,7 @@ from p2p.swim import (
     SyncHashes,
     Update,
     ViewSnapshot,
+    claim_body,
     decode,
     encode,
     from_wire,
@@ -55,7 +57,16 @@ from p2p.swim import (
     wire_size,
 )
 from p2p.swim_net import RecordSigner, SwimLink
-from p2p.swim_sim import Simulation, sim_addrs, sim_peer_id, sim_sign, sim_sign_as, sim_verify
+from p2p.swim_sim import (
+    Simulation,
+    sim_addrs,
+    sim_peer_id,
+    sim_sign,
+    sim_sign_as,
+    sim_sign_claim_as,
+    sim_verify,
+    sim_verify_claim,
+)
 
 PEERS = [sim_peer_id(i) for i in range(5)]
 ADDRS = [(), ("/ip4/10.0.0.1/tcp/4001",), ("/ip4/10.0.0.2/tcp/4001", "/dns4/x.example/tcp/1")]
@@ -84,7 +95,9 @@ views = st.lists(entries(), max_size=8).map(lambda ms: {m.peer_id: m for m in ms
 def node(i: int, config: SwimConfig | None = None, now: float = 0.0, **kw: object) -> Swim:
     pid = sim_peer_id(i)
     return Swim(pid, sim_addrs(i, pid), sign_record=sim_sign, verify_record=sim_verify,
-                config=config, rng=random.Random(i), now=now, **kw)
+                sign_claim=functools.partial(sim_sign_claim_as, pid),
+                verify_claim=sim_verify_claim, config=config, rng=random.Random(i), now=now,
+                **kw)
 
 
 def network(n: int, config: SwimConfig | None = None) -> list[Swim]:
@@ -252,8 +265,13 @@ def test_a_probe_pings_then_asks_others_then_suspects_and_the_suspect_refutes() 
     assert a.local_health == 0
     # a tells the suspect at once (and gossips it); the suspect refutes in its ack
     notice = [s for s in sends(outs, Ping) if s.to == target.peer_id]
-    assert notice and any(u.peer_id == target.peer_id and u.state is SUSPECT
-                          for u in notice[0].message.updates)
+    (claim,) = [u for u in notice[0].message.updates
+                if u.peer_id == target.peer_id and u.state is SUSPECT]
+    # signed by a, so that those it reaches through others count it as a's
+    assert claim.origin == a.peer_id and claim.proof is not None
+    assert sim_verify_claim(a.peer_id, claim_body(target.peer_id, 0, a.peer_id), claim.proof)
+    assert not sim_verify_claim(helper.peer_id, claim_body(target.peer_id, 0, a.peer_id),
+                                claim.proof)
     t_outs = target.receive(a.peer_id, notice[0].message, t + 1.1)
     assert target.incarnation == 1 and target.stats["refutations"] == 1
     back = events(deliver(a, t_outs, target, t + 1.12, Ack))
@@ -414,6 +432,48 @@ def test_suspicion_timeout_grows_with_log_n_and_shrinks_with_confirmations() -> 
         assert x.suspicion_deadline(target) == pytest.approx(min_t)
 
 
+def test_relayed_suspicions_count_only_with_their_origins_signature() -> None:
+    # a member that relays suspicions naming other members as their origins (no proof, or
+    # one it signed itself) adds no confirmation: the suspicion keeps its longest timeout;
+    # relayed suspicions their origins did sign count as if they came from them
+    cfg = SwimConfig()
+    n = 10
+    x, liar, target_node, *others = network(n)
+    target = target_node.peer_id
+    min_t = max(cfg.suspicion_floor, cfg.suspicion_alpha * math.log10(n))
+    x.receive(liar.peer_id, Gossip(1, (Update(target, 0, SUSPECT, None, liar.peer_id),)), 0.0)
+    assert x.suspicion_deadline(target) == pytest.approx(cfg.suspicion_beta * min_t)
+    body = {o.peer_id: claim_body(target, 0, o.peer_id) for o in others}
+    forged = [Update(target, 0, SUSPECT, None, o.peer_id) for o in others[:3]]
+    forged += [Update(target, 0, SUSPECT, None, o.peer_id,
+                      sim_sign_claim_as(liar.peer_id, body[o.peer_id])) for o in others[3:6]]
+    forged += [Update(target, 0, SUSPECT, None, others[6].peer_id,  # signed, other claim
+                      sim_sign_claim_as(others[6].peer_id, claim_body(target, 1,
+                                                                      others[6].peer_id)))]
+    x.receive(liar.peer_id, Gossip(2, tuple(forged)), 0.0)
+    assert x.suspicion_deadline(target) == pytest.approx(cfg.suspicion_beta * min_t)
+    assert x.stats["confirmations"] == 0 and x.stats["confirmations_unproven"] == 7
+    signed = [Update(target, 0, SUSPECT, None, o.peer_id,
+                     sim_sign_claim_as(o.peer_id, body[o.peer_id])) for o in others[:3]]
+    x.receive(liar.peer_id, Gossip(3, tuple(signed)), 0.0)
+    assert x.stats["confirmations"] == 3
+    assert x.suspicion_deadline(target) == pytest.approx(min_t)
+
+
+def test_real_claim_signatures_are_bound_to_the_signer_and_the_network() -> None:
+    a, b = Identity.generate(), Identity.generate()
+    aid, bid = a.peer_id.to_base58(), b.peer_id.to_base58()
+    signer = RecordSigner(a, "net-one")
+    body = claim_body(bid, 3, aid)
+    proof = signer.sign_claim(body)
+    assert RecordSigner(b, "net-one").verify_claim(aid, body, proof)
+    assert not RecordSigner(b, "net-one").verify_claim(bid, body, proof)  # not b's
+    assert not RecordSigner(b, "net-two").verify_claim(aid, body, proof)  # other network
+    assert not RecordSigner(b, "net-one").verify_claim(aid, claim_body(bid, 4, aid), proof)
+    refusing = RecordSigner(b, "net-one", admits=lambda peer: peer != aid)
+    assert not refusing.verify_claim(aid, body, proof)  # not admitted: not counted
+
+
 def test_push_pull_sends_a_root_then_only_what_differs() -> None:
     n = 2000
     a, b = network(n)[:2]
@@ -521,10 +581,12 @@ def test_gossip_is_bounded_per_message_and_retransmitted_log_n_times() -> None:
 
 # -- the wire form ----------------------------------------------------------------------------
 updates = st.builds(
-    lambda m, claim, origin: Update(m.peer_id, m.incarnation, m.state,
-                                    None if claim and m.state in (SUSPECT, DEAD) else m.record,
-                                    origin),
-    entries(), st.booleans(), st.one_of(st.none(), st.sampled_from(PEERS)))
+    lambda m, claim, origin, proof: Update(
+        m.peer_id, m.incarnation, m.state,
+        None if claim and m.state in (SUSPECT, DEAD) else m.record, origin,
+        proof if origin is not None and m.state is SUSPECT else None),
+    entries(), st.booleans(), st.one_of(st.none(), st.sampled_from(PEERS)),
+    st.one_of(st.none(), st.binary(min_size=64, max_size=64)))
 ups = st.lists(updates, max_size=8).map(tuple)
 seqs = st.integers(0, 2**40)
 messages = st.one_of(
@@ -551,6 +613,9 @@ def test_messages_round_trip_through_msgpack(message: Message) -> None:
     [0, 1, [[PEERS[0], 0, 9, b"r", None]]], [5, 1, b"\0" * 24], [3, 1, "", []],
     [6, 1, 3, [], []], [7, 1, [[PEERS[0], 0, 1, None, None]], []],
     [0, 1, [[PEERS[0], 0, 0, b"r", None]] * 65],
+    [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], "not bytes"]]],  # a proof is bytes ...
+    [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], b"\0" * 129]]],  # ... of at most 128
+    [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], b"s", None]]],  # 7 fields
 ])
 def test_malformed_messages_are_refused(obj: object) -> None:
     with pytest.raises(MalformedMessage):
