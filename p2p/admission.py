@@ -135,8 +135,9 @@ class Admission:
         """A new stake reading (the peers whose stake meets the minimum); returns whether
         the admitted set changed."""
         staked = frozenset(peers)
-        changed = staked != self._staked or not self.settled
+        before = self._staked | self._previous
         self._previous, self._staked = self._staked, staked
+        changed = self._staked | self._previous != before or not self.settled
         self.settled = True
         return changed
 

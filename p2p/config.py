@@ -34,6 +34,9 @@ class NetworkConfig:
     # hold at once (each costs them only a Noise handshake); a new one beyond it is closed.
     # Admitted peers are never counted; the open rule has no limit.
     max_stranger_connections: int = 32
+    # ... and each of those connections is closed after this long (a slot is a lease: one
+    # that died unnoticed, with no FIN or RST, frees its slot then)
+    stranger_connection_max_s: float = 300.0
     # on stop, announce a permanent leave (data owners hand off) instead of a restartable stop
     leave_on_stop: bool = False
     max_redial_backoff: float = 30.0
@@ -61,3 +64,8 @@ class NetworkConfig:
                 or self.max_stranger_connections < 0):
             raise ValueError("max_stranger_connections must be a whole number, 0 or more: "
                              f"{self.max_stranger_connections!r}")
+        if (isinstance(self.stranger_connection_max_s, bool)
+                or not isinstance(self.stranger_connection_max_s, int | float)
+                or not self.stranger_connection_max_s > 0):
+            raise ValueError("stranger_connection_max_s must be a number of seconds above 0: "
+                             f"{self.stranger_connection_max_s!r}")

@@ -59,6 +59,9 @@ REPLAY_WINDOW_S = 60.0
 SOCKETS_CLOSE_S = 1.0  # how long a stopping node waits for its libp2p sockets to close
 SOCKET_CLOSE_S = 0.25  # ... and for any one of them
 CLOSE_ROUNDS = 4  # ... closing again those that opened while it closed the others
+# the entries of status()["metrics"] that are levels now (gauges); every other one counts
+# since the node started (a counter)
+GAUGE_METRICS = frozenset({"stranger_connections", "swim_local_health", "swim_pending_updates"})
 
 
 class ConfigError(ValueError):
@@ -254,6 +257,7 @@ class Network:
             # (stranger_connections, the ones held now, is counted in status())
             "stranger_connections_closed": 0,  # of peers a closed rule does not admit: closed
             # beyond the cap
+            "stranger_connections_expired": 0,  # ... closed after stranger_connection_max_s
         }
         self._seq = time.time_ns() // 1000  # grows across restarts: replay guards stay valid
         self._started = time.monotonic()
@@ -275,7 +279,8 @@ class Network:
         self._connected_since: dict[str, tuple[float, int]] = {}  # peer -> (since, strikes)
         # connections of peers the closed rule does not admit, within the cap:
         # id(conn) -> (peer, conn)
-        self._strangers: dict[int, tuple[str, INetConn]] = {}
+        # the connections peers the rule does not admit hold: id -> (peer, connection, when)
+        self._strangers: dict[int, tuple[str, INetConn, float]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
     @classmethod
@@ -598,6 +603,21 @@ class Network:
             log.info("admission: %d peers hold the stake now", len(peers))
             if self._pubsub is not None:
                 self._apply_gossip_policy()
+            self._count_lapsed_strangers()
+
+    def _count_lapsed_strangers(self) -> None:
+        """Peers whose admission lapsed with a new reading may still be connected: their
+        connections count against the cap on strangers from now on, and those beyond it
+        are closed, as for a stranger that connects."""
+        if not self.admission.rule.closed or self._nursery is None or self._stopping:
+            return
+        network = self.host.get_network()
+        for peer in self.connected_peers():
+            if self.admits(peer):
+                continue
+            for conn in list(network.get_connections(ID.from_base58(peer))):
+                if id(conn) not in self._strangers:
+                    self._limit_strangers(peer, conn)
 
     def _members_only_gossip(self) -> bool:
         return self.admission.rule.gossip == GOSSIP_MEMBERS
@@ -708,6 +728,7 @@ class Network:
     async def _discovery_loop(self) -> None:
         while True:
             self._lift_expired_bans(time.monotonic())
+            self._expire_strangers(time.monotonic())
             await self._reset_silent_peers(time.monotonic())
             async with trio.open_nursery() as dials:
                 for peer in self._dial_candidates(time.monotonic()):
@@ -804,7 +825,7 @@ class Network:
         held = self._stranger_connections()
         if (held < self.config.max_stranger_connections or not self.admission.settled
                 or self._nursery is None):
-            self._strangers[id(conn)] = (peer, conn)
+            self._strangers[id(conn)] = (peer, conn, time.monotonic())
             return
         self.metrics["stranger_connections_closed"] += 1
         log.debug("closed a connection of %s: %d connections of peers the rule does not "
@@ -814,10 +835,26 @@ class Network:
     def _stranger_connections(self) -> int:
         """How many connections peers the rule does not admit hold now (within the cap);
         forgets the closed ones and those of peers admitted since (a new stake reading)."""
-        for key, (peer, conn) in list(self._strangers.items()):
+        for key, (peer, conn, _) in list(self._strangers.items()):
             if conn.is_closed or self.admits(peer):
                 del self._strangers[key]
         return len(self._strangers)
+
+    def _expire_strangers(self, now: float) -> None:
+        """A stranger's connection is a slot held for `stranger_connection_max_s` at most:
+        then it is closed (the peer may connect again while a slot is free). A connection
+        that died without this node noticing (no FIN, no RST) frees its slot so too."""
+        limit = self.config.stranger_connection_max_s
+        if self._nursery is None or self._stopping:
+            return
+        for key, (peer, conn, since) in list(self._strangers.items()):
+            if now - since < limit or conn.is_closed or self.admits(peer):
+                continue
+            del self._strangers[key]
+            self.metrics["stranger_connections_expired"] += 1
+            log.debug("closed a connection of %s, a peer the rule does not admit, after %.0f s",
+                      peer, now - since)
+            self._nursery.start_soon(self._close_connection, conn)
 
     def _stranger_gone(self, conn: INetConn) -> None:
         self._strangers.pop(id(conn), None)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import trio
 
 from p2p import MemberState, Network
+from p2p.network import GAUGE_METRICS
 
 from .dashboard import register_dashboard
 from .errors import NodeError
@@ -176,7 +177,8 @@ def bad_topic(topic: str) -> Response | None:
 def network_metrics(net: Network) -> list[Metric]:
     status = net.status()
     samples = [
-        Metric(name, value, "counter", f"p2p {name.replace('_', ' ')}")
+        Metric(name, value, "gauge" if name in GAUGE_METRICS else "counter",
+               f"p2p {name.replace('_', ' ')}")
         for name, value in sorted(status["metrics"].items())
     ]
     states = {state.value: 0 for state in MemberState}

@@ -59,8 +59,9 @@ def test_the_stake_gate_follows_readings_and_forgives_one_period_of_lag():
     assert gate.settled and gate.admits(PEER_A) and not gate.admits(PEER_B)
     assert gate.set_staked({PEER_B})  # A's stake went: still admitted for one reading
     assert gate.admits(PEER_A) and gate.admits(PEER_B)
-    assert not gate.set_staked({PEER_B})
+    assert gate.set_staked({PEER_B})  # the same reading again: A's grace is over, a change
     assert not gate.admits(PEER_A) and gate.admits(PEER_B)
+    assert not gate.set_staked({PEER_B})  # nothing changed
 
 
 def test_a_testnet_file_declares_its_admission_rule(tmp_path):
@@ -250,6 +251,101 @@ async def test_strangers_beyond_the_cap_are_closed_and_members_are_not_counted(t
         # turned away for want of a slot is no offence: no stranger is scored or banned
         assert not stranger_ids & set(victim.scores.snapshot(time.monotonic()))
         assert not any(victim.is_banned(peer) for peer in stranger_ids)
+
+
+async def test_a_strangers_slot_is_a_lease_and_a_freed_slot_takes_the_next(tmp_path):
+    # one slot, held for a second: the first stranger holds it, the second is turned away;
+    # once the lease is up the first is closed and the second gets the slot
+    (victim_id,) = _identities(tmp_path, 1)
+    rule = AdmissionRule("allowlist", frozenset({victim_id}))
+    async with AsyncExitStack() as stack:
+        victim = await stack.enter_async_context(Network.start(node_config(
+            tmp_path / "member0", admission=rule, max_stranger_connections=1,
+            stranger_connection_max_s=1.0)))
+        # each stranger runs in a task of its own, so the first can stop within the test
+        running: dict[int, Network] = {}
+        stop = [trio.Event(), trio.Event()]
+
+        async def run_stranger(i: int) -> None:
+            async with Network.start(node_config(tmp_path / f"stranger{i}")) as stranger:
+                running[i] = stranger
+                await stop[i].wait()
+            del running[i]
+
+        strangers = await stack.enter_async_context(trio.open_nursery())
+        for event in stop:  # (unwound first) every stranger stops, even on failure
+            stack.callback(event.set)
+        for i in range(2):
+            strangers.start_soon(run_stranger, i)
+        await wait_for(lambda: len(running) == 2, 10, "two strangers to start")
+        first, second = running[0], running[1]
+        victim_info = info_from_p2p_addr(parse_multiaddr(victim.addrs[0]))
+
+        def metric(name: str) -> int:
+            value: int = victim.status()["metrics"].get(name, 0)
+            return value
+
+        def holds(peer: Network) -> bool:
+            return peer.peer_id in victim.connected_peers()
+
+        async def knock(stranger: Network) -> None:
+            with trio.move_on_after(2):  # py-libp2p's connect has no deadline of its own
+                try:
+                    await stranger.host.connect(victim_info)
+                except Exception:  # the victim may close it while the stranger sets it up
+                    pass
+
+        await knock(first)
+        await wait_for(lambda: holds(first) and metric("stranger_connections") == 1, 5,
+                       "the first stranger to hold the slot")
+        await knock(second)
+        await wait_for(lambda: metric("stranger_connections_closed") >= 1 and not holds(second),
+                       5, "the second stranger to be turned away")
+        assert holds(first) and metric("stranger_connections_expired") == 0
+        await wait_for(lambda: not holds(first) and metric("stranger_connections_expired") >= 1,
+                       5, "the first stranger's lease to run out")
+        # (a stranger may connect again by itself and take the slot; the first one stops, so
+        # the slot goes to the second, whoever took it meanwhile)
+        stop[0].set()
+        await wait_for(lambda: 0 not in running, 10, "the first stranger to stop")
+        await knock(second)
+        await wait_for(lambda: holds(second) and metric("stranger_connections") == 1, 5,
+                       "the second stranger to take the freed slot")
+        assert not victim.is_banned(first.peer_id) and not victim.is_banned(second.peer_id)
+
+
+async def test_peers_whose_stake_lapsed_count_against_the_cap_on_strangers(tmp_path):
+    # three staked peers connect; a reading without them (twice: the reading before still
+    # admits them once) makes them strangers: with a cap of one, two connections are closed
+    rule = AdmissionRule("stake", min_stake=5, task="t")
+    async with AsyncExitStack() as stack:
+        victim = await stack.enter_async_context(Network.start(node_config(
+            tmp_path / "victim", admission=rule, max_stranger_connections=1)))
+        peers = [await stack.enter_async_context(Network.start(node_config(tmp_path / f"p{i}")))
+                 for i in range(3)]
+        ids = {p.peer_id for p in peers}
+        victim.set_staked(ids | {victim.peer_id})
+        victim_info = info_from_p2p_addr(parse_multiaddr(victim.addrs[0]))
+        for peer in peers:
+            with trio.fail_after(5):
+                await peer.host.connect(victim_info)
+
+        def held() -> set[str]:
+            return ids & set(victim.connected_peers())
+
+        def metric(name: str) -> int:
+            value: int = victim.status()["metrics"].get(name, 0)
+            return value
+
+        await wait_for(lambda: held() == ids, 5, "the three staked peers to connect")
+        assert metric("stranger_connections") == 0  # admitted: not counted
+        victim.set_staked({victim.peer_id})
+        assert held() == ids and metric("stranger_connections_closed") == 0  # grace
+        victim.set_staked({victim.peer_id})
+        await wait_for(lambda: len(held()) == 1 and metric("stranger_connections") == 1, 5,
+                       "the victim to keep one of the lapsed peers' connections")
+        assert metric("stranger_connections_closed") >= 2
+        assert not any(victim.is_banned(peer) for peer in ids)  # no offence
 
 
 async def test_a_node_the_rule_does_not_admit_neither_reads_nor_writes(tmp_path):

@@ -380,6 +380,13 @@ async def test_control_api_endpoints_and_extensions(tmp_path):
             assert values[("tasknet_kv_keys", ())] == 1
             assert values[("tasknet_members", (("state", "alive"),))] == 1
             assert types["tasknet_gossip_published_total"] == "counter"
+            # levels are gauges (no _total: a rate of them means nothing)
+            assert types["tasknet_stranger_connections"] == "gauge"
+            assert not [name for name in types if name.startswith(
+                ("tasknet_stranger_connections_total", "tasknet_swim_local_health_total",
+                 "tasknet_swim_pending_updates_total"))]
+            if "swim_local_health" in net.status()["metrics"]:
+                assert types["tasknet_swim_local_health"] == "gauge"
 
             # publishing: JSON only (no cross-site form posts), never the membership topic
             refused = await client.post("/publish", content=b"x",
