@@ -89,6 +89,47 @@ def _identities(base: Path, count: int) -> list[str]:
     return [str(load_or_create_identity(base / f"member{i}").peer_id) for i in range(count)]
 
 
+async def _start_strangers(stack: AsyncExitStack, base: Path,
+                           count: int) -> tuple[list[Network], list[trio.Event]]:
+    """`count` nodes of their own keys (open rule, knowing no peer), each run in a task of
+    its own until its event is set (on leaving `stack` at the latest): one may stop while
+    the others run (its network is then gone from `_STOPPED`)."""
+    running: dict[int, Network] = {}
+    stop = [trio.Event() for _ in range(count)]
+
+    async def run_stranger(i: int) -> None:
+        async with Network.start(node_config(base / f"stranger{i}")) as stranger:
+            running[i] = stranger
+            await stop[i].wait()
+        _STOPPED.add(stranger.peer_id)
+
+    nursery = await stack.enter_async_context(trio.open_nursery())
+    for event in stop:  # (unwound first) every stranger stops, even on failure
+        stack.callback(event.set)
+    for i in range(count):
+        nursery.start_soon(run_stranger, i)
+    await wait_for(lambda: len(running) == count, 10, f"{count} strangers to start")
+    return [running[i] for i in range(count)], stop
+
+
+async def _knock(stranger: Network, victim: Network) -> None:
+    """`stranger` connects to `victim` (which may close the connection at once)."""
+    info = info_from_p2p_addr(parse_multiaddr(victim.addrs[0]))
+    with trio.move_on_after(2):  # py-libp2p's connect has no deadline of its own
+        try:
+            await stranger.host.connect(info)
+        except Exception:  # the victim may close it while the stranger sets it up
+            pass
+
+
+_STOPPED: set[str] = set()  # strangers of _start_strangers that stopped
+
+
+def _metric(net: Network, name: str) -> int:
+    value: int = net.status()["metrics"].get(name, 0)
+    return value
+
+
 async def _attempts(stranger: Network, victim: KV, key: bytes) -> dict[str, str]:
     """Every store protocol a stranger could use to write, read or compare; the error code
     each answered (or "served")."""
@@ -198,38 +239,17 @@ async def test_strangers_beyond_the_cap_are_closed_and_members_are_not_counted(t
             tmp_path / "member0", admission=rule, max_stranger_connections=3)))
         assert victim.peer_id == victim_id
         # eight strangers, each with its own key; none knows a peer, so none dials by itself
-        running: dict[str, Network] = {}
-        stop = [trio.Event() for _ in range(8)]
-
-        async def run_stranger(i: int) -> None:
-            async with Network.start(node_config(tmp_path / f"stranger{i}")) as stranger:
-                running[stranger.peer_id] = stranger
-                await stop[i].wait()
-            del running[stranger.peer_id]
-
-        starting = await stack.enter_async_context(trio.open_nursery())
-        for event in stop:  # (unwound first) every stranger stops, even on failure
-            stack.callback(event.set)
-        for i in range(8):
-            starting.start_soon(run_stranger, i)
-        await wait_for(lambda: len(running) == 8, 10, "eight strangers to start")
-        crowd = list(running.values())
-        stranger_ids = set(running)
-        victim_info = info_from_p2p_addr(parse_multiaddr(victim.addrs[0]))
+        crowd, _ = await _start_strangers(stack, tmp_path, 8)
+        stranger_ids = {stranger.peer_id for stranger in crowd}
 
         def held() -> set[str]:
             return stranger_ids & set(victim.connected_peers())
 
         def metric(name: str) -> int:
-            value: int = victim.status()["metrics"].get(name, 0)
-            return value
+            return _metric(victim, name)
 
         async def knock(stranger: Network) -> None:
-            with trio.move_on_after(2):  # py-libp2p's connect has no deadline of its own
-                try:
-                    await stranger.host.connect(victim_info)
-                except Exception:  # the victim may close it while the stranger sets it up
-                    pass
+            await _knock(stranger, victim)
 
         async with trio.open_nursery() as knocking:  # eight strangers connect at once
             for stranger in crowd:
@@ -262,38 +282,16 @@ async def test_a_strangers_slot_is_a_lease_and_a_freed_slot_takes_the_next(tmp_p
         victim = await stack.enter_async_context(Network.start(node_config(
             tmp_path / "member0", admission=rule, max_stranger_connections=1,
             stranger_connection_max_s=1.0)))
-        # each stranger runs in a task of its own, so the first can stop within the test
-        running: dict[int, Network] = {}
-        stop = [trio.Event(), trio.Event()]
-
-        async def run_stranger(i: int) -> None:
-            async with Network.start(node_config(tmp_path / f"stranger{i}")) as stranger:
-                running[i] = stranger
-                await stop[i].wait()
-            del running[i]
-
-        strangers = await stack.enter_async_context(trio.open_nursery())
-        for event in stop:  # (unwound first) every stranger stops, even on failure
-            stack.callback(event.set)
-        for i in range(2):
-            strangers.start_soon(run_stranger, i)
-        await wait_for(lambda: len(running) == 2, 10, "two strangers to start")
-        first, second = running[0], running[1]
-        victim_info = info_from_p2p_addr(parse_multiaddr(victim.addrs[0]))
+        (first, second), stop = await _start_strangers(stack, tmp_path, 2)
 
         def metric(name: str) -> int:
-            value: int = victim.status()["metrics"].get(name, 0)
-            return value
+            return _metric(victim, name)
 
         def holds(peer: Network) -> bool:
             return peer.peer_id in victim.connected_peers()
 
         async def knock(stranger: Network) -> None:
-            with trio.move_on_after(2):  # py-libp2p's connect has no deadline of its own
-                try:
-                    await stranger.host.connect(victim_info)
-                except Exception:  # the victim may close it while the stranger sets it up
-                    pass
+            await _knock(stranger, victim)
 
         await knock(first)
         await wait_for(lambda: holds(first) and metric("stranger_connections") == 1, 5,
@@ -307,7 +305,7 @@ async def test_a_strangers_slot_is_a_lease_and_a_freed_slot_takes_the_next(tmp_p
         # (a stranger may connect again by itself and take the slot; the first one stops, so
         # the slot goes to the second, whoever took it meanwhile)
         stop[0].set()
-        await wait_for(lambda: 0 not in running, 10, "the first stranger to stop")
+        await wait_for(lambda: first.peer_id in _STOPPED, 10, "the first stranger to stop")
         await knock(second)
         await wait_for(lambda: holds(second) and metric("stranger_connections") == 1, 5,
                        "the second stranger to take the freed slot")
@@ -325,17 +323,14 @@ async def test_peers_whose_stake_lapsed_count_against_the_cap_on_strangers(tmp_p
                  for i in range(3)]
         ids = {p.peer_id for p in peers}
         victim.set_staked(ids | {victim.peer_id})
-        victim_info = info_from_p2p_addr(parse_multiaddr(victim.addrs[0]))
         for peer in peers:
-            with trio.fail_after(5):
-                await peer.host.connect(victim_info)
+            await _knock(peer, victim)
 
         def held() -> set[str]:
             return ids & set(victim.connected_peers())
 
         def metric(name: str) -> int:
-            value: int = victim.status()["metrics"].get(name, 0)
-            return value
+            return _metric(victim, name)
 
         await wait_for(lambda: held() == ids, 5, "the three staked peers to connect")
         assert metric("stranger_connections") == 0  # admitted: not counted
