@@ -438,7 +438,8 @@ class Network:
 
     def _rpc_metrics(self) -> dict[str, int]:
         rpc = self._rpc
-        metrics = {"rpc_served": rpc.served, "rpc_refused": rpc.refused} if rpc else {}
+        metrics = {"rpc_served": rpc.served, "rpc_refused": rpc.refused,
+                   "rpc_streams_renewed": rpc.streams_renewed} if rpc else {}
         if self._swim is not None:
             metrics.update(self._swim.metrics)
             metrics["swim_local_health"] = self._swim.core.local_health

@@ -139,6 +139,7 @@ class _Channel:
         self.retired = False  # out of the table: reset once its last request is done
         self.notifying = 0  # one-way messages being written: a retired channel waits for them
         self.replies = 0  # reply frames read (whether a caller still waited for them or not)
+        self.last_write = trio.current_time()  # when this end last wrote a frame
 
     def idle(self) -> bool:
         return not self.pending and not self.notifying
@@ -190,6 +191,7 @@ class RpcService:
         self.answered = 0  # reply frames written
         self.notified = 0  # one-way messages received (answered with nothing)
         self.refused = 0
+        self.streams_renewed = 0  # client streams left for a new one after half idle_timeout
 
     def attach(self, nursery: trio.Nursery) -> None:
         """The nursery that owns the stream tasks (the Network's)."""
@@ -362,6 +364,7 @@ class RpcService:
         try:
             async with channel.write_lock:
                 await channel.framed.write_frame(frame, deadline)
+                channel.last_write = trio.current_time()
         except (StreamError, FrameError) as exc:
             self._drop(key, channel)
             raise RequestError(f"{name} to {key[0]} failed: {exc}") from exc
@@ -391,7 +394,15 @@ class RpcService:
         while True:
             channel = self._channels.get(key)
             if channel is not None and channel.broken is None:
-                return channel
+                if not (channel.idle() and trio.current_time() - channel.last_write
+                        >= self.limits.idle_timeout / 2):
+                    return channel
+                # the server closes a stream it has read nothing from for idle_timeout: one
+                # written to just then would lose the frame (a one-way message, silently).
+                # Half that idle, this end starts a new stream instead.
+                self.streams_renewed += 1
+                self._drop(key, channel)
+                continue
             opening = self._opening.get(key)
             if opening is None:
                 break

@@ -137,6 +137,38 @@ async def test_a_one_way_message_to_a_peer_that_is_gone_raises(tmp_path):
                 await a.notify(gone.peer_id, "note", 2, timeout=3)
 
 
+async def test_a_stream_idle_for_half_the_servers_idle_timeout_is_not_written_again(tmp_path):
+    """The server closes a stream it has read nothing from for idle_timeout; a one-way
+    message written just then would be lost without a trace. The client starts a new stream
+    once its own has been idle for half that, and every message arrives."""
+    async with cluster(tmp_path, 2) as (a, b):
+        heard: list[int] = []
+
+        async def note(peer: str, msg: int) -> None:
+            heard.append(msg)
+
+        b.handle("note", note)
+        for node in (a, b):
+            node._rpc.limits.idle_timeout = 1.0
+        await wait_for(lambda: b.peer_id in a.connected_peers(), 10, "a to connect to b")
+        key = (b.peer_id, protocol_id("test-net", "note", 1))
+        await a.notify(b.peer_id, "note", 0)
+        first = a._rpc._channels[key]
+        await trio.sleep(0.1)
+        await a.notify(b.peer_id, "note", 1)  # well within: the same stream
+        assert a._rpc._channels[key] is first
+        before = a.status()["metrics"]["rpc_streams_renewed"]
+        await trio.sleep(0.6)  # idle 0.6 s, more than half the server's 1 s
+        await a.notify(b.peer_id, "note", 2)
+        assert a._rpc._channels[key] is not first
+        assert a.status()["metrics"]["rpc_streams_renewed"] == before + 1
+        for n in range(3, 6):  # and past the server's own timeout
+            await trio.sleep(1.2)
+            await a.notify(b.peer_id, "note", n)
+        await wait_for(lambda: sorted(heard) == list(range(6)), 5, "b to hear all 6")
+        assert await a.request(b.peer_id, "note", 6) is None  # requests go on as well
+
+
 async def test_a_reply_for_an_id_nobody_waits_for_is_dropped(tmp_path):
     """A server of an earlier release answers a one-way message ([NO_REPLY, reply]), and a
     reply may come for a request its caller gave up on: the client drops both and the stream
