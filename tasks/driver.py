@@ -34,6 +34,7 @@ from .api import Task, TaskContext
 from .engine import (
     Audit,
     Claim,
+    CountClaim,
     Event,
     Misbehaviour,
     Payout,
@@ -65,9 +66,13 @@ TRANSIENT_REFUSALS = frozenset({"outside_window", "not_ready", "bad_nonce"})
 # failures that say nothing about the action itself: the chain or the store not answering
 # (a ledger lock held, a quorum short while members rejoin, this node not admitted yet), a
 # timeout, the network
+class ListUnreadable(Exception):
+    """A round's accepted distribution list cannot be read from the store (or checked) now."""
+
+
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     ChainUnavailable, QuorumError, NotAdmitted, TimeoutError, trio.TooSlowError, OSError,
-    trio.BrokenResourceError)
+    trio.BrokenResourceError, ListUnreadable)
 MAX_WAIT_S = 2.0  # the longest the loop sleeps without looking at the chain again
 STEP_RETRY_MAX_S = 8.0  # a step that keeps failing is tried again at least this often
 GARBAGE_SUBMISSION = "not-a-proof"
@@ -339,6 +344,8 @@ class TaskDriver:
             await self._send({"op": "payout", "round": action.round})
         elif isinstance(action, Claim):
             await self._claim(action, views[action.round])
+        elif isinstance(action, CountClaim):
+            await self._count_claim(action.round, views[action.round])
 
     def ctx_round(self, round: int) -> None:
         setter = getattr(self.ctx, "set_round", None)
@@ -484,10 +491,22 @@ class TaskDriver:
         if result is not None:
             self._claimed(r, amount)
 
+    async def _count_claim(self, r: int, view: dict[str, Any]) -> None:
+        """The chain has this node's claim of round r and its record not (it stopped between
+        the two): count it, with its amount from the round's list."""
+        share = await self._share(r, view)
+        if share is None:
+            raise ListUnreadable(f"round {r}'s list, to count the claim the chain has")
+        log.info("task %s: counted this node's claim of round %d (%d), found on the chain",
+                 self.name, r, share)
+        self._claimed(r, share)
+
     def _claimed(self, r: int, amount: int) -> None:
-        # written at once (not at the step's end): a restart then counts it whatever the step
-        # does next, and the chain, which has it too, keeps the engine from claiming it again
+        # written at once (not at the step's end), with the round marked claimed in the same
+        # write: a restart then counts it once whatever the step does next, and the chain,
+        # which has it too, keeps the engine from claiming it again
         self.record.rewarded(amount)
+        self.record.claimed.add(r)
         self._save_record()
         self.metrics["claims"] = self.record.claims
         self.metrics["rewards"] = self.record.rewards_claimed

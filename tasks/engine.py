@@ -141,7 +141,16 @@ class Claim:
     round: int
 
 
-Action = RunWork | Submit | Audit | SubmitDistribution | VoteDistribution | Payout | Claim
+@dataclass(frozen=True)
+class CountClaim:
+    """Count this node's claim of `round` in its record: the chain has it, the record not (the
+    node stopped between the two)."""
+
+    round: int
+
+
+Action = (RunWork | Submit | Audit | SubmitDistribution | VoteDistribution | Payout | Claim
+          | CountClaim)
 
 
 class EventKind(enum.Enum):
@@ -204,7 +213,7 @@ class Record:
                 self.voted.add((r, j))
             case Payout(round=r):
                 self.paid.add(r)
-            case Claim(round=r):
+            case Claim(round=r) | CountClaim(round=r):
                 self.claimed.add(r)
                 self.closed.add(r)
 
@@ -390,8 +399,8 @@ def _plan_round(
         events.append(Event(EventKind.REJECTED, r, "submission rejected by its auditors"))
         return
     if view["paid"]:
-        if r not in record.claimed and account not in view["claimed"]:
-            actions.append(Claim(r))
+        if r not in record.claimed:
+            actions.append(CountClaim(r) if account in view["claimed"] else Claim(r))
         return
     accepted_attempt = view["accepted_attempt"]
     attempts = {a["attempt"]: a for a in view["attempts"]}

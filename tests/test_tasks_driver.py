@@ -211,6 +211,52 @@ async def test_claimed_rewards_survive_a_restart(world: LedgerWorld, tmp_path: P
         await again.chain.close()
 
 
+async def test_a_claim_the_chain_has_and_the_record_lost_is_counted_once(
+        world: LedgerWorld, tmp_path: Path) -> None:
+    # the node stopped between its claim's inclusion and the record's write: the next step
+    # after its restart counts the claim (its amount from the round's list), once
+    for node in NODES:
+        world.send(node, slot_in(1, "submission"), "submit", task_id=TASK, round=0,
+                   submission=f"proof-0-{node}")
+    net = FakeNetwork()
+    listing = {world.acct(n): 50 for n in NODES}
+    cid = await FakeContext(net, "someone", TASK).put_blob(encode_list(listing))
+    view = world.round_view(TASK, 0, slot_in(2, "submission"))
+    world.send(view["current_distributor"], slot_in(2, "submission", 1), "submit_distribution",
+               task_id=TASK, round=0, root=world.root({n: 50 for n in NODES}), total=100,
+               cid=cid)
+    world.send("owner", slot_in(2, "idle"), "payout", task_id=TASK, round=0)
+    world.at(slot_in(2, "idle", 1))
+    records = tmp_path / "records"
+    first = await driver_for(world, "A", records, net)
+    first.record.submitted.add(0)  # (it submitted through the test's world, not its driver)
+    first._save_record()
+
+    def stopped() -> None:
+        raise KeyboardInterrupt("the node stopped before the record was written")
+    first._save_record = stopped  # type: ignore[method-assign]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            await first.claim_now(0)
+    finally:
+        await first.chain.close()
+    assert "A" in world.round_view(TASK, 0, slot_in(2, "idle", 1))["claimed"]  # on chain
+    again = await driver_for(world, "A", records, net)  # the node restarted
+    try:
+        assert again.metrics["claims"] == 0  # the record never had it
+        await again.step()
+        assert again.metrics["rewards"] == 50 and again.metrics["claims"] == 1
+        await again.step()
+        assert again.metrics["rewards"] == 50 and again.metrics["claims"] == 1  # once
+    finally:
+        await again.chain.close()
+    last = await driver_for(world, "A", records, net)
+    try:
+        assert last.metrics["rewards"] == 50 and last.metrics["claims"] == 1
+    finally:
+        await last.chain.close()
+
+
 async def test_the_record_forgets_rounds_no_window_reaches(world: LedgerWorld,
                                                           tmp_path: Path) -> None:
     """A node that runs for weeks keeps a record of a few rounds, not one of every round."""
