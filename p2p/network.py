@@ -846,8 +846,8 @@ class Network:
         then it is closed (the peer may connect again while a slot is free). A connection
         that died without this node noticing (no FIN, no RST) frees its slot so too."""
         limit = self.config.stranger_connection_max_s
-        if self._nursery is None or self._stopping:
-            return
+        if self._nursery is None or self._stopping or not self.admission.settled:
+            return  # before the first stake reading nobody is admitted: nothing is closed
         for key, (peer, conn, since) in list(self._strangers.items()):
             if now - since < limit or conn.is_closed or self.admits(peer):
                 continue

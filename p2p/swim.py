@@ -1273,9 +1273,9 @@ class Swim:
     # -- suspicion -------------------------------------------------------------------------
     def _suspect(self, known: Member, origin: str, now: float, out: list[Output],
                  update: Update | None, sender: str, notify: bool = False) -> None:
-        """`origin` suspects `known`, as `sender` says (itself, or relaying). Only a claim the
-        suspecter makes itself counts as its confirmation: `origin` is a name anyone can
-        write, the sender is the peer the connection authenticated."""
+        """`origin` suspects `known`, as `sender` says (itself, or relaying). It counts as
+        the origin's confirmation only on the origin's own word (see `_confirmer`): `origin`
+        is a name anyone can write."""
         pid = known.peer_id
         if known.state is ALIVE:
             confirmer = self._confirmer(known, origin, sender, update)
@@ -1283,6 +1283,9 @@ class Swim:
             self._change(known, new, now, out)
             if update is None:
                 update = self._suspicion_update(pid, known.incarnation, None, origin)
+            elif confirmer is None and update.proof is not None:
+                update = Update(pid, update.incarnation, SUSPECT, update.record, origin)
+                # (a proof that did not verify is not passed on)
             self._start_suspicion(new, confirmer, now, update)
             self._gossip.put(update)
             if origin == self.peer_id:

@@ -312,6 +312,25 @@ async def test_a_strangers_slot_is_a_lease_and_a_freed_slot_takes_the_next(tmp_p
         assert not victim.is_banned(first.peer_id) and not victim.is_banned(second.peer_id)
 
 
+async def test_no_lease_runs_out_before_the_first_stake_reading(tmp_path):
+    # before the first reading nobody is admitted, members to be included: their connections
+    # are counted, and none is closed, by the cap or by the lease
+    rule = AdmissionRule("stake", min_stake=5, task="t")
+    async with AsyncExitStack() as stack:
+        victim = await stack.enter_async_context(Network.start(node_config(
+            tmp_path / "victim", admission=rule, max_stranger_connections=1,
+            stranger_connection_max_s=0.3)))
+        (peer,), _ = await _start_strangers(stack, tmp_path, 1)
+        await _knock(peer, victim)
+        await wait_for(lambda: peer.peer_id in victim.connected_peers(), 5, "the peer to connect")
+        await trio.sleep(1.5)  # five leases' worth, and more than one discovery round
+        assert peer.peer_id in victim.connected_peers()
+        assert _metric(victim, "stranger_connections_expired") == 0
+        victim.set_staked({victim.peer_id})  # a first reading, without it: now its lease runs
+        await wait_for(lambda: _metric(victim, "stranger_connections_expired") == 1, 5,
+                       "the lease to run out once the stakes were read")
+
+
 async def test_peers_whose_stake_lapsed_count_against_the_cap_on_strangers(tmp_path):
     # three staked peers connect; a reading without them (twice: the reading before still
     # admits them once) makes them strangers: with a cap of one, two connections are closed

@@ -385,8 +385,8 @@ async def test_control_api_endpoints_and_extensions(tmp_path):
             assert not [name for name in types if name.startswith(
                 ("tasknet_stranger_connections_total", "tasknet_swim_local_health_total",
                  "tasknet_swim_pending_updates_total"))]
-            if "swim_local_health" in net.status()["metrics"]:
-                assert types["tasknet_swim_local_health"] == "gauge"
+            assert types["tasknet_swim_local_health"] == "gauge"
+            assert types["tasknet_swim_pending_updates"] == "gauge"
 
             # publishing: JSON only (no cross-site form posts), never the membership topic
             refused = await client.post("/publish", content=b"x",

@@ -257,6 +257,47 @@ async def test_a_claim_the_chain_has_and_the_record_lost_is_counted_once(
         await last.chain.close()
 
 
+async def test_a_claim_that_landed_before_its_refusal_is_counted(world: LedgerWorld,
+                                                                 tmp_path: Path) -> None:
+    # an earlier send of the claim timed out here but reached the chain after the step read
+    # its views: the chain refuses the claim as already_claimed, and it is counted once
+    for node in NODES:
+        world.send(node, slot_in(1, "submission"), "submit", task_id=TASK, round=0,
+                   submission=f"proof-0-{node}")
+    net = FakeNetwork()
+    cid = await FakeContext(net, "someone", TASK).put_blob(
+        encode_list({world.acct(n): 50 for n in NODES}))
+    view = world.round_view(TASK, 0, slot_in(2, "submission"))
+    world.send(view["current_distributor"], slot_in(2, "submission", 1), "submit_distribution",
+               task_id=TASK, round=0, root=world.root({n: 50 for n in NODES}), total=100,
+               cid=cid)
+    world.send("owner", slot_in(2, "idle"), "payout", task_id=TASK, round=0)
+    world.at(slot_in(2, "idle", 1))
+    d = await driver_for(world, "A", tmp_path / "records", net)
+    d.record.submitted.add(0)
+    original: Callable[[dict[str, Any]], Awaitable[Any]] = d.chain.send
+    refusals: list[str] = []
+
+    async def send(tx: dict[str, Any]) -> Any:
+        if tx["op"] == "claim":
+            await original(tx)  # the earlier send, landing now
+            try:
+                return await original(tx)
+            except Refused as exc:
+                refusals.append(exc.reason)
+                raise
+        return await original(tx)
+    d.chain.send = send  # type: ignore[method-assign]
+    try:
+        await d.step()
+        assert refusals == ["already_claimed"]
+        assert d.metrics["rewards"] == 50 and d.metrics["claims"] == 1
+        await d.step()
+        assert d.metrics["rewards"] == 50 and d.metrics["claims"] == 1
+    finally:
+        await d.chain.close()
+
+
 async def test_the_record_forgets_rounds_no_window_reaches(world: LedgerWorld,
                                                           tmp_path: Path) -> None:
     """A node that runs for weeks keeps a record of a few rounds, not one of every round."""
