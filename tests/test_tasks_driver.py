@@ -85,6 +85,24 @@ def sends_of(d: TaskDriver, op: str, failures: list[BaseException]) -> list[int]
     return tried
 
 
+async def paid_round_zero(world: LedgerWorld) -> FakeNetwork:
+    """Both nodes submitted for round 0, its list (50 each) is accepted and paid out, and the
+    clock is just past; the network whose store holds the list."""
+    for node in NODES:
+        world.send(node, slot_in(1, "submission"), "submit", task_id=TASK, round=0,
+                   submission=f"proof-0-{node}")
+    net = FakeNetwork()
+    cid = await FakeContext(net, "someone", TASK).put_blob(
+        encode_list({world.acct(n): 50 for n in NODES}))
+    view = world.round_view(TASK, 0, slot_in(2, "submission"))
+    world.send(view["current_distributor"], slot_in(2, "submission", 1), "submit_distribution",
+               task_id=TASK, round=0, root=world.root({n: 50 for n in NODES}), total=100,
+               cid=cid)
+    world.send("owner", slot_in(2, "idle"), "payout", task_id=TASK, round=0)
+    world.at(slot_in(2, "idle", 1))
+    return net
+
+
 @pytest.fixture
 async def ready(world: LedgerWorld, tmp_path: Path) -> Any:
     """A's driver in round 1's submission window, its work of round 0 done: a Submit due."""
@@ -185,18 +203,7 @@ async def test_a_bug_outside_the_actions_waits_for_the_next_round(
 
 
 async def test_claimed_rewards_survive_a_restart(world: LedgerWorld, tmp_path: Path) -> None:
-    for node in NODES:
-        world.send(node, slot_in(1, "submission"), "submit", task_id=TASK, round=0,
-                   submission=f"proof-0-{node}")
-    net = FakeNetwork()
-    listing = {world.acct(n): 50 for n in NODES}
-    cid = await FakeContext(net, "someone", TASK).put_blob(encode_list(listing))
-    view = world.round_view(TASK, 0, slot_in(2, "submission"))
-    world.send(view["current_distributor"], slot_in(2, "submission", 1), "submit_distribution",
-               task_id=TASK, round=0, root=world.root({n: 50 for n in NODES}), total=100,
-               cid=cid)
-    world.send("owner", slot_in(2, "idle"), "payout", task_id=TASK, round=0)
-    world.at(slot_in(2, "idle", 1))
+    net = await paid_round_zero(world)
     records = tmp_path / "records"
     first = await driver_for(world, "A", records, net)
     try:
@@ -215,18 +222,7 @@ async def test_a_claim_the_chain_has_and_the_record_lost_is_counted_once(
         world: LedgerWorld, tmp_path: Path) -> None:
     # the node stopped between its claim's inclusion and the record's write: the next step
     # after its restart counts the claim (its amount from the round's list), once
-    for node in NODES:
-        world.send(node, slot_in(1, "submission"), "submit", task_id=TASK, round=0,
-                   submission=f"proof-0-{node}")
-    net = FakeNetwork()
-    listing = {world.acct(n): 50 for n in NODES}
-    cid = await FakeContext(net, "someone", TASK).put_blob(encode_list(listing))
-    view = world.round_view(TASK, 0, slot_in(2, "submission"))
-    world.send(view["current_distributor"], slot_in(2, "submission", 1), "submit_distribution",
-               task_id=TASK, round=0, root=world.root({n: 50 for n in NODES}), total=100,
-               cid=cid)
-    world.send("owner", slot_in(2, "idle"), "payout", task_id=TASK, round=0)
-    world.at(slot_in(2, "idle", 1))
+    net = await paid_round_zero(world)
     records = tmp_path / "records"
     first = await driver_for(world, "A", records, net)
     first.record.submitted.add(0)  # (it submitted through the test's world, not its driver)
@@ -261,18 +257,7 @@ async def test_a_claim_that_landed_before_its_refusal_is_counted(world: LedgerWo
                                                                  tmp_path: Path) -> None:
     # an earlier send of the claim timed out here but reached the chain after the step read
     # its views: the chain refuses the claim as already_claimed, and it is counted once
-    for node in NODES:
-        world.send(node, slot_in(1, "submission"), "submit", task_id=TASK, round=0,
-                   submission=f"proof-0-{node}")
-    net = FakeNetwork()
-    cid = await FakeContext(net, "someone", TASK).put_blob(
-        encode_list({world.acct(n): 50 for n in NODES}))
-    view = world.round_view(TASK, 0, slot_in(2, "submission"))
-    world.send(view["current_distributor"], slot_in(2, "submission", 1), "submit_distribution",
-               task_id=TASK, round=0, root=world.root({n: 50 for n in NODES}), total=100,
-               cid=cid)
-    world.send("owner", slot_in(2, "idle"), "payout", task_id=TASK, round=0)
-    world.at(slot_in(2, "idle", 1))
+    net = await paid_round_zero(world)
     d = await driver_for(world, "A", tmp_path / "records", net)
     d.record.submitted.add(0)
     original: Callable[[dict[str, Any]], Awaitable[Any]] = d.chain.send
