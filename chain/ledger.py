@@ -770,7 +770,8 @@ def _connect(path: Path, mode: str, busy_timeout: float) -> sqlite3.Connection:
 
     def connect() -> sqlite3.Connection:
         db = sqlite3.connect(f"file:{path}?mode={mode}", uri=True, isolation_level=None,
-                             check_same_thread=False, timeout=_sqlite_busy_wait(busy_timeout))
+                             check_same_thread=False,
+                             timeout=min(busy_timeout, SQLITE_BUSY_WAIT_S))
         try:
             db.execute("PRAGMA journal_mode=WAL").fetchone()
             db.execute("PRAGMA synchronous=FULL")
@@ -798,11 +799,6 @@ def _while_busy(busy_timeout: float, attempt: Callable[[], _T]) -> _T:
             if time.monotonic() >= deadline:
                 raise
         time.sleep(OPEN_BUSY_PAUSE_S * (1 + random.random()))
-
-
-def _sqlite_busy_wait(busy_timeout: float) -> float:
-    """How long SQLite's own busy handler waits on one statement of a ledger connection."""
-    return min(busy_timeout, SQLITE_BUSY_WAIT_S)
 
 
 def _unreadable(path: Path, at: int, exc: sqlite3.DatabaseError) -> LedgerBusy | LedgerCorrupt:

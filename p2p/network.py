@@ -255,9 +255,10 @@ class Network:
             "silent_rebuilds": 0,  # pubsub streams rebuilt with connected peers not heard
             "silent_disconnects": 0,  # connections dropped because a rebuild did not help
             # (stranger_connections, the ones held now, is counted in status())
-            "stranger_connections_closed": 0,  # of peers a closed rule does not admit: closed
-            # beyond the cap
-            "stranger_connections_expired": 0,  # ... closed after stranger_connection_max_s
+            # connections of peers a closed rule does not admit, closed beyond the cap, and
+            # closed after stranger_connection_max_s
+            "stranger_connections_closed": 0,
+            "stranger_connections_expired": 0,
         }
         self._seq = time.time_ns() // 1000  # grows across restarts: replay guards stay valid
         self._started = time.monotonic()
@@ -277,8 +278,6 @@ class Network:
         self._seen_bootstrap_ids = {str(info.peer_id) for info in self._bootstrap}
         self._blocked: set[str] = set()
         self._connected_since: dict[str, tuple[float, int]] = {}  # peer -> (since, strikes)
-        # connections of peers the closed rule does not admit, within the cap:
-        # id(conn) -> (peer, conn)
         # the connections peers the rule does not admit hold: id -> (peer, connection, when)
         self._strangers: dict[int, tuple[str, INetConn, float]] = {}
 
@@ -845,11 +844,11 @@ class Network:
         """A stranger's connection is a slot held for `stranger_connection_max_s` at most:
         then it is closed (the peer may connect again while a slot is free). A connection
         that died without this node noticing (no FIN, no RST) frees its slot so too."""
-        limit = self.config.stranger_connection_max_s
         if self._nursery is None or self._stopping or not self.admission.settled:
             return  # before the first stake reading nobody is admitted: nothing is closed
+        self._stranger_connections()  # (forgets the closed ones and the admitted since)
         for key, (peer, conn, since) in list(self._strangers.items()):
-            if now - since < limit or conn.is_closed or self.admits(peer):
+            if now - since < self.config.stranger_connection_max_s:
                 continue
             del self._strangers[key]
             self.metrics["stranger_connections_expired"] += 1

@@ -70,14 +70,8 @@ class RecordSigner:
     def verify_claim(self, peer_id: str, body: bytes, signature: bytes) -> bool:
         """Whether `peer_id` signed the claim (its key is in its peer id); relayed
         suspicions count as their origin's confirmation only then."""
-        if not self._admits(peer_id):
-            return False
-        try:
-            public_key = ID.from_base58(peer_id).extract_public_key()
-        except Exception:
-            return False
-        return public_key is not None and verify_signature(
-            public_key.to_bytes(), self.claim_domain + body, signature)
+        return self._admits(peer_id) and _signed_by(peer_id, self.claim_domain + body,
+                                                    signature)
 
     def verify(self, peer_id: str, record: bytes) -> swim.RecordInfo | None:
         if not self._admits(peer_id):
@@ -92,16 +86,24 @@ class RecordSigner:
             info = swim.unpack_record_body(body)
             if info is None or info.peer_id != peer_id:
                 return None
-            public_key = ID.from_base58(peer_id).extract_public_key()
         except Exception:
             return None
-        if public_key is None or not verify_signature(public_key.to_bytes(),
-                                                      self.domain + body, signature):
+        if not _signed_by(peer_id, self.domain + body, signature):
             return None
         self._verified[record] = info
         if len(self._verified) > VERIFIED_KEPT:
             self._verified.popitem(last=False)
         return info
+
+
+def _signed_by(peer_id: str, message: bytes, signature: bytes) -> bool:
+    """Whether `signature` over `message` is `peer_id`'s (its public key is in its id)."""
+    try:
+        public_key = ID.from_base58(peer_id).extract_public_key()
+    except Exception:
+        return False
+    return public_key is not None and verify_signature(public_key.to_bytes(), message,
+                                                       signature)
 
 
 class SwimLink:

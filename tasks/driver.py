@@ -503,7 +503,7 @@ class TaskDriver:
         # write: a restart then counts it once whatever the step does next, and the chain,
         # which has it too, keeps the engine from claiming it again
         self.record.rewarded(amount)
-        self.record.claimed.add(r)
+        self.record.done(Claim(r))
         self._save_record()
         self.metrics["claims"] = self.record.claims
         self.metrics["rewards"] = self.record.rewards_claimed
@@ -527,8 +527,6 @@ class TaskDriver:
         await self.chain.send({"op": "claim", "task_id": self.task_id, "round": r,
                                "amount": amount, "proof": proof})
         self._claimed(r, amount)
-        self.record.done(Claim(r))
-        self._save_record()
         return amount
 
 
