@@ -20,6 +20,7 @@ import trio
 import trio.testing
 
 from chain.ledger import (
+    BACKGROUND_CHECK_FROM,
     LEDGER_FILE_NAME,
     Ledger,
     LedgerAdapter,
@@ -202,6 +203,35 @@ def test_an_entry_forged_while_a_writer_takes_the_lock_fails_its_append(
         with pytest.raises(LedgerCorrupt, match="at entry 2:"):
             writer.height  # noqa: B018
     assert "bad signature" in _refused_at(path, 2)
+
+
+@pytest.mark.parametrize("via", ["append", "refresh"])
+@pytest.mark.parametrize("batch", [3, BACKGROUND_CHECK_FROM + 24])
+def test_a_forged_entry_among_others_writers_fails_the_catch_up_naming_it(
+        tmp_path: Path, via: str, batch: int) -> None:
+    # the entries another writer appended since this Ledger's last look are checked in one
+    # batch, a large one on the background thread: the forged (last) one is named either way,
+    # and the state built on it is never used again
+    path = tmp_path / LEDGER_FILE_NAME
+    a, b = _ids(2)
+    _ledger(path, [a, b]).close()
+    with Ledger.open(path) as reader, Ledger.open(path) as other:
+        assert reader.height == 0
+        for _ in range(batch):
+            other.append(b, _transfer(a))
+        _flip(path, "sig", batch)
+        with pytest.raises(LedgerCorrupt, match=f"at entry {batch}: bad signature"):
+            if via == "append":
+                reader.append(a, _transfer(b))
+            else:
+                reader.refresh()
+        with pytest.raises(LedgerCorrupt, match=f"at entry {batch}:"):
+            reader.height  # noqa: B018
+        threads = [t for t in threading.enumerate() if t.name.startswith("ledger-signatures")]
+        assert bool(threads) == (batch >= BACKGROUND_CHECK_FROM and sys.platform == "linux")
+    for thread in threads:  # closing the Ledger ended its checking thread
+        thread.join(timeout=5)
+        assert not thread.is_alive()
 
 
 @pytest.fixture
