@@ -52,6 +52,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
+import math
 import os
 import random
 import sqlite3
@@ -115,6 +116,11 @@ LOCK_KNOCK_AFTER_S = 1.0
 # did not help; +19 and SCHED_IDLE did as much as +10 but starve sooner on a busy machine.
 # Smaller batches are checked inline: handing one over costs about as much as checking one.
 BACKGROUND_CHECK_FROM = 16
+# An append signs before the lock without looking at the file (a look costs a query, and a
+# writer that keeps appending has just looked); a Ledger whose last look is older than
+# STALE_LOOK_S replays what others appended meanwhile first, so as not to replay a long
+# backlog under the lock.
+STALE_LOOK_S = 0.1
 BACKGROUND_CHECK_NICE = 10
 LOCK_KNOCK_S = 0.001
 OPEN_BUSY_PAUSE_S = 0.01  # between tries to open a file another connection keeps busy
@@ -357,6 +363,8 @@ class Ledger:
         self._background: ThreadPoolExecutor | None = None  # _check_signatures: at first use
         self._replay: _Replay | None = None
         self._data_version = -1
+        self._looked_at = -math.inf  # time.monotonic() of the last replay from the file
+        self._genesis_hash = ZERO_HASH  # the genesis entry's hash, set by _load
         self.snapshot_every = DEFAULT_SNAPSHOT_EVERY
         self.replayed = 0  # entries replayed by the last full load (after its snapshot)
         self._closed = False
@@ -436,7 +444,9 @@ class Ledger:
         self._replay = None
         db = self._db
         self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
+        self._looked_at = time.monotonic()
         genesis, genesis_row, self.snapshot_every = _read_genesis(db, self.path)
+        self._genesis_hash = genesis_row.hash
         start: _Replay | None = None
         if use_snapshots:
             start = self._from_snapshot(genesis)
@@ -529,6 +539,7 @@ class Ledger:
         by default). Given `unchecked`, their signatures are left for the caller to check:
         every entry applied is added to it as it is, so that the caller sees them even when a
         later entry fails the catch-up."""
+        self._looked_at = time.monotonic()
         try:
             for row in _rows((db or self._db).execute(f"{_ROW} WHERE idx > ? ORDER BY idx",
                                                       (replay.idx,))):
@@ -584,7 +595,10 @@ class Ledger:
             # Ledger's last look (its own appends move it): inside the lock, only when
             # another writer of the same sender used that nonce meanwhile. No look at the
             # file first: what others appended is replayed under the lock (and while waiting
-            # for it), and a lone writer's look would only find its own last entry.
+            # for it), and a lone writer's look would only find its own last entry; unless
+            # this Ledger has not looked for STALE_LOOK_S (its backlog is replayed now).
+            if time.monotonic() - self._looked_at >= STALE_LOOK_S:
+                self._catch_up(replay, unchecked)
             signed = self._sign(identity, sender, tx, replay)
             self._begin_immediate(while_waiting=lambda: self._catch_up(replay, unchecked))
             try:
@@ -666,12 +680,21 @@ class Ledger:
         handler off (busy_timeout 0: `_begin_immediate` waits its own way), so that taking
         the lock costs no PRAGMA to switch it off and on again each time. Reads (and the
         replay while waiting for the lock) go through the reading connection, whose busy
-        handler waits out another connection's WAL recovery as usual."""
+        handler waits out another connection's WAL recovery as usual. Opened at the first
+        append, by path: LedgerError if the file there is another ledger by then."""
         if self._writer is None:
             self._live()  # not closed
             writer = _connect(self.path, "rw", self._busy_timeout)
             try:
+                # opened by path, later than the reading connection: the same ledger still?
+                genesis = writer.execute(f"{_ROW} WHERE idx = 0").fetchone()
+                if genesis is None or _Row._make(genesis).hash != self._genesis_hash:
+                    raise LedgerError(f"ledger {self.path}: the file was replaced by another "
+                                      "ledger since it was opened: open it again")
                 writer.execute("PRAGMA busy_timeout = 0")
+            except sqlite3.Error as exc:
+                writer.close()
+                raise ChainUnavailable(f"ledger {self.path}: {_one_line(exc)}") from None
             except BaseException:
                 writer.close()
                 raise

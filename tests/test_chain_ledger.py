@@ -4,6 +4,8 @@
 # faucet, and LedgerAdapter under trio.
 from __future__ import annotations
 
+import math
+import os
 import re
 import sqlite3
 import subprocess
@@ -19,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+import chain.ledger
 from chain.ledger import (
     BACKGROUND_CHECK_FROM,
     LEDGER_FILE_NAME,
@@ -232,6 +235,52 @@ def test_a_forged_entry_among_others_writers_fails_the_catch_up_naming_it(
     for thread in threads:  # closing the Ledger ended its checking thread
         thread.join(timeout=5)
         assert not thread.is_alive()
+
+
+@pytest.mark.parametrize("stale", [True, False])
+def test_a_ledger_that_has_not_looked_a_while_replays_before_taking_the_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stale: bool) -> None:
+    # a writer that keeps appending has just looked and signs without a look; one whose
+    # last look is older than STALE_LOOK_S replays the others' entries before the lock, so
+    # that a long backlog is not replayed while holding it. Both still see every entry.
+    monkeypatch.setattr(chain.ledger, "STALE_LOOK_S", 0.0 if stale else math.inf)
+    path = tmp_path / LEDGER_FILE_NAME
+    a, b = _ids(2)
+    _ledger(path, [a, b]).close()
+    with Ledger.open(path) as writer, Ledger.open(path) as other:
+        for _ in range(30):
+            other.append(b, _transfer(a))
+        take_lock = writer._begin_immediate
+        seen_at_lock: list[int] = []
+
+        def begin(while_waiting: Callable[[], None] | None = None) -> None:
+            seen_at_lock.append(writer._live().idx)
+            take_lock(while_waiting)
+
+        writer._begin_immediate = begin  # type: ignore[method-assign]
+        receipt = writer.append(a, _transfer(b, 7))
+        assert seen_at_lock == [30 if stale else 0]
+        assert receipt.height == 31 and writer.height == 31
+        assert writer.state.balances[_acct(b)] == SUPPLY - 30 + 7
+
+
+def test_an_append_to_a_file_replaced_since_opening_is_refused(tmp_path: Path) -> None:
+    # appends write through a second connection, opened by path at the first append: if
+    # another ledger took the path meanwhile, nothing is written into it
+    path, other_path = tmp_path / "one" / LEDGER_FILE_NAME, tmp_path / "two" / LEDGER_FILE_NAME
+    a, b = _ids(2)
+    for p in (path, other_path):
+        p.parent.mkdir()
+        _ledger(p, [a, b]).close()
+    with Ledger.open(other_path) as replacement:
+        replacement_id = replacement.chain_id
+    with Ledger.open(path) as ledger:
+        os.replace(other_path, path)
+        with pytest.raises(LedgerError, match="replaced by another ledger"):
+            ledger.append(a, _transfer(b))
+    with Ledger.open(path) as reopened:
+        assert reopened.chain_id == replacement_id
+        assert reopened.verify() == 1  # its genesis only: no entry of the other chain
 
 
 @pytest.fixture
