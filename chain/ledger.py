@@ -29,8 +29,9 @@
 # replays the tail after it, checking every link, signature and the rules on each entry, then
 # the head record. `verify()` does the same from genesis and compares every snapshot.
 #
-# Appending: encode the transaction with the sender's next nonce (as of this Ledger's last
-# look) and sign it, outside the lock; take the write lock on a second connection kept for
+# Appending: replay what others appended if this Ledger has not looked for STALE_LOOK_S;
+# encode the transaction with the sender's next nonce (as of this Ledger's last look) and
+# sign it, outside the lock; take the write lock on a second connection kept for
 # appends, its busy handler off (BEGIN IMMEDIATE, tried again after pauses until busy_timeout:
 # see LOCK_PAUSES_S), replaying what other writers commit meanwhile through the reading one;
 # replay what slipped in since the last look; sign again only if the sender's nonce moved;
@@ -59,7 +60,7 @@ import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,25 +105,28 @@ DEFAULT_BUSY_TIMEOUT = 30.0  # seconds an append may wait for the write lock in 
 # cache whenever another one wrote) and the queue's own writes cost what the shared fsyncs save.
 LOCK_PAUSES_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.025, 0.025, 0.05, 0.05, 0.1)
 LOCK_KNOCK_AFTER_S = 1.0
+LOCK_KNOCK_S = 0.001
 # Checking other writers' signatures is background work. A writer that waited for the lock has
 # their entries to check after its own commit (thousands when 5 writers saturate the file),
 # while another process holds the lock and needs a core for its next commit. A batch of
 # BACKGROUND_CHECK_FROM entries or more is checked on a thread of the Ledger's own whose nice
 # value is BACKGROUND_CHECK_NICE above the process's (Linux, where the nice value is a thread's;
 # elsewhere inline), so that the holder's commits go first; append still returns only once they
-# are checked. benchmarks/rounds.py (5 writers, 2 cores, 6 alternated runs each): ledger_ratio
-# 0.58-0.62 (mean 0.60) against 0.48-0.58 (mean 0.52) with every batch checked inline; the
+# are checked. benchmarks/rounds.py (5 writers, 2 cores, 15 alternated runs each): ledger_ratio
+# 0.55-0.67 (mean 0.61) against 0.48-0.58 (mean 0.52) with every batch checked inline; the
 # slowest append takes ~2 s instead of ~1.5 s (a writer's own backlog waits longer). Nice +5
 # did not help; +19 and SCHED_IDLE did as much as +10 but starve sooner on a busy machine.
 # Smaller batches are checked inline: handing one over costs about as much as checking one.
+# Only appends use the thread: while it holds the GIL (a few us of Python per entry) and is
+# not scheduled, the process's other threads wait, so `refresh` (a node's polling, next to its
+# event loop) checks inline, and a node that polls every 20 ms has small batches anyway.
 BACKGROUND_CHECK_FROM = 16
+BACKGROUND_CHECK_NICE = 10
 # An append signs before the lock without looking at the file (a look costs a query, and a
 # writer that keeps appending has just looked); a Ledger whose last look is older than
 # STALE_LOOK_S replays what others appended meanwhile first, so as not to replay a long
 # backlog under the lock.
 STALE_LOOK_S = 0.1
-BACKGROUND_CHECK_NICE = 10
-LOCK_KNOCK_S = 0.001
 OPEN_BUSY_PAUSE_S = 0.01  # between tries to open a file another connection keeps busy
 SQLITE_BUSY_WAIT_S = 1.0  # at most: SQLite's own busy handler's wait, per statement
 ZERO_HASH = bytes(32)
@@ -365,6 +369,8 @@ class Ledger:
         self._data_version = -1
         self._looked_at = -math.inf  # time.monotonic() of the last replay from the file
         self._genesis_hash = ZERO_HASH  # the genesis entry's hash, set by _load
+        self._file_id: tuple[int, int] | None = None  # the reading connection's file
+        self._background_broken = False  # the checking thread could not be used: inline
         self.snapshot_every = DEFAULT_SNAPSHOT_EVERY
         self.replayed = 0  # entries replayed by the last full load (after its snapshot)
         self._closed = False
@@ -381,6 +387,10 @@ class Ledger:
             raise LedgerError(f"no ledger at {path}")
         ledger = cls(path, _connect(path, "rw", busy_timeout), clock, busy_timeout)
         try:
+            try:
+                ledger._file_id = _file_id(path)
+            except OSError:
+                raise LedgerError(f"no ledger at {path}") from None
             _while_busy(busy_timeout, lambda: ledger._load(use_snapshots))
         except BaseException:
             ledger.close()
@@ -523,14 +533,16 @@ class Ledger:
         """Apply the entries other writers appended since; returns the height. Costs one
         `PRAGMA data_version` when nothing changed."""
         replay = self._live()
+        self._looked_at = time.monotonic()
         version = self._db.execute("PRAGMA data_version").fetchone()[0]
         if version != self._data_version:
-            self._data_version = version
             unchecked: list[_Row] = []
             try:
                 self._catch_up(replay, unchecked)
             finally:
-                self._check_signatures(replay, unchecked)
+                self._check_signatures(replay, unchecked, background=False)
+            # only now: a catch-up cut short (the file busy) is taken up again next time
+            self._data_version = version
         return replay.idx
 
     def _catch_up(self, replay: _Replay, unchecked: list[_Row] | None = None,
@@ -656,24 +668,44 @@ class Ledger:
         message = signing_bytes(replay.genesis.chain_id, nonce, tx_bytes)
         return _Signed(tx_bytes, decoded, nonce, message, identity.sign(message))
 
-    def _check_signatures(self, replay: _Replay, rows: list[_Row]) -> None:
-        """Check the signatures of `rows`, entries `replay` applied without them: a batch of
-        BACKGROUND_CHECK_FROM or more on the background thread (see BACKGROUND_CHECK_NICE),
-        waiting for it. A bad one raises LedgerCorrupt and drops the state built on it (so
-        does anything else that stops the check: the state is never trusted unchecked)."""
+    def _check_signatures(self, replay: _Replay, rows: list[_Row], *,
+                          background: bool = True) -> None:
+        """Check the signatures of `rows`, entries `replay` applied without them; given
+        `background`, a batch of BACKGROUND_CHECK_FROM or more on the checking thread (see
+        BACKGROUND_CHECK_NICE), waiting for it, or inline if that thread cannot be had. A bad
+        one raises LedgerCorrupt and drops the state built on it (so does anything else that
+        stops the check: the state is never trusted over an unchecked entry)."""
         try:
-            if len(rows) >= BACKGROUND_CHECK_FROM and sys.platform == "linux":
-                if self._background is None:
-                    self._live()  # not closed
-                    self._background = ThreadPoolExecutor(
-                        1, thread_name_prefix="ledger-signatures",
-                        initializer=_lower_this_threads_priority)
-                self._background.submit(replay.check_signatures, rows).result()
+            job = None
+            if background and len(rows) >= BACKGROUND_CHECK_FROM:
+                job = self._check_in_background(replay, rows)
+            if job is not None:
+                job.result()
             else:
                 replay.check_signatures(rows)
         except BaseException:  # a forged entry, or checks cut short: the state is not used
             self._replay = None
             raise
+
+    def _check_in_background(self, replay: _Replay, rows: list[_Row]) -> Future[None] | None:
+        """`rows`' check handed to the checking thread (started at the first one), or None
+        when there is none to be had: not Linux, this Ledger closed, no thread can start."""
+        if sys.platform != "linux" or self._closed or self._background_broken:
+            return None
+        try:
+            if self._background is None:
+                self._background = ThreadPoolExecutor(
+                    1, thread_name_prefix="ledger-signatures",
+                    initializer=_lower_this_threads_priority)
+            return self._background.submit(replay.check_signatures, rows)
+        except RuntimeError as exc:  # no thread (a limit), or a broken pool: check inline
+            log.warning("ledger %s: signatures checked inline from now on (%s)", self.path,
+                        _one_line(exc))
+            self._background_broken = True
+            pool, self._background = self._background, None
+            if pool is not None:
+                pool.shutdown(wait=False)
+            return None
 
     def _writer_connection(self) -> sqlite3.Connection:
         """The connection appends take the write lock and write through: SQLite's busy
@@ -684,13 +716,23 @@ class Ledger:
         append, by path: LedgerError if the file there is another ledger by then."""
         if self._writer is None:
             self._live()  # not closed
-            writer = _connect(self.path, "rw", self._busy_timeout)
+            # opened by path, later than the reading connection: still the same file?
+            replaced = LedgerError(f"ledger {self.path}: the file was replaced or removed "
+                                   "since it was opened: open it again")
             try:
-                # opened by path, later than the reading connection: the same ledger still?
+                same_file = _file_id(self.path) == self._file_id
+            except OSError:
+                same_file = False
+            if not same_file:
+                raise replaced
+            try:
+                writer = _connect(self.path, "rw", self._busy_timeout)
+            except sqlite3.Error as exc:
+                raise ChainUnavailable(f"ledger {self.path}: {_one_line(exc)}") from None
+            try:
                 genesis = writer.execute(f"{_ROW} WHERE idx = 0").fetchone()
                 if genesis is None or _Row._make(genesis).hash != self._genesis_hash:
-                    raise LedgerError(f"ledger {self.path}: the file was replaced by another "
-                                      "ledger since it was opened: open it again")
+                    raise replaced
                 writer.execute("PRAGMA busy_timeout = 0")
             except sqlite3.Error as exc:
                 writer.close()
@@ -805,13 +847,19 @@ def _new_chain_id(prefix: str = "tasknet-ledger") -> str:
     return f"{prefix}-{random.getrandbits(64):016x}"
 
 
+def _file_id(path: Path) -> tuple[int, int]:
+    """The file at `path` (device, inode): another file put in its place differs."""
+    stat = os.stat(path)
+    return stat.st_dev, stat.st_ino
+
+
 def _lower_this_threads_priority() -> None:
     """Raise the calling thread's nice value by BACKGROUND_CHECK_NICE (Linux: a thread's own;
     raising it needs no privilege). Left as it is if the system refuses."""
     try:
         niceness = os.getpriority(os.PRIO_PROCESS, 0)
         os.setpriority(os.PRIO_PROCESS, 0, min(19, niceness + BACKGROUND_CHECK_NICE))
-    except OSError as exc:
+    except Exception as exc:  # never fail the thread, only its priority
         log.debug("ledger: signatures checked at normal priority (%s)", exc)
 
 

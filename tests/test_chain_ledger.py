@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -213,11 +214,13 @@ def test_an_entry_forged_while_a_writer_takes_the_lock_fails_its_append(
 def test_a_forged_entry_among_others_writers_fails_the_catch_up_naming_it(
         tmp_path: Path, via: str, batch: int) -> None:
     # the entries another writer appended since this Ledger's last look are checked in one
-    # batch, a large one on the background thread: the forged (last) one is named either way,
-    # and the state built on it is never used again
+    # batch, an append's large one on a checking thread at a lower CPU priority: the forged
+    # (last) one is named either way, the state built on it is never used again, and
+    # closing the Ledger ends the thread
     path = tmp_path / LEDGER_FILE_NAME
     a, b = _ids(2)
     _ledger(path, [a, b]).close()
+    threads_before = set(threading.enumerate())
     with Ledger.open(path) as reader, Ledger.open(path) as other:
         assert reader.height == 0
         for _ in range(batch):
@@ -230,11 +233,72 @@ def test_a_forged_entry_among_others_writers_fails_the_catch_up_naming_it(
                 reader.refresh()
         with pytest.raises(LedgerCorrupt, match=f"at entry {batch}:"):
             reader.height  # noqa: B018
-        threads = [t for t in threading.enumerate() if t.name.startswith("ledger-signatures")]
-        assert bool(threads) == (batch >= BACKGROUND_CHECK_FROM and sys.platform == "linux")
-    for thread in threads:  # closing the Ledger ended its checking thread
+        checking = [t for t in set(threading.enumerate()) - threads_before
+                    if t.name.startswith("ledger-signatures")]
+        in_background = via == "append" and batch >= BACKGROUND_CHECK_FROM
+        assert len(checking) == (1 if in_background and sys.platform == "linux" else 0)
+        for thread in checking:
+            assert thread.native_id is not None
+            assert (os.getpriority(os.PRIO_PROCESS, thread.native_id)
+                    > os.getpriority(os.PRIO_PROCESS, 0))
+    for thread in checking:
         thread.join(timeout=5)
         assert not thread.is_alive()
+
+
+def test_without_a_checking_thread_an_append_checks_inline(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # no thread to be had (a limit on threads): the large batch is checked inline, a forged
+    # entry named as ever, and an honest backlog does not fail the append it was committed by
+    class NoThreads:
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            pass
+
+        def submit(self, *args: object) -> None:
+            raise RuntimeError("can't start new thread")
+
+        def shutdown(self, wait: bool = True) -> None:
+            pass
+
+    monkeypatch.setattr(chain.ledger, "ThreadPoolExecutor", NoThreads)
+    path = tmp_path / LEDGER_FILE_NAME
+    a, b = _ids(2)
+    _ledger(path, [a, b]).close()
+    with Ledger.open(path) as reader, Ledger.open(path) as other:
+        for _ in range(BACKGROUND_CHECK_FROM + 4):
+            other.append(b, _transfer(a))
+        assert reader.append(a, _transfer(b)).height == BACKGROUND_CHECK_FROM + 5
+        for _ in range(BACKGROUND_CHECK_FROM + 4):
+            other.append(b, _transfer(a))
+        _flip(path, "sig", other.height)
+        with pytest.raises(LedgerCorrupt, match=f"at entry {other.height}: bad signature"):
+            reader.append(a, _transfer(b))
+
+
+def test_a_refresh_cut_short_is_taken_up_by_the_next(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a refresh that stops partway (the file busy) must not mark the others' later entries
+    # as seen: the next refresh replays them, even if nobody writes in between
+    path = tmp_path / LEDGER_FILE_NAME
+    a, b = _ids(2)
+    _ledger(path, [a, b]).close()
+    with Ledger.open(path) as reader, Ledger.open(path) as other:
+        for _ in range(30):
+            other.append(b, _transfer(a))
+        apply = chain.ledger._Replay.apply
+        failures = [6]
+
+        def busy_once(replay: Any, row: Any, check_signature: bool = True) -> None:
+            if row.idx in failures:
+                failures.remove(row.idx)
+                raise LedgerBusy("ledger: database is locked (injected)")
+            apply(replay, row, check_signature)
+
+        monkeypatch.setattr(chain.ledger._Replay, "apply", busy_once)
+        with pytest.raises(LedgerBusy):
+            reader.refresh()
+        assert reader.refresh() == 30
+        assert reader.state.nonces[_acct(b)] == 30
 
 
 @pytest.mark.parametrize("stale", [True, False])
@@ -264,23 +328,35 @@ def test_a_ledger_that_has_not_looked_a_while_replays_before_taking_the_lock(
         assert writer.state.balances[_acct(b)] == SUPPLY - 30 + 7
 
 
-def test_an_append_to_a_file_replaced_since_opening_is_refused(tmp_path: Path) -> None:
-    # appends write through a second connection, opened by path at the first append: if
-    # another ledger took the path meanwhile, nothing is written into it
+@pytest.mark.parametrize("replacement", ["another ledger", "an older copy", "nothing"])
+def test_an_append_to_a_file_replaced_since_opening_is_refused(
+        tmp_path: Path, replacement: str) -> None:
+    # appends write through a second connection, opened by path at the first append: if the
+    # path holds another file by then (another ledger, a backup of this one put back) or
+    # none, nothing is written anywhere
     path, other_path = tmp_path / "one" / LEDGER_FILE_NAME, tmp_path / "two" / LEDGER_FILE_NAME
     a, b = _ids(2)
     for p in (path, other_path):
         p.parent.mkdir()
-        _ledger(p, [a, b]).close()
-    with Ledger.open(other_path) as replacement:
-        replacement_id = replacement.chain_id
-    with Ledger.open(path) as ledger:
-        os.replace(other_path, path)
-        with pytest.raises(LedgerError, match="replaced by another ledger"):
+    _ledger(path, [a, b]).close()
+    if replacement == "an older copy":
+        with Ledger.open(path) as ledger:
             ledger.append(a, _transfer(b))
-    with Ledger.open(path) as reopened:
-        assert reopened.chain_id == replacement_id
-        assert reopened.verify() == 1  # its genesis only: no entry of the other chain
+        shutil.copyfile(path, other_path)
+        with Ledger.open(path) as ledger:
+            ledger.append(a, _transfer(b))
+    else:
+        _ledger(other_path, [a, b]).close()
+    with Ledger.open(path) as ledger:
+        if replacement == "nothing":
+            path.unlink()
+        else:
+            os.replace(other_path, path)
+        with pytest.raises(LedgerError, match="replaced or removed since it was opened"):
+            ledger.append(a, _transfer(b))
+    if replacement != "nothing":
+        expected = 2 if replacement == "an older copy" else 1
+        assert Ledger.verify_file(path) == expected  # nothing was added to it
 
 
 @pytest.fixture
