@@ -15,6 +15,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -209,6 +210,20 @@ def test_an_entry_forged_while_a_writer_takes_the_lock_fails_its_append(
     assert "bad signature" in _refused_at(path, 2)
 
 
+@contextmanager
+def _one_behind(tmp_path: Path,
+                backlog: int) -> Iterator[tuple[Ledger, Ledger, Identity, Identity]]:
+    """Two Ledgers on one new file, (behind, other, a, b): `other` has appended `backlog`
+    transfers from b to a that `behind` has not looked at yet."""
+    path = tmp_path / LEDGER_FILE_NAME
+    a, b = _ids(2)
+    _ledger(path, [a, b]).close()
+    with Ledger.open(path) as behind, Ledger.open(path) as other:
+        for _ in range(backlog):
+            other.append(b, _transfer(a))
+        yield behind, other, a, b
+
+
 @pytest.mark.parametrize("via", ["append", "refresh"])
 @pytest.mark.parametrize("batch", [3, BACKGROUND_CHECK_FROM + 24])
 def test_a_forged_entry_among_others_writers_fails_the_catch_up_naming_it(
@@ -217,15 +232,9 @@ def test_a_forged_entry_among_others_writers_fails_the_catch_up_naming_it(
     # batch, an append's large one on a checking thread at a lower CPU priority: the forged
     # (last) one is named either way, the state built on it is never used again, and
     # closing the Ledger ends the thread
-    path = tmp_path / LEDGER_FILE_NAME
-    a, b = _ids(2)
-    _ledger(path, [a, b]).close()
     threads_before = set(threading.enumerate())
-    with Ledger.open(path) as reader, Ledger.open(path) as other:
-        assert reader.height == 0
-        for _ in range(batch):
-            other.append(b, _transfer(a))
-        _flip(path, "sig", batch)
+    with _one_behind(tmp_path, batch) as (reader, _, a, b):
+        _flip(reader.path, "sig", batch)
         with pytest.raises(LedgerCorrupt, match=f"at entry {batch}: bad signature"):
             if via == "append":
                 reader.append(a, _transfer(b))
@@ -261,16 +270,11 @@ def test_without_a_checking_thread_an_append_checks_inline(
             pass
 
     monkeypatch.setattr(chain.ledger, "ThreadPoolExecutor", NoThreads)
-    path = tmp_path / LEDGER_FILE_NAME
-    a, b = _ids(2)
-    _ledger(path, [a, b]).close()
-    with Ledger.open(path) as reader, Ledger.open(path) as other:
-        for _ in range(BACKGROUND_CHECK_FROM + 4):
-            other.append(b, _transfer(a))
+    with _one_behind(tmp_path, BACKGROUND_CHECK_FROM + 4) as (reader, other, a, b):
         assert reader.append(a, _transfer(b)).height == BACKGROUND_CHECK_FROM + 5
         for _ in range(BACKGROUND_CHECK_FROM + 4):
             other.append(b, _transfer(a))
-        _flip(path, "sig", other.height)
+        _flip(reader.path, "sig", other.height)
         with pytest.raises(LedgerCorrupt, match=f"at entry {other.height}: bad signature"):
             reader.append(a, _transfer(b))
 
@@ -279,12 +283,7 @@ def test_a_refresh_cut_short_is_taken_up_by_the_next(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a refresh that stops partway (the file busy) must not mark the others' later entries
     # as seen: the next refresh replays them, even if nobody writes in between
-    path = tmp_path / LEDGER_FILE_NAME
-    a, b = _ids(2)
-    _ledger(path, [a, b]).close()
-    with Ledger.open(path) as reader, Ledger.open(path) as other:
-        for _ in range(30):
-            other.append(b, _transfer(a))
+    with _one_behind(tmp_path, 30) as (reader, _, _, b):
         apply = chain.ledger._Replay.apply
         failures = [6]
 
@@ -308,12 +307,7 @@ def test_a_ledger_that_has_not_looked_a_while_replays_before_taking_the_lock(
     # last look is older than STALE_LOOK_S replays the others' entries before the lock, so
     # that a long backlog is not replayed while holding it. Both still see every entry.
     monkeypatch.setattr(chain.ledger, "STALE_LOOK_S", 0.0 if stale else math.inf)
-    path = tmp_path / LEDGER_FILE_NAME
-    a, b = _ids(2)
-    _ledger(path, [a, b]).close()
-    with Ledger.open(path) as writer, Ledger.open(path) as other:
-        for _ in range(30):
-            other.append(b, _transfer(a))
+    with _one_behind(tmp_path, 30) as (writer, _, a, b):
         take_lock = writer._begin_immediate
         seen_at_lock: list[int] = []
 
