@@ -368,7 +368,6 @@ class Ledger:
         self._replay: _Replay | None = None
         self._data_version = -1
         self._looked_at = -math.inf  # time.monotonic() of the last replay from the file
-        self._genesis_hash = ZERO_HASH  # the genesis entry's hash, set by _load
         self._file_id: tuple[int, int] | None = None  # the reading connection's file
         self._background_broken = False  # the checking thread could not be used: inline
         self.snapshot_every = DEFAULT_SNAPSHOT_EVERY
@@ -456,7 +455,6 @@ class Ledger:
         self._data_version = db.execute("PRAGMA data_version").fetchone()[0]
         self._looked_at = time.monotonic()
         genesis, genesis_row, self.snapshot_every = _read_genesis(db, self.path)
-        self._genesis_hash = genesis_row.hash
         start: _Replay | None = None
         if use_snapshots:
             start = self._from_snapshot(genesis)
@@ -725,20 +723,19 @@ class Ledger:
                 same_file = False
             if not same_file:
                 raise replaced
+            writer: sqlite3.Connection | None = None
             try:
                 writer = _connect(self.path, "rw", self._busy_timeout)
-            except sqlite3.Error as exc:
-                raise ChainUnavailable(f"ledger {self.path}: {_one_line(exc)}") from None
-            try:
-                genesis = writer.execute(f"{_ROW} WHERE idx = 0").fetchone()
-                if genesis is None or _Row._make(genesis).hash != self._genesis_hash:
+                # inode numbers are reused: a new file there could have the old one's
+                genesis = f"{_ROW} WHERE idx = 0"
+                if writer.execute(genesis).fetchone() != self._db.execute(genesis).fetchone():
                     raise replaced
                 writer.execute("PRAGMA busy_timeout = 0")
-            except sqlite3.Error as exc:
-                writer.close()
-                raise ChainUnavailable(f"ledger {self.path}: {_one_line(exc)}") from None
-            except BaseException:
-                writer.close()
+            except BaseException as exc:
+                if writer is not None:
+                    writer.close()
+                if isinstance(exc, sqlite3.Error):
+                    raise ChainUnavailable(f"ledger {self.path}: {_one_line(exc)}") from None
                 raise
             self._writer = writer
         return self._writer

@@ -833,12 +833,16 @@ class Network:
         self._nursery.start_soon(self._close_connection, conn)
 
     def _stranger_connections(self) -> int:
-        """How many connections peers the rule does not admit hold now (within the cap);
-        forgets the closed ones and those of peers admitted since (a new stake reading)."""
+        """How many connections peers the rule does not admit hold now (within the cap)."""
+        self._forget_gone_strangers()
+        return len(self._strangers)
+
+    def _forget_gone_strangers(self) -> None:
+        """Forget the strangers' connections that closed and those of peers admitted since
+        (a new stake reading)."""
         for key, (peer, conn, _) in list(self._strangers.items()):
             if conn.is_closed or self.admits(peer):
                 del self._strangers[key]
-        return len(self._strangers)
 
     def _expire_strangers(self, now: float) -> None:
         """A stranger's connection is a slot held for `stranger_connection_max_s` at most:
@@ -846,7 +850,7 @@ class Network:
         that died without this node noticing (no FIN, no RST) frees its slot so too."""
         if self._nursery is None or self._stopping or not self.admission.settled:
             return  # before the first stake reading nobody is admitted: nothing is closed
-        self._stranger_connections()  # (forgets the closed ones and the admitted since)
+        self._forget_gone_strangers()
         for key, (peer, conn, since) in list(self._strangers.items()):
             if now - since < self.config.stranger_connection_max_s:
                 continue
