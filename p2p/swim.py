@@ -62,6 +62,11 @@ MAX_ADDR_LEN = 256
 MAX_PEER_ID_LEN = 128
 MAX_RECORD = 4096
 MAX_PROOF = 128  # a suspicion's signature (Ed25519: 64 bytes, msgpack-framed)
+# An update is 5 fields, 6 with a proof; fields after those are a later release's and are
+# ignored (and not relayed), up to UPDATE_FIELDS_MAX in all, so that the next extension
+# of an update upgrades a network in place (the release before signed suspicions refused a
+# sixth field as malformed, and scored its sender down).
+UPDATE_FIELDS_MAX = 10
 MAX_INCARNATION = 2**62  # leaves room to refute; a peer cannot push us past the wire's uint64
 FINE_BITS = 8  # the push-pull digest's finest level: 256 buckets by the peer id's hash
 FINE = 1 << FINE_BITS
@@ -396,10 +401,10 @@ def _peer_id(value: object) -> str:
 
 
 def _update_from(raw: object, max_record: int) -> Update:
-    _check(isinstance(raw, list) and len(raw) in (5, 6), "update")
+    _check(isinstance(raw, list) and 5 <= len(raw) <= UPDATE_FIELDS_MAX, "update")
     assert isinstance(raw, list)
     peer_id, inc, rank, record, origin = raw[:5]
-    proof = raw[5] if len(raw) == 6 else None
+    proof = raw[5] if len(raw) >= 6 else None
     _check(proof is None or (isinstance(proof, bytes) and len(proof) <= MAX_PROOF), "proof")
     _check(_is_uint(inc) and type(rank) is int and 0 <= rank < 4, "update fields")
     _check(record is None or (isinstance(record, bytes) and len(record) <= max_record), "record")
@@ -1278,14 +1283,14 @@ class Swim:
         is a name anyone can write."""
         pid = known.peer_id
         if known.state is ALIVE:
-            confirmer = self._confirmer(known, origin, sender, update)
+            proven = self._proven(known, origin, update)
+            confirmer = self._confirmer(origin, sender, proven)
             new = known.with_state(SUSPECT)
             self._change(known, new, now, out)
             if update is None:
                 update = self._suspicion_update(pid, known.incarnation, None, origin)
-            elif confirmer is None and update.proof is not None:
-                update = Update(pid, update.incarnation, SUSPECT, update.record, origin)
-                # (a proof that did not verify is not passed on)
+            else:
+                update = self._relayable(update, origin, proven)
             self._start_suspicion(new, confirmer, now, update)
             self._gossip.put(update)
             if origin == self.peer_id:
@@ -1296,31 +1301,49 @@ class Swim:
             s = self._suspicions.get(pid)
             if s is None or s.incarnation != known.incarnation or origin in s.confirmers:
                 return
-            confirmer = self._confirmer(known, origin, sender, update)
+            proven = self._proven(known, origin, update)
+            confirmer = self._confirmer(origin, sender, proven)
             if confirmer is None:
                 self.stats["confirmations_unproven"] += 1  # not counted: see above
                 return
             s.confirmers.add(confirmer)
             self.stats["confirmations"] += 1
             s.deadline = s.start + self._suspicion_timeout(s)
-            self._gossip.put(update or self._suspicion_update(pid, known.incarnation, None,
-                                                              origin))
+            self._gossip.put(self._suspicion_update(pid, known.incarnation, None, origin)
+                             if update is None else self._relayable(update, origin, proven))
             if origin == self.peer_id:
                 self._notify(known, s, now, out)
 
-    def _confirmer(self, known: Member, origin: str, sender: str,
-                   update: Update | None) -> str | None:
-        """Whom a suspicion counts as confirming it: its origin if that is the sender (the
-        peer the connection authenticated) or this node, or if the update carries the
-        origin's signature over the claim; nobody otherwise (a member that wrote other
-        members' names as origins would bring a suspicion to its shortest timeout alone)."""
-        if origin == sender or origin == self.peer_id:
-            return origin
+    def _proven(self, known: Member, origin: str, update: Update | None) -> bool:
+        """Whether `update` carries `origin`'s signature over its suspicion of `known` (at
+        `known`'s incarnation)."""
         if (update is None or update.proof is None or update.origin != origin
                 or self._verify_claim is None):
-            return None
+            return False
         body = claim_body(known.peer_id, known.incarnation, origin)
-        return origin if self._verify_claim(origin, body, update.proof) else None
+        return self._verify_claim(origin, body, update.proof)
+
+    def _confirmer(self, origin: str, sender: str, proven: bool) -> str | None:
+        """Whom a suspicion counts as confirming it: its origin if that is the sender (the
+        peer the connection authenticated) or this node, or if the update carries the
+        origin's signature over the claim (`proven`); nobody otherwise (a member that wrote
+        other members' names as origins would bring a suspicion to its shortest timeout
+        alone)."""
+        if proven or origin == sender or origin == self.peer_id:
+            return origin
+        return None
+
+    @staticmethod
+    def _relayable(update: Update, origin: str, proven: bool) -> Update:
+        """`update` as this node passes it on: with its proof only if the proof verified
+        here. A suspicion its origin sent first-hand counts without its proof (the
+        connection says who sent it), but a proof that does not verify is never relayed:
+        the members further on would refuse it as the relaying node's forgery. The origin
+        is always written out: one left out would name the relaying node to the next."""
+        if update.origin == origin and (update.proof is None or proven):
+            return update
+        return Update(update.peer_id, update.incarnation, SUSPECT, update.record, origin,
+                      update.proof if proven else None)
 
     def _suspicion_update(self, pid: str, incarnation: int, record: bytes | None,
                           origin: str) -> Update:
@@ -1429,9 +1452,9 @@ class Swim:
         self._change(known, m, now, out)
         if m.state is SUSPECT:
             origin = u.origin or sender
-            self._start_suspicion(m, self._confirmer(m, origin, sender, u), now,
-                                  Update(pid, m.incarnation, SUSPECT, m.record, origin,
-                                         u.proof if u.origin == origin else None))
+            proven = self._proven(m, origin, u)
+            u = self._relayable(u, origin, proven)
+            self._start_suspicion(m, self._confirmer(origin, sender, proven), now, u)
             if from_sync:
                 self._notify(m, self._suspicions[pid], now, out)
         if (not from_sync or first_hand

@@ -460,6 +460,46 @@ def test_relayed_suspicions_count_only_with_their_origins_signature() -> None:
     assert x.suspicion_deadline(target) == pytest.approx(min_t)
 
 
+def _relayed_suspicions(x: Swim, target: str, start: float) -> list[Update]:
+    """The suspicions of `target` that `x` passes on (pushed, gossiped or piggybacked) over
+    its next few gossip intervals."""
+    out: list[Update] = []
+    for step in range(40):
+        for send in sends(x.tick(start + 0.05 * step)):
+            out += [u for u in getattr(send.message, "updates", ())
+                    if u.peer_id == target and u.state is SUSPECT]
+    return out
+
+
+@pytest.mark.parametrize("case", ["first-hand", "first-hand-confirming", "newer-incarnation",
+                                  "origin-left-out"])
+def test_a_suspicion_is_relayed_only_with_a_proof_that_verified_here(case: str) -> None:
+    # whatever a member sends, what an honest node passes on carries no proof that fails
+    # at the next member (which would take it for the relaying node's forgery) and names
+    # its origin (one left out would name the relaying node as the origin to the next)
+    x, liar, target_node, other, *_ = network(8)
+    target, lid = target_node.peer_id, liar.peer_id
+    inc = 1 if case == "newer-incarnation" else 0
+    origin = other.peer_id if case == "newer-incarnation" else lid
+    forged = sim_sign_claim_as(lid, claim_body(target, inc + 1, origin))  # another claim
+    if case == "first-hand-confirming":  # already suspected: the liar's word confirms it
+        x.receive(other.peer_id, Gossip(1, (Update(target, 0, SUSPECT, None, other.peer_id,
+                                                   sim_sign_claim_as(other.peer_id, claim_body(
+                                                       target, 0, other.peer_id))),)), 0.0)
+    record = entry(target, inc).record if case == "newer-incarnation" else None
+    sent = Update(target, inc, SUSPECT, record, None if case == "origin-left-out" else origin,
+                  None if case == "origin-left-out" else forged)
+    x.receive(lid, Gossip(2, (sent,)), 0.1)
+    relayed = _relayed_suspicions(x, target, 0.1)
+    if case == "first-hand-confirming":  # (the first suspicion, relayed as well)
+        relayed = [u for u in relayed if u.origin != other.peer_id]
+    assert relayed, "x passes the suspicion on"
+    for u in relayed:
+        assert u.origin == origin, u
+        assert u.proof is None or sim_verify_claim(origin, claim_body(target, u.incarnation,
+                                                                      origin), u.proof), u
+
+
 def test_real_claim_signatures_are_bound_to_the_signer_and_the_network() -> None:
     a, b = Identity.generate(), Identity.generate()
     aid, bid = a.peer_id.to_base58(), b.peer_id.to_base58()
@@ -615,11 +655,22 @@ def test_messages_round_trip_through_msgpack(message: Message) -> None:
     [0, 1, [[PEERS[0], 0, 0, b"r", None]] * 65],
     [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], "not bytes"]]],  # a proof is bytes ...
     [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], b"\0" * 129]]],  # ... of at most 128
-    [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], b"s", None]]],  # 7 fields
+    [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], b"s"] + [None] * 5]],  # 11 fields
 ])
 def test_malformed_messages_are_refused(obj: object) -> None:
     with pytest.raises(MalformedMessage):
         from_wire(obj)
+
+
+def test_an_update_s_fields_after_the_proof_are_a_later_release_s_and_ignored() -> None:
+    # a later release may add fields to an update: this one takes the fields it knows, and
+    # passes on (encodes) only those, instead of refusing the message and its sender
+    proof = b"p" * 64
+    for extra in ([1], [b"x" * 40, {"k": 2}], [None] * 4):
+        msg = from_wire([0, 1, [[PEERS[0], 0, 1, None, PEERS[1], proof, *extra]]])
+        assert isinstance(msg, Ping)
+        assert msg.updates == (Update(PEERS[0], 0, SUSPECT, None, PEERS[1], proof),)
+        assert decode(encode(msg)) == msg and len(to_wire(msg)[2][0]) == 6
 
 
 # -- simulated networks ----------------------------------------------------------------------
