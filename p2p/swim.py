@@ -63,10 +63,12 @@ MAX_PEER_ID_LEN = 128
 MAX_RECORD = 4096
 MAX_PROOF = 128  # a suspicion's signature (Ed25519: 64 bytes, msgpack-framed)
 # An update is 5 fields, 6 with a proof; fields after those are a later release's and are
-# ignored (and not relayed), up to UPDATE_FIELDS_MAX in all, so that the next extension
-# of an update upgrades a network in place (the release before signed suspicions refused a
-# sixth field as malformed, and scored its sender down).
+# ignored (and not relayed), up to UPDATE_FIELDS_MAX in all, each a scalar or a string of at
+# most UPDATE_EXTRA_MAX bytes, so that the next extension of an update upgrades a network in
+# place (the release before signed suspicions refused a sixth field as malformed, and scored
+# its sender down).
 UPDATE_FIELDS_MAX = 10
+UPDATE_EXTRA_MAX = 256
 MAX_INCARNATION = 2**62  # leaves room to refute; a peer cannot push us past the wire's uint64
 FINE_BITS = 8  # the push-pull digest's finest level: 256 buckets by the peer id's hash
 FINE = 1 << FINE_BITS
@@ -400,11 +402,18 @@ def _peer_id(value: object) -> str:
     return value
 
 
+def _is_small_scalar(value: object) -> bool:
+    if isinstance(value, (bytes, str)):
+        return len(value) <= UPDATE_EXTRA_MAX
+    return value is None or isinstance(value, (bool, int, float))
+
+
 def _update_from(raw: object, max_record: int) -> Update:
     _check(isinstance(raw, list) and 5 <= len(raw) <= UPDATE_FIELDS_MAX, "update")
     assert isinstance(raw, list)
     peer_id, inc, rank, record, origin = raw[:5]
     proof = raw[5] if len(raw) >= 6 else None
+    _check(all(_is_small_scalar(extra) for extra in raw[6:]), "a later release's field")
     _check(proof is None or (isinstance(proof, bytes) and len(proof) <= MAX_PROOF), "proof")
     _check(_is_uint(inc) and type(rank) is int and 0 <= rank < 4, "update fields")
     _check(record is None or (isinstance(record, bytes) and len(record) <= max_record), "record")
@@ -1436,7 +1445,8 @@ class Swim:
         elif not _newer(m, known):
             if (m.state is SUSPECT and known.state is SUSPECT
                     and m.incarnation == known.incarnation):
-                self._suspect(known, u.origin or sender, now, out, None, sender)
+                self._suspect(known, u.origin or sender, now, out, None if from_sync else u,
+                              sender)
             return
         first_hand = sender == pid
         if m.state is DEAD and from_sync and known is not None and known.state in _LIVE:

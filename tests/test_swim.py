@@ -500,6 +500,28 @@ def test_a_suspicion_is_relayed_only_with_a_proof_that_verified_here(case: str) 
                                                                       origin), u.proof), u
 
 
+@pytest.mark.parametrize("case", ["first-hand", "relayed", "confirming", "with-a-record"])
+def test_a_signed_suspicion_is_relayed_with_its_proof_and_counts_further_on(case: str) -> None:
+    # the other side of the test above: a proof that verified is passed on, so a node two
+    # hops from the origin counts the origin's confirmation (Lifeguard's timeout shrinks as
+    # fast across relays as first-hand)
+    x, origin_node, target_node, first, y, *_ = network(8)
+    target, oid = target_node.peer_id, origin_node.peer_id
+    proof = sim_sign_claim_as(oid, claim_body(target, 0, oid))
+    if case in ("confirming", "with-a-record"):  # x already suspects target, on first's word
+        x.receive(first.peer_id, Gossip(1, (Update(target, 0, SUSPECT, None, first.peer_id),)),
+                  0.0)
+    record = entry(target, 0).record if case == "with-a-record" else None
+    sender = oid if case == "first-hand" else first.peer_id
+    x.receive(sender, Gossip(2, (Update(target, 0, SUSPECT, record, oid, proof),)), 0.1)
+    relayed = [u for u in _relayed_suspicions(x, target, 0.1) if u.origin == oid]
+    assert relayed and all(u.proof == proof for u in relayed), relayed
+    before = y.stats["confirmations"]
+    y.receive(first.peer_id, Gossip(3, (Update(target, 0, SUSPECT, None, first.peer_id),)), 0.2)
+    y.receive(x.peer_id, Gossip(4, (relayed[0],)), 0.3)
+    assert y.stats["confirmations"] == before + 1  # the origin's, proven two hops on
+
+
 def test_real_claim_signatures_are_bound_to_the_signer_and_the_network() -> None:
     a, b = Identity.generate(), Identity.generate()
     aid, bid = a.peer_id.to_base58(), b.peer_id.to_base58()
@@ -656,6 +678,8 @@ def test_messages_round_trip_through_msgpack(message: Message) -> None:
     [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], "not bytes"]]],  # a proof is bytes ...
     [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], b"\0" * 129]]],  # ... of at most 128
     [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], b"s"] + [None] * 5]],  # 11 fields
+    [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], b"s", [1, 2]]]],  # a later field: a scalar ...
+    [0, 1, [[PEERS[0], 0, 1, None, PEERS[1], b"s", b"x" * 257]]],  # ... or 256 bytes at most
 ])
 def test_malformed_messages_are_refused(obj: object) -> None:
     with pytest.raises(MalformedMessage):
@@ -666,7 +690,7 @@ def test_an_update_s_fields_after_the_proof_are_a_later_release_s_and_ignored() 
     # a later release may add fields to an update: this one takes the fields it knows, and
     # passes on (encodes) only those, instead of refusing the message and its sender
     proof = b"p" * 64
-    for extra in ([1], [b"x" * 40, {"k": 2}], [None] * 4):
+    for extra in ([1], [b"x" * 256, "k", 2.5, True], [None] * 4):
         msg = from_wire([0, 1, [[PEERS[0], 0, 1, None, PEERS[1], proof, *extra]]])
         assert isinstance(msg, Ping)
         assert msg.updates == (Update(PEERS[0], 0, SUSPECT, None, PEERS[1], proof),)
