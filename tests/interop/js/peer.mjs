@@ -3,11 +3,15 @@
 // Lives here: starting the node, dialing tasknet, reporting what it sees as JSON lines on stdout.
 // Must not live here: any check of tasknet's behaviour (the Python test asserts).
 //
-// usage: node peer.mjs --dial <multiaddr/p2p/id> --topic <topic> [--seed <64 hex chars>]
+// usage: node peer.mjs [--dial <multiaddr/p2p/id>] --topic <topic> [--seed <64 hex chars>]
+//   (without --dial it only listens, for tasknet to dial it)
 // stdout, one JSON object per line: {"event": "ready", "peer_id", "addrs"}, "connected",
 //   "subscribed" (a peer joined the topic), "graft" (mesh), "message" (from, seqno, data hex),
-//   "published" / "publish_failed".
-// stdin, one JSON object per line: {"publish": "<hex>"} publishes those bytes to the topic.
+//   "published" / "publish_failed", "pong" (peer, rtt_ms) / "ping_failed",
+//   "identified" (peer, protocols, agent: what identify told this peer) / "identify_failed".
+// stdin, one JSON object per line: {"publish": "<hex>"} publishes those bytes to the topic;
+//   {"ping": "<peer id>"} pings that peer over /ipfs/ping/1.0.0; {"identify": "<peer id>"}
+//   reports what the peer store holds of it.
 import './node20.mjs' // first: fills Node 20's gaps before libp2p's modules run
 import { createInterface } from 'node:readline'
 import { parseArgs } from 'node:util'
@@ -28,8 +32,8 @@ const { values: args } = parseArgs({
     seed: { type: 'string' }
   }
 })
-if (args.dial == null || args.topic == null) {
-  process.stderr.write('usage: node peer.mjs --dial <multiaddr> --topic <topic> [--seed <hex>]\n')
+if (args.topic == null) {
+  process.stderr.write('usage: node peer.mjs [--dial <multiaddr>] --topic <topic> [--seed <hex>]\n')
   process.exit(2)
 }
 
@@ -80,13 +84,50 @@ pubsub.subscribe(args.topic)
 say('ready', { peer_id: node.peerId.toString(), addrs: node.getMultiaddrs().map(String) })
 
 const lines = createInterface({ input: process.stdin })
+const connectionTo = (peer) => node.getConnections().find((c) => c.remotePeer.toString() === peer)
+
+const commands = {
+  async publish (data) {
+    try {
+      const result = await pubsub.publish(args.topic, Buffer.from(data, 'hex'))
+      say('published', { recipients: result.recipients.map(String) })
+    } catch (err) {
+      say('publish_failed', { error: String(err) })
+    }
+  },
+  async ping (peer) {
+    try {
+      const conn = connectionTo(peer)
+      if (conn == null) throw new Error(`not connected to ${peer}`)
+      const rtt = await node.services.ping.ping(conn.remotePeer)
+      say('pong', { peer, rtt_ms: rtt })
+    } catch (err) {
+      say('ping_failed', { peer, error: String(err) })
+    }
+  },
+  async identify (peer) {
+    try {
+      const conn = connectionTo(peer)
+      if (conn == null) throw new Error(`not connected to ${peer}`)
+      const result = await node.services.identify.identify(conn)
+      say('identified', { peer, protocols: result.protocols, agent: result.agentVersion ?? null })
+    } catch (err) {
+      say('identify_failed', { peer, error: String(err) })
+    }
+  }
+}
+
 lines.on('line', async (line) => {
+  let command
   try {
-    const command = JSON.parse(line)
-    const result = await pubsub.publish(args.topic, Buffer.from(command.publish, 'hex'))
-    say('published', { recipients: result.recipients.map(String) })
+    command = JSON.parse(line)
   } catch (err) {
-    say('publish_failed', { error: String(err) })
+    say('bad_command', { error: String(err) })
+    return
+  }
+  for (const [name, value] of Object.entries(command)) {
+    if (commands[name] == null) say('bad_command', { error: `unknown command ${name}` })
+    else await commands[name](value)
   }
 })
 
@@ -98,8 +139,10 @@ lines.on('close', stop)
 process.on('SIGTERM', stop)
 process.on('SIGINT', stop)
 
-try {
-  await node.dial(multiaddr(args.dial))
-} catch (err) {
-  say('dial_failed', { error: String(err) })
+if (args.dial != null) {
+  try {
+    await node.dial(multiaddr(args.dial))
+  } catch (err) {
+    say('dial_failed', { error: String(err) })
+  }
 }
