@@ -662,6 +662,14 @@ class Writes:
                 else:
                     direct.append((key, delta))
             else:
+                # kept for another node, which merges it only later: it must be a state now
+                # (the wall-time check above reads no further than the wall), or the target
+                # would refuse it then and blame this node, which delivers it
+                try:
+                    crdt.merge_encoded(None, delta)
+                except crdt.DecodeError as exc:
+                    raise self._refuse_batch(peer, "malformed",
+                                             f"hinted item is not a state: {exc}") from None
                 hinted.setdefault(hint_for, []).append((key, delta))
         self.authority.check_batch(peer, direct, hinted)
         if refused:
@@ -671,7 +679,10 @@ class Writes:
         try:
             await self.writer.merge(direct)
         except CorruptRecord as exc:
-            if exc.where == "delta":  # what the peer sent cannot merge: its fault
+            if exc.where == "delta":
+                if _sound_states(exc.key, direct):
+                    raise self._type_conflict(peer, exc) from None
+                # what the peer sent cannot merge: its fault
                 raise self._refuse_batch(peer, "malformed",
                                          f"batch cannot be merged: {exc}") from None
             # this node's stored state is corrupt
@@ -681,6 +692,17 @@ class Writes:
         for target, items in hinted.items():
             self.hints.add(target, items)
         return apply_reply(len(envelope.payload), refused)
+
+    def _type_conflict(self, peer: str, exc: CorruptRecord) -> HandlerError:
+        """A batch whose state for a key is sound but of another type than the one stored
+        here (concurrent first writes of two types, or a hint of one): refused as a batch
+        that cannot merge, so its sender drops that item (hints are bisected down to it),
+        and nobody is blamed: honest nodes send such states."""
+        self.metrics["refused_batches"] += 1
+        self.metrics["type_conflicts"] += 1
+        log.warning("type conflict on %s in a replication batch from %s: %s",
+                    shown_key(exc.key), peer, exc.cause)
+        return HandlerError("refused", f"batch cannot be merged: type conflict: {exc.cause}")
 
     def _unavailable(self, peer: str, what: str, exc: Exception) -> HandlerError:
         """A request this node could not serve for a fault of its own: nobody is blamed. The
@@ -759,6 +781,18 @@ class Writes:
             log.warning("refused %d forwarded ops from %s: %s", len(refused), peer, first[1])
             self.net.penalize(peer, "oversized" if first[0] == "too_large" else "malformed")
         return refused
+
+
+def _sound_states(key: bytes, items: Sequence[tuple[bytes, bytes | Replace]]) -> bool:
+    """Whether every state of `key` among `items` decodes on its own (a merge of them that
+    failed then failed on their types, not on a corrupt encoding)."""
+    try:
+        for item_key, item in items:
+            if item_key == key:
+                crdt.merge_encoded(None, item.delta if isinstance(item, Replace) else item)
+    except crdt.DecodeError:
+        return False
+    return True
 
 
 def _failure(mutator: str, op: Op, outcome: Outcome) -> Exception | None:

@@ -583,3 +583,46 @@ async def test_a_forwarded_ops_reply_with_a_malformed_outcome_fails_the_write_cl
         mutator.net.handle(OPS_PROTOCOL, odd)
         with pytest.raises(QuorumError, match="malformed reply"):
             await coordinator.put(key, "v")
+
+
+async def test_hints_a_peer_leaves_here_get_no_honest_node_scored_down(tmp_path):
+    """A member leaves a node hints for another replica: one that is no CRDT state is refused
+    at once (its sender scored down), not kept and delivered later, when the target would
+    refuse it and score the honest node that delivers it; a sound state of another type than
+    the target's is refused by the target without blame, and dropped from the hints."""
+    async with handles(tmp_path, 4) as nodes:
+        kvs = [n.kv for n in nodes]
+        attacker = kvs[3]
+        key = next(k for k in (f"k{i}".encode() for i in range(1000))
+                   if attacker.me in attacker.ring.preference_list(k))
+        target = next(kv for kv in kvs[:3] if kv.me in attacker.ring.preference_list(key))
+        holder = next(kv for kv in kvs[:3] if kv is not target)
+        await target.put(key, "register", consistency="all")
+        register = target.store.get(key)
+        assert register is not None
+
+        def scores_of_holder() -> tuple[dict[str, int], float]:
+            return (dict(target.net.scores.offences),
+                    target.net.scores.score(holder.me, time.monotonic()))
+
+        before = scores_of_holder()
+        # not a state, although its first bytes are a register's (the cheap wall-time check
+        # of kv-apply reads no further)
+        garbage = register[:3] + b"\x05\xc1 not a register"
+        with pytest.raises(RemoteError) as refused:
+            await attacker.net.request(holder.me, APPLY_PROTOCOL, seal_batch(
+                attacker.net, [[key, garbage, target.me]], attacker.next_batch_seq()))
+        assert refused.value.code == "refused"
+        assert holder.net.scores.score(attacker.me, time.monotonic()) < 0
+        assert target.me not in holder.hints.pending()
+        # a sound set state for a key the target holds as a register: the holder cannot know
+        a_set = crdt.encode(crdt.ORSet().add_many(attacker.me, ("m",)))
+        await attacker.net.request(holder.me, APPLY_PROTOCOL, seal_batch(
+            attacker.net, [[key, a_set, target.me]], attacker.next_batch_seq()))
+        await wait_for(lambda: target.me not in holder.hints.pending(), 15,
+                       "the holder to try its hint and drop it")
+        assert scores_of_holder() == before
+        assert holder.metrics["hints_dropped"] == 1
+        assert target.metrics["type_conflicts"] == 1
+        assert target.store.get(key) == register
+        assert await holder.get(key, consistency="all") == "register"
