@@ -20,6 +20,7 @@ from test_tasks_api import FakeContext, FakeNetwork
 
 from chain.adapter import ChainUnavailable
 from chain.ledger import LedgerBusy
+from chain.merkle import EVM_LEAVES
 from chain.rules import Refused
 from kv.config import NotAdmitted, OutcomeUnknown, QuorumError
 from tasks import driver as driver_module
@@ -307,3 +308,21 @@ async def test_the_record_forgets_rounds_no_window_reaches(world: LedgerWorld,
         assert again.record.submitted >= set(recent)
     finally:
         await again.chain.close()
+
+
+async def test_a_stored_list_this_chain_cannot_hash_is_unreadable_not_a_failure(
+        world: LedgerWorld, tmp_path: Path) -> None:
+    """The accepted list in the store is what its distributor wrote: accounts this chain's
+    leaves cannot hash (here: not EVM addresses) make it unreadable, as a list that does not
+    decode is, so the reward book and a claim see no share instead of an exception."""
+    net = await paid_round_zero(world)
+    d = await driver_for(world, "A", tmp_path / "records", net)
+    try:
+        d.chain.leaf_format = EVM_LEAVES
+        view = await d.chain.round_view(TASK, 0)
+        assert await d._share(0, view) is None
+        with pytest.raises(Refused) as refused:
+            await d.claim_now(0)
+        assert refused.value.reason == "bad_proof"
+    finally:
+        await d.chain.close()
