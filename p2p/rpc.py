@@ -49,8 +49,16 @@ class PeerUnreachable(RequestError):
     pass
 
 
+# The code a handler answers a malformed request with (wrong shape, field types or ranges).
+# The sender is scored down for it ("malformed"): an honest node sends only well-formed
+# requests of the protocol version it asked for, so a request kind or field that a later
+# release adds takes a new version of its protocol, never a new meaning under the old one.
+BAD_REQUEST = "bad_request"
+
+
 class HandlerError(Exception):
-    """Raise from a handler to send the caller a specific error code."""
+    """Raise from a handler to send the caller a specific error code (BAD_REQUEST: the
+    request was malformed, and its sender is scored down)."""
 
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -280,7 +288,12 @@ class RpcService:
             self.served += 1
             return {"ok": result}
         except HandlerError as exc:
-            log.debug("handler refused a request from %s: %s", peer, exc)
+            if exc.code == BAD_REQUEST:
+                self.refused += 1
+                log.info("refused a malformed request from %s: %s", peer, exc)
+                self._on_offence(peer, "malformed")
+            else:
+                log.debug("handler refused a request from %s: %s", peer, exc)
             return {"error": {"code": exc.code, "message": str(exc)}}
         except trio.TooSlowError:
             log.debug("handler timed out on a request from %s", peer)

@@ -2,7 +2,8 @@
 # attacker peer (a node of the cluster, with its own libp2p identity, sending what an honest
 # node never would) on 127.0.0.1: oversized ops forwarded over kv-ops, the largest accepted
 # write travelling through replication and hints, hints that can never be delivered, and
-# replayed or stale kv-apply batches. Also the sans-IO replay guard on its own.
+# replayed or stale kv-apply batches, malformed requests on each store protocol. Also the
+# sans-IO replay guard on its own.
 import time
 from contextlib import AsyncExitStack
 
@@ -52,6 +53,31 @@ async def test_oversized_ops_forwarded_by_a_peer_are_refused_and_the_peer_penali
             with pytest.raises(OpError) as refused:
                 await attacker.put(key, value)
             assert refused.value.code == "too_large"
+
+
+MALFORMED = [  # (protocol, a request no honest node sends)
+    ("kv-ops", {"groups": "all of them"}),
+    ("kv-ops", {"groups": [{"ops": [["put", b"k", [1]]], "by": "soon"}]}),
+    ("kv-ops", {"groups": [{"ops": [["frobnicate", b"k", []]]}]}),
+    ("kv-read", {"keys": ["not bytes"]}),
+    ("kv-roots", {"p": [-1]}),
+    ("kv-ae", {"m": []}),
+]
+
+
+async def test_malformed_requests_on_every_store_protocol_score_their_sender_down(tmp_path):
+    # each refused with bad_request and counted against the sender as malformed; the store
+    # serves an honest read afterwards
+    async with handles(tmp_path, 3) as nodes:
+        victim, attacker = nodes[0].kv, nodes[1].kv
+        await victim.put("kept", 7)
+        for protocol, request in MALFORMED:
+            with pytest.raises(RemoteError) as refused:
+                await attacker.net.request(victim.me, protocol, request)
+            assert refused.value.code == "bad_request", (protocol, refused.value)
+        assert victim.net.scores.offences.get("malformed") == len(MALFORMED)
+        assert _score(victim, attacker.me) < 0
+        assert await nodes[2].kv.get("kept") == 7
 
 
 async def test_ops_naming_more_members_than_the_cap_are_refused_from_a_peer_too(tmp_path):

@@ -77,11 +77,13 @@ async def test_request_response_and_error_replies(tmp_path):
             raise AssertionError("an error reply must raise")
         except RemoteError as exc:
             assert exc.code == "bad_request"
+        assert b.status()["offences"] == {"malformed": 1}  # a malformed request: scored
         try:
             await a.request(b.peer_id, "add", {"x": "a", "y": 1})
             raise AssertionError("a failing handler must give an error reply")
         except RemoteError as exc:
             assert exc.code == "internal"
+        assert b.status()["offences"] == {"malformed": 1}  # the handler's own fault: not
         assert (await a.request(b.peer_id, "add", {"x": 2, "y": 2}))["sum"] == 4
 
 
