@@ -178,3 +178,26 @@ async def test_a_member_record_with_addresses_that_do_not_parse_does_not_stop_th
         # the discovery loop went past the sybil's record: it dialled the address that parses
         await wait_for(lambda: victim.metrics["dials"] > dials, 10, "a dial of the sybil")
         assert await attacker.request(victim.peer_id, "echo", "still up") == "still up"
+
+
+async def test_a_peer_whose_streams_ended_leaves_no_request_slots_behind(tmp_path):
+    # the request slots of each peer served were kept for the life of the process: a fresh
+    # identity per connection grew the table without bound
+    async with cluster(tmp_path, 2) as (victim, attacker):
+        async def echo(peer, msg):
+            return msg
+
+        victim.handle("echo", echo)
+        await wait_for(lambda: victim.peer_id in attacker.connected_peers(), 10, "a connection")
+
+        async def silent(output):  # the attacker's membership messages would hold a stream
+            pass
+
+        attacker._swim._send = silent
+        slots = victim._rpc._peer_slots
+        for round_ in range(3):
+            assert await attacker.request(victim.peer_id, "echo", round_) == round_
+            assert attacker.peer_id in slots  # held while its stream is served
+            attacker._rpc.forget_peer(victim.peer_id)  # resets the stream: the victim's ends
+            await wait_for(lambda: attacker.peer_id not in slots, 10,
+                           "the attacker's request slots to go with its last stream")
