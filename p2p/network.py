@@ -191,6 +191,19 @@ def gossipsub_options() -> dict[str, Any]:
     }
 
 
+def _dialable(addrs: tuple[str, ...]) -> list[multiaddr.Multiaddr]:
+    """The addresses of a member's record that parse as multiaddrs (without /p2p/...). A
+    record is signed by its member, who may write anything there (a later release's transport
+    this one does not know, or garbage): those addresses are skipped, never raised on."""
+    parsed = []
+    for text in addrs:
+        try:
+            parsed.append(multiaddr.Multiaddr(text.split("/p2p/")[0]))
+        except Exception:
+            continue
+    return parsed
+
+
 def _innermost(exc: BaseException) -> BaseException:
     """The error inside the exception groups that nurseries wrap a single error in."""
     while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
@@ -715,12 +728,7 @@ class Network:
                     log.warning("a member-event listener is too slow; event dropped")
 
     def _remember_addrs(self, peer_id: str, addrs: tuple[str, ...]) -> None:
-        parsed = []
-        for text in addrs:
-            try:
-                parsed.append(multiaddr.Multiaddr(text.split("/p2p/")[0]))
-            except Exception:
-                continue
+        parsed = _dialable(addrs)
         if parsed:
             self.host.get_peerstore().add_addrs(ID.from_base58(peer_id), parsed, 600)
 
@@ -746,8 +754,9 @@ class Network:
                      and m.peer_id not in self._seen_bootstrap_ids]
             self._rng.shuffle(alive)
             for member in alive[:wanted]:
-                addrs = [multiaddr.Multiaddr(a.split("/p2p/")[0]) for a in member.addrs]
-                candidates.append(PeerInfo(ID.from_base58(member.peer_id), addrs))
+                addrs = _dialable(member.addrs)
+                if addrs:  # none that parses: nowhere to dial it
+                    candidates.append(PeerInfo(ID.from_base58(member.peer_id), addrs))
         return [c for c in candidates
                 if self._redial_at.get(str(c.peer_id), (0.0, 0.0))[0] <= now
                 and not self._is_refused(str(c.peer_id))]

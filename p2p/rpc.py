@@ -191,7 +191,9 @@ class RpcService:
         self.limits = limits
         self._on_offence = on_offence
         self._is_blocked = is_blocked
+        # per peer while it has streams being served: its slots, and how many such streams
         self._peer_slots: dict[str, trio.Semaphore] = {}
+        self._peer_streams: dict[str, int] = {}
         self._channels: dict[tuple[str, TProtocol], _Channel] = {}
         self._opening: dict[tuple[str, TProtocol], trio.Event] = {}
         self._nursery: trio.Nursery | None = None
@@ -229,6 +231,7 @@ class RpcService:
             return
         write_lock = trio.Lock()
         slots = self._slots(peer)
+        self._peer_streams[peer] = self._peer_streams.get(peer, 0) + 1
 
         async def answer(request_id: int, request: Any) -> None:
             try:
@@ -249,10 +252,22 @@ class RpcService:
             async with trio.open_nursery() as requests:
                 await self._read_requests(peer, framed, slots, requests, answer)
         finally:
+            self._stream_done(peer)
             try:
                 await stream.close()
             except Exception:
                 log.debug("closing stream from %s failed", peer, exc_info=True)
+
+    def _stream_done(self, peer: str) -> None:
+        """One stream of `peer` is no longer served; with its last one its slots go (every
+        request of it is over): a peer met once, or a fresh identity per connection, would
+        otherwise leave an entry here for the life of the process."""
+        left = self._peer_streams[peer] - 1
+        if left:
+            self._peer_streams[peer] = left
+        else:
+            del self._peer_streams[peer]
+            self._peer_slots.pop(peer, None)
 
     async def _read_requests(self, peer: str, framed: FramedStream, slots: trio.Semaphore,
                              requests: trio.Nursery, answer: Callable[[int, Any], Any]) -> None:

@@ -9,13 +9,14 @@ import msgpack
 import trio
 from libp2p.peer.id import ID
 
-from p2p import network
+from p2p import network, swim
 from p2p.envelope import seal
 from p2p.framing import encode_frame
 from p2p.identity import Identity
 from p2p.rpc import protocol_id
+from p2p.swim_net import RecordSigner
 
-from p2p_helpers import alive_ids, cluster, wait_for
+from p2p_helpers import alive_ids, cluster, free_port, wait_for
 
 
 async def test_bad_gossip_is_refused_and_penalised(tmp_path):
@@ -150,3 +151,53 @@ async def test_a_negative_request_id_other_than_no_reply_is_a_bad_frame(tmp_path
                        "the frame offence recorded")
         assert heard == []
         assert await attacker.request(victim.peer_id, "echo", "fine") == "fine"
+
+
+async def test_a_member_record_with_addresses_that_do_not_parse_does_not_stop_the_node(
+        tmp_path):
+    # a record is signed by its own member, who may write anything in its addresses: one
+    # SWIM message about a fresh identity whose record holds garbage made every node that
+    # heard it raise in its discovery loop, when it went to dial that member, and stop
+    async with cluster(tmp_path, 2) as (victim, attacker):
+        async def echo(peer, msg):
+            return msg
+
+        victim.handle("echo", echo)
+        await wait_for(lambda: attacker.peer_id in alive_ids(victim), 15, "the attacker to join")
+        sybil = Identity.generate()
+        sybil_id = str(sybil.peer_id)
+        nowhere = f"/ip4/127.0.0.1/tcp/{free_port()}"  # parses, but nobody listens there
+        record = RecordSigner(sybil, "test-net").sign(
+            swim.RecordInfo(sybil_id, 1, ("not a multiaddr", "/ip4/999.1.1.1/tcp/1", nowhere),
+                            b"", 1))
+        dials = victim.metrics["dials"]
+        news = swim.Gossip(300, (swim.Update(sybil_id, 1, swim.ALIVE, record, None),))
+        await attacker.notify(victim.peer_id, "swim", swim.encode(news))
+        await wait_for(lambda: victim.view.get(sybil_id) is not None, 10,
+                       "the victim to learn of the sybil")
+        # the discovery loop went past the sybil's record: it dialled the address that parses
+        await wait_for(lambda: victim.metrics["dials"] > dials, 10, "a dial of the sybil")
+        assert await attacker.request(victim.peer_id, "echo", "still up") == "still up"
+
+
+async def test_a_peer_whose_streams_ended_leaves_no_request_slots_behind(tmp_path):
+    # the request slots of each peer served were kept for the life of the process: a fresh
+    # identity per connection grew the table without bound
+    async with cluster(tmp_path, 2) as (victim, attacker):
+        async def echo(peer, msg):
+            return msg
+
+        victim.handle("echo", echo)
+        await wait_for(lambda: victim.peer_id in attacker.connected_peers(), 10, "a connection")
+
+        async def silent(output):  # the attacker's membership messages would hold a stream
+            pass
+
+        attacker._swim._send = silent
+        slots = victim._rpc._peer_slots
+        for round_ in range(3):
+            assert await attacker.request(victim.peer_id, "echo", round_) == round_
+            assert attacker.peer_id in slots  # held while its stream is served
+            attacker._rpc.forget_peer(victim.peer_id)  # resets the stream: the victim's ends
+            await wait_for(lambda: attacker.peer_id not in slots, 10,
+                           "the attacker's request slots to go with its last stream")
