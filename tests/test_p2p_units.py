@@ -141,6 +141,32 @@ def test_scores_ban_and_recover():
     assert -10 < scores.score("y", now=10) < -4  # decays with the half-life
 
 
+def test_scores_of_peers_met_once_are_forgotten_once_decayed():
+    # every peer that offended once kept its score for the life of the process: a fresh
+    # identity per connection, each scored down once, grew the table without bound
+    scores = PeerScores(half_life_s=10)
+    for i in range(20_000):  # one offence each, 20 per simulated second
+        scores.penalize(f"sybil-{i}", "malformed", now=i / 20)
+    # a -10 decays below -1 in about 3.3 half-lives: only the last ~35 s are held
+    assert len(scores.snapshot(now=1000)) <= 2 * 35 * 20 + 1024
+    assert scores.score("sybil-0", now=1000) == 0.0
+    assert scores.score("sybil-19999", now=999.95) == -10.0  # recent ones still count
+
+
+def test_scores_beyond_the_cap_forget_the_mildest_first():
+    scores = PeerScores(max_peers=100)
+    for _ in range(10):  # on the ban line, not past it
+        scores.penalize("near-ban", "malformed", now=0)
+    for _ in range(2):
+        scores.penalize("banned", "forged", now=0)
+    assert scores.penalize("banned", "forged", now=0)
+    for i in range(5000):  # all at once: nothing has decayed yet
+        scores.penalize(f"sybil-{i}", "replayed", now=0)
+    assert len(scores.snapshot(now=0)) <= 100
+    assert scores.is_banned("banned", now=1)
+    assert scores.penalize("near-ban", "malformed", now=1)  # its score was kept
+
+
 def test_failure_detection_scales_with_the_members_heartbeat_interval():
     view = MemberView("me", MembershipConfig(suspect_after=3, dead_after=8))
     view.observe_heartbeat("fast", ("a",), 1, now=0, interval=1.0)
