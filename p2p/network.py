@@ -232,6 +232,7 @@ class _BanNotifee(INotifee):
 
     async def disconnected(self, network: INetwork, conn: INetConn) -> None:
         self._net._stranger_gone(conn)
+        self._net._connection_gone(str(conn.muxed_conn.peer_id))
 
     async def listen(self, network: INetwork, multiaddr: multiaddr.Multiaddr) -> None:
         pass
@@ -735,6 +736,7 @@ class Network:
     # -- discovery -----------------------------------------------------------------------
     async def _discovery_loop(self) -> None:
         while True:
+            self._forget_redials()
             self._lift_expired_bans(time.monotonic())
             self._expire_strangers(time.monotonic())
             await self._reset_silent_peers(time.monotonic())
@@ -760,6 +762,15 @@ class Network:
         return [c for c in candidates
                 if self._redial_at.get(str(c.peer_id), (0.0, 0.0))[0] <= now
                 and not self._is_refused(str(c.peer_id))]
+
+    def _forget_redials(self) -> None:
+        """Drop the redial backoff of peers that are no longer dial candidates: neither
+        bootstrap peers nor members the view holds (forgotten after their death, or no longer
+        admitted). Anyone may sign a member record for a fresh identity at an address where
+        nobody listens: each one's backoff stayed for the life of the process."""
+        for peer in [p for p in self._redial_at if p not in self._seen_bootstrap_ids]:
+            if self.view.get(peer) is None:
+                del self._redial_at[peer]
 
     async def _dial(self, info: PeerInfo) -> None:
         peer = str(info.peer_id)
@@ -872,6 +883,18 @@ class Network:
     def _stranger_gone(self, conn: INetConn) -> None:
         self._strangers.pop(id(conn), None)
 
+    def _connection_gone(self, peer: str) -> None:
+        """With a peer's last connection go the streams this node opened to it: they died
+        with it, and a peer that never became a member (a stranger this node answered, say a
+        SWIM ping from a fresh identity) would otherwise leave them in the table for the life
+        of the process (a member's go when it is held dead). The next request opens anew."""
+        if self._rpc is None or self._stopping:
+            return
+        if any(not c.is_closed for c in
+               self.host.get_network().get_connections(ID.from_base58(peer))):
+            return
+        self._rpc.forget_peer(peer)
+
     @staticmethod
     async def _close_connection(conn: INetConn) -> None:
         """Close one connection; it may have gone already (the peer hung up first)."""
@@ -981,11 +1004,18 @@ class Network:
                 log.debug("reset of an old pubsub stream failed", exc_info=True)
 
     def _lift_expired_bans(self, now: float) -> None:
+        """Take off pubsub's blacklist the peers whose ban ended, unless members-only
+        gossip keeps them out while connected: a peer the rule does not admit is listed again
+        at each connection (`_refuse_connection`), so it leaves the list once it has none
+        (every stranger ever connected stayed listed for the life of the process)."""
         if self._pubsub is None:
             return
+        connected = {str(p) for p in self.host.get_connected_peers()}
         for peer_id in self._pubsub.get_blacklisted_peers():
-            if not self.scores.is_banned(str(peer_id), now) and (
-                    not self._members_only_gossip() or self.admits(str(peer_id))):
+            peer = str(peer_id)
+            if not self.scores.is_banned(peer, now) and (
+                    not self._members_only_gossip() or self.admits(peer)
+                    or peer not in connected):
                 self._pubsub.remove_from_blacklist(peer_id)
 
     async def _disconnect(self, peer: str) -> None:

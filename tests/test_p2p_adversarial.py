@@ -1,6 +1,7 @@
 # A misbehaving peer sends forged, oversized, truncated and random data, over gossip, over
 # request streams and as raw bytes on the TCP port. The victim refuses it, scores the sender
 # down, stays up and keeps serving honest peers.
+import dataclasses
 import os
 import socket
 import time
@@ -9,14 +10,15 @@ import msgpack
 import trio
 from libp2p.peer.id import ID
 
-from p2p import network, swim
+from p2p import Network, network, swim
+from p2p.admission import AdmissionRule
 from p2p.envelope import seal
 from p2p.framing import encode_frame
-from p2p.identity import Identity
+from p2p.identity import Identity, load_or_create_identity
 from p2p.rpc import protocol_id
 from p2p.swim_net import RecordSigner
 
-from p2p_helpers import alive_ids, cluster, free_port, wait_for
+from p2p_helpers import alive_ids, cluster, free_port, node_config, wait_for
 
 
 async def test_bad_gossip_is_refused_and_penalised(tmp_path):
@@ -201,3 +203,75 @@ async def test_a_peer_whose_streams_ended_leaves_no_request_slots_behind(tmp_pat
             attacker._rpc.forget_peer(victim.peer_id)  # resets the stream: the victim's ends
             await wait_for(lambda: attacker.peer_id not in slots, 10,
                            "the attacker's request slots to go with its last stream")
+
+
+async def test_strangers_that_left_are_not_kept_on_the_gossip_blacklist(tmp_path):
+    # under members-only gossip every peer the rule does not admit is put on pubsub's
+    # blacklist when it connects; it was never taken off, so a fresh identity per connection
+    # grew the list (walked every second) without bound
+    me = str(load_or_create_identity(tmp_path / "victim").peer_id)
+    rule = AdmissionRule(kind="allowlist", peers=frozenset({me}))
+    async with Network.start(node_config(tmp_path / "victim", admission=rule)) as victim:
+        pubsub = victim._pubsub
+        assert pubsub is not None
+        for round_ in range(3):
+            config = node_config(tmp_path / f"stranger-{round_}", admission=rule,
+                                 bootstrap=[victim.addrs[0]])
+            async with Network.start(config) as stranger:  # a fresh identity each time
+                listed = ID.from_base58(stranger.peer_id)
+                await wait_for(lambda listed=listed: pubsub.is_peer_blacklisted(listed), 10,
+                               "the stranger kept out of gossip while connected")
+            await wait_for(lambda listed=listed: not pubsub.is_peer_blacklisted(listed), 10,
+                           "the stranger off the blacklist once it has gone")
+        assert pubsub.get_blacklisted_peers() == set()
+
+
+async def test_streams_to_a_stranger_go_with_its_last_connection(tmp_path):
+    # a SWIM ping from a peer this node does not know is answered on a stream this node
+    # opens to it; that stream stayed in the request table for the life of the process
+    # (only a member's went, once held dead), one per fresh identity that pinged once
+    async with Network.start(node_config(tmp_path / "victim")) as victim:
+        channels = victim._rpc._channels
+        for round_ in range(3):
+            config = node_config(tmp_path / f"stranger-{round_}", bootstrap=[victim.addrs[0]])
+            async with Network.start(config) as stranger:
+                async def silent(output):  # never announces itself: stays a stranger
+                    pass
+
+                stranger._swim._send = silent
+                await wait_for(lambda: victim.peer_id in stranger.connected_peers(), 10,
+                               "a connection")
+                ping = swim.encode(swim.Ping(300, ()))
+                await stranger.notify(victim.peer_id, "swim", ping)
+                await wait_for(lambda: any(k[0] == stranger.peer_id for k in channels), 10,
+                               "the victim to answer on a stream of its own")
+                gone = stranger.peer_id
+            await wait_for(lambda gone=gone: not any(k[0] == gone for k in channels), 10,
+                           "the streams to the stranger to go with its connection")
+            assert victim.view.get(gone) is None
+
+
+async def test_a_forgotten_member_leaves_no_redial_backoff_behind(tmp_path, monkeypatch):
+    # anyone may sign a member record for a fresh identity at an address where nobody
+    # listens: the victim dials it in vain, then holds it dead and forgets it, but kept its
+    # redial backoff for the life of the process
+    quick = network.swim_config
+    monkeypatch.setattr(network, "swim_config",
+                        lambda config: dataclasses.replace(quick(config), forget_after=1.0))
+    async with cluster(tmp_path, 2) as (victim, attacker):
+        await wait_for(lambda: attacker.peer_id in alive_ids(victim), 15, "the attacker to join")
+        for _ in range(3):
+            sybil = Identity.generate()
+            sybil_id = str(sybil.peer_id)
+            nowhere = f"/ip4/127.0.0.1/tcp/{free_port()}"
+            record = RecordSigner(sybil, "test-net").sign(
+                swim.RecordInfo(sybil_id, 1, (nowhere,), b"", 1))
+            news = swim.Gossip(300, (swim.Update(sybil_id, 1, swim.ALIVE, record, None),))
+            await attacker.notify(victim.peer_id, "swim", swim.encode(news))
+            await wait_for(lambda sybil_id=sybil_id: sybil_id in victim._redial_at, 10,
+                           "a failed dial of the sybil")
+            await wait_for(lambda sybil_id=sybil_id: victim.view.get(sybil_id) is None, 30,
+                           "the sybil held dead and forgotten")
+            await wait_for(lambda sybil_id=sybil_id: sybil_id not in victim._redial_at, 5,
+                           "the sybil's redial backoff to go with it")
+        assert attacker.peer_id in alive_ids(victim)
