@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 AE_PROTOCOL = "kv-ae"
 MAX_AE_SESSIONS_PER_PEER = 4
+# an anti-entropy session whose initiator sent nothing for this long was given up (its
+# requests time out after 4 request timeouts): it goes when the next session starts
+AE_SESSION_IDLE_S = 120.0
 REPAIR_WINDOW_S = 300.0  # how long a repair after data loss waits for replicas to compare with
 REPAIR_POLL_S = 0.5  # how often it looks for live replicas it has not compared with yet
 
@@ -226,6 +229,7 @@ class Repair:
         entry = self._ae_sessions.get(key)
         now = time.monotonic()
         if entry is None:
+            self._forget_idle_sessions(now)
             mine = [k for k in self._ae_sessions if k[0] == peer]
             if len(mine) >= MAX_AE_SESSIONS_PER_PEER:
                 del self._ae_sessions[min(mine, key=lambda k: self._ae_sessions[k][1])]
@@ -245,6 +249,16 @@ class Repair:
             if repaired:
                 await self.writes.merge_quietly(repaired, f"anti-entropy from {peer}")
         return reply
+
+    def _forget_idle_sessions(self, now: float) -> None:
+        """Drop the sessions their initiators gave up (idle past AE_SESSION_IDLE_S): a peer
+        that sent one step and left (a member since gone, or under the open rule a fresh
+        identity per connection) kept up to MAX_AE_SESSIONS_PER_PEER of them, each a
+        snapshot of the tree, for the life of the process."""
+        idle = [key for key, (_, last) in self._ae_sessions.items()
+                if now - last > AE_SESSION_IDLE_S]
+        for key in idle:
+            del self._ae_sessions[key]
 
     def offered_segment(self, partition: int, segment: int) -> list[tuple[bytes, bytes]]:
         """A segment as anti-entropy offers it: without states beyond the clock skew bound

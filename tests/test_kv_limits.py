@@ -9,14 +9,16 @@ from contextlib import AsyncExitStack
 
 import msgpack
 import pytest
+import trio
 
 import crdt
-from kv import KV, KVConfig, OpError
+from kv import KV, KVConfig, OpError, repair
 from kv.forwarding import OPS_PROTOCOL
 from kv.ops import MAX_MEMBERS_PER_OP, Op, make_delta
 from kv.replication import APPLY_PROTOCOL, Delta, seal_batch
 from p2p import ConfigError, Network, RemoteError
 from p2p.envelope import TIMED_REPLAY_WINDOW_US, EnvelopeError, TimedReplayGuard
+from shard import Initiator
 
 from kv_helpers import handles, wait_for, wait_for_ring
 from p2p_helpers import node_config
@@ -261,3 +263,26 @@ def test_timed_replay_guard_remembers_a_bounded_window():
     guard.check_and_record(b"c", later, later)  # at most two authors: "a" is forgotten
     assert set(guard._authors) == {b"b", b"c"}
     assert guard.refused == 3
+
+
+async def test_anti_entropy_sessions_left_idle_are_forgotten(tmp_path, monkeypatch):
+    # a peer that sent the first step of an anti-entropy session and went away kept it (a
+    # snapshot of the tree) for the life of the process: up to 4 per peer ever met, so a fresh
+    # member identity per connection (anyone, under the open rule) grew the table unbounded
+    monkeypatch.setattr(repair, "AE_SESSION_IDLE_S", 0.5)
+    async with handles(tmp_path, 2, anti_entropy_interval=3600.0) as nodes:
+        victim, peer = nodes[0].kv, nodes[1].kv
+        await peer.put("differs", 1)  # so that the first step leaves the session open
+
+        def first_step() -> object:
+            hi = Initiator(peer.store.tree, peer.repair.offered_segment).start()
+            return {**hi, "h": bytes(b ^ 1 for b in hi["h"])}  # hashes that differ
+
+        for sid in range(1, 5):
+            assert await peer.net.request(victim.me, repair.AE_PROTOCOL,
+                                          {"sid": sid, "m": first_step()}) is not None
+        sessions = victim.repair._ae_sessions
+        assert sorted(sid for _, sid in sessions) == [1, 2, 3, 4]
+        await trio.sleep(0.6)  # the peer gives up: nothing comes for longer than the idle bound
+        await peer.net.request(victim.me, repair.AE_PROTOCOL, {"sid": 5, "m": first_step()})
+        assert sorted(sid for _, sid in sessions) == [5]
