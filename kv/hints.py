@@ -117,7 +117,11 @@ class HintStore:
         with self._db.write_batch(sync=True) as batch:
             for hint_id in hint_ids:
                 batch.delete(hint_id)
-        self._counts[target] = max(0, self._counts.get(target, 0) - len(hint_ids))
+        left = self._counts.get(target, 0) - len(hint_ids)
+        if left > 0:
+            self._counts[target] = left
+        else:  # a target met once (a member since forgotten) keeps no entry
+            self._counts.pop(target, None)
 
     def expire(self, target: str, max_age_ms: int, chunk: int = 10_000) -> int:
         """Delete the hints for `target` stored more than `max_age_ms` ago; return how many."""

@@ -124,6 +124,25 @@ def test_hints_older_than_the_ttl_expire(tmp_path):
         hints.close()
 
 
+def test_targets_whose_hints_all_went_keep_no_entry(tmp_path):
+    # the count of hints per target stayed at 0 for every target ever hinted (members since
+    # forgotten, sybils under the open rule): one entry each for the life of the process
+    clock = Clock()
+    hints = HintStore(tmp_path / "h", clock=clock)
+    try:
+        for i in range(50):
+            hints.add(f"gone-{i}", [(b"k", b"d")])
+            delivered = [hint_id for hint_id, _, _ in hints.take(f"gone-{i}", 10, 1 << 20)]
+            hints.remove(f"gone-{i}", delivered)
+        hints.add("expired", [(b"k", b"d")])
+        clock.ms += 10_000
+        assert hints.expire("expired", 5_000) == 1
+        assert hints.pending() == {}
+        assert hints._counts == {}
+    finally:
+        hints.close()
+
+
 def test_hints_of_the_first_format_age_from_the_upgrade(tmp_path):
     db = plyvel.DB(str(tmp_path / "h"), create_if_missing=True)
     db.put(b"peer\x00" + (7).to_bytes(8, "big"), msgpack.packb([b"k", b"d"]))
