@@ -89,6 +89,8 @@ class Forwarder:
         self._queue: deque[_Chunk] = deque()
         self._wake = trio.Event()
         self._sent_at: float | None = None  # trio time the request out now left (None: none)
+        self._closing = False  # see close()
+        self._ended = False  # the drainer returned after close(): calls get UNREACHABLE
 
     async def submit(self, ops: list[Op], arg_sizes: list[int],
                      level: Consistency) -> list[Outcome]:
@@ -124,6 +126,8 @@ class Forwarder:
                                   sizes, size, hedge_after, hedge=hedge))
         call.pending += 1
         self._wake.set()
+        if self._ended:  # retired (the replica left the ring) while a caller held it
+            self.withdraw(call)
         return call
 
     def withdraw(self, call: Call) -> list[int]:
@@ -160,12 +164,20 @@ class Forwarder:
         none is out. A replica that keeps answering (even `busy`) is not silent."""
         return None if self._sent_at is None else trio.current_time() - self._sent_at
 
+    def close(self) -> None:
+        """The replica left the ring: what is queued is still sent, then the drainer ends."""
+        self._closing = True
+        self._wake.set()
+
     async def run(self) -> None:
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
             while self._queue:
                 await self._send(self._take())
+            if self._closing:
+                self._ended = True
+                return
 
     def _take(self) -> list[_Chunk]:
         batch = [self._queue.popleft()]

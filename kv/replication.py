@@ -116,6 +116,8 @@ class PeerLink:
         self.batches = 0  # batches acknowledged
         self.failed_batches = 0
         self.oversized = 0  # items dropped because alone they do not fit in a frame
+        self.closing = False  # see close()
+        self._ended = False  # the drainer returned after close(): items go to on_failed
 
     @property
     def backlog(self) -> int:
@@ -137,7 +139,17 @@ class PeerLink:
         return True
 
     def _append(self, item: Delta) -> None:
+        if self._ended:  # retired (its peer left the ring) while a writer held it
+            self._on_failed(self.peer, [item])
+            return
         self._queue.append(item)
+        if self._items_wanted is not None:
+            self._items_wanted.set()
+            self._items_wanted = None
+
+    def close(self) -> None:
+        """The peer left the ring: the drainer sends what is queued, then ends."""
+        self.closing = True
         if self._items_wanted is not None:
             self._items_wanted.set()
             self._items_wanted = None
@@ -146,6 +158,9 @@ class PeerLink:
         queue = self._queue
         while True:
             while not queue:
+                if self.closing:
+                    self._ended = True
+                    return
                 self._items_wanted = trio.Event()
                 await self._items_wanted.wait()
             first = queue.popleft()

@@ -139,7 +139,7 @@ class KV:
                         (FOREIGN_PROTOCOL, kv.handoff.on_foreign)):
                     net.handle(protocol, kv.authority.members_only(protocol, handler))
                 nursery.start_soon(kv.writer.run)
-                nursery.start_soon(kv.placement.run, kv.handoff.plan)
+                nursery.start_soon(kv.placement.run, kv._ring_changed)
                 nursery.start_soon(kv.repair.hint_loop)
                 nursery.start_soon(kv.repair.anti_entropy_loop)
                 nursery.start_soon(kv.handoff.run)
@@ -155,6 +155,12 @@ class KV:
         finally:
             hints.close()
             store.close()
+
+    def _ring_changed(self, old: Ring, new: Ring) -> None:
+        """Plan the handoffs a ring change brings, and retire the replication links and
+        forwarders to peers no longer in the ring."""
+        self.handoff.plan(old, new)
+        self.writes.retire_peers(set(new.members))
 
     # -- writes ----------------------------------------------------------------------------
     async def put(self, key: str | bytes, value: Any, consistency: Consistency | None = None,

@@ -568,6 +568,17 @@ class Writes:
                 if item.on_outcome is not None:
                     item.on_outcome(False)
 
+    def retire_peers(self, ring_members: set[str]) -> None:
+        """After a ring change: the links and forwarders to peers outside the ring end once
+        they have sent what they hold (a member that left or was forgotten after its death; a
+        fresh identity per member under the open rule would otherwise leave a task each)."""
+        for peer in [p for p in self.links if p not in ring_members]:
+            self.links.pop(peer).close()
+        for peer in [p for p in self._forwarders if p not in ring_members]:
+            self._forwarders.pop(peer).close()
+        for peer in [p for p in self._slow if p not in ring_members]:
+            del self._slow[peer]
+
     # -- links, sequences, local merges ------------------------------------------------------
     def link(self, peer: str) -> PeerLink:
         """The replication link to `peer` (started on first use)."""

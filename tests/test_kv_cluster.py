@@ -4,6 +4,7 @@ import errno
 import os
 import time
 from collections import Counter
+from contextlib import AsyncExitStack
 
 import msgpack
 import pytest
@@ -27,6 +28,7 @@ from kv_helpers import (
     join,
     key_forwarded_to,
     stall_forwarded_ops,
+    start_kv_node,
     wait_for,
     wait_for_ring,
 )
@@ -626,3 +628,33 @@ async def test_hints_a_peer_leaves_here_get_no_honest_node_scored_down(tmp_path)
         assert target.metrics["type_conflicts"] == 1
         assert target.store.get(key) == register
         assert await holder.get(key, consistency="all") == "register"
+
+
+def _drainers(kv) -> Counter[str]:
+    """The replication links' and forwarders' drainer tasks running in `kv`'s write room."""
+    tasks = kv.writes._nursery.child_tasks
+    return Counter(name for t in tasks for name in ("PeerLink.run", "Forwarder.run")
+                   if t.name.endswith(name))
+
+
+async def test_links_and_forwarders_to_a_member_that_left_the_ring_end(tmp_path):
+    # a member that leaves takes its replication link and forwarder at every other node with
+    # it (each a task and a queue: with fresh identities joining and leaving, they piled up);
+    # what the others write afterwards still replicates
+    async with handles(tmp_path, 3) as nodes, AsyncExitStack() as leaver_stack:
+        a = nodes[0].kv
+        leaver = await start_kv_node(leaver_stack, tmp_path / "leaver", [a.net.addrs[0]],
+                                     net_overrides={"leave_on_stop": True})
+        await wait_for_ring([n.kv for n in nodes] + [leaver])
+        for i in range(30):  # some of these the leaver replicates: a links to it
+            await a.put(f"k{i}", i)
+        await a.put(key_forwarded_to(a, leaver.me, "fwd"), 1)  # a forwards to it
+        assert leaver.me in a.writes.links and leaver.me in a.writes._forwarders
+        before = _drainers(a)
+        await leaver_stack.aclose()
+        await wait_for(lambda: leaver.me not in a.ring.members, 15, "the leaver out of the ring")
+        await wait_for(lambda: _drainers(a) == before - Counter(before.keys()), 10,
+                       "the drainers to the leaver to end")
+        assert leaver.me not in a.writes.links and leaver.me not in a.writes._forwarders
+        await a.put("after", 1)
+        assert await nodes[1].kv.get("after") == 1

@@ -9,8 +9,9 @@ import trio
 import trio.testing
 
 from kv.config import Consistency, KVConfig
-from kv.forwarding import Forwarder
+from kv.forwarding import UNREACHABLE, Forwarder
 from kv.ops import BUSY, Op
+from kv.replication import Delta, PeerLink
 from kv.writes import Writes
 
 
@@ -128,3 +129,50 @@ async def test_a_hedge_copies_only_the_ops_not_answered_yet(autojump_clock: Any)
     # k2 was still queued (withdrawn: not a copy), k1 was out (hedged), k0 answered
     assert sorted(elsewhere) == [[b"k1"], [b"k2"]]
     assert writes.metrics["hedged_ops"] == 1
+
+
+async def test_a_closed_forwarder_sends_what_it_holds_then_ends_and_refuses_more() -> None:
+    # closed when its replica left the ring: the queued call is still sent and answered, the
+    # drainer ends, and a call a writer queues afterwards is answered UNREACHABLE at once
+    # (nothing would ever send it)
+    replica = ScriptedReplica()
+    forwarder = Forwarder(replica, "replica", 1 << 20, 10.0)  # type: ignore[arg-type]
+    ops, sizes = _ops(1)
+    async with trio.open_nursery() as nursery:
+        queued = forwarder.enqueue(ops, sizes, Consistency.ONE)
+        forwarder.close()
+        ended = trio.Event()
+
+        async def drain() -> None:
+            await forwarder.run()
+            ended.set()
+
+        nursery.start_soon(drain)
+        await trio.testing.wait_all_tasks_blocked()
+        replica.release.set()
+        with trio.fail_after(5):
+            await ended.wait()
+        assert queued.done.is_set() and queued.outcomes == [None]
+        late = forwarder.enqueue(ops, sizes, Consistency.ONE)
+        assert late.done.is_set() and late.outcomes[0][0] == UNREACHABLE
+        assert len(replica.requests) == 1
+
+
+async def test_a_closed_link_sends_what_it_holds_then_ends_and_hands_on_more() -> None:
+    failed: list[tuple[str, list[Delta]]] = []
+    link = PeerLink(None, "gone", 10, 1 << 20, 8,  # type: ignore[arg-type]
+                    lambda peer, items: failed.append((peer, items)), lambda: 1)
+    sent: list[Delta] = []
+
+    async def send_batch(batch: list[Delta]) -> None:
+        sent.extend(batch)
+
+    link._send_batch = send_batch  # type: ignore[method-assign]
+    first, late = Delta(b"k", b"d1", None, None), Delta(b"k", b"d2", None, None)
+    assert link.push_nowait(first)
+    link.close()
+    with trio.fail_after(5):
+        await link.run()  # ends once what it held is sent
+    assert sent == [first] and failed == []
+    assert link.push_nowait(late)  # nothing drains it now: handed to on_failed (hints)
+    assert failed == [("gone", [late])] and link.backlog == 0
