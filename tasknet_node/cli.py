@@ -192,6 +192,10 @@ def run_parser() -> argparse.ArgumentParser:
     rounds.add_argument("--builtin-tasks", metavar="NAMES",
                         help="the built-in tasks a bootstrap node creates on a new ledger, "
                         "comma-separated (default hello,storage)")
+    rounds.add_argument("--max-tasks", type=_count, metavar="N",
+                        help="run at most N tasks (default 32): anyone can create tasks on the "
+                        "chain under the name of one this node has installed; later ones are "
+                        "not run")
     modes = [mode.value for mode in Misbehaviour]
     rounds.add_argument("--misbehave", choices=modes, metavar="MODE",
                         help="bad-node mode, to watch audits work: " + ", ".join(modes))

@@ -199,6 +199,8 @@ def build_tasks_config(args: argparse.Namespace) -> TasksConfig:
         if args.round_time < 1.0:
             raise UsageError("--round-time must be at least 1 second")
         config.round_time_s = args.round_time
+    if args.max_tasks is not None:
+        config.max_tasks = args.max_tasks
     if args.misbehave:
         config.misbehaviour = Misbehaviour(args.misbehave)
     if args.task_module:

@@ -45,6 +45,11 @@ STAKE_PER_TASK = 1_000
 BOUNTY_PER_ROUND = 1_000
 GENESIS_ROUNDS_FUNDED = 100_000  # the bootstrap funds this many rounds of each built-in task
 NODE_FUNDS = 100_000  # what a localnet node takes from the faucet when it has less
+# tasks this node runs at most: anyone may create tasks on the chain, for free, under the name
+# and code hash of a task this node has installed; each one run costs a stake, two loops that
+# look at the chain every few seconds and a record file, so past the limit a new task is not
+# run (its `not_run` reason says so; --max-tasks raises it)
+MAX_TASKS = 32
 
 
 CHAINS = ("ledger", "evm")
@@ -65,6 +70,7 @@ class TasksConfig:
     extra_tasks: dict[str, type[Task]] = field(default_factory=dict)  # --task-module
     min_stake: int = STAKE_PER_TASK
     bounty_per_round: int = BOUNTY_PER_ROUND
+    max_tasks: int = MAX_TASKS  # tasks this node runs at most (--max-tasks)
 
 
 def task_settings(cfg: TasksConfig, slot_ms: int) -> dict[str, int]:
@@ -199,6 +205,10 @@ class TaskNode:
                     log.info("task %s: %s", task_id, why)
                 continue
             if task_id in self.refused_tasks:
+                continue
+            if len(self.drivers) >= self.config.max_tasks:
+                self._refuse(task_id, f"this node runs {self.config.max_tasks} tasks already, "
+                                      "its limit (--max-tasks)")
                 continue
             driver = await self._driver_for(view)
             if driver is not None:

@@ -218,6 +218,20 @@ def test_builtin_tasks_flag_names_what_a_bootstrap_creates(tmp_path):
         tasks_config("--join", "/ip4/127.0.0.1/tcp/1", "--builtin-tasks", "hello")
 
 
+def test_max_tasks_flag_limits_the_tasks_a_node_runs(tmp_path):
+    from tasknet_node.options import build_tasks_config
+    from tasknet_node.tasks_extension import MAX_TASKS
+
+    def tasks_config(*args):
+        return build_tasks_config(cli.run_parser().parse_args(
+            ["--ledger", str(tmp_path / "ledger"), *args]))
+
+    assert tasks_config().max_tasks == MAX_TASKS
+    assert tasks_config("--max-tasks", "3").max_tasks == 3
+    with pytest.raises(cli.UsageError, match="must be >= 1"):
+        tasks_config("--max-tasks", "0")
+
+
 def test_network_flag_must_match_the_testnet(tmp_path):
     toml = write_testnet(tmp_path / "net.toml", tmp_path / "boot")
     with pytest.raises(cli.UsageError, match="differs from testnet"):
