@@ -207,6 +207,7 @@ class TaskNode:
             if task_id in self.refused_tasks:
                 continue
             if len(self.drivers) >= self.config.max_tasks:
+                self.waiting_tasks.pop(task_id, None)
                 self._refuse(task_id, f"this node runs {self.config.max_tasks} tasks already, "
                                       "its limit (--max-tasks)")
                 continue

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import trio
-from chain_worlds import LedgerWorld
+from chain_worlds import SUPPLY, LedgerWorld
 
 from tasknet_node.tasks_extension import TaskNode, TasksConfig
 from tasks.api import code_hash
@@ -23,9 +23,12 @@ async def test_a_node_runs_at_most_max_tasks_of_the_tasks_anyone_created(
     w = LedgerWorld(tmp_path / "ledger.db", ["node", "stranger"])
     try:
         for i in range(CREATED):
+            # the first asks a stake the node cannot pay (no faucet here): it waits for funds,
+            # and once the limit is reached it is not run either
             w.send("stranger", i, "create_task", task_id=f"junk-{i}", name="hello",
                    code_hash=bytes.fromhex(code_hash(HelloWorld)), round_time=10,
-                   submission_window=4, audit_window=4, min_stake=1, bounty_per_round=0,
+                   submission_window=4, audit_window=4,
+                   min_stake=2 * SUPPLY if i == 0 else 1, bounty_per_round=0,
                    start_slot=w.start() + 1_000)
         lines: list[str] = []
         net = SimpleNamespace(identity=w.ids["node"],
@@ -36,10 +39,12 @@ async def test_a_node_runs_at_most_max_tasks_of_the_tasks_anyone_created(
         with trio.fail_after(30):
             async with trio.open_nursery() as nursery:
                 await node._look_at_tasks(nursery)
+                assert list(node.waiting_tasks) == ["junk-0"]
                 await node._look_at_tasks(nursery)  # a second look starts no more either
                 nursery.cancel_scope.cancel()
-        assert sorted(node.drivers) == ["junk-0", "junk-1"]
-        assert sorted(node.refused_tasks) == [f"junk-{i}" for i in range(LIMIT, CREATED)]
+        assert sorted(node.drivers) == ["junk-1", "junk-2"]
+        assert sorted(node.refused_tasks) == ["junk-0", "junk-3", "junk-4"]
+        assert node.waiting_tasks == {}
         assert all("its limit (--max-tasks)" in why for why in node.refused_tasks.values())
         assert node.status()["not_run"] == node.refused_tasks
     finally:
