@@ -887,8 +887,10 @@ class Network:
         """With a peer's last connection go the streams this node opened to it: they died
         with it, and a peer that never became a member (a stranger this node answered, say a
         SWIM ping from a fresh identity) would otherwise leave them in the table for the life
-        of the process (a member's go when it is held dead). The next request opens anew."""
-        if self._rpc is None or self._stopping:
+        of the process (a member's go when it is held dead). The next request opens anew.
+        A member's are left to its membership: while it is alive, a connection it replaces
+        may close after the new one carries requests, and those must not be reset."""
+        if self._rpc is None or self._stopping or self.view.get(peer) is not None:
             return
         if any(not c.is_closed for c in
                self.host.get_network().get_connections(ID.from_base58(peer))):
