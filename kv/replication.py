@@ -116,7 +116,7 @@ class PeerLink:
         self.batches = 0  # batches acknowledged
         self.failed_batches = 0
         self.oversized = 0  # items dropped because alone they do not fit in a frame
-        self.closing = False  # see close()
+        self._closing = False  # see close()
         self._ended = False  # the drainer returned after close(): items go to on_failed
 
     @property
@@ -149,7 +149,7 @@ class PeerLink:
 
     def close(self) -> None:
         """The peer left the ring: the drainer sends what is queued, then ends."""
-        self.closing = True
+        self._closing = True
         if self._items_wanted is not None:
             self._items_wanted.set()
             self._items_wanted = None
@@ -158,7 +158,7 @@ class PeerLink:
         queue = self._queue
         while True:
             while not queue:
-                if self.closing:
+                if self._closing:
                     self._ended = True
                     return
                 self._items_wanted = trio.Event()

@@ -677,7 +677,7 @@ class Writes:
                 # (the wall-time check above reads no further than the wall), or the target
                 # would refuse it then and blame this node, which delivers it
                 try:
-                    crdt.merge_encoded(None, delta)
+                    crdt.decode(delta)
                 except crdt.DecodeError as exc:
                     raise self._refuse_batch(peer, "malformed",
                                              f"hinted item is not a state: {exc}") from None
@@ -800,7 +800,7 @@ def _sound_states(key: bytes, items: Sequence[tuple[bytes, bytes | Replace]]) ->
     try:
         for item_key, item in items:
             if item_key == key:
-                crdt.merge_encoded(None, item.delta if isinstance(item, Replace) else item)
+                crdt.decode(item.delta if isinstance(item, Replace) else item)
     except crdt.DecodeError:
         return False
     return True

@@ -69,16 +69,20 @@ class PeerScores:
         if until is None:
             return False
         if now >= until:
-            del self._banned_until[peer]
-            self._scores.pop(peer, None)
+            self._end_ban(peer)
             return False
         return True
+
+    def _end_ban(self, peer: str) -> None:
+        """A ban that ran out goes with the score that earned it."""
+        del self._banned_until[peer]
+        self._scores.pop(peer, None)
 
     def prune(self, now: float) -> None:
         """Forget ended bans and scores that decayed to within `forget_within` of zero;
         past `max_peers` scores, the mildest of the peers not banned go too."""
         for peer in [p for p, until in self._banned_until.items() if now >= until]:
-            self.is_banned(peer, now)
+            self._end_ban(peer)
         kept = {peer: self.score(peer, now) for peer in self._scores}
         for peer, value in kept.items():
             if value > -self.forget_within and peer not in self._banned_until:
@@ -90,10 +94,6 @@ class PeerScores:
             for peer in mildest[:excess]:
                 del self._scores[peer]
         self._prune_at = max(PRUNE_FLOOR, 2 * len(self._scores))
-
-    def tracked(self) -> int:
-        """How many peers have a score held now."""
-        return len(self._scores)
 
     def snapshot(self, now: float) -> dict[str, float]:
         return {peer: round(self.score(peer, now), 2) for peer in self._scores}

@@ -31,9 +31,12 @@ FULL_TOPIC = f"/tasknet/{NETWORK}/{TOPIC}"
 
 
 class JsPeer:
-    """The js-libp2p peer as a process: its stdout (JSON lines) in a file, commands on stdin."""
+    """The js-libp2p peer as a process, with an identity of its own: its stdout (JSON lines) in
+    a file, commands on stdin; killed when its `with` block ends, even on failure."""
 
-    def __init__(self, base: Path, dial: str | None, seed: bytes) -> None:
+    def __init__(self, base: Path, dial: str | None) -> None:
+        self.identity = Identity.generate()
+        self.peer_id = str(self.identity.peer_id)
         node = shutil.which("node")
         assert node is not None, "Node.js is missing: install it and run bash scripts/setup"
         assert (JS_DIR / "node_modules" / "@libp2p" / "gossipsub").is_dir(), (
@@ -43,7 +46,7 @@ class JsPeer:
         with self.out.open("w") as stdout, self.err.open("w") as stderr:
             self.proc = subprocess.Popen(
                 [node, str(JS_DIR / "peer.mjs"), *(["--dial", dial] if dial else []),
-                 "--topic", FULL_TOPIC, "--seed", seed.hex()],
+                 "--topic", FULL_TOPIC, "--seed", bytes(self.identity.signing_key).hex()],
                 stdin=subprocess.PIPE, stdout=stdout, stderr=stderr, cwd=JS_DIR, text=True)
 
     def events(self, kind: str) -> list[dict[str, Any]]:
@@ -79,6 +82,23 @@ class JsPeer:
             raise AssertionError(f"the js peer reported {self.events(failed)}")
         return self.events(kind)
 
+    def __enter__(self) -> JsPeer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.kill()
+
+    async def gossip_to(self, net: Network, sub: Any, payload: Any) -> Any:
+        """Publish a tasknet envelope of this peer's key (signed with the libp2p pubsub
+        signature by js-libp2p); the message `net`'s subscription `sub` then delivers from
+        another author than itself."""
+        self.publish(seal(self.identity, NETWORK, TOPIC, 1, payload))
+        with trio.fail_after(10):
+            got = await sub.next()
+            while got.author == net.peer_id:  # tasknet's own message, delivered locally
+                got = await sub.next()
+        return got
+
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -94,13 +114,11 @@ def in_mesh(net: Network, peer: str) -> bool:
 
 
 async def test_js_libp2p_peer_and_tasknet_accept_each_others_gossip(tmp_path):
-    js_identity = Identity.generate()
-    js_id = str(js_identity.peer_id)
     # the next release's setting: only signed gossip is accepted
     config = node_config(tmp_path / "tasknet", NETWORK, accept_unsigned_gossip=False)
     async with Network.start(config) as net, net.subscribe(TOPIC) as sub:
-        js = JsPeer(tmp_path, net.addrs[0], bytes(js_identity.signing_key))
-        try:
+        with JsPeer(tmp_path, net.addrs[0]) as js:
+            js_id = js.peer_id
             await wait_for(lambda: js.alive() and js.events("ready"), 30, "the js peer to start")
             assert js.events("ready")[0]["peer_id"] == js_id
             await wait_for(lambda: js.alive() and js_id in net.connected_peers(), 15,
@@ -124,25 +142,17 @@ async def test_js_libp2p_peer_and_tasknet_accept_each_others_gossip(tmp_path):
 
             # js -> tasknet: a tasknet envelope of the js peer's key, published (and signed
             # with the libp2p pubsub signature) by js-libp2p
-            js.publish(seal(js_identity, NETWORK, TOPIC, 1, {"hello": "tasknet"}))
-            with trio.fail_after(10):
-                got = await sub.next()
-                while got.author == net.peer_id:  # tasknet's own message, delivered locally
-                    got = await sub.next()
+            got = await js.gossip_to(net, sub, {"hello": "tasknet"})
             assert (got.author, got.payload) == (js_id, {"hello": "tasknet"})
             assert net.metrics["gossip_rejected"] == 0
             assert not net.status()["offences"]
-        finally:
-            js.kill()
 
 
 async def test_js_peer_and_tasknet_ping_and_identify_each_other(tmp_path):
-    js_identity = Identity.generate()
-    js_id = str(js_identity.peer_id)
     async with Network.start(node_config(tmp_path / "tasknet", NETWORK)) as net, \
             net.subscribe(TOPIC):
-        js = JsPeer(tmp_path, net.addrs[0], bytes(js_identity.signing_key))
-        try:
+        with JsPeer(tmp_path, net.addrs[0]) as js:
+            js_id = js.peer_id
             await wait_for(lambda: js.alive() and js_id in net.connected_peers(), 30,
                            "the js peer to connect")
             # js -> tasknet: /ipfs/ping/1.0.0 answered, identify lists what tasknet serves
@@ -173,15 +183,11 @@ async def test_js_peer_and_tasknet_ping_and_identify_each_other(tmp_path):
                            15, "tasknet to learn the js peer's protocols")
             assert js.alive() and js_id in net.connected_peers()
             assert not net.status()["offences"]
-        finally:
-            js.kill()
 
 
 async def test_tasknet_dials_a_listening_js_peer_and_they_gossip(tmp_path):
-    js_identity = Identity.generate()
-    js_id = str(js_identity.peer_id)
-    js = JsPeer(tmp_path, None, bytes(js_identity.signing_key))
-    try:
+    with JsPeer(tmp_path, None) as js:
+        js_id = js.peer_id
         await wait_for(lambda: js.alive() and js.events("ready"), 30, "the js peer to start")
         js_addr = f"{js.events('ready')[0]['addrs'][0]}/p2p/{js_id}"
         # the js peer as the bootstrap peer: tasknet dials it, and its membership join there
@@ -196,13 +202,7 @@ async def test_tasknet_dials_a_listening_js_peer_and_they_gossip(tmp_path):
             await wait_for(lambda: js.alive() and js.events("message"), 10,
                            "the js peer to receive tasknet's gossip")
             assert js.events("message")[0]["from"] == net.peer_id
-            js.publish(seal(js_identity, NETWORK, TOPIC, 1, {"hello": "tasknet"}))
-            with trio.fail_after(10):
-                got = await sub.next()
-                while got.author == net.peer_id:
-                    got = await sub.next()
+            got = await js.gossip_to(net, sub, {"hello": "tasknet"})
             assert (got.author, got.payload) == (js_id, {"hello": "tasknet"})
             assert js_id in net.connected_peers()
             assert not net.status()["offences"]
-    finally:
-        js.kill()
